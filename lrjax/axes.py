@@ -1,0 +1,126 @@
+"""Which axes of a parameter leaf form the matrix that a low-rank method acts on.
+
+A leaf of any rank is viewed as a batch of matrices ``[*batch, M, N]`` with ``M`` the
+product of its *input* (contracted) axes and ``N`` the product of its *output* axes,
+so ``y = x @ W`` for a Dense kernel reads ``y = x_flat @ W_mat``. Low-rank factors live in
+that view: ``A: [*batch, M, r]``, ``B: [*batch, r, N]``.
+
+Defaults, following Flax's layouts:
+
+=====================================  ==========================  =====================
+leaf                                   shape                       (batch, in, out)
+=====================================  ==========================  =====================
+Dense / nnx.Linear kernel              ``[in, out]``               ``((), (0,), (1,))``
+q/k/v DenseGeneral kernel (path ends   ``[embed, heads, head_dim]``  ``((), (0,), (1, 2))``
+``query|key|value/kernel``)
+attention ``out/kernel`` (3-D)         ``[heads, head_dim, embed]``  ``((), (0, 1), (2,))``
+other 3-D leaf (``nn.scan`` stacks)    ``[L, in, out]``            ``((0,), (1,), (2,))``
+Conv kernel                            ``[h, w, in, out]``         ``((), (0, 1, 2), (3,))``
+=====================================  ==========================  =====================
+
+Anything else, or any leaf where the default is wrong, takes a per-leaf override:
+``axes={"pattern": Axes(batch=(0,), inp=(1, 2), out=(3,))}`` or a callable
+``(path, shape) -> Axes``. Optimizers and ES transforms use the same convention.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Mapping, NamedTuple, Union
+
+import jax.numpy as jnp
+
+__all__ = ["Axes", "AxesSpec", "default_axes", "resolve", "to_matrix", "from_matrix", "matrix_shape"]
+
+
+class Axes(NamedTuple):
+    """Axis roles of one leaf: leading ``batch`` axes, contracted ``inp`` axes, ``out`` axes."""
+
+    batch: tuple[int, ...]
+    inp: tuple[int, ...]
+    out: tuple[int, ...]
+
+    def check(self, shape, path: str = "<leaf>") -> "Axes":
+        n = len(shape)
+        allax = self.batch + self.inp + self.out
+        if sorted(allax) != list(range(n)):
+            raise ValueError(
+                f"axes for {path!r} (shape {tuple(shape)}): {self} must use each of the {n} axes "
+                "exactly once; pass a corrected Axes(batch=..., inp=..., out=...) in `axes=`")
+        if not self.inp or not self.out:
+            raise ValueError(f"axes for {path!r}: both `inp` and `out` need at least one axis, got {self}")
+        return self
+
+
+AxesSpec = Union[None, Axes, Mapping[str, Axes], Callable[[str, tuple], Axes]]
+
+_QKV = re.compile(r"(^|.*/)(query|key|value|q|k|v|q_proj|k_proj|v_proj|qkv)/kernel$")
+_OUT = re.compile(r"(^|.*/)(out|o|o_proj|out_proj)/kernel$")
+
+
+def default_axes(path: str, shape) -> Axes:
+    """The default matrix view of a leaf (see the module docstring)."""
+    n = len(shape)
+    if n < 2:
+        raise ValueError(
+            f"leaf {path!r} has shape {tuple(shape)}: a low-rank method needs a matrix (ndim >= 2). "
+            "Narrow `targets` so it selects kernels only (e.g. 'kernel'), not biases or scales")
+    if n == 2:
+        return Axes((), (0,), (1,))
+    if n == 3:
+        if _QKV.match(path):
+            return Axes((), (0,), (1, 2))
+        if _OUT.match(path):
+            return Axes((), (0, 1), (2,))
+        return Axes((0,), (1,), (2,))
+    return Axes((), tuple(range(n - 1)), (n - 1,))
+
+
+def resolve(path: str, shape, spec: AxesSpec = None) -> Axes:
+    """The :class:`Axes` for one leaf under a user ``spec`` (override) or the defaults."""
+    if spec is None:
+        ax = default_axes(path, shape)
+    elif isinstance(spec, Axes):
+        ax = spec
+    elif callable(spec):
+        ax = spec(path, tuple(shape))
+        if ax is None:
+            ax = default_axes(path, shape)
+    elif isinstance(spec, Mapping):
+        ax = None
+        for pat, a in spec.items():
+            if re.fullmatch(pat, path) or any(re.fullmatch(pat, "/".join(path.split("/")[i:]))
+                                              for i in range(1, path.count("/") + 1)):
+                ax = a
+                break
+        if ax is None:
+            ax = default_axes(path, shape)
+    else:
+        raise TypeError(f"axes must be None, an Axes, a dict pattern -> Axes, or a callable; got {spec!r}")
+    if not isinstance(ax, Axes):
+        raise TypeError(f"axes for {path!r} must be an lrjax.axes.Axes, got {ax!r}")
+    return ax.check(shape, path)
+
+
+def matrix_shape(shape, ax: Axes) -> tuple[tuple[int, ...], int, int]:
+    """``(batch_shape, M, N)`` of the matrix view."""
+    return (tuple(shape[i] for i in ax.batch), math.prod(shape[i] for i in ax.inp),
+            math.prod(shape[i] for i in ax.out))
+
+
+def to_matrix(x, ax: Axes):
+    """View a leaf as ``[*batch, M, N]`` (a transpose only when the axes are not in order)."""
+    b, m, n = matrix_shape(x.shape, ax)
+    perm = ax.batch + ax.inp + ax.out
+    if perm != tuple(range(x.ndim)):
+        x = jnp.transpose(x, perm)
+    return x.reshape(*b, m, n)
+
+
+def from_matrix(m, ax: Axes, shape):
+    """Inverse of :func:`to_matrix`: ``[*batch, M, N]`` back to a leaf of ``shape``."""
+    perm = ax.batch + ax.inp + ax.out
+    x = m.reshape(tuple(shape[i] for i in perm))
+    if perm != tuple(range(len(shape))):
+        x = jnp.transpose(x, tuple(perm.index(i) for i in range(len(shape))))
+    return x

@@ -1,0 +1,180 @@
+"""Unmaterialized low-rank forward: ``x W + s (x A) B`` without forming ``W + s A B``.
+
+``factored(fn, rp)`` turns any function ``fn(params, *args)`` -- a linen ``model.apply``, an
+NNX ``lambda state, x: nnx.merge(graphdef, state)(x)``, a plain function -- into
+``g(base, adapters, *args)`` that equals ``fn(rp.materialize(base, adapters), *args)`` but
+computes every matrix product with a targeted kernel in factored form.
+
+Mechanism (a jaxpr transform): ``fn`` is traced once to a jaxpr (at trace time, so under
+``jit`` it costs nothing per step); an interpreter then re-evaluates it with each targeted
+leaf bound to a symbolic low-rank value ``(W, A, B, s, c)``. A ``dot_general`` that contracts
+exactly the leaf's input axes (see :mod:`lrjax.axes`) with the kernel on the right becomes
+``(dot(x, W) + s dot(dot(x, A), B)) * c``; dtype casts of the kernel are applied to the factors;
+``pjit``/``closed_call`` bodies are inlined so the value is followed through nested calls. Any
+other use of the kernel (a conv, a scan over stacked layers, a kernel on the left of an einsum)
+falls back to the materialized weight for that use only -- always correct, never silently wrong.
+
+Why this instead of module surgery or method interception: it needs no knowledge of the model
+code or the Flax API generation (linen, NNX and plain JAX all lower to ``dot_general``), and the
+adapters stay the same flat pytree the rest of lrjax uses. The payoff is in the backward pass:
+the frozen ``W`` gets no gradient, so XLA never forms the ``[M, N]`` ``x^T dy`` product that the
+materialized path needs to push a gradient into ``A`` and ``B``; peak memory holds no per-layer
+``W + sAB`` copy. DoRA still forms ``W + sAB`` once per step to take its (detached) column norm,
+exactly as PEFT does; the product itself stays factored.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+
+from lrjax import axes as axes_lib
+from lrjax import tree as tree_lib
+
+__all__ = ["factored", "FactoredStats"]
+
+
+class _LowRank:
+    """A targeted kernel in symbolic form: leaf value ``w`` (leaf layout) plus its factors."""
+
+    __slots__ = ("w", "a", "b", "scale", "c", "ax")
+
+    def __init__(self, w, a, b, scale, c, ax):
+        self.w, self.a, self.b, self.scale, self.c, self.ax = w, a, b, scale, c, ax
+
+    def materialize(self):
+        wm = axes_lib.to_matrix(self.w, self.ax)
+        dt = self.a.dtype
+        v = wm.astype(dt) + self.scale * (self.a @ self.b)
+        if self.c is not None:
+            v = v * self.c[..., None, :]
+        return axes_lib.from_matrix(v.astype(self.w.dtype), self.ax, self.w.shape)
+
+    def astype(self, dtype):
+        return _LowRank(self.w.astype(dtype), self.a.astype(dtype), self.b.astype(dtype), self.scale,
+                        None if self.c is None else self.c.astype(dtype), self.ax)
+
+
+class FactoredStats:
+    """Counts of kernel uses handled factored vs by fallback (filled at trace time)."""
+
+    def __init__(self):
+        self.factored = 0
+        self.fallback: list[str] = []
+
+
+_PASSTHROUGH_CALLS = {"pjit", "jit", "closed_call", "core_call"}
+
+
+def _dot_factored(x, lr: _LowRank, params, out_aval):
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    ax = lr.ax
+    if ax.batch or lb or rb or tuple(rc) != tuple(ax.inp):
+        return None
+    free = tuple(i for i in range(lr.w.ndim) if i not in rc)
+    if free != tuple(ax.out):
+        return None
+    in_shape = tuple(lr.w.shape[i] for i in ax.inp)
+    out_shape = tuple(lr.w.shape[i] for i in ax.out)
+    r = lr.a.shape[-1]
+    dt = lr.w.dtype
+    base = lax.dot_general(x, lr.w, params["dimension_numbers"], precision=params.get("precision"),
+                           preferred_element_type=params.get("preferred_element_type"))
+    a = lr.a.astype(dt).reshape(in_shape + (r,))
+    b = lr.b.astype(dt).reshape((r,) + out_shape)
+    xa = lax.dot_general(x, a, ((tuple(lc), tuple(range(len(in_shape)))), ((), ())),
+                         preferred_element_type=params.get("preferred_element_type"))
+    xab = lax.dot_general(xa.astype(dt), b, (((xa.ndim - 1,), (0,)), ((), ())),
+                          preferred_element_type=params.get("preferred_element_type"))
+    y = base + (lr.scale * xab).astype(base.dtype)
+    if lr.c is not None:
+        y = y * lr.c.reshape(out_shape).astype(y.dtype)
+    return y.astype(out_aval.dtype)
+
+
+def _eval(jaxpr, consts, args, stats: FactoredStats):
+    env: dict = {}
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    def concrete(x, why):
+        if isinstance(x, _LowRank):
+            stats.fallback.append(why)
+            return x.materialize()
+        return x
+
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for v, a in zip(jaxpr.invars, args):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        has_lr = any(isinstance(x, _LowRank) for x in invals)
+        out = None
+        if has_lr:
+            if name == "dot_general" and not isinstance(invals[0], _LowRank) and isinstance(invals[1], _LowRank):
+                out = _dot_factored(invals[0], invals[1], eqn.params, eqn.outvars[0].aval)
+                if out is not None:
+                    stats.factored += 1
+            elif name == "convert_element_type" and isinstance(invals[0], _LowRank):
+                out = invals[0].astype(eqn.params["new_dtype"])
+            elif name in ("copy", "copy_p") and isinstance(invals[0], _LowRank):
+                out = invals[0]
+            elif name in _PASSTHROUGH_CALLS and "jaxpr" in eqn.params:
+                inner = eqn.params["jaxpr"]
+                ij, ic = (inner.jaxpr, inner.consts) if hasattr(inner, "jaxpr") else (inner, ())
+                out = _eval(ij, ic, invals, stats)
+        if out is None:
+            invals = [concrete(x, name) for x in invals]
+            bind_params = eqn.primitive.get_bind_params(eqn.params)
+            with eqn.ctx.manager:
+                out = eqn.primitive.bind(*invals, **bind_params)
+        if eqn.primitive.multiple_results:
+            for v, o in zip(eqn.outvars, out):
+                env[v] = o
+        else:
+            env[eqn.outvars[0]] = out
+    return [concrete(read(v), "output") for v in jaxpr.outvars]
+
+
+def factored(fn: Callable[..., Any], rp, *, stats: FactoredStats | None = None):
+    """Wrap ``fn(params, *args)`` into ``g(base, adapters, *args)`` computing low-rank products
+    factored. ``args`` must be pytrees of arrays (close over static options). Values equal
+    ``fn(rp.materialize(base, adapters), *args)`` up to floating-point reassociation.
+
+    Pass a :class:`FactoredStats` to see how many kernel uses were factored vs fell back.
+    """
+
+    @functools.wraps(fn)
+    def g(base, adapters, *args):
+        flat = rp._check(base, adapters)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(base)
+        keys = [tree_lib.path_str(p) for p, _ in leaves]
+        vals = [v for _, v in leaves]
+        arg_leaves, arg_tree = jax.tree_util.tree_flatten(args)
+
+        def flat_fn(leaf_vals, arg_vals):
+            params = jax.tree_util.tree_unflatten(treedef, leaf_vals)
+            return fn(params, *jax.tree_util.tree_unflatten(arg_tree, arg_vals))
+
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(vals, arg_leaves)
+        inputs = []
+        for k, v in zip(keys, vals):
+            if k in adapters:
+                f = adapters[k]
+                ax = rp.leaf_axes(k, v.shape)
+                form = rp.factors(axes_lib.to_matrix(v, ax), f)
+                inputs.append(_LowRank(v, form.a, form.b.astype(form.a.dtype), form.scale, form.col_scale, ax))
+            else:
+                inputs.append(v)
+        st = stats if stats is not None else FactoredStats()
+        outs = _eval(closed.jaxpr, closed.consts, inputs + list(arg_leaves), st)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return g
