@@ -14,8 +14,9 @@ Dense / nnx.Linear kernel              ``[in, out]``               ``((), (0,), 
 q/k/v DenseGeneral kernel (path ends   ``[embed, heads, head_dim]``  ``((), (0,), (1, 2))``
 ``query|key|value/kernel``)
 attention ``out/kernel`` (3-D)         ``[heads, head_dim, embed]``  ``((), (0, 1), (2,))``
+Conv kernel (path contains ``conv``)  ``[*window, in, out]``      ``((), (0, .., n-2), (n-1,))``
 other 3-D leaf (``nn.scan`` stacks)    ``[L, in, out]``            ``((0,), (1,), (2,))``
-Conv kernel                            ``[h, w, in, out]``         ``((), (0, 1, 2), (3,))``
+other 4-D+ leaf (Conv without name)    ``[h, w, in, out]``         ``((), (0, 1, 2), (3,))``
 =====================================  ==========================  =====================
 
 Anything else, or any leaf where the default is wrong, takes a per-leaf override:
@@ -55,6 +56,7 @@ class Axes(NamedTuple):
 AxesSpec = Union[None, Axes, Mapping[str, Axes], Callable[[str, tuple], Axes]]
 
 _QKV = re.compile(r"(^|.*/)(query|key|value|q|k|v|q_proj|k_proj|v_proj|qkv)/kernel$")
+_CONV = re.compile(r"conv", re.IGNORECASE)
 _OUT = re.compile(r"(^|.*/)(out|o|o_proj|out_proj)/kernel$")
 
 
@@ -67,6 +69,8 @@ def default_axes(path: str, shape) -> Axes:
             "Narrow `targets` so it selects kernels only (e.g. 'kernel'), not biases or scales")
     if n == 2:
         return Axes((), (0,), (1,))
+    if _CONV.search(path):
+        return Axes((), tuple(range(n - 1)), (n - 1,))
     if n == 3:
         if _QKV.match(path):
             return Axes((), (0,), (1, 2))

@@ -1,0 +1,363 @@
+"""lrjax.checkpoint: adapters + reparam config round trip, training-state save/restore (incl. a
+bit-identical resume in a fresh process), and the error messages."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lrjax
+from lrjax import checkpoint as ck
+from lrjax.axes import Axes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bits(x):
+    """(dtype, shape, raw bytes) of a leaf: bitwise identity, NaN- and bfloat16-safe."""
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return ("key", str(x.dtype)) + _bits(jax.random.key_data(x))
+    a = np.asarray(x)
+    return (a.dtype.name, a.shape, a.tobytes())
+
+
+def _assert_same(t1, t2, types=True):
+    """Same structure and bitwise-equal leaves (and, with ``types``, leaf types and weak types)."""
+    assert jax.tree.structure(t1) == jax.tree.structure(t2)
+    l1, l2 = jax.tree_util.tree_flatten_with_path(t1)[0], jax.tree.leaves(t2)
+    for (p, a), b in zip(l1, l2):
+        assert _bits(a) == _bits(b), jax.tree_util.keystr(p)
+        if types:
+            assert type(a) is type(b), (jax.tree_util.keystr(p), type(a), type(b))
+            assert getattr(a, "weak_type", False) == getattr(b, "weak_type", False), jax.tree_util.keystr(p)
+
+
+def _params(dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(0), 3)
+    return {
+        "Dense_0": {"kernel": jax.random.normal(k[0], (6, 8), dtype), "bias": jnp.zeros(8, dtype)},
+        "layers": [{"kernel": jax.random.normal(k[1], (8, 4), dtype)}],
+        "blk.0": {"kernel": jax.random.normal(k[2], (4, 4), dtype)},  # '.' and '/' in the path
+    }
+
+
+# ------------------------------------------------------------------------------ adapters
+@pytest.mark.parametrize("case", ["lora", "dora", "lora-bf16", "dora-bf16-factors"])
+def test_adapters_roundtrip(tmp_path, case):
+    params = _params(jnp.bfloat16 if case == "lora-bf16" else jnp.float32)
+    rp = {"lora": lrjax.LoRA(rank=2, alpha=4.0, targets=("Dense_0/kernel", "layers/.*/kernel", "blk.0/kernel")),
+          "dora": lrjax.DoRA(rank=2, rslora=True),
+          "lora-bf16": lrjax.LoRA(rank=3, targets=["kernel"]),
+          "dora-bf16-factors": lrjax.DoRA(rank=2, dtype=jnp.bfloat16)}[case]
+    base, adapters = rp.init(jax.random.key(1), params)
+    # make B nonzero so the factors are not trivially reproducible
+    adapters = jax.tree.map(lambda x: x + 0.125 * jnp.ones_like(x), adapters)
+    assert set(adapters) == {"Dense_0/kernel", "layers/0/kernel", "blk.0/kernel"}
+
+    ck.save_adapters(tmp_path / "ad", adapters, rp=rp, metadata={"epoch": 3, "tags": ["x"]})
+    rp2, ad2, meta = ck.load_adapters(tmp_path / "ad", with_metadata=True)
+
+    assert type(rp2) is type(rp) and rp2 == rp
+    assert isinstance(rp2.targets, type(rp.targets))
+    assert meta == {"epoch": 3, "tags": ["x"]}
+    assert list(ad2) == list(adapters)  # insertion order kept
+    for p in adapters:
+        assert list(ad2[p]) == list(adapters[p])
+    _assert_same(adapters, ad2)
+    _assert_same(rp.materialize(base, adapters), rp2.materialize(base, ad2))
+
+    rp3, ad3 = ck.load_adapters(tmp_path / "ad")  # default: (rp, adapters)
+    assert rp3 == rp
+    _assert_same(adapters, ad3)
+
+
+def test_adapters_without_rp(tmp_path):
+    _, adapters = lrjax.LoRA(rank=2).init(jax.random.key(0), _params())
+    ck.save_adapters(str(tmp_path / "ad"), adapters)
+    rp, ad = ck.load_adapters(str(tmp_path / "ad"))
+    assert rp is None
+    _assert_same(adapters, ad)
+
+
+@pytest.mark.parametrize("rp", [
+    lrjax.LoRA(),
+    lrjax.RSLoRA(rank=4, alpha=16.0, targets=("Dense_0/kernel", "kernel")),
+    lrjax.LoRA(targets=["a", "b"]),  # list -> tuple in __post_init__
+    lrjax.DoRA(rank=2, rslora=True, dtype=jnp.bfloat16),
+    lrjax.LoRA(dtype=np.float16),
+    lrjax.LoRA(dtype=np.dtype("float32")),
+    lrjax.PiSSA(rank=2, n_iter=3),
+    lrjax.LoRA(axes={"blk/kernel": Axes((0,), (1,), (2, 3)), "kernel": Axes((), (0,), (1,))}),
+    lrjax.LoRA(axes=Axes((0,), (1,), (2,))),
+])
+def test_reparam_config_json_roundtrip(rp):
+    cfg = json.loads(json.dumps(ck.reparam_to_json(rp)))  # must be real JSON
+    rp2 = ck.reparam_from_json(cfg)
+    assert type(rp2) is type(rp) and rp2 == rp
+    for f in ("targets", "axes", "dtype"):
+        assert type(getattr(rp2, f)) is type(getattr(rp, f)), f
+    assert hash(rp2) == hash(rp)  # still usable as a jit static argument
+
+
+def test_unserializable_rp_raises_at_save(tmp_path):
+    _, adapters = lrjax.LoRA(rank=2).init(jax.random.key(0), _params())
+    rp = lrjax.LoRA(rank=2, targets=lambda path, leaf: path.endswith("kernel"))
+    with pytest.raises(TypeError, match=r"rp\.targets.*callable|rp\.targets.*cannot be stored"):
+        ck.save_adapters(tmp_path / "ad", adapters, rp=rp)
+    assert not (tmp_path / "ad").exists()
+
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class MyLoRA(lrjax.LoRA):
+        pass
+
+    with pytest.raises(TypeError, match="not one of the built-in"):
+        ck.save_adapters(tmp_path / "ad", adapters, rp=MyLoRA(rank=2))
+    with pytest.raises(TypeError, match="JSON"):
+        ck.save_adapters(tmp_path / "ad", adapters, metadata={"f": print})
+    with pytest.raises(TypeError, match="non-empty dict"):
+        ck.save_adapters(tmp_path / "ad", {})
+
+
+def test_adapters_errors(tmp_path):
+    _, adapters = lrjax.LoRA(rank=2).init(jax.random.key(0), _params())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ck.load_adapters(tmp_path / "missing")
+    ck.save_adapters(tmp_path / "ad", adapters)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ck.save_adapters(tmp_path / "ad", adapters)
+    doubled = jax.tree.map(lambda x: 2 * x, adapters)
+    ck.save_adapters(tmp_path / "ad", doubled, overwrite=True)
+    _assert_same(ck.load_adapters(tmp_path / "ad")[1], doubled)
+    # a training-state directory is not an adapters checkpoint, and vice versa
+    ck.save_state(tmp_path / "run", 1, {"x": jnp.ones(2)})
+    with pytest.raises(FileNotFoundError, match=r"restore_state"):
+        ck.load_adapters(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"load_adapters"):
+        ck.restore_state(tmp_path / "ad")
+    with pytest.raises(ValueError, match="'state' checkpoint"):
+        ck.load_adapters(tmp_path / "run" / "1")
+
+
+# ------------------------------------------------------------------------------ state
+def _state():
+    params = _params()
+    rp = lrjax.LoRA(rank=2)
+    _, adapters = rp.init(jax.random.key(1), params)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    return {
+        "params": params,
+        "adapters": jax.tree.map(lambda x: x.astype(jnp.bfloat16), adapters),
+        "opt": opt.init(adapters),  # tuples of NamedTuples (ScaleByAdamState, EmptyState, ...)
+        "key": jax.random.key(42),  # typed key
+        "raw_key": jax.random.PRNGKey(7),  # raw uint32 key
+        "step": 0,  # Python int
+        "lr": jnp.asarray(0.5),  # weakly typed
+        "np": np.arange(3, dtype=np.int32),
+        "a.b": jnp.full((2,), 1.0),  # Orbax joins key paths with '.': must not collide ...
+        "a": {"b": jnp.full((2,), 2.0)},  # ... with this leaf
+        "none": None,
+    }
+
+
+def test_state_roundtrip_like(tmp_path):
+    state = _state()
+    ck.save_state(tmp_path, 3, state)
+    _assert_same(state, ck.restore_state(tmp_path, like=state))
+
+    out = ck.restore_state(tmp_path, 3, like=jax.eval_shape(_state))  # abstract template
+    assert jax.tree.structure(out) == jax.tree.structure(state)
+    assert isinstance(out["opt"][1][0], optax.ScaleByAdamState)
+    assert out["key"].dtype == state["key"].dtype
+    assert out["step"].weak_type and int(out["step"]) == 0  # eval_shape made `step` a weak int32
+    assert out["lr"].weak_type
+    for p in ("params", "adapters", "opt", "key", "raw_key", "lr", "a.b", "a"):
+        _assert_same(state[p], out[p])
+    _assert_same(state["np"], out["np"], types=False)  # a jax.Array now, as the template says
+    np.testing.assert_array_equal(out["a.b"], 1.0)
+    np.testing.assert_array_equal(out["a"]["b"], 2.0)
+
+
+def test_state_raw_restore(tmp_path):
+    state = _state()
+    ck.save_state(tmp_path, 0, state)
+    raw = ck.restore_state(tmp_path)
+    assert set(raw) == {"params", "adapters", "opt", "key", "raw_key", "step", "lr", "np", "a.b", "a"}
+    assert raw["step"] == 0 and type(raw["step"]) is int
+    assert isinstance(raw["np"], np.ndarray)
+    _assert_same(raw["key"], state["key"])
+    _assert_same(raw["raw_key"], state["raw_key"])
+    _assert_same(raw["lr"], state["lr"])
+    # NamedTuples/tuples become dicts keyed by field name / index; EmptyState leaves nothing
+    _assert_same(raw["opt"]["1"]["0"]["mu"], state["opt"][1][0].mu)
+    _assert_same(raw["opt"]["1"]["0"]["count"], state["opt"][1][0].count)
+    _assert_same(raw["adapters"], state["adapters"])
+    _assert_same(raw["params"]["layers"]["0"], state["params"]["layers"][0])
+    np.testing.assert_array_equal(raw["a.b"], 1.0)
+    np.testing.assert_array_equal(raw["a"]["b"], 2.0)
+
+
+def test_steps_max_to_keep_latest(tmp_path):
+    assert ck.latest_step(tmp_path / "run") is None and ck.all_steps(tmp_path / "run") == []
+    for s in (1, 2, 5):
+        ck.save_state(tmp_path / "run", s, {"w": jnp.full((2,), float(s))}, max_to_keep=2)
+    assert ck.all_steps(tmp_path / "run") == [2, 5]
+    assert ck.latest_step(tmp_path / "run") == 5
+    np.testing.assert_array_equal(ck.restore_state(tmp_path / "run")["w"], 5.0)
+    np.testing.assert_array_equal(ck.restore_state(tmp_path / "run", 2)["w"], 2.0)
+
+    with pytest.raises(FileExistsError, match=r"step 5 already exists.*\[2, 5\]"):
+        ck.save_state(tmp_path / "run", 5, {"w": jnp.zeros(2)})
+    ck.save_state(tmp_path / "run", 5, {"w": jnp.zeros(2)}, overwrite=True)
+    np.testing.assert_array_equal(ck.restore_state(tmp_path / "run", 5)["w"], 0.0)
+    with pytest.raises(ValueError, match="older than the latest step 5"):
+        ck.save_state(tmp_path / "run", 3, {"w": jnp.zeros(2)})
+
+
+def test_state_errors(tmp_path):
+    d = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=rf"{d}.*does not exist.*available steps: none"):
+        ck.restore_state(d)
+    d.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"{d}; available steps: none"):
+        ck.restore_state(d)
+    state = {"adapters": {"Dense_0/kernel": {"a": jnp.ones((4, 2)), "b": jnp.zeros((2, 3))}},
+             "key": jax.random.key(0), "step": jnp.int32(3)}
+    ck.save_state(d, 10, state)
+    ck.save_state(d, 20, state)
+    with pytest.raises(FileNotFoundError, match=r"step 15 not found.*\[10, 20\]"):
+        ck.restore_state(d, 15)
+
+    bad = {**state, "adapters": {"Dense_0/kernel": {"a": jnp.ones((4, 3)), "b": jnp.zeros((3, 3))}}}
+    with pytest.raises(ValueError, match=r"'adapters/Dense_0/kernel/a' mismatch: template has shape \(4, 3\)"):
+        ck.restore_state(d, like=bad)
+    with pytest.raises(ValueError, match=r"'adapters/Dense_0/kernel/a' mismatch.*bfloat16"):
+        ck.restore_state(d, like=jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim == 2 else x, state))
+    with pytest.raises(ValueError, match=r"template leaf 'extra' is not in the checkpoint"):
+        ck.restore_state(d, like={**state, "extra": jnp.ones(1)})
+    with pytest.raises(ValueError, match=r"has leaf 'step' that the template lacks"):
+        ck.restore_state(d, like={k: v for k, v in state.items() if k != "step"})
+    with pytest.raises(ValueError, match=r"'key' is a uint32 array in the template but a typed PRNG key"):
+        ck.restore_state(d, like={**state, "key": jax.random.PRNGKey(0)})
+
+    with pytest.raises(TypeError, match="non-negative int"):
+        ck.save_state(d, -1, state)
+    with pytest.raises(TypeError, match="'obj' has type str"):
+        ck.save_state(d, 30, {"obj": "hello"})
+    with pytest.raises(TypeError, match="abstract"):
+        ck.save_state(d, 30, jax.eval_shape(lambda: state))
+
+
+# ------------------------------------------------------------------------------ resume
+_TRAIN = textwrap.dedent(r"""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    import lrjax
+    from lrjax import checkpoint as ck
+
+    mode, ckdir, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    rp = lrjax.LoRA(rank=2, alpha=4.0)
+    opt = optax.adam(3e-2)
+    rng = np.random.default_rng(0)  # numpy, not eager jax ops: each of those compiles (slow on CPU)
+    params = {"Dense_0": {"kernel": rng.normal(size=(8, 16)).astype(np.float32), "bias": np.zeros(16, np.float32)},
+              "Dense_1": {"kernel": rng.normal(size=(16, 4)).astype(np.float32), "bias": np.zeros(4, np.float32)}}
+
+    def init(params):
+        base, adapters = rp.init(jax.random.key(1), params)
+        return base, {"adapters": adapters, "opt": opt.init(adapters), "step": 0,
+                      "key": jax.random.key(2),          # typed key: dropout
+                      "noise_key": jax.random.PRNGKey(3)}  # raw uint32 key: input noise
+
+    base, state0 = jax.jit(init)(params)  # the frozen base is rebuilt identically by every process
+
+    @jax.jit
+    def train_step(state):
+        key, kdrop = jax.random.split(state["key"])
+        nkey, knoise = jax.random.split(state["noise_key"])
+        t = state["step"]
+        x = jnp.sin(0.1 * jnp.arange(32 * 8, dtype=jnp.float32).reshape(32, 8) + t)  # data from step
+        x = x + 0.05 * jax.random.normal(knoise, x.shape)
+        y = jnp.cos(x[:, :4] * (1.0 + t % 3))
+
+        def loss(ad):
+            p = rp.materialize(base, ad)
+            h = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+            keep = jax.random.bernoulli(kdrop, 0.8, h.shape)  # dropout
+            h = jnp.where(keep, h / 0.8, 0.0)
+            return jnp.mean((h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"] - y) ** 2)
+
+        g = jax.grad(loss)(state["adapters"])
+        upd, opt_state = opt.update(g, state["opt"], state["adapters"])
+        return {"adapters": optax.apply_updates(state["adapters"], upd), "opt": opt_state,
+                "step": t + 1, "key": key, "noise_key": nkey}
+
+    def dump(state):
+        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+        arrs = {}
+        for i, (p, x) in enumerate(flat):
+            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+                x = jax.random.key_data(x)
+            arrs[f"{i:03d}"] = np.asarray(x)
+        names = [jax.tree_util.keystr(p) for p, _ in flat]
+        np.savez(out, __treedef__=np.array(str(treedef)), __names__=np.array(names), **arrs)
+
+    if mode == "straight":
+        state = state0
+        for _ in range(10):
+            state = train_step(state)
+    elif mode == "first":
+        state = state0
+        for i in range(1, 6):
+            state = train_step(state)
+            if i in (3, 5):
+                ck.save_state(ckdir, i, state, max_to_keep=1)
+    elif mode == "resume":
+        assert ck.all_steps(ckdir) == [5], ck.all_steps(ckdir)
+        state = ck.restore_state(ckdir, like=jax.eval_shape(init, params)[1])
+        assert int(state["step"]) == 5
+        for _ in range(5):
+            state = train_step(state)
+    dump(state)
+""")
+
+
+def test_resume_in_new_process_is_bit_identical(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    ckdir, a, b = str(tmp_path / "run"), str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+
+    def start(mode, out):
+        return subprocess.Popen([sys.executable, "-c", _TRAIN, mode, ckdir, out], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(proc):
+        text, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, text
+
+    straight, first = start("straight", a), start("first", str(tmp_path / "half.npz"))
+    finish(first)
+    resume = start("resume", b)
+    finish(straight)
+    finish(resume)
+
+    with np.load(a) as za, np.load(b) as zb:
+        assert str(za["__treedef__"]) == str(zb["__treedef__"])
+        names = list(za["__names__"])
+        assert names == list(zb["__names__"])
+        assert any("mu" in n for n in names) and any("key" in n for n in names)
+        arrays = [k for k in za.files if not k.startswith("__")]
+        assert len(arrays) == len(names)
+        for k, name in zip(sorted(arrays), names):
+            x, y = za[k], zb[k]
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            assert np.array_equal(x, y), f"{name} differs after resume"
+        # the run actually trained: the adapters' B factors moved away from zero
+        b_idx = [i for i, n in enumerate(names) if "adapters" in n and "'b'" in n]
+        assert b_idx and all(np.abs(za[f"{i:03d}"]).max() > 0 for i in b_idx)
