@@ -54,7 +54,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Union
+from typing import Callable, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +75,8 @@ KEY_PREFIX = "base_model.model."
 _SUFFIX_A = ".lora_A.weight"
 _SUFFIX_B = ".lora_B.weight"
 _SUFFIX_M = ".lora_magnitude_vector"
+
+_CONV = re.compile(r"conv", re.IGNORECASE)  # as lrjax.axes: 3-D leaves named *conv* are 1-D convolutions
 
 ModuleNames = Union[None, Mapping[str, str], Callable[[str], Union[str, None]]]
 
@@ -164,7 +166,7 @@ def _leaf_matrix_shape(path: str, shape, ax: axes_lib.Axes, argname: str) -> tup
         raise ValueError(
             f"{argname}: leaf {path!r} (shape {shape}) has batch axes {ax.batch} (a stacked / nn.scan "
             "leaf); PEFT stores one adapter per torch Linear, so unstack the layers first")
-    if len(shape) >= 4:
+    if len(shape) >= 4 or (len(shape) == 3 and _CONV.search(path)):
         raise ValueError(
             f"{argname}: leaf {path!r} (shape {shape}) is not a Dense/attention kernel (a convolution?); "
             "PEFT's Conv LoRA layout is not supported by lrjax.interop.peft")
