@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import shutil
+import uuid
 from typing import Any
 
 import jax
@@ -131,7 +132,7 @@ def _default_sharding():
 
 # --------------------------------------------------------------------------- orbax helpers
 def _ocp():
-    import orbax.checkpoint as ocp  # deferred: importing orbax costs ~1 s
+    import orbax.checkpoint as ocp  # deferred: importing orbax is not free
     return ocp
 
 
@@ -160,6 +161,8 @@ def _value_to_json(v, where: str):
 
     if v is None or isinstance(v, (bool, str)):
         return v
+    if isinstance(v, np.bool_):
+        return bool(v)
     if isinstance(v, (int, np.integer)):
         return int(v)
     if isinstance(v, (float, np.floating)):
@@ -292,18 +295,23 @@ def save_adapters(directory, adapters: dict, *, rp=None, metadata: dict | None =
         except (TypeError, ValueError) as e:
             raise TypeError(f"metadata must be JSON-serializable: {e}") from None
     directory = os.path.abspath(os.fspath(directory))
+    target = directory
     if os.path.exists(directory):
         if not overwrite:
             raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
-        shutil.rmtree(directory)
+        # write next to it and swap only once the new checkpoint is complete
+        target = f"{directory}.lrjax-tmp-{uuid.uuid4().hex[:8]}"
     meta = {"format": "adapters", "version": _VERSION,
             "paths": [[p, list(f)] for p, f in adapters.items()],
             "reparam": rp_cfg, "metadata": metadata}
     tree = {_encode_key(p): {_encode_key(n): x for n, x in f.items()} for p, f in adapters.items()}
     ocp = _ocp()
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory, tree, custom_metadata={_FORMAT: meta})
+        ckptr.save(target, tree, custom_metadata={_FORMAT: meta})
         ckptr.wait_until_finished()
+    if target != directory:
+        shutil.rmtree(directory)
+        os.rename(target, directory)
 
 
 def load_adapters(directory, *, with_metadata: bool = False):
@@ -434,8 +442,8 @@ def save_state(directory, step: int, state, *, max_to_keep: int | None = None,
         comps = _components(path)
         enc = tuple(_encode_key(c) for c in comps)
         if enc in seen:
-            raise ValueError(f"state: two leaves share the key path {_show(comps)!r} "
-                             "(e.g. an int key 0 and a str key '0'); rename one")
+            raise ValueError(f"state: two leaves share the key path {_show(comps)!r} (keys that print "
+                             "alike in a custom pytree node); rename one")  # pragma: no cover
         seen[enc] = True
         rec, arr = _leaf_record(comps, x)
         records.append({"path": list(comps), **rec})
@@ -444,16 +452,16 @@ def save_state(directory, step: int, state, *, max_to_keep: int | None = None,
     ocp = _ocp()
     with _manager(directory, max_to_keep=max_to_keep) as m:
         existing = sorted(m.all_steps())
-        if step in existing:
-            if not overwrite:
-                raise FileExistsError(f"step {step} already exists in {directory} (steps: {existing}); "
-                                      "pass overwrite=True to replace it")
-            m.delete(step)
-            existing = sorted(m.all_steps())
-        if existing and step < existing[-1]:
-            raise ValueError(f"step {step} is older than the latest step {existing[-1]} in {directory}; "
+        if step in existing and not overwrite:
+            raise FileExistsError(f"step {step} already exists in {directory} (steps: {existing}); "
+                                  "pass overwrite=True to replace it")
+        others = [s for s in existing if s != step]
+        if others and step < others[-1]:
+            raise ValueError(f"step {step} is older than the latest step {others[-1]} in {directory}; "
                              "Orbax's CheckpointManager only saves increasing steps (use a new directory "
                              "or delete the later steps)")
+        if step in existing:
+            m.delete(step)
         meta = {"format": "state", "version": _VERSION, "leaves": records}
         ok = m.save(step, args=ocp.args.StandardSave(_nest(items)), custom_metadata={_FORMAT: meta})
         m.wait_until_finished()
@@ -467,7 +475,8 @@ def _no_ckpt(directory, what: str):
     if not os.path.isdir(directory):
         hint = " (the directory does not exist)"
     elif _has_ckpt_metadata(directory):
-        hint = " (it holds a single checkpoint -- an adapters checkpoint? use load_adapters())"
+        hint = (" (it holds a single checkpoint: an adapters checkpoint -- use load_adapters() -- or "
+                "one step of a run -- pass the run's root directory)")
     return FileNotFoundError(f"{what} in {directory}{hint}; available steps: {steps or 'none'}")
 
 
@@ -500,18 +509,17 @@ def _check_template(like_items, records, directory, step):
         r = saved[c]
         kind, shape, dt = _template_info(x)
         sshape = tuple(r["shape"])
-        if kind == "py" or (r["kind"].startswith("py_") and kind != "key"):
+        if (kind == "key") != (r["kind"] == "key"):
+            mine = "a typed PRNG key" if kind == "key" else ("a Python scalar" if kind == "py" else f"a {dt} array")
+            theirs = "a typed PRNG key" if r["kind"] == "key" else f"a {r['dtype']} array"
+            raise ValueError(f"like: leaf {_show(c)!r} is {mine} in the template but {theirs} in the {where}")
+        if kind == "py" or r["kind"].startswith("py_"):
             # A Python scalar on either side (``jax.eval_shape`` turns a template's Python scalar
             # into a weakly typed 0-d array): only the shape must agree; the value is cast.
-            if sshape != () or shape not in ((), None):
-                raise ValueError(f"like: leaf {_show(c)!r} is a Python scalar in the template but has "
-                                 f"shape {sshape} in the {where}")
+            if sshape != () or shape != ():
+                raise ValueError(f"like: leaf {_show(c)!r} mismatch: a Python scalar on one side, template "
+                                 f"shape {shape}, the {where} has shape {sshape}")
             continue
-        if (kind == "key") != (r["kind"] == "key"):
-            raise ValueError(
-                f"like: leaf {_show(c)!r} is {'a typed PRNG key' if kind == 'key' else f'a {dt} array'} "
-                f"in the template but {'a typed PRNG key' if r['kind'] == 'key' else 'a ' + r['dtype'] + ' array'}"
-                f" in the {where}")
         if shape != sshape or dt != r["dtype"]:
             raise ValueError(f"like: leaf {_show(c)!r} mismatch: template has shape {shape} {dt}, the "
                              f"{where} has shape {sshape} {r['dtype']}")

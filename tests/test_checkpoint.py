@@ -38,26 +38,33 @@ def _assert_same(t1, t2, types=True):
             assert getattr(a, "weak_type", False) == getattr(b, "weak_type", False), jax.tree_util.keystr(p)
 
 
-def _params(dtype=jnp.float32):
-    k = jax.random.split(jax.random.key(0), 3)
+def _params(dtype=np.float32):
+    # numpy, not jax.random: every eager jax op compiles once per shape, which dominates test time
+    rng = np.random.default_rng(0)
+    mk = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32).astype(dtype))
     return {
-        "Dense_0": {"kernel": jax.random.normal(k[0], (6, 8), dtype), "bias": jnp.zeros(8, dtype)},
-        "layers": [{"kernel": jax.random.normal(k[1], (8, 4), dtype)}],
-        "blk.0": {"kernel": jax.random.normal(k[2], (4, 4), dtype)},  # '.' and '/' in the path
+        "Dense_0": {"kernel": mk(4, 6), "bias": jnp.zeros(6, dtype)},
+        "layers": [{"kernel": mk(6, 4)}],
+        "blk.0": {"kernel": mk(4, 6)},  # '.' and '/' in the adapter path
     }
+
+
+def _np_map(fn, tree):
+    """tree_map through numpy (no jax compilation), keeping each leaf's dtype."""
+    return jax.tree.map(lambda x: jnp.asarray(fn(np.asarray(x, np.float32)).astype(x.dtype)), tree)
 
 
 # ------------------------------------------------------------------------------ adapters
 @pytest.mark.parametrize("case", ["lora", "dora", "lora-bf16", "dora-bf16-factors"])
 def test_adapters_roundtrip(tmp_path, case):
-    params = _params(jnp.bfloat16 if case == "lora-bf16" else jnp.float32)
+    params = _params(jnp.bfloat16 if case == "lora-bf16" else np.float32)
     rp = {"lora": lrjax.LoRA(rank=2, alpha=4.0, targets=("Dense_0/kernel", "layers/.*/kernel", "blk.0/kernel")),
           "dora": lrjax.DoRA(rank=2, rslora=True),
           "lora-bf16": lrjax.LoRA(rank=3, targets=["kernel"]),
           "dora-bf16-factors": lrjax.DoRA(rank=2, dtype=jnp.bfloat16)}[case]
     base, adapters = rp.init(jax.random.key(1), params)
     # make B nonzero so the factors are not trivially reproducible
-    adapters = jax.tree.map(lambda x: x + 0.125 * jnp.ones_like(x), adapters)
+    adapters = _np_map(lambda x: x + 0.125, adapters)
     assert set(adapters) == {"Dense_0/kernel", "layers/0/kernel", "blk.0/kernel"}
 
     ck.save_adapters(tmp_path / "ad", adapters, rp=rp, metadata={"epoch": 3, "tags": ["x"]})
@@ -70,7 +77,6 @@ def test_adapters_roundtrip(tmp_path, case):
     for p in adapters:
         assert list(ad2[p]) == list(adapters[p])
     _assert_same(adapters, ad2)
-    _assert_same(rp.materialize(base, adapters), rp2.materialize(base, ad2))
 
     rp3, ad3 = ck.load_adapters(tmp_path / "ad")  # default: (rp, adapters)
     assert rp3 == rp
@@ -133,7 +139,7 @@ def test_adapters_errors(tmp_path):
     ck.save_adapters(tmp_path / "ad", adapters)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         ck.save_adapters(tmp_path / "ad", adapters)
-    doubled = jax.tree.map(lambda x: 2 * x, adapters)
+    doubled = _np_map(lambda x: 2 * x, adapters)
     ck.save_adapters(tmp_path / "ad", doubled, overwrite=True)
     _assert_same(ck.load_adapters(tmp_path / "ad")[1], doubled)
     # a training-state directory is not an adapters checkpoint, and vice versa
@@ -147,24 +153,24 @@ def test_adapters_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------ state
-def _state():
-    params = _params()
-    rp = lrjax.LoRA(rank=2)
-    _, adapters = rp.init(jax.random.key(1), params)
+@jax.jit
+def _jax_state(params):
+    _, adapters = lrjax.LoRA(rank=2).init(jax.random.key(1), params)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
     return {
         "params": params,
         "adapters": jax.tree.map(lambda x: x.astype(jnp.bfloat16), adapters),
-        "opt": opt.init(adapters),  # tuples of NamedTuples (ScaleByAdamState, EmptyState, ...)
+        "opt": opt.init(adapters),  # a tuple of NamedTuples (ScaleByAdamState, EmptyState, ...)
         "key": jax.random.key(42),  # typed key
         "raw_key": jax.random.PRNGKey(7),  # raw uint32 key
-        "step": 0,  # Python int
         "lr": jnp.asarray(0.5),  # weakly typed
-        "np": np.arange(3, dtype=np.int32),
         "a.b": jnp.full((2,), 1.0),  # Orbax joins key paths with '.': must not collide ...
         "a": {"b": jnp.full((2,), 2.0)},  # ... with this leaf
-        "none": None,
     }
+
+
+def _state():
+    return {**_jax_state(_params()), "step": 0, "np": np.arange(3, dtype=np.int32), "none": None}
 
 
 def test_state_roundtrip_like(tmp_path):
@@ -204,6 +210,22 @@ def test_state_raw_restore(tmp_path):
     np.testing.assert_array_equal(raw["a"]["b"], 2.0)
 
 
+def test_tricky_keys(tmp_path):
+    keys = ["", "%", "%25", "a%2Eb", "a.b", "a/b", "ä x/y.z", "kernel"]
+    for k in keys:
+        enc = ck._encode_key(k)
+        assert set(enc) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-%")
+        assert ck._decode_key(enc) == k
+    assert len({ck._encode_key(k) for k in keys}) == len(keys)
+    state = {k: np.full((2,), i, np.float32) for i, k in enumerate(keys)}
+    state["a"] = {"b": np.full((2,), 99.0, np.float32)}
+    state["ints"] = {0: np.zeros(1, np.float32), 1: np.ones(1, np.float32)}
+    ck.save_state(tmp_path, 0, state)
+    _assert_same(ck.restore_state(tmp_path, like=state), state)
+    raw = ck.restore_state(tmp_path)
+    assert raw["ints"]["1"] == 1 and raw["a"]["b"][0] == 99 and raw["a.b"][0] == keys.index("a.b")
+
+
 def test_steps_max_to_keep_latest(tmp_path):
     assert ck.latest_step(tmp_path / "run") is None and ck.all_steps(tmp_path / "run") == []
     for s in (1, 2, 5):
@@ -219,6 +241,9 @@ def test_steps_max_to_keep_latest(tmp_path):
     np.testing.assert_array_equal(ck.restore_state(tmp_path / "run", 5)["w"], 0.0)
     with pytest.raises(ValueError, match="older than the latest step 5"):
         ck.save_state(tmp_path / "run", 3, {"w": jnp.zeros(2)})
+    with pytest.raises(ValueError, match="older than the latest step 5"):
+        ck.save_state(tmp_path / "run", 2, {"w": jnp.zeros(2)}, overwrite=True)
+    assert ck.all_steps(tmp_path / "run") == [2, 5]  # nothing deleted by the refused overwrite
 
 
 def test_state_errors(tmp_path):

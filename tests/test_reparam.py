@@ -346,3 +346,12 @@ def test_named_adapters_switch_combine_merge():
         reparam.multi.use(p, named, rps, "zz")
     with pytest.raises(TypeError, match="PiSSA"):
         reparam.multi.combine(p, {"p": named["a"]}, {"p": lrjax.PiSSA(rank=2, targets="fc/kernel")}, {"p": 1.0})
+
+
+def test_single_axes_override_and_eval_shape_init():
+    x = jnp.ones((5, 3))
+    rp = lrjax.LoRA(rank=2, axes=Axes((), (1,), (0,)))
+    _, ad = rp.init(jax.random.key(0), {"kernel": x})
+    assert ad["kernel"]["a"].shape == (3, 2)
+    abstract = jax.eval_shape(lambda: rp.init(jax.random.key(0), {"kernel": x}))
+    assert abstract[1]["kernel"]["b"].shape == (2, 5)

@@ -57,6 +57,11 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _all_finite(x) -> bool:
+    with jax.ensure_compile_time_eval():  # also when init runs inside eval_shape / jit on captured params
+        return bool(jnp.all(jnp.isfinite(x)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Reparam:
     """Base class: low-rank additive reparameterization of the leaves selected by ``targets``.
@@ -94,7 +99,9 @@ class Reparam:
         return float(alpha) / float(self.rank)
 
     def _axes_spec(self):
-        return dict(self.axes) if isinstance(self.axes, tuple) and self.axes and isinstance(self.axes[0], tuple) else self.axes
+        if isinstance(self.axes, tuple) and not isinstance(self.axes, axes_lib.Axes) and self.axes:
+            return dict(self.axes)  # a dict frozen into (pattern, Axes) pairs by __post_init__
+        return self.axes
 
     def leaf_axes(self, path: str, shape) -> axes_lib.Axes:
         return axes_lib.resolve(path, shape, self._axes_spec())
@@ -159,7 +166,7 @@ class Reparam:
             ax = self.leaf_axes(path, leaf.shape)
             _, m, n = axes_lib.matrix_shape(leaf.shape, ax)
             self.check_leaf_rank(path, m, n)
-            if _is_concrete(leaf) and not bool(jnp.all(jnp.isfinite(leaf))):
+            if _is_concrete(leaf) and not _all_finite(leaf):
                 raise ValueError(f"params: leaf {path!r} contains NaN or Inf; fix the base weights "
                                  "before attaching an adapter")
             w = axes_lib.to_matrix(leaf, ax)
