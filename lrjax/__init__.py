@@ -1,8 +1,23 @@
-"""lrjax: low-rank deep learning in JAX/Flax, as pure functions over parameter pytrees."""
-from lrjax import axes, linalg, tree
+"""lrjax: low-rank deep learning in JAX/Flax, as pure functions over parameter pytrees.
+
+Submodules with heavier imports load on first use: ``lrjax.checkpoint`` (orbax),
+``lrjax.interop`` (safetensors/PEFT), ``lrjax.data`` (TFDS), ``lrjax.models``.
+"""
+import importlib
+
+from lrjax import axes, linalg, reparam, tree
 from lrjax.axes import Axes
 from lrjax.reparam import DoRA, LoRA, PiSSA, Reparam, RSLoRA, factored
 
 __version__ = "0.1.0"
 
-__all__ = ["axes", "linalg", "tree", "Axes", "Reparam", "LoRA", "RSLoRA", "DoRA", "PiSSA", "factored"]
+_LAZY = ("checkpoint", "interop", "data", "models")
+
+__all__ = ["axes", "linalg", "tree", "reparam", "Axes", "Reparam", "LoRA", "RSLoRA", "DoRA", "PiSSA",
+           "factored", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(f"lrjax.{name}")
+    raise AttributeError(f"module 'lrjax' has no attribute {name!r}")
