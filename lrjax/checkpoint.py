@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrjax import tree as tree_lib
+
 __all__ = ["save_adapters", "load_adapters", "save_state", "restore_state", "latest_step",
            "all_steps", "reparam_to_json", "reparam_from_json"]
 
@@ -80,20 +82,8 @@ def _decode_key(s: str) -> str:
     return buf.decode("utf-8")
 
 
-def _component(k) -> str:
-    if isinstance(k, jax.tree_util.DictKey):
-        return str(k.key)
-    if isinstance(k, jax.tree_util.SequenceKey):
-        return str(k.idx)
-    if isinstance(k, jax.tree_util.GetAttrKey):
-        return k.name
-    if isinstance(k, jax.tree_util.FlattenedIndexKey):
-        return str(k.key)
-    return str(k)  # pragma: no cover - custom key types
-
-
 def _components(path) -> tuple[str, ...]:
-    return tuple(_component(k) for k in path)
+    return tuple(tree_lib._key_str(k) for k in path)
 
 
 def _show(comps) -> str:
