@@ -11,7 +11,7 @@ from lrjax.reparam import DoRA, LoRA, PiSSA, Reparam, RSLoRA, factored
 
 __version__ = "0.1.0"
 
-_LAZY = ("checkpoint", "interop", "data", "models")
+_LAZY = ("checkpoint", "interop", "data", "models", "es", "optim", "nn")
 
 __all__ = ["axes", "linalg", "tree", "reparam", "Axes", "Reparam", "LoRA", "RSLoRA", "DoRA", "PiSSA",
            "factored", *_LAZY]

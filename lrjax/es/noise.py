@@ -1,0 +1,140 @@
+"""Counter-based perturbations: every member's noise is a pure function of
+``(seed, leaf, generation, member)``, so it is regenerated wherever it is needed and never stored
+for the whole population.
+
+Layout of one generation (population ``N``, ``antithetic=True``):
+
+* member ``i`` uses noise index ``j = i // 2`` and sign ``s_i = +1`` for even ``i``, ``-1`` for odd
+  ``i`` (so members ``2j`` and ``2j+1`` are the mirrored pair ``theta +- sigma eps_j``); with
+  ``antithetic=False``, ``j = i`` and ``s_i = +1``;
+* noise index ``j`` of a generation has the key ``fold_in(fold_in(seed, generation // noise_reuse), j)``
+  and draws ONE flat standard-normal vector covering every perturbed leaf, cut in flatten order
+  (one generator call per member instead of one per leaf: XLA compiles each call site
+  separately, so this keeps compile time flat in the number of leaves);
+* a *low-rank* leaf, viewed as ``[*batch, M, N]`` by :mod:`lrjax.axes`, takes a
+  ``[*batch, M + N, r]`` block and splits it into ``A [*batch, M, r]`` and ``B [*batch, N, r]``;
+  its perturbation direction is ``E = s A B^T / sqrt(r)``, whose entries have mean 0 and variance 1
+  like a Gaussian's (EGGROLL, Sarkar et al. 2025);
+* a *full* leaf (biases, scales, vectors; or any leaf with ``rank=None``) takes a block of its own
+  shape, ``E = s eps``.
+
+JAX's threefry generator is counter based and, with ``jax_threefry_partitionable`` (the default),
+gives the same bits for a key whatever the sharding or vmap batch, which is what makes the update
+bit-identical for any device count.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lrjax import axes as axes_lib
+
+__all__ = ["LeafPlan", "LowRankNoise", "noise_key", "sign_and_index", "draw", "noise_size"]
+
+LOWRANK, FULL, FROZEN = "lowrank", "full", "frozen"
+
+
+class LeafPlan(NamedTuple):
+    """How one leaf is perturbed: ``kind`` is ``'lowrank'``, ``'full'`` or ``'frozen'``."""
+
+    path: str
+    kind: str
+    shape: tuple
+    dtype: object
+    ax: axes_lib.Axes | None  # matrix view for low-rank leaves
+
+
+class LowRankNoise(NamedTuple):
+    """One member's perturbation of one matrix leaf: ``delta = scale * a @ b^T`` in the matrix view.
+
+    ``a``: ``[*batch, M, r]`` (input side), ``b``: ``[*batch, N, r]`` (output side),
+    ``scale = sigma * sign / sqrt(r)``. ``x @ (W + delta) = x @ W + scale * (x @ a) @ b^T``.
+    """
+
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+
+    def dense(self):
+        """The materialized ``[*batch, M, N]`` perturbation (for checks; O(MN))."""
+        return self.scale * (self.a @ jnp.swapaxes(self.b, -1, -2))
+
+
+def noise_key(key, generation, index, noise_reuse: int = 1):
+    """Key of noise index ``index`` in ``generation``."""
+    epoch = jnp.asarray(generation, jnp.uint32) // jnp.uint32(noise_reuse)
+    return jax.random.fold_in(jax.random.fold_in(key, epoch), jnp.asarray(index, jnp.uint32))
+
+
+def sign_and_index(member, antithetic: bool):
+    """``(sign, noise_index)`` of a member id (see the module docstring)."""
+    member = jnp.asarray(member, jnp.int32)
+    if antithetic:
+        return 1.0 - 2.0 * (member % 2).astype(jnp.float32), member // 2
+    return jnp.ones((), jnp.float32), member
+
+
+def noise_dtype(dtype):
+    """Noise is drawn in float32 (float64 for float64 leaves) and cast where it is used."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _block_shape(plan: LeafPlan, rank):
+    if plan.kind == LOWRANK:
+        bshape, m, n = axes_lib.matrix_shape(plan.shape, plan.ax)
+        return (*bshape, m + n, rank)
+    return plan.shape
+
+
+def noise_size(plans, rank) -> int:
+    """Length of the flat normal vector one noise index draws."""
+    return sum(math.prod(_block_shape(p, rank)) for p in plans if p.kind != FROZEN)
+
+
+DISTRIBUTIONS = ("normal", "rademacher")
+
+
+def _rademacher(key, size, dtype):
+    """``size`` independent +-1 values from ``ceil(size / 32)`` generator words (32 per word)."""
+    words = jax.random.bits(key, (-(-size // 32),), jnp.uint32)
+    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+    return (2 * bits.reshape(-1)[:size].astype(dtype) - 1)
+
+
+def draw(plans, key, generation, index, rank: int | None, noise_reuse: int = 1,
+         distribution: str = "normal"):
+    """Unit-scale noise of every leaf for one noise index, aligned with ``plans``: ``(A, B)`` for a
+    low-rank leaf (``A: [*batch, M, r]``, ``B: [*batch, N, r]``), an array of the leaf's shape for
+    a full leaf, ``None`` for a frozen one.
+
+    ``distribution='normal'`` (the paper's) draws standard normals; ``'rademacher'`` draws +-1
+    entries (mean 0, variance 1, so ``A B^T / sqrt(r)`` still has unit-variance entries) from packed
+    random bits -- 32 entries per threefry word instead of one, the cheap choice where the
+    generator, not the matmuls, dominates (CPUs)."""
+    active = [p for p in plans if p.kind != FROZEN]
+    if not active:
+        return [None] * len(plans)
+    dt = functools.reduce(jnp.promote_types, [noise_dtype(p.dtype) for p in active])
+    k = noise_key(key, generation, index, noise_reuse)
+    if distribution == "rademacher":
+        z = _rademacher(k, noise_size(plans, rank), dt)
+    else:
+        z = jax.random.normal(k, (noise_size(plans, rank),), dt)
+    out, off = [], 0
+    for p in plans:
+        if p.kind == FROZEN:
+            out.append(None)
+            continue
+        shp = _block_shape(p, rank)
+        blk = z[off:off + math.prod(shp)].reshape(shp).astype(noise_dtype(p.dtype))
+        off += math.prod(shp)
+        if p.kind == LOWRANK:
+            m = axes_lib.matrix_shape(p.shape, p.ax)[1]
+            out.append((blk[..., :m, :], blk[..., m:, :]))
+        else:
+            out.append(blk)
+    return out

@@ -1,0 +1,46 @@
+"""Smoke tests of the EGGROLL experiment scripts in ``--quick`` mode."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, out, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", LRJAX_DATA_DIR=str(tmp_path / "data"),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--quick", "--out", str(out),
+                           "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_bench_es_quick(tmp_path):
+    out = tmp_path / "res"
+    proc = _run("bench_es.py", out, tmp_path)
+    assert "| width | N | method |" in proc.stdout and "reproduce:" in proc.stdout
+    res = json.loads((out / "bench_es.json").read_text())
+    assert (out / "bench_es.png").stat().st_size > 0
+    for k in ("command", "device", "config", "workloads", "digits", "table_markdown"):
+        assert k in res, k
+    assert {"platform", "device_kind", "cpu_count", "jax"} <= set(res["device"])
+    w = res["workloads"][0]
+    assert {"inference", "open_es", "eggroll_r1", "eggroll_r4", "eggroll_r16", "eggroll_r4_rad"} <= set(w["methods"])
+    for m, r in w["methods"].items():
+        assert r["median_ms"] > 0 and r["ratio_to_inference"] > 0 and r["memory_bytes"] > 0, m
+    h = res["digits"]["history"]
+    assert len(h["test_acc"]) >= 2 and h["test_acc"][-1] > 0.2  # ES alone beats chance (0.1)
+
+
+def test_es_lm_quick(tmp_path):
+    out = tmp_path / "res"
+    proc = _run("es_lm.py", out, tmp_path)
+    assert "final held-out bpc" in proc.stdout
+    res = json.loads((out / "es_lm.json").read_text())
+    assert (out / "es_lm.png").stat().st_size > 0
+    assert res["fallback"] == [] and res["factored_kernel_uses"] == 5
+    assert np.isfinite(res["final_heldout_bpc"]) and res["final_heldout_bpc"] < res["initial_heldout_bpc"]
