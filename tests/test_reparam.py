@@ -355,3 +355,26 @@ def test_single_axes_override_and_eval_shape_init():
     assert ad["kernel"]["a"].shape == (3, 2)
     abstract = jax.eval_shape(lambda: rp.init(jax.random.key(0), {"kernel": x}))
     assert abstract[1]["kernel"]["b"].shape == (2, 5)
+
+
+@pytest.mark.parametrize("mode", ["factored", "fused", "auto"])
+def test_factored_modes_values_and_grads(mode):
+    rng = np.random.default_rng(4)
+    p = {"l1": {"kernel": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)},
+         "l2": {"kernel": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)}}
+    fn = lambda p, x: jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]  # noqa: E731
+    x = jnp.asarray(rng.standard_normal((2, 4, 6)), jnp.float32)  # 8 tokens >= M: auto picks fused
+    rp = lrjax.RSLoRA(rank=2, alpha=3.0)
+    base, ad = rp.init(jax.random.key(0), p)
+    ad = _perturb(ad)
+    g = lrjax.factored(fn, rp, mode=mode)
+    loss = lambda b, a: jnp.sum(jnp.sin(g(b, a, x)))  # noqa: E731
+    ref = lambda b, a: jnp.sum(jnp.sin(fn(rp.materialize(b, a), x)))  # noqa: E731
+    np.testing.assert_allclose(jax.jit(loss)(base, ad), ref(base, ad), rtol=1e-5)
+    for argnum in (0, 1):  # adapters and (for correctness, though usually frozen) the base
+        got = jax.jit(jax.grad(loss, argnums=argnum))(base, ad)
+        want = jax.grad(ref, argnums=argnum)(base, ad)
+        for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="mode must be"):
+        lrjax.factored(fn, rp, mode="dense")

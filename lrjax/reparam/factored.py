@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
@@ -70,7 +71,7 @@ class FactoredStats:
 _PASSTHROUGH_CALLS = {"pjit", "jit", "closed_call", "core_call"}
 
 
-def _dot_factored(x, lr: _LowRank, params, out_aval):
+def _dot_factored(x, lr: _LowRank, params, out_aval, mode: str):
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     ax = lr.ax
     if ax.batch or lb or rb or tuple(rc) != tuple(ax.inp):
@@ -82,21 +83,61 @@ def _dot_factored(x, lr: _LowRank, params, out_aval):
     out_shape = tuple(lr.w.shape[i] for i in ax.out)
     r = lr.a.shape[-1]
     dt = lr.w.dtype
-    base = lax.dot_general(x, lr.w, params["dimension_numbers"], precision=params.get("precision"),
-                           preferred_element_type=params.get("preferred_element_type"))
-    a = lr.a.astype(dt).reshape(in_shape + (r,))
-    b = lr.b.astype(dt).reshape((r,) + out_shape)
-    xa = lax.dot_general(x, a, ((tuple(lc), tuple(range(len(in_shape)))), ((), ())),
-                         preferred_element_type=params.get("preferred_element_type"))
-    xab = lax.dot_general(xa.astype(dt), b, (((xa.ndim - 1,), (0,)), ((), ())),
-                          preferred_element_type=params.get("preferred_element_type"))
-    y = base + (lr.scale * xab).astype(base.dtype)
+    dn = params["dimension_numbers"]
+    pet = params.get("preferred_element_type")
+    s = lr.scale
+
+    def lowrank(x, a, b):  # s (x A) B, contracted in factored form
+        xa = lax.dot_general(x, a.reshape(in_shape + (r,)), ((tuple(lc), tuple(range(len(in_shape)))), ((), ())),
+                             preferred_element_type=pet)
+        return s * lax.dot_general(xa.astype(dt), b.reshape((r,) + out_shape), (((xa.ndim - 1,), (0,)), ((), ())),
+                                   preferred_element_type=pet)
+
+    def dot(x, w):
+        return lax.dot_general(x, w, dn, precision=params.get("precision"), preferred_element_type=pet)
+
+    a, b = lr.a.astype(dt), lr.b.astype(dt)
+    tokens = x.size // max(1, int(np.prod([x.shape[i] for i in lc])))
+    m = int(np.prod(in_shape))
+    if lr.c is None and (mode == "fused" or (mode == "auto" and tokens >= m)):
+        y = _fused(dot, lowrank, ax, lr.w.shape, s)(x, lr.w, a, b)
+    else:
+        y = dot(x, lr.w)
+        y = y + lowrank(x, a, b).astype(y.dtype)
     if lr.c is not None:
         y = y * lr.c.reshape(out_shape).astype(y.dtype)
     return y.astype(out_aval.dtype)
 
 
-def _eval(jaxpr, consts, args, stats: FactoredStats):
+def _fused(dot, lowrank, ax, shape, s):
+    """``x (W + sAB)`` with ``W + sAB`` formed transiently in the forward *and* recomputed in the
+    backward (never held across the step), and the adapter cotangents taken in factored form:
+    ``dA = s x^T (dy B^T)``, ``dB = s (xA)^T dy``. The cotangent of ``W`` (``x^T dy``) is returned
+    for correctness and removed by XLA's dead-code elimination when ``W`` is frozen."""
+
+    def weff(w, a, b):
+        return w + (s * axes_lib.from_matrix(a @ b, ax, shape)).astype(w.dtype)
+
+    @jax.custom_vjp
+    def f(x, w, a, b):
+        return dot(x, weff(w, a, b))
+
+    def f_fwd(x, w, a, b):
+        return f(x, w, a, b), (x, w, a, b)
+
+    def f_bwd(res, dy):
+        x, w, a, b = res
+        we = weff(w, a, b)
+        dx, = jax.vjp(lambda x_: dot(x_, we), x)[1](dy)
+        dw, = jax.vjp(lambda w_: dot(x, w_), w)[1](dy)
+        da, db = jax.vjp(lambda a_, b_: lowrank(x, a_, b_), a, b)[1](dy.astype(dy.dtype))
+        return dx, dw, da, db
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
+def _eval(jaxpr, consts, args, stats: FactoredStats, mode: str):
     env: dict = {}
 
     def read(v):
@@ -119,7 +160,7 @@ def _eval(jaxpr, consts, args, stats: FactoredStats):
         out = None
         if has_lr:
             if name == "dot_general" and not isinstance(invals[0], _LowRank) and isinstance(invals[1], _LowRank):
-                out = _dot_factored(invals[0], invals[1], eqn.params, eqn.outvars[0].aval)
+                out = _dot_factored(invals[0], invals[1], eqn.params, eqn.outvars[0].aval, mode)
                 if out is not None:
                     stats.factored += 1
             elif name == "convert_element_type" and isinstance(invals[0], _LowRank):
@@ -129,7 +170,7 @@ def _eval(jaxpr, consts, args, stats: FactoredStats):
             elif name in _PASSTHROUGH_CALLS and "jaxpr" in eqn.params:
                 inner = eqn.params["jaxpr"]
                 ij, ic = (inner.jaxpr, inner.consts) if hasattr(inner, "jaxpr") else (inner, ())
-                out = _eval(ij, ic, invals, stats)
+                out = _eval(ij, ic, invals, stats, mode)
         if out is None:
             invals = [concrete(x, name) for x in invals]
             bind_params = eqn.primitive.get_bind_params(eqn.params)
@@ -143,13 +184,29 @@ def _eval(jaxpr, consts, args, stats: FactoredStats):
     return [concrete(read(v), "output") for v in jaxpr.outvars]
 
 
-def factored(fn: Callable[..., Any], rp, *, stats: FactoredStats | None = None):
+def factored(fn: Callable[..., Any], rp, *, mode: str = "auto", stats: FactoredStats | None = None):
     """Wrap ``fn(params, *args)`` into ``g(base, adapters, *args)`` computing low-rank products
     factored. ``args`` must be pytrees of arrays (close over static options). Values equal
     ``fn(rp.materialize(base, adapters), *args)`` up to floating-point reassociation.
 
-    Pass a :class:`FactoredStats` to see how many kernel uses were factored vs fell back.
+    ``mode`` picks how a matched product is computed (values are the same):
+
+    * ``"factored"``: ``x W + s (x A) B`` forward; the backward is what autodiff gives
+      (``dx = dy W^T + s (dy B^T) A^T``, ``dA``/``dB`` from the small products). Cheapest when
+      the step has fewer tokens than the kernel has inputs (``tokens < M``).
+    * ``"fused"``: a ``custom_vjp`` that forms ``W + sAB`` transiently in the forward and again in
+      the backward (``O(MNr)``, cheap next to ``O(tokens M N)`` when ``tokens >= M``), runs one
+      dense product each way, and takes ``dA = s x^T (dy B^T)``, ``dB = s (xA)^T dy`` in factored
+      form. It saves the two token-sized low-rank products and adds per layer. No ``W + sAB`` is
+      held across the step. Not forward-mode differentiable (``jax.jvp``); DoRA always uses
+      ``"factored"``.
+    * ``"auto"`` (default): ``"fused"`` where ``tokens >= M``, else ``"factored"``.
+
+    Pass a :class:`FactoredStats` to see how many kernel uses were factored vs fell back; it
+    accumulates over every trace of ``g`` (one jitted train step and one eval step count twice).
     """
+    if mode not in ("auto", "factored", "fused"):
+        raise ValueError(f"mode must be 'auto', 'factored' or 'fused', got {mode!r}")
 
     @functools.wraps(fn)
     def g(base, adapters, *args):
@@ -174,7 +231,7 @@ def factored(fn: Callable[..., Any], rp, *, stats: FactoredStats | None = None):
             else:
                 inputs.append(v)
         st = stats if stats is not None else FactoredStats()
-        outs = _eval(closed.jaxpr, closed.consts, inputs + list(arg_leaves), st)
+        outs = _eval(closed.jaxpr, closed.consts, inputs + list(arg_leaves), st, mode)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return g
