@@ -260,7 +260,7 @@ def test_factored_nnx_and_scan_fallback():
                                fn(rp.materialize(base, ad), x), rtol=1e-5, atol=1e-5)
     assert stats.factored == 3 and not stats.fallback
 
-    # stacked [L, in, out] kernel used inside lax.scan: falls back to the materialized weight
+    # stacked [L, in, out] kernel used inside lax.scan: followed into the body, sliced per layer
     ps = {"w": {"kernel": jax.random.normal(jax.random.key(3), (3, 4, 4))}}
     scan_fn = lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"]["kernel"])[0]  # noqa
     rp = lrjax.LoRA(rank=2)
@@ -269,6 +269,17 @@ def test_factored_nnx_and_scan_fallback():
     stats = reparam.FactoredStats()
     np.testing.assert_allclose(lrjax.factored(scan_fn, rp, stats=stats)(base, ad, x),
                                scan_fn(rp.materialize(base, ad), x), rtol=1e-5, atol=1e-5)
+    assert stats.factored == 1 and not stats.fallback
+    gs = jax.grad(lambda a: jnp.sum(lrjax.factored(scan_fn, rp)(base, a, x) ** 2))(ad)
+    gm = jax.grad(lambda a: jnp.sum(scan_fn(rp.materialize(base, a), x) ** 2))(ad)
+    for u, v in zip(jax.tree.leaves(gs), jax.tree.leaves(gm)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+    # DoRA stacks inside a scan fall back to the materialized weight (still exact)
+    rpd = lrjax.DoRA(rank=2)
+    based, add = rpd.init(jax.random.key(0), ps)
+    stats = reparam.FactoredStats()
+    np.testing.assert_allclose(lrjax.factored(scan_fn, rpd, stats=stats)(based, add, x),
+                               scan_fn(rpd.materialize(based, add), x), rtol=1e-5, atol=1e-5)
     assert stats.fallback == ["scan"]
 
 

@@ -10,8 +10,10 @@ Mechanism (a jaxpr transform): ``fn`` is traced once to a jaxpr (at trace time, 
 leaf bound to a symbolic low-rank value ``(W, A, B, s, c)``. A ``dot_general`` that contracts
 exactly the leaf's input axes (see :mod:`lrjax.axes`) with the kernel on the right becomes
 ``(dot(x, W) + s dot(dot(x, A), B)) * c``; dtype casts of the kernel are applied to the factors;
-``pjit``/``closed_call`` bodies are inlined so the value is followed through nested calls. Any
-other use of the kernel (a conv, a scan over stacked layers, a kernel on the left of an einsum)
+``pjit``/``closed_call`` bodies are inlined so the value is followed through nested calls;
+stacked ``[L, in, out]`` kernels are followed into ``lax.scan`` bodies (``nn.scan`` stacks) and a
+transposed 2-D kernel stays low-rank. Any other use of the kernel (a conv, a kernel on the left of
+an einsum, a DoRA stack inside a scan)
 falls back to the materialized weight for that use only -- always correct, never silently wrong.
 
 Why this instead of module surgery or method interception: it needs no knowledge of the model
@@ -137,6 +139,46 @@ def _fused(dot, lowrank, ax, shape, s):
     return f
 
 
+def _shift(ax: axes_lib.Axes) -> axes_lib.Axes:
+    """Axes of a leaf after its leading (scanned) axis is sliced off."""
+    dec = lambda t: tuple(i - 1 for i in t)  # noqa: E731
+    return axes_lib.Axes(dec(ax.batch[1:]), dec(ax.inp), dec(ax.out))
+
+
+def _scan(eqn, invals, stats, mode):
+    """``lax.scan`` with low-rank leaves among its inputs: closed-over ones (a recurrent cell's
+    weights) enter the body unchanged; scanned ``[L, in, out]`` stacks are scanned as ``(W, A, B)``
+    slices and rebuilt in the body. ``None`` (fallback) when a low-rank value is in the carry or a
+    stack carries a column scale (DoRA)."""
+    p = eqn.params
+    nc, nk = p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    if any(isinstance(v, _LowRank) for v in init):
+        return None
+    for v in xs:
+        if isinstance(v, _LowRank) and (v.ax.batch[:1] != (0,) or v.c is not None):
+            return None
+    body = p["jaxpr"]
+    flat = [(v.w, v.a, v.b) if isinstance(v, _LowRank) else v for v in xs]
+
+    def step(carry, xslice):
+        rebuilt = [_LowRank(sl[0], sl[1], sl[2], v.scale, None, _shift(v.ax)) if isinstance(v, _LowRank) else sl
+                   for v, sl in zip(xs, xslice)]
+        outs = _eval(body.jaxpr, body.consts, list(consts) + list(carry) + rebuilt, stats, mode)
+        return outs[:nk], outs[nk:]
+
+    carry, ys = lax.scan(step, list(init), flat, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    return list(carry) + list(ys)
+
+
+def _transpose(lr: _LowRank, perm):
+    """``W^T`` of a plain 2-D kernel stays low-rank: ``(W + sAB)^T = W^T + s B^T A^T``."""
+    if lr.ax.batch or lr.w.ndim != 2 or tuple(perm) != (1, 0) or lr.c is not None:
+        return None
+    return _LowRank(lr.w.T, jnp.swapaxes(lr.b, -1, -2), jnp.swapaxes(lr.a, -1, -2), lr.scale, None,
+                    axes_lib.Axes((), (0,), (1,)))
+
+
 def _eval(jaxpr, consts, args, stats: FactoredStats, mode: str):
     env: dict = {}
 
@@ -167,6 +209,10 @@ def _eval(jaxpr, consts, args, stats: FactoredStats, mode: str):
                 out = invals[0].astype(eqn.params["new_dtype"])
             elif name in ("copy", "copy_p") and isinstance(invals[0], _LowRank):
                 out = invals[0]
+            elif name == "transpose" and isinstance(invals[0], _LowRank):
+                out = _transpose(invals[0], eqn.params["permutation"])
+            elif name == "scan":
+                out = _scan(eqn, invals, stats, mode)
             elif name in _PASSTHROUGH_CALLS and "jaxpr" in eqn.params:
                 inner = eqn.params["jaxpr"]
                 ij, ic = (inner.jaxpr, inner.consts) if hasattr(inner, "jaxpr") else (inner, ())
@@ -211,27 +257,31 @@ def factored(fn: Callable[..., Any], rp, *, mode: str = "auto", stats: FactoredS
     @functools.wraps(fn)
     def g(base, adapters, *args):
         flat = rp._check(base, adapters)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(base)
-        keys = [tree_lib.path_str(p) for p, _ in leaves]
-        vals = [v for _, v in leaves]
-        arg_leaves, arg_tree = jax.tree_util.tree_flatten(args)
-
-        def flat_fn(leaf_vals, arg_vals):
-            params = jax.tree_util.tree_unflatten(treedef, leaf_vals)
-            return fn(params, *jax.tree_util.tree_unflatten(arg_tree, arg_vals))
-
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(vals, arg_leaves)
-        inputs = []
-        for k, v in zip(keys, vals):
-            if k in adapters:
-                f = adapters[k]
-                ax = rp.leaf_axes(k, v.shape)
-                form = rp.factors(axes_lib.to_matrix(v, ax), f)
-                inputs.append(_LowRank(v, form.a, form.b.astype(form.a.dtype), form.scale, form.col_scale, ax))
-            else:
-                inputs.append(v)
-        st = stats if stats is not None else FactoredStats()
-        outs = _eval(closed.jaxpr, closed.consts, inputs + list(arg_leaves), st, mode)
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+        lowrank = {}
+        for k, f in adapters.items():
+            v = flat[k]
+            ax = rp.leaf_axes(k, v.shape)
+            form = rp.factors(axes_lib.to_matrix(v, ax), f)
+            lowrank[k] = _LowRank(v, form.a, form.b.astype(form.a.dtype), form.scale, form.col_scale, ax)
+        return interpret(fn, base, lowrank, args, stats=stats, mode=mode)
 
     return g
+
+
+def interpret(fn, params, lowrank: dict, args, *, stats: FactoredStats | None = None, mode: str = "auto"):
+    """Trace ``fn(params, *args)`` once and evaluate it with the leaves named in ``lowrank``
+    (``{path: _LowRank or array}``) substituted: the shared engine of :func:`factored` and of
+    ``lrjax.es`` (per-member low-rank perturbations)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = [tree_lib.path_str(p) for p, _ in leaves]
+    vals = [v for _, v in leaves]
+    arg_leaves, arg_tree = jax.tree_util.tree_flatten(args)
+
+    def flat_fn(leaf_vals, arg_vals):
+        return fn(jax.tree_util.tree_unflatten(treedef, leaf_vals), *jax.tree_util.tree_unflatten(arg_tree, arg_vals))
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(vals, arg_leaves)
+    inputs = [lowrank.get(k, v) for k, v in zip(keys, vals)]
+    st = stats if stats is not None else FactoredStats()
+    outs = _eval(closed.jaxpr, closed.consts, inputs + list(arg_leaves), st, mode)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
