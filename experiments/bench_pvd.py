@@ -1,0 +1,227 @@
+"""Benchmark: progressive volume distillation (PVD) vs training the student field from scratch.
+
+    python experiments/bench_pvd.py                  # several minutes on 2 CPU cores
+    python experiments/bench_pvd.py --quick          # smoke test, tiny shapes, well under a minute
+
+1. Render the procedural scene (:func:`lrjax.nn.make_dataset`: 3 spheres, ``--size`` px views).
+2. Train a teacher (``--teacher hash`` or ``mlp``) on the training images; its test PSNR is ``P_T``.
+3. For every other field type (MLP, dense grid, CP, VM, hash): (a) train it from scratch on the
+   images and (b) distil it from the teacher with :class:`lrjax.nn.pvd.PVD` (random cameras, no
+   images), both with the same optimiser family, learning rate and ray/sample budget, until the test
+   PSNR reaches ``P_T - 0.5`` dB (or ``--max-steps``). Only optimisation steps are timed (jit
+   warm-up excluded, each step ``block_until_ready``); test PSNR is checked every ``--eval-every``
+   steps. A run that never reaches the target reports ``>`` its full budget, so the speed-up shown
+   for it is a lower bound.
+4. Limit measured in the same run: the teacher's own forward pass on one step's samples (a PVD step
+   must at least run it), and each method's median step time as a multiple of it.
+
+Writes ``<out>/bench_pvd.json``, ``<out>/bench_pvd.png`` (test view: ground truth, teacher, each
+student from scratch and by PVD) and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from lrjax import nn as L  # noqa: E402
+from lrjax.nn import pvd as P  # noqa: E402
+from lrjax.nn import train as T  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--teacher", choices=["hash", "mlp"], default="hash")
+    ap.add_argument("--students", default="mlp,grid,cp,vm,hash")
+    ap.add_argument("--size", type=int, default=24)
+    ap.add_argument("--views", type=int, default=30)
+    ap.add_argument("--test-views", type=int, default=6)
+    ap.add_argument("--teacher-steps", type=int, default=300)
+    ap.add_argument("--max-steps", type=int, default=600)
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--samples", type=int, default=48)
+    ap.add_argument("--stages", default="10,30", help="PVD stage ends (steps)")
+    ap.add_argument("--active", action="store_true", help="PVD-AL (ray + point + pose levels)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.views, args.test_views = 16, 8, 2
+        args.teacher_steps, args.max_steps, args.eval_every = 40, 20, 10
+        args.batch, args.samples, args.students, args.stages = 256, 24, "grid", "4,10"
+    return args
+
+
+def make_field(name, quick):
+    r = 16 if quick else 48
+    return {"mlp": L.MLPField(), "grid": L.GridField(resolution=r),
+            "cp": L.CPField(resolution=r, rank_sigma=16, rank_app=32),
+            "vm": L.VMField(resolution=r, rank_sigma=8, rank_app=16),
+            "hash": L.HashGridField(log2_table_size=12 if quick else 14)}[name]
+
+
+def teacher_forward_ms(field, params, args, repeats=10):
+    """Median ms of the teacher's forward on one step's ``batch x samples`` points."""
+    x = jax.random.uniform(jax.random.key(0), (args.batch, args.samples, 3), minval=-1, maxval=1)
+    fwd = jax.jit(lambda p, x: field.apply(p, x).rgb)
+    jax.block_until_ready(fwd(params, x))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fwd(params, x))
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts))
+
+
+def run_scratch(field, data, args, target, key, progress):
+    lr = T.default_lr(field)
+    opt = T.make_optimizer(lr, args.max_steps)
+    params = L.init_field(field, key)
+    step = T.photometric_state_step(field, opt, data, batch=args.batch, n_samples=args.samples)
+    ev = T.make_evaluator(field, data, n_samples=args.samples)
+    res = T.train_loop(step, (params, opt.init(params)), steps=args.max_steps, key=jax.random.fold_in(key, 1),
+                       evaluate=ev, params_of=lambda s: s[0], eval_every=args.eval_every,
+                       target_psnr=target, progress=progress, desc=f"scratch {type(field).__name__}")
+    return res, res.state[0], ev
+
+
+def run_pvd(teacher, tparams, field, data, args, target, key, progress):
+    lr = T.default_lr(field)
+    s1, s2 = (int(v) for v in args.stages.split(","))
+    cfg = P.PVDConfig(stage_steps=(s1, s2), batch_rays=args.batch, n_samples=args.samples,
+                      active=P.ActiveConfig(pool_size=16 * args.batch, min_pool=2 * args.batch)
+                      if args.active else None)
+    poses = L.random_poses(args.seed + 7, 200)
+    d = P.PVD(teacher, tparams, field, T.make_optimizer(lr, args.max_steps), poses=poses,
+              height=data.height, width=data.width, focal=data.focal, config=cfg)
+    st = d.init(key)
+    d.compile(st, jax.random.fold_in(key, 2))
+    ev = T.make_evaluator(field, data, n_samples=args.samples)
+    res = T.train_loop(lambda s, k: (d.step(s, k)[0],), (st,), steps=args.max_steps,
+                       key=jax.random.fold_in(key, 1), evaluate=ev, params_of=lambda s: s[0].params,
+                       eval_every=args.eval_every, target_psnr=target, progress=progress,
+                       desc=f"pvd {type(field).__name__}")
+    return res, res.state[0].params, ev
+
+
+def summary(res, args):
+    med = 1e3 * float(np.median(res.step_times))
+    last = res.history[-1]
+    return {"reached": res.steps_to_target is not None,
+            "steps": res.steps_to_target if res.steps_to_target is not None else len(res.step_times),
+            "seconds": res.seconds_to_target if res.seconds_to_target is not None else last[1],
+            "final_psnr": last[2], "median_step_ms": med, "history": res.history}
+
+
+def save_png(path, panels, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.6))
+    for ax, (name, img) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(np.clip(np.asarray(img), 0, 1))
+        ax.set_title(name, fontsize=7)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    progress = not args.no_progress
+    os.makedirs(args.out, exist_ok=True)
+    cmd = "python experiments/bench_pvd.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    dev = jax.devices()[0]
+    device = {"platform": dev.platform, "device_kind": dev.device_kind, "cpu_count": os.cpu_count(),
+              "jax": jax.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    print(f"reproduce: {cmd}\ndevice: {dev.platform} / {dev.device_kind}, {os.cpu_count()} CPUs "
+          "(shared with other jobs: wall-clock times are noisy)")
+    key = jax.random.key(args.seed)
+
+    t0 = time.perf_counter()
+    data = L.make_dataset(n_train=args.views, n_test=args.test_views, height=args.size, width=args.size,
+                          gt_samples=64 if args.quick else 256)
+    data_s = time.perf_counter() - t0
+
+    teacher = L.HashGridField(log2_table_size=12 if args.quick else 14) if args.teacher == "hash" \
+        else L.MLPField()
+    tres, tparams, tev = run_scratch(teacher, data, argparse.Namespace(**{**vars(args), "max_steps": args.teacher_steps}),
+                                     None, jax.random.fold_in(key, 100), progress)
+    tinfo = summary(tres, args)
+    t_psnr = tinfo["final_psnr"]
+    target = t_psnr - 0.5
+    fwd_ms = teacher_forward_ms(teacher, tparams, args)
+    print(f"teacher {args.teacher}: {t_psnr:.2f} dB after {args.teacher_steps} steps; target {target:.2f} dB; "
+          f"teacher forward {fwd_ms:.2f} ms/step")
+
+    gt = data.test_images[0]
+    panels = [("ground truth", gt), (f"teacher {args.teacher} {t_psnr:.1f} dB", tev(tparams, True)["images"][0])]
+    students = {}
+    for idx, name in enumerate([s for s in args.students.split(",") if s and s != args.teacher]):
+        field = make_field(name, args.quick)
+        k = jax.random.fold_in(key, idx + 1)
+        info = {"params": None, "bytes": None}
+        sres, sparams, sev = run_scratch(field, data, args, target, k, progress)
+        pres, pparams, pev = run_pvd(teacher, tparams, field, data, args, target, k, progress)
+        info["params"], info["bytes"] = L.count_params(sparams), L.param_bytes(sparams)
+        info["scratch"], info["pvd"] = summary(sres, args), summary(pres, args)
+        sc, pv = info["scratch"], info["pvd"]
+        info["speedup_time"] = sc["seconds"] / max(pv["seconds"], 1e-9)
+        info["speedup_steps"] = sc["steps"] / max(pv["steps"], 1)
+        info["speedup_is_lower_bound"] = (not sc["reached"]) and pv["reached"]
+        info["pvd_reached"] = pv["reached"]
+        info["pvd_step_over_teacher_forward"] = pv["median_step_ms"] / fwd_ms
+        info["scratch_step_over_teacher_forward"] = sc["median_step_ms"] / fwd_ms
+        students[name] = info
+        panels += [(f"{name} scratch {sc['final_psnr']:.1f} dB", sev(sparams, True)["images"][0]),
+                   (f"{name} PVD {pv['final_psnr']:.1f} dB", pev(pparams, True)["images"][0])]
+        print(f"{name}: scratch {'' if sc['reached'] else '>'}{sc['steps']} steps / {sc['seconds']:.1f} s "
+              f"({sc['final_psnr']:.2f} dB), PVD {'' if pv['reached'] else '>'}{pv['steps']} steps / "
+              f"{pv['seconds']:.1f} s ({pv['final_psnr']:.2f} dB)", flush=True)
+
+    def fmt(info, m):
+        r = info[m]
+        return f"{'' if r['reached'] else '>'}{r['steps']}", f"{'' if r['reached'] else '>'}{r['seconds']:.1f}"
+
+    rows = ["| student | params | bytes | scratch steps | scratch s | PVD steps | PVD s | speed-up (time) | "
+            "speed-up (steps) | PVD final dB | scratch final dB | PVD step / teacher fwd |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, info in students.items():
+        ss, st = fmt(info, "scratch")
+        ps, pt = fmt(info, "pvd")
+        lb = ">=" if info["speedup_is_lower_bound"] else ""
+        rows.append(f"| {name} | {info['params']} | {info['bytes']} | {ss} | {st} | {ps} | {pt} | "
+                    f"{lb}{info['speedup_time']:.1f}x | {lb}{info['speedup_steps']:.1f}x | "
+                    f"{info['pvd']['final_psnr']:.2f} | {info['scratch']['final_psnr']:.2f} | "
+                    f"{info['pvd_step_over_teacher_forward']:.1f}x |")
+    table = (f"\n## PVD vs from scratch -- teacher {args.teacher} ({L.count_params(tparams)} params, "
+             f"{L.param_bytes(tparams)} bytes), {t_psnr:.2f} dB, target {target:.2f} dB; teacher forward "
+             f"{fwd_ms:.2f} ms/step\n\n" + "\n".join(rows))
+    print(table)
+    save_png(os.path.join(args.out, "bench_pvd.png"), panels, f"test view 0, target {target:.1f} dB")
+    out = {"command": cmd, "device": device, "config": vars(args), "data_seconds": data_s,
+           "teacher": {"type": args.teacher, "params": L.count_params(tparams), "bytes": L.param_bytes(tparams),
+                       **tinfo, "forward_ms_per_step": fwd_ms},
+           "target_psnr": target, "students": students, "table_markdown": table}
+    with open(os.path.join(args.out, "bench_pvd.json"), "w") as f:
+        json.dump(out, f, indent=1, default=float)
+    return out
+
+
+if __name__ == "__main__":
+    main()

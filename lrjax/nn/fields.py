@@ -1,0 +1,330 @@
+"""Radiance fields behind one interface: position (and optionally direction) -> density, colour, features.
+
+Every field here is a Flax **linen** module. Linen was chosen over NNX because a linen module is a
+stateless description and its parameters are a plain pytree, so the two operations this package
+needs most are plain JAX: a *batch of fields* is ``jax.vmap(field.init)(keys, x)`` and is evaluated
+with ``jax.vmap(field.apply, in_axes=(0, None))``; rays and samples are leading axes of ``x`` (or
+``jax.vmap`` over them); distillation differentiates one parameter pytree while another is held
+fixed. No graph/state splitting is involved.
+
+The interface follows the "two-part" model of PVD (Fang et al. 2023, *One is All: Bridging the
+Gap Between Neural Radiance Fields Architectures with Progressive Volume Distillation*, AAAI): a
+type-specific **encoder** maps the normalised position ``u = x / bound`` in ``[-1, 1]^3`` to a
+``1 + geo_dim`` feature ``F(u) = [s(u), g(u)]``, and a shared **colour head** maps ``g`` (and the
+encoded view direction) to RGB::
+
+    s_pre = clip(s(u) + density_shift, c_min, c_max)        (PVD's density range constraint)
+    sigma = exp(s_pre)                                       (trunc_exp of torch-ngp / PVD)
+    rgb   = sigmoid(MLP([g(u), SH(d)]))                       (SH(d) only if view_dependent)
+
+Because every field exposes the same ``F`` (with clipped ``s_pre``), ``sigma_pre``, ``sigma`` and
+``rgb``, any field can be distilled into any other stage by stage (:mod:`lrjax.nn.pvd`).
+
+Encoders in this package: :class:`MLPField` (NeRF positional encoding, Mildenhall et al. 2020),
+:class:`GridField` (dense voxel grid, trilinear), :class:`~lrjax.nn.tensorf.CPField` and
+:class:`~lrjax.nn.tensorf.VMField` (TensoRF, Chen et al. 2022), :class:`~lrjax.nn.hashgrid.HashGridField`
+(Instant-NGP, Müller et al. 2022) and :class:`~lrjax.nn.sna.SNAField` (separable B-spline CP).
+
+Coordinates: a point must lie in the axis-aligned box ``[-bound, bound]^3``. Concrete (eager)
+inputs outside it raise ``ValueError``; traced inputs (under ``jit``) are clipped to the box, as
+the renderer's samples always are.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["FieldOutput", "Field", "MLPField", "GridField", "positional_encoding", "sh_encoding",
+           "interp_line", "interp_plane", "interp_grid", "init_field", "count_params", "param_bytes",
+           "check_compatible"]
+
+
+class FieldOutput(NamedTuple):
+    """Per-point outputs, all with the leading shape of ``x``.
+
+    ``feature``: ``[..., 1 + geo_dim]``, ``[s_pre, g]`` (PVD's 16-d "feature_sigma_color");
+    ``sigma_pre``: ``[...]`` clipped log-density; ``sigma``: ``[...]`` density ``exp(sigma_pre)``;
+    ``rgb``: ``[..., 3]`` in ``(0, 1)``.
+    """
+
+    feature: jax.Array
+    sigma_pre: jax.Array
+    sigma: jax.Array
+    rgb: jax.Array
+
+
+# --------------------------------------------------------------------------- validation helpers
+def _pos_int(value, name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _pos_float(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _is_tracer(x):
+    return isinstance(x, jax.core.Tracer)
+
+
+# --------------------------------------------------------------------------- encodings
+def positional_encoding(u, n_freqs: int, include_input: bool = True):
+    """NeRF encoding ``[u, sin(2^k pi u), cos(2^k pi u)]_{k < n_freqs}`` over the last axis.
+
+    Output size ``3 * (include_input + 2 n_freqs)`` for ``u: [..., 3]`` (Mildenhall et al. 2020, Eq. 4).
+    """
+    freqs = (2.0 ** jnp.arange(n_freqs)) * jnp.pi
+    ang = u[..., None, :] * freqs[:, None]                               # [..., F, 3]
+    enc = [jnp.sin(ang).reshape(*u.shape[:-1], -1), jnp.cos(ang).reshape(*u.shape[:-1], -1)]
+    return jnp.concatenate(([u] if include_input else []) + enc, axis=-1)
+
+
+def sh_encoding(d, degree: int = 4):
+    """Real spherical harmonics of unit directions ``d: [..., 3]``, bands ``0..degree-1``.
+
+    ``degree**2`` outputs (degree in 1..4), with the constants of tiny-cuda-nn / torch-ngp.
+    """
+    if degree not in (1, 2, 3, 4):
+        raise ValueError(f"degree must be 1, 2, 3 or 4, got {degree!r}")
+    x, y, z = d[..., 0], d[..., 1], d[..., 2]
+    out = [jnp.full_like(x, 0.28209479177387814)]
+    if degree > 1:
+        out += [-0.48860251190291987 * y, 0.48860251190291987 * z, -0.48860251190291987 * x]
+    if degree > 2:
+        xx, yy, zz = x * x, y * y, z * z
+        out += [1.0925484305920792 * x * y, -1.0925484305920792 * y * z,
+                0.31539156525252005 * (2 * zz - xx - yy), -1.0925484305920792 * x * z,
+                0.5462742152960396 * (xx - yy)]
+    if degree > 3:
+        out += [0.5900435899266435 * y * (-3 * xx + yy), 2.890611442640554 * x * y * z,
+                0.4570457994644658 * y * (1 - 5 * zz), 0.3731763325901154 * z * (5 * zz - 3),
+                0.4570457994644658 * x * (1 - 5 * zz), 1.445305721320277 * z * (xx - yy),
+                0.5900435899266435 * x * (-xx + 3 * yy)]
+    return jnp.stack(out, axis=-1)
+
+
+# --------------------------------------------------------------------------- interpolation
+def _cell(t, n):
+    """Align-corners cell index and weight of ``t`` in ``[-1, 1]`` on ``n`` vertices."""
+    pos = (jnp.clip(t, -1.0, 1.0) + 1.0) * (0.5 * (n - 1))
+    i0 = jnp.clip(jnp.floor(pos), 0, n - 2).astype(jnp.int32)
+    return i0, pos - i0
+
+
+def interp_line(line, t):
+    """Linear interpolation of ``line: [C, N]`` at ``t: [...]`` in [-1, 1] -> ``[..., C]``."""
+    i0, w = _cell(t, line.shape[-1])
+    v = line[:, i0] * (1 - w) + line[:, i0 + 1] * w                     # [C, ...]
+    return jnp.moveaxis(v, 0, -1)
+
+
+def interp_plane(plane, a, b):
+    """Bilinear interpolation of ``plane: [C, N, M]`` at ``(a, b)`` -> ``[..., C]``."""
+    ia, wa = _cell(a, plane.shape[-2])
+    ib, wb = _cell(b, plane.shape[-1])
+    v = (plane[:, ia, ib] * (1 - wa) * (1 - wb) + plane[:, ia + 1, ib] * wa * (1 - wb)
+         + plane[:, ia, ib + 1] * (1 - wa) * wb + plane[:, ia + 1, ib + 1] * wa * wb)
+    return jnp.moveaxis(v, 0, -1)
+
+
+def interp_grid(grid, u):
+    """Trilinear interpolation of ``grid: [N, N, N, C]`` (axis i = coordinate i) at ``u: [..., 3]``."""
+    idx, ws = zip(*(_cell(u[..., k], grid.shape[k]) for k in range(3)))
+    out = 0.0
+    for cx in (0, 1):
+        for cy in (0, 1):
+            for cz in (0, 1):
+                w = ((ws[0] if cx else 1 - ws[0]) * (ws[1] if cy else 1 - ws[1])
+                     * (ws[2] if cz else 1 - ws[2]))
+                out = out + grid[idx[0] + cx, idx[1] + cy, idx[2] + cz] * w[..., None]
+    return out
+
+
+# --------------------------------------------------------------------------- base field
+class Field(nn.Module):
+    """Base radiance field. Subclasses implement :meth:`encode` (``u: [..., 3] -> [..., 1+geo_dim]``).
+
+    Attributes (shared by all fields; :func:`check_compatible` compares them between a teacher and
+    a student):
+      bound: half-size of the scene box ``[-bound, bound]^3``.
+      geo_dim: size of the geometry feature ``g`` fed to the colour head (PVD: 15).
+      view_dependent: feed ``SH(d)`` to the colour head (then ``d`` is required).
+      sh_degree: SH bands for directions (PVD/Instant-NGP: 4, i.e. 16 values).
+      color_hidden, color_layers: width and number of hidden layers of the colour MLP (PVD: 64, 2).
+      density_clip: ``(c_min, c_max)`` of the log-density (PVD: ``(-2, 7)`` with an occupancy grid;
+        without one ``exp(-2)`` fogs empty space, so the CPU default is ``(-10, 7)``).
+      density_shift, density_scale: ``s_pre = clip(density_scale * s(u) + density_shift)``. Explicit
+        fields (grid, CP, VM) default to ``density_scale=10``: Adam moves each grid value by about
+        the learning rate per step, and log-densities must travel several units (from 0 to the
+        empty-space floor or to an opaque surface), so without the scale they need hundreds of
+        steps (TensoRF's ``distance_scale=25`` plays the same role).
+    """
+
+    bound: float = 1.0
+    geo_dim: int = 15
+    view_dependent: bool = False
+    sh_degree: int = 4
+    color_hidden: int = 32
+    color_layers: int = 1
+    density_clip: tuple = (-10.0, 7.0)
+    density_shift: float = 0.0
+    density_scale: float = 1.0
+
+    def __post_init__(self):
+        _pos_float(self.bound, "bound")
+        _pos_int(self.geo_dim, "geo_dim")
+        _pos_int(self.color_hidden, "color_hidden")
+        _pos_int(self.color_layers, "color_layers", 0)
+        _pos_float(self.density_scale, "density_scale")
+        if self.sh_degree not in (1, 2, 3, 4):
+            raise ValueError(f"sh_degree must be 1, 2, 3 or 4, got {self.sh_degree!r}")
+        lo, hi = self.density_clip
+        if not lo < hi:
+            raise ValueError(f"density_clip must be (min, max) with min < max, got {self.density_clip!r}")
+        self.validate()
+        super().__post_init__()
+
+    def validate(self):
+        """Eager checks of subclass attributes (raise ``ValueError`` naming the attribute)."""
+
+    @property
+    def feature_dim(self) -> int:
+        return 1 + self.geo_dim
+
+    def encode(self, u):
+        raise NotImplementedError
+
+    def color(self, geo, d=None):
+        """The colour head: ``sigmoid(MLP([g, SH(d)]))``."""
+        h = geo
+        if self.view_dependent:
+            h = jnp.concatenate([h, sh_encoding(d, self.sh_degree)], axis=-1)
+        for i in range(self.color_layers):
+            h = nn.relu(nn.Dense(self.color_hidden, name=f"color_{i}")(h))
+        return nn.sigmoid(nn.Dense(3, name="color_out")(h))
+
+    def _normalise(self, x, d):
+        x = jnp.asarray(x)
+        if x.ndim < 1 or x.shape[-1] != 3:
+            raise ValueError(f"x must have shape [..., 3], got {x.shape}")
+        if not _is_tracer(x) and x.size:
+            m = float(np.max(np.abs(np.asarray(x))))
+            if not m <= self.bound * (1 + 1e-5):
+                raise ValueError(f"x: coordinates must lie in the box [-bound, bound]^3 with "
+                                 f"bound={self.bound}; got max |x| = {m:.6g}")
+        if self.view_dependent:
+            if d is None:
+                raise ValueError("d (view directions) is required: this field is view_dependent")
+            d = jnp.asarray(d)
+            if d.shape[-1:] != (3,):
+                raise ValueError(f"d must have shape [..., 3], got {d.shape}")
+            d = jnp.broadcast_to(d, x.shape)
+        return jnp.clip(x / self.bound, -1.0, 1.0), d
+
+    @nn.compact
+    def __call__(self, x, d=None) -> FieldOutput:
+        u, d = self._normalise(x, d)
+        f = self.encode(u)
+        lo, hi = self.density_clip
+        sigma_pre = jnp.clip(self.density_scale * f[..., 0] + self.density_shift, lo, hi)
+        geo = f[..., 1:]
+        rgb = self.color(geo, d)
+        feature = jnp.concatenate([sigma_pre[..., None], geo], axis=-1)
+        return FieldOutput(feature, sigma_pre, jnp.exp(sigma_pre), rgb)
+
+
+# --------------------------------------------------------------------------- MLP (NeRF)
+class MLPField(Field):
+    """NeRF-style MLP: ``F(u) = W_out relu(... relu(W_1 PE(u)))`` (Mildenhall et al. 2020).
+
+    PVD's NeRF teacher/student uses ``n_freqs=10`` (63-d input), 8 layers x 256 with a skip
+    concatenation after layer 4; the CPU defaults are smaller (``n_freqs=6``, 4 x 64, skip at 2).
+    ``skip``: index of the hidden layer whose input is re-concatenated with ``PE(u)`` (None: none).
+    """
+
+    n_freqs: int = 6
+    width: int = 64
+    depth: int = 4
+    skip: int | None = 2
+
+    def validate(self):
+        _pos_int(self.n_freqs, "n_freqs", 0)
+        _pos_int(self.width, "width")
+        _pos_int(self.depth, "depth")
+        if self.skip is not None and not 0 < self.skip < self.depth:
+            raise ValueError(f"skip must be None or in 1..depth-1={self.depth - 1}, got {self.skip!r}")
+
+    def encode(self, u):
+        pe = positional_encoding(u, self.n_freqs)
+        h = pe
+        for i in range(self.depth):
+            if i == self.skip:
+                h = jnp.concatenate([h, pe], axis=-1)
+            h = nn.relu(nn.Dense(self.width, name=f"hidden_{i}")(h))
+        return nn.Dense(self.feature_dim, name="feature_out")(h)
+
+
+# --------------------------------------------------------------------------- dense voxel grid
+class GridField(Field):
+    """Dense voxel grid ``V: [N, N, N, 1 + geo_dim]``, ``F(u) = trilinear(V, u)`` (align corners).
+
+    The explicit baseline of the family (PVD's "sparse tensors" are a Plenoxel grid; here dense).
+    ``init_scale``: std of the Gaussian initial values.
+    """
+
+    resolution: int = 32
+    init_scale: float = 0.1
+    density_scale: float = 10.0
+
+    def validate(self):
+        _pos_int(self.resolution, "resolution", 2)
+        _pos_float(self.init_scale, "init_scale")
+
+    def encode(self, u):
+        n = self.resolution
+        grid = self.param("grid", nn.initializers.normal(self.init_scale), (n, n, n, self.feature_dim))
+        return interp_grid(grid, u)
+
+
+# --------------------------------------------------------------------------- utilities
+def init_field(field: Field, key, num: int | None = None):
+    """Parameters of ``field`` (``num`` independent fields stacked on a leading axis if given)."""
+    x = jnp.zeros((1, 3))
+    d = jnp.zeros((1, 3)).at[:, 2].set(1.0) if field.view_dependent else None
+    if num is None:
+        return field.init(key, x, d)
+    _pos_int(num, "num")
+    return jax.vmap(lambda k: field.init(k, x, d))(jax.random.split(key, num))
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def param_bytes(params) -> int:
+    return int(sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params)))
+
+
+_SHARED = ("bound", "geo_dim", "view_dependent", "sh_degree", "density_clip")
+
+
+def check_compatible(teacher: Field, student: Field):
+    """Raise ``ValueError`` unless two fields share the interface PVD distils across.
+
+    Compared: ``bound``, ``geo_dim`` (so the features have the same size), ``view_dependent``,
+    ``sh_degree`` and ``density_clip`` (both must see the same log-density range).
+    """
+    for f in (teacher, student):
+        if not isinstance(f, Field):
+            raise TypeError(f"expected lrjax.nn Field instances, got {type(f).__name__}")
+    bad = [f"{a}: teacher {getattr(teacher, a)!r} vs student {getattr(student, a)!r}"
+           for a in _SHARED if tuple(np.atleast_1d(getattr(teacher, a))) != tuple(np.atleast_1d(getattr(student, a)))]
+    if bad:
+        raise ValueError("mismatched field configs (teacher and student must agree): " + "; ".join(bad))

@@ -1,0 +1,117 @@
+"""Multiresolution hash encoding (Müller et al. 2022, *Instant Neural Graphics Primitives with a
+Multiresolution Hash Encoding*, SIGGRAPH), as a :class:`~lrjax.nn.fields.Field`.
+
+Level ``l = 0..L-1`` has growth factor ``b = exp((ln N_max - ln N_min) / (L - 1))`` and (as in
+tiny-cuda-nn's ``grid.h``) scale ``S_l = N_min b^l - 1``. With ``v = (u + 1) / 2`` in ``[0, 1]^3``::
+
+    p     = v S_l + 1/2,     cell = floor(p),     w = p - cell          (tcnn ``pos_fract``)
+    f_l   = sum over the 8 corners c of cell: trilinear(w, c) * table_l[index_l(c)]
+    F(u)  = MLP([f_0, ..., f_{L-1}])                                    (Instant-NGP density MLP)
+
+``index_l`` is dense, ``i + j V + k V^2`` with ``V_l = ceil(S_l) + 2`` vertices per side (every
+corner of every reachable cell is stored: an implementation choice; tiny-cuda-nn uses stride
+``ceil(S_l) + 1`` and wraps at the far face, torch-ngp/PVD uses ``+1`` stride and returns zeros
+outside the box), while ``V_l^3 <= T``; otherwise the spatial hash of the paper (Eq. 4)::
+
+    h(i, j, k) = (i * 1  XOR  j * 2654435761  XOR  k * 805459861) mod T        (uint32 arithmetic)
+
+Tables have ``min(V_l^3, T)`` rows of ``F`` features, initialised ``U(-1e-4, 1e-4)``.
+Paper defaults: ``L=16, F=2, T=2^14..2^24, N_min=16``; PVD: ``L=14, T=2^19, N_max=2048``; the CPU
+defaults here: ``L=8, F=2, T=2^14, N_min=16, N_max=128``.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from lrjax.nn.fields import Field, _pos_int
+
+__all__ = ["HashGridField", "hash_encode", "fast_hash", "level_layout", "PRIMES"]
+
+PRIMES = (1, 2654435761, 805459861)
+
+
+def fast_hash(ijk):
+    """``XOR_i ijk_i * pi_i`` in uint32 (wrapping) for integer ``ijk: [..., 3]``."""
+    ijk = jnp.asarray(ijk).astype(jnp.uint32)
+    return (ijk[..., 0] * jnp.uint32(PRIMES[0])) ^ (ijk[..., 1] * jnp.uint32(PRIMES[1])) \
+        ^ (ijk[..., 2] * jnp.uint32(PRIMES[2]))
+
+
+def level_layout(levels, min_res, max_res, log2_table_size):
+    """Per level ``(scale, vertices_per_side, rows, hashed)`` (pure Python, static)."""
+    b = 1.0 if levels == 1 else math.exp((math.log(max_res) - math.log(min_res)) / (levels - 1))
+    table = 2 ** log2_table_size
+    out = []
+    for lvl in range(levels):
+        scale = min_res * b ** lvl - 1.0
+        side = int(math.ceil(scale)) + 2
+        dense = side ** 3 <= table
+        out.append((scale, side, side ** 3 if dense else table, not dense))
+    return tuple(out)
+
+
+def hash_encode(tables, u, layout):
+    """Multiresolution hash encoding of ``u: [..., 3]`` in ``[-1, 1]^3`` -> ``[..., L * F]``.
+
+    ``tables[l]: [rows_l, F]``; ``layout`` from :func:`level_layout`."""
+    v = (u + 1.0) * 0.5
+    feats = []
+    for table, (scale, side, rows, hashed) in zip(tables, layout):
+        p = v * scale + 0.5
+        cell = jnp.floor(p)
+        w = p - cell
+        cell = cell.astype(jnp.int32)
+        f = 0.0
+        for c in np.ndindex(2, 2, 2):
+            corner = cell + jnp.asarray(c, jnp.int32)
+            if hashed:
+                idx = (fast_hash(corner) & jnp.uint32(rows - 1)).astype(jnp.int32)
+            else:
+                idx = corner[..., 0] + side * (corner[..., 1] + side * corner[..., 2])
+            wc = jnp.prod(jnp.where(jnp.asarray(c, bool), w, 1.0 - w), axis=-1)
+            f = f + table[idx] * wc[..., None]
+        feats.append(f)
+    return jnp.concatenate(feats, axis=-1)
+
+
+class HashGridField(Field):
+    """Hash-grid encoder + density MLP (``hidden`` units, ``mlp_layers`` hidden layers)."""
+
+    levels: int = 8
+    features_per_level: int = 2
+    log2_table_size: int = 14
+    min_res: int = 16
+    max_res: int = 128
+    hidden: int = 64
+    mlp_layers: int = 1
+
+    def validate(self):
+        _pos_int(self.levels, "levels")
+        _pos_int(self.features_per_level, "features_per_level")
+        _pos_int(self.log2_table_size, "log2_table_size")
+        if self.log2_table_size > 30:
+            raise ValueError(f"log2_table_size must be <= 30, got {self.log2_table_size}")
+        _pos_int(self.min_res, "min_res", 2)
+        _pos_int(self.max_res, "max_res", 2)
+        if self.max_res < self.min_res:
+            raise ValueError(f"max_res={self.max_res} must be >= min_res={self.min_res}")
+        _pos_int(self.hidden, "hidden")
+        _pos_int(self.mlp_layers, "mlp_layers", 0)
+
+    def encode_levels(self, u):
+        """The concatenated level features ``[..., L * F]``."""
+        init = nn.initializers.uniform(2e-4)
+        layout = level_layout(self.levels, self.min_res, self.max_res, self.log2_table_size)
+        tables = [self.param(f"table_{lvl}", lambda k, s: init(k, s) - 1e-4, (rows, self.features_per_level))
+                  for lvl, (_, _, rows, _) in enumerate(layout)]
+        return hash_encode(tables, u, layout)
+
+    def encode(self, u):
+        h = self.encode_levels(u)
+        for i in range(self.mlp_layers):
+            h = nn.relu(nn.Dense(self.hidden, name=f"hidden_{i}")(h))
+        return nn.Dense(self.feature_dim, name="feature_out")(h)

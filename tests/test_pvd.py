@@ -1,0 +1,146 @@
+"""PVD / PVD-AL: losses fall stage by stage, any-to-any conversion, active learning, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrjax import nn as L
+from lrjax.nn import pvd as P
+from lrjax.nn.train import make_optimizer
+
+H = W = 8
+FOCAL = 0.5 * W / np.tan(np.deg2rad(20))
+
+
+def _teacher():
+    """A grid teacher with a few dense blobs (no training needed)."""
+    t = L.GridField(resolution=6)
+    p = L.init_field(t, jax.random.key(0))
+    g = p["params"]["grid"]
+    g = g.at[..., 0].set(jnp.where(jax.random.uniform(jax.random.key(1), g.shape[:3]) < 0.25, 3.0, -8.0))
+    g = g.at[..., 1:].multiply(10.0)
+    return t, {"params": {**p["params"], "grid": g}}
+
+
+def _pvd(student, stage_steps, active=None, steps=60, batch=64):
+    t, tp = _teacher()
+    cfg = P.PVDConfig(stage_steps=stage_steps, batch_rays=batch, n_samples=16, active=active)
+    return P.PVD(t, tp, student, make_optimizer(3e-2, steps), poses=L.random_poses(0, 8), height=H,
+                 width=W, focal=FOCAL, config=cfg)
+
+
+def _run(d, steps, key=0):
+    st = d.init(jax.random.key(key))
+    hist = []
+    for i, k in enumerate(jax.random.split(jax.random.key(key + 1), steps)):
+        st, m = d.step(st, k)
+        hist.append({n: float(v) for n, v in m.items()})
+    return st, hist
+
+
+def test_losses_fall_stage_by_stage():
+    d = _pvd(L.CPField(resolution=6, rank_sigma=4, rank_app=8), (20, 40))
+    st, hist = _run(d, 60)
+    assert int(st.step) == 60
+    stages = {1: hist[:20], 2: hist[20:40], 3: hist[40:]}
+    assert set(stages[1][0]) == {"loss", "rgb_mse", "feature"}
+    assert set(stages[2][0]) == {"loss", "rgb_mse", "feature", "sigma", "color"}
+    assert set(stages[3][0]) == {"loss", "rgb_mse", "feature", "sigma", "color", "rgb"}
+
+    def mean(rows, key):
+        return np.mean([r[key] for r in rows])
+
+    # the stage's own new terms fall within the stage (first 4 vs last 4 steps)
+    assert mean(stages[1][-4:], "feature") < 0.7 * mean(stages[1][:4], "feature")
+    assert mean(stages[2][-4:], "sigma") < mean(stages[2][:4], "sigma")
+    assert mean(stages[2][-4:], "color") < mean(stages[2][:4], "color")
+    assert mean(stages[3][-4:], "rgb") < mean(stages[3][:4], "rgb")
+    # and the rendered colour error has fallen overall
+    assert mean(hist[-4:], "rgb_mse") < mean(hist[:4], "rgb_mse")
+
+
+@pytest.mark.parametrize("student", [L.MLPField(n_freqs=2, width=16, depth=2, skip=None),
+                                     L.VMField(resolution=6, rank_sigma=2, rank_app=2),
+                                     L.HashGridField(levels=2, log2_table_size=8, min_res=4, max_res=8)],
+                         ids=["mlp", "vm", "hash"])
+def test_any_to_any(student):
+    d = _pvd(student, (0, 0), steps=12)
+    st, hist = _run(d, 12)
+    assert all(np.isfinite(r["loss"]) for r in hist)
+    assert hist[-1]["rgb_mse"] < hist[0]["rgb_mse"]
+    # the colour head was inherited from the teacher before training started
+    s0 = d.init(jax.random.key(0))
+    np.testing.assert_array_equal(s0.params["params"]["color_out"]["kernel"],
+                                  d.tparams["params"]["color_out"]["kernel"])
+
+
+def test_active_learning_pool_points_and_poses():
+    ac = P.ActiveConfig(ray_ratio=0.25, pool_size=64, min_pool=32, point_ratio=0.3, pose_ratio=0.25)
+    d = _pvd(L.CPField(resolution=6, rank_sigma=2, rank_app=4), (0, 0), active=ac, steps=10, batch=32)
+    st = d.init(jax.random.key(0))
+    st, _ = d.step(st, jax.random.key(1))
+    assert int(st.al.size) == 8 and int(st.al.ptr) == 8
+    assert float(jnp.sum(st.al.pose_err > 0)) > 0
+    # the pooled rays are the batch's highest-error rays
+    rays, pidx = d._sample_rays(jax.random.key(5), st.al)
+    _, aux = d.losses(st.params, rays, jax.random.key(6), 3, st.step)
+    pooled_err = aux["ray_err"][jnp.argsort(-aux["ray_err"])[:8]]
+    assert float(jnp.min(pooled_err)) >= float(jnp.median(aux["ray_err"]))
+    for i, k in enumerate(jax.random.split(jax.random.key(2), 4)):
+        st, m = d.step(st, k)
+    assert int(st.al.size) == 40 and np.isfinite(float(m["loss"]))
+    # point selection: top 30 % of samples by weight on opaque rays only
+    wt = jnp.array([[0.0, 0.1, 0.5, 0.3, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0], [0.01] * 10])
+    mask = d._point_mask(wt, jnp.zeros_like(wt), wt.sum(-1), jnp.zeros(2))
+    np.testing.assert_array_equal(mask[0], [0, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(mask[1], 0)
+
+
+def test_errors():
+    t, tp = _teacher()
+    opt = make_optimizer(1e-2, 10)
+    kw = dict(poses=L.random_poses(0, 4), height=H, width=W, focal=FOCAL)
+    with pytest.raises(ValueError, match="mismatched field configs.*geo_dim"):
+        P.PVD(t, tp, L.CPField(geo_dim=7), opt, **kw)
+    with pytest.raises(ValueError, match="bound"):
+        P.PVD(t, tp, L.CPField(bound=2.0), opt, **kw)
+    with pytest.raises(ValueError, match="teacher_params do not match"):
+        P.PVD(L.CPField(), tp, L.GridField(), opt, **kw)
+    with pytest.raises(ValueError, match="poses"):
+        P.PVD(t, tp, L.CPField(), opt, **{**kw, "poses": np.zeros((0, 4, 4))})
+    with pytest.raises(ValueError, match="stage_steps"):
+        P.PVDConfig(stage_steps=(5, 2))
+    with pytest.raises(ValueError, match="loss"):
+        P.PVDConfig(loss="l1")
+    with pytest.raises(ValueError, match="min_pool"):
+        P.ActiveConfig(pool_size=8, min_pool=16)
+    with pytest.raises(ValueError, match="point_ratio"):
+        P.ActiveConfig(point_ratio=1.5)
+    assert [P.stage_of(s, (2, 5)) for s in (0, 1, 2, 4, 5, 9)] == [1, 1, 2, 2, 3, 3]
+
+
+def test_bench_pvd_quick(tmp_path):
+    """Smoke run of experiments/bench_pvd.py --quick: JSON, PNG and table are written."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "res"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(root / "experiments" / "bench_pvd.py"), "--quick", "--out",
+                           str(out), "--no-progress"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| student | params |" in proc.stdout
+    res = json.loads((out / "bench_pvd.json").read_text())
+    assert (out / "bench_pvd.png").stat().st_size > 0
+    for k in ("command", "device", "config", "teacher", "target_psnr", "students", "table_markdown"):
+        assert k in res, k
+    assert res["teacher"]["forward_ms_per_step"] > 0
+    for name, info in res["students"].items():
+        for k in ("params", "bytes", "scratch", "pvd", "speedup_time", "pvd_step_over_teacher_forward"):
+            assert k in info, (name, k)
