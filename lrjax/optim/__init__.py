@@ -1,0 +1,27 @@
+"""Low-rank gradient optimizers as optax transformations.
+
+One projection protocol (:mod:`lrjax.optim.projection`) and one short file per method:
+
+* :func:`galore` -- GaLore (Zhao et al. 2024), exact, randomized or warm-started refreshes;
+* :func:`fira` -- Fira (Chen et al. 2024): GaLore + norm-scaled residual, norm-growth limiter;
+* :func:`dct` -- SVD-free projection onto the best-aligned DCT columns (Modoranu et al. 2025);
+* :func:`owlore` -- OwLore (Li et al. 2024): outlier-weighted layer sampling with GaLore inside;
+* :func:`scale_by_adam_8bit` -- Adam with 8-bit block-wise quantized moments (an inner optimizer).
+
+Each wraps an inner params-free optax transformation and is itself a
+``GradientTransformation``::
+
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      lrjax.optim.galore(optax.scale_by_adam(), rank=128, refresh="subspace"),
+                      optax.scale_by_learning_rate(1e-2))
+"""
+from lrjax.optim import projection, quant
+from lrjax.optim.dct import dct
+from lrjax.optim.fira import fira
+from lrjax.optim.galore import galore
+from lrjax.optim.owlore import OwLoreState, outlier_ratios, owlore
+from lrjax.optim.projection import ProjectionState, nbytes, theoretical_state_bytes
+from lrjax.optim.quant import scale_by_adam_8bit
+
+__all__ = ["projection", "quant", "scale_by_adam_8bit", "galore", "fira", "dct", "owlore", "outlier_ratios",
+           "ProjectionState", "OwLoreState", "nbytes", "theoretical_state_bytes"]
