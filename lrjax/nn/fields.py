@@ -199,7 +199,8 @@ class Field(nn.Module):
         return 1 + self.geo_dim
 
     def encode(self, u):
-        raise NotImplementedError
+        """Field-specific encoder ``u in [0, 1]^3 -> [..., feature_dim]`` (abstract hook)."""
+        raise TypeError(f"{type(self).__name__} must define encode(u): subclass Field with an encoder")
 
     def color(self, geo, d=None):
         """The colour head: ``sigmoid(MLP([g, SH(d)]))``."""

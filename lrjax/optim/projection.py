@@ -131,8 +131,9 @@ class Basis:
     def init(self, lp: LeafPlan, dtype):
         return jnp.zeros(lp.batch + (lp.d, lp.rank), dtype)
 
-    def refresh(self, key, g, old, lp: LeafPlan):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def refresh(self, key, g, old, lp: LeafPlan):  # pragma: no cover - abstract hook
+        raise TypeError(f"{type(self).__name__} must define refresh(key, g, old, lp): a Basis subclass "
+                        "says how its projector is recomputed")
 
     def matrix(self, state, lp: LeafPlan, dtype):
         return state
