@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
+from lrjax.benchmark import time_round_robin
 from lrjax.es import Eggroll
 
 
@@ -95,19 +96,6 @@ def memory(compiled):
                    - m.alias_size_in_bytes)
     except Exception:  # pragma: no cover
         return None
-
-
-def time_round_robin(calls, repeats, warmup, desc, progress):
-    for f in calls.values():
-        for _ in range(warmup):
-            f()
-    times = {k: [] for k in calls}
-    for _ in tqdm(range(repeats), desc=desc, leave=False, disable=not progress, file=sys.stdout):
-        for k, f in calls.items():
-            t = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return times
 
 
 # --------------------------------------------------------------------------- cost workload

@@ -61,6 +61,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from lrjax.benchmark import blocking, summarize, time_round_robin
 import lrjax
 from lrjax.models import ADAPTER_TARGETS, CharTransformer, apply_fn, loss_fn
 from lrjax.reparam import FactoredStats
@@ -142,32 +143,6 @@ def device_peak_bytes():
     except Exception:  # pragma: no cover
         st = None
     return int(st["peak_bytes_in_use"]) if st and "peak_bytes_in_use" in st else None
-
-
-def time_round_robin(calls: dict, repeats: int, warmup: int, desc: str, progress: bool):
-    """Times each ``calls[name]()`` (which must block until done) ``repeats`` times,
-    interleaved; returns ``{name: [ms, ...]}``."""
-    for f in calls.values():
-        for _ in range(warmup):
-            f()
-    times = {k: [] for k in calls}
-    for _ in tqdm(range(repeats), desc=desc, leave=False, disable=not progress, file=sys.stdout,
-                  dynamic_ncols=True):
-        for k, f in calls.items():
-            t = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return times
-
-
-def summarize(ms):
-    q25, q50, q75 = np.percentile(ms, [25, 50, 75])
-    return {"median_ms": float(q50), "p25_ms": float(q25), "p75_ms": float(q75),
-            "iqr_ms": float(q75 - q25), "times_ms": [float(x) for x in ms]}
-
-
-def blocking(compiled, *args):
-    return lambda: jax.block_until_ready(compiled(*args))
 
 
 # ----------------------------------------------------------------------- workloads

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
+from lrjax.benchmark import time_round_robin
 import lrjax
 import lrjax.optim as lo
 from lrjax.optim import projection
@@ -149,19 +150,6 @@ def moment_bytes(state, params, plans):
 
 
 # ----------------------------------------------------------------------------- timing
-def time_round_robin(calls: dict, repeats: int, desc: str, progress: bool):
-    for f in calls.values():      # warm-up (compilation) + one more call
-        f(); f()
-    times = {k: [] for k in calls}
-    for _ in tqdm(range(repeats), desc=desc, leave=False, disable=not progress, file=sys.stdout,
-                  dynamic_ncols=True):
-        for k, f in calls.items():
-            t = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return times
-
-
 def mlp_workload(width, batch, seed):
     k = jax.random.split(jax.random.key(seed), 8)
     params = {"layers": {str(i): {"kernel": jax.random.normal(k[i], (width, width)) / np.sqrt(width),
@@ -205,10 +193,10 @@ def bench_mlp(args, batch, gap, progress):
     limit = jax.jit(jax.value_and_grad(loss))
     calls = {n: (lambda n=n: jax.block_until_ready(steps[n](params, states[n][0], x, y))) for n in METHODS}
     calls["limit"] = lambda: jax.block_until_ready(limit(params, x, y))
-    normal = time_round_robin(calls, args.repeats, f"mlp b={batch} normal", progress)
+    normal = time_round_robin(calls, args.repeats, 2, f"mlp b={batch} normal", progress)
     rcalls = {n: (lambda n=n: jax.block_until_ready(steps[n](params, states[n][1], x, y))) for n in METHODS
               if n != "adam"}
-    refresh = time_round_robin(rcalls, args.refresh_repeats, f"mlp b={batch} refresh", progress)
+    refresh = time_round_robin(rcalls, args.refresh_repeats, 2, f"mlp b={batch} refresh", progress)
     lim = float(np.median(normal["limit"]))
     adam_ms = float(np.median(normal["adam"]))
     adam_bytes = projection.nbytes(states["adam"][0])
