@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--ranks", default="1,4,16")
     p.add_argument("--inputs", type=int, default=8, help="inputs per member")
     p.add_argument("--no-open-es", action="store_true")
-    p.add_argument("--task-generations", type=int, default=None, help="default 300 (quick: 15)")
+    p.add_argument("--task-generations", type=int, default=None, help="default 300 (quick: 15); 0 skips the digits task")
     p.add_argument("--task-population", type=int, default=None, help="default 512 (quick: 64)")
     p.add_argument("--target-acc", type=float, default=None, help="default 0.85 (quick: 0.3)")
     p.add_argument("--no-progress", action="store_true")
@@ -246,7 +246,8 @@ def plot(results, task, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(1, 2 if task else 1, figsize=(11 if task else 6, 4), squeeze=False)
+    ax = ax[0]
     names = [m for m in results[0]["methods"] if m != "inference"]
     xs = np.arange(len(results))
     for i, m in enumerate(names):
@@ -257,6 +258,10 @@ def plot(results, task, path):
     ax[0].set_xticks(xs + 0.4 - 0.4 / len(names), [f"w={w['width']}\nN={w['population']}" for w in results])
     ax[0].set_ylabel("generation time / batched inference")
     ax[0].legend(fontsize=7)
+    if task is None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        return
     h = task["history"]
     ax[1].plot(h["generation"], h["test_acc"], marker=".")
     ax[1].axhline(task["target_acc"], color="k", ls="--", lw=1)
@@ -270,7 +275,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results = [cost_workload(args, w, n) for w, n in args.configs]
-    task = digits_task(args)
+    task = digits_task(args) if args.task_generations > 0 else None
     md = table(results)
     res = {"command": " ".join(sys.argv), "device": device_info(), "config": vars(args), "workloads": results,
            "digits": task, "table_markdown": md}
@@ -278,10 +283,11 @@ def main(argv=None):
         json.dump(res, f, indent=1, default=str)
     plot(results, task, os.path.join(args.out, "bench_es.png"))
     print(md)
-    r = task["reached"]
-    print(f"\ndigits (ES only, N={args.task_population}, rank 4): final test acc {task['final_test_acc']:.3f}; "
-          f"target {args.target_acc:.2f} " + (f"reached at generation {r['generation']} after {r['wall_s']:.1f} s"
-                                              if r else "not reached"))
+    r = task["reached"] if task else None
+    if task:
+        print(f"\ndigits (ES only, N={args.task_population}, rank 4): final test acc {task['final_test_acc']:.3f}; "
+              f"target {args.target_acc:.2f} " + (f"reached at generation {r['generation']} after "
+                                                  f"{r['wall_s']:.1f} s" if r else "not reached"))
     print(f"reproduce: python experiments/bench_es.py {' '.join(sys.argv[1:])}")
 
 
