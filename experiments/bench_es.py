@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -42,7 +41,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from lrjax.benchmark import time_round_robin
+from lrjax.benchmark import device_info, time_round_robin
 from lrjax.es import Eggroll
 
 
@@ -79,14 +78,6 @@ def parse_args(argv=None):
     a.configs = [tuple(int(v) for v in c.split(":")) for c in a.configs.split(",")]
     a.ranks = [int(r) for r in a.ranks.split(",")]
     return a
-
-
-def device_info():
-    d = jax.devices()[0]
-    return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "load_avg": list(os.getloadavg()),
-            "note": "CPU shared with other jobs; ratios measured round-robin so load affects all alike"}
 
 
 def memory(compiled):

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -61,21 +60,13 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from lrjax.benchmark import blocking, summarize, time_round_robin
+from lrjax.benchmark import blocking, describe, device_info, summarize, time_round_robin, usable_cpus
 import lrjax
 from lrjax.models import ADAPTER_TARGETS, CharTransformer, apply_fn, loss_fn
 from lrjax.reparam import FactoredStats
 
 JAX_METHODS = ("full", "lora_factored", "lora_materialized", "dora_factored", "limit")
 TORCH_METHODS = ("torch_full", "peft_lora", "peft_dora", "torch_limit")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (``sched_getaffinity``; ``os.cpu_count()`` where unsupported)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return os.cpu_count() or 1
 
 
 def parse_args(argv=None):
@@ -429,14 +420,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     progress = not args.no_progress
     t0 = time.perf_counter()
-    dev = jax.devices()[0]
     cmd = "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
-    device = {"platform": dev.platform, "device_kind": dev.device_kind, "cpu_count": os.cpu_count(),
-              "usable_cpus": usable_cpus(),
-              "jax": jax.__version__, "jaxlib": __import__("jaxlib").__version__,
-              "flax": __import__("flax").__version__, "optax": optax.__version__,
-              "python": platform.python_version(), "machine": platform.machine()}
-    dev_line = f"{dev.platform} / {dev.device_kind}, {usable_cpus()} CPUs, jax {jax.__version__}"
+    device = device_info()
+    dev_line = describe(device)
     print(f"reproduce: {cmd}\ndevice: {dev_line}")
 
     mlp = mlp_workload(args)

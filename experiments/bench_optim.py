@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -54,7 +53,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from lrjax.benchmark import time_round_robin
+from lrjax.benchmark import describe, device_info, time_round_robin
 import lrjax
 import lrjax.optim as lo
 from lrjax.optim import projection
@@ -396,11 +395,9 @@ def main(argv=None):
     progress = not args.no_progress
     t0 = time.perf_counter()
     dev = jax.devices()[0]
-    device = {"platform": dev.platform, "device_kind": dev.device_kind, "cpu_count": os.cpu_count(),
-              "jax": jax.__version__, "optax": optax.__version__, "python": platform.python_version(),
-              "machine": platform.machine()}
+    device = device_info()
     cmd = "python experiments/bench_optim.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"reproduce: {cmd}\ndevice: {dev.platform} / {dev.device_kind}, {os.cpu_count()} CPUs, jax {jax.__version__}")
+    print(f"reproduce: {cmd}\ndevice: {describe(device)}")
     out = {"command": cmd, "device": device, "config": {k: v for k, v in vars(args).items()}, "mlp": {}}
     for batch, gap in args.configs_parsed:
         out["mlp"][f"batch{batch}"] = bench_mlp(args, batch, gap, progress)

@@ -23,16 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from lrjax.benchmark import describe, device_info  # noqa: E402
 from lrjax import nn as L  # noqa: E402
 from lrjax.nn import pvd as P  # noqa: E402
 from lrjax.nn import train as T  # noqa: E402
@@ -146,11 +145,8 @@ def main(argv=None):
     progress = not args.no_progress
     os.makedirs(args.out, exist_ok=True)
     cmd = "python experiments/bench_pvd.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    dev = jax.devices()[0]
-    device = {"platform": dev.platform, "device_kind": dev.device_kind, "cpu_count": os.cpu_count(),
-              "jax": jax.__version__, "python": platform.python_version(), "machine": platform.machine()}
-    print(f"reproduce: {cmd}\ndevice: {dev.platform} / {dev.device_kind}, {os.cpu_count()} CPUs "
-          "(shared with other jobs: wall-clock times are noisy)")
+    device = device_info()
+    print(f"reproduce: {cmd}\ndevice: {describe(device)}")
     key = jax.random.key(args.seed)
 
     t0 = time.perf_counter()

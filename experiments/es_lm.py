@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
+from lrjax.benchmark import device_info
 from lrjax import data
 from lrjax.es import Eggroll, FactoredStats
 
@@ -130,8 +131,7 @@ def main(argv=None):
         g, st, info = es.estimate(st, params, nll, batch, stats=stats if gen == 0 else None)
         params, os_ = apply(params, os_, g)
     res = {"command": " ".join(sys.argv), "config": vars(args),
-           "device": {"platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
-                      "cpu_count": os.cpu_count(), "jax": jax.__version__},
+           "device": device_info(),
            "unigram_bpc": unigram_bpc, "uniform_bpc": float(np.log2(data.VOCAB_SIZE)),
            "factored_kernel_uses": stats.factored, "fallback": stats.fallback,
            "initial_heldout_bpc": hist["heldout_bpc"][0], "final_heldout_bpc": hist["heldout_bpc"][-1],

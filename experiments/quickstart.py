@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -51,6 +50,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import lrjax
+from lrjax.benchmark import device_info
 from lrjax import data
 from lrjax.models import ADAPTER_TARGETS, CharTransformer, apply_fn, loss_fn
 from lrjax.reparam import FactoredStats
@@ -307,9 +307,7 @@ def main(argv=None):
     total_s = time.perf_counter() - t_start
     out = {
         "command": "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
-        "device": {"platform": dev.platform, "device_kind": dev.device_kind,
-                   "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                   "python": platform.python_version()},
+        "device": device_info(),
         "config": vars(args),
         "corpus": {k: {kk: corpus[k][kk] for kk in ("split", "n_train_windows", "n_eval_windows")}
                    for k in ("pretrain", "finetune")} | {"seq_len": seq_len},

@@ -6,6 +6,8 @@ until its result is ready (wrap jitted functions with :func:`blocking`).
 """
 from __future__ import annotations
 
+import os
+import platform
 import sys
 import time
 from typing import Callable
@@ -14,7 +16,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["blocking", "time_round_robin", "summarize"]
+__all__ = ["blocking", "time_round_robin", "summarize", "usable_cpus", "device_info", "describe"]
 
 
 def blocking(fn: Callable, *args) -> Callable[[], object]:
@@ -45,3 +47,34 @@ def summarize(ms) -> dict:
     q25, q50, q75 = np.percentile(ms, [25, 50, 75])
     return {"median_ms": float(q50), "p25_ms": float(q25), "p75_ms": float(q75),
             "iqr_ms": float(q75 - q25), "times_ms": [float(x) for x in ms]}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (``sched_getaffinity``; ``os.cpu_count()`` where unsupported)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
+def device_info() -> dict:
+    """What a benchmark ran on: device, CPU counts, the load average at the time, versions."""
+    import flax
+    import jaxlib
+    import optax
+    d = jax.devices()[0]
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        load = None
+    return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
+            "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "load_avg": load,
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "python": platform.python_version(), "machine": platform.machine()}
+
+
+def describe(info: dict) -> str:
+    """One line: ``platform / kind, N CPUs, load L, jax V``."""
+    load = "" if info.get("load_avg") is None else f", load {info['load_avg'][0]}"
+    return (f"{info['platform']} / {info['device_kind']}, {info['usable_cpus']} CPUs{load}, "
+            f"jax {info['jax']}")

@@ -40,8 +40,8 @@ MAT_MODE = ((0, 1), (0, 2), (1, 2))
 VEC_MODE = (2, 1, 0)
 
 
-class CPField(Field):
-    """CP-decomposed field: ``R = rank_sigma + rank_app`` rank-1 components of 3 lines each."""
+class _TensorField(Field):
+    """Shared config of the low-rank tensor fields: grid resolution, density and appearance ranks."""
 
     resolution: int = 64
     rank_sigma: int = 16
@@ -55,6 +55,10 @@ class CPField(Field):
         _pos_int(self.rank_app, "rank_app")
         _pos_float(self.init_scale, "init_scale")
 
+
+class CPField(_TensorField):
+    """CP-decomposed field: ``R = rank_sigma + rank_app`` rank-1 components of 3 lines each."""
+
     def encode(self, u):
         r = self.rank_sigma + self.rank_app
         lines = self.param("lines", nn.initializers.normal(self.init_scale), (3, r, self.resolution))
@@ -65,20 +69,12 @@ class CPField(Field):
         return jnp.concatenate([s, a[..., self.rank_sigma:] @ basis], axis=-1)
 
 
-class VMField(Field):
+class VMField(_TensorField):
     """VM-decomposed field: per mode ``m``, ``R`` plane x line components (TensoRF VM-split)."""
 
-    resolution: int = 64
     rank_sigma: int = 8
     rank_app: int = 16
     init_scale: float = 0.1
-    density_scale: float = 10.0
-
-    def validate(self):
-        _pos_int(self.resolution, "resolution", 2)
-        _pos_int(self.rank_sigma, "rank_sigma")
-        _pos_int(self.rank_app, "rank_app")
-        _pos_float(self.init_scale, "init_scale")
 
     def encode(self, u):
         r, n = self.rank_sigma + self.rank_app, self.resolution
