@@ -38,6 +38,27 @@ def test_svd_truncation_is_best_rank_k():
     np.testing.assert_allclose(err, np.sqrt(np.sum(s64[3:] ** 2)), rtol=1e-4)
 
 
+@given(st.integers(2, 9), st.integers(2, 9), st.integers(0, 2), st.sampled_from(["left", "right"]))
+def test_gram_svd_matches_float64_svd_with_the_same_signs(m, n, nb, side):
+    """gram_svd returns the vectors of a float64 SVD, signs pinned by the left vectors on both sides."""
+    rng = np.random.default_rng(m * 17 + n * 3 + nb)
+    r = min(m, n)
+    s_true = 2.0 ** -np.arange(r)                         # well separated: vectors are defined
+    u0 = np.linalg.qr(rng.standard_normal((2,) * nb + (m, r)))[0]
+    v0 = np.linalg.qr(rng.standard_normal((2,) * nb + (n, r)))[0]
+    x = (u0 * s_true) @ np.swapaxes(v0, -1, -2)
+    k = max(1, r - 1)                                     # the last value sits at 2^-8 s_1 at most
+    vec, s = jax.jit(lambda x: linalg.gram_svd(x, k, side=side))(jnp.asarray(x, jnp.float32))
+    u64, s64, vt64 = np.linalg.svd(x, full_matrices=False)
+    idx = np.argmax(np.abs(u64), axis=-2)[..., None, :]
+    sign = np.sign(np.take_along_axis(u64, idx, axis=-2))         # pin like lrjax.linalg.svd
+    ref = (u64 * sign)[..., :k] if side == "left" else np.swapaxes(vt64 * np.swapaxes(sign, -1, -2), -1, -2)[..., :k]
+    np.testing.assert_allclose(s, s64[..., :k], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(vec, ref, atol=2e-3)
+    with pytest.raises(ValueError, match="side"):
+        linalg.gram_svd(x, k, side="top")
+
+
 def test_randomized_svd_close_to_exact_on_decaying_spectrum_batched():
     rng = np.random.default_rng(1)
     x = jnp.asarray(_lowrank(rng, (3,), 40, 30, 20), jnp.float32)

@@ -64,14 +64,16 @@ def _pinned_jnp_svd(orig):
 
 
 # ----------------------------------------------------------------------------- cross-checks
-def test_matches_optax_contrib_galore(monkeypatch):
+@pytest.mark.parametrize("refresh", ["svd", "eigh"])
+def test_matches_optax_contrib_galore(monkeypatch, refresh):
+    """Both exact refreshes (LAPACK SVD, Gram eigendecomposition) follow optax's trajectory."""
     monkeypatch.setattr(jnp.linalg, "svd", _pinned_jnp_svd(jnp.linalg.svd))
     params = _mlp_params()
     ref = optax.chain(optax.contrib.scale_by_galore(rank=RANK, update_proj_gap=GAP, scale=0.5,
                                                     base_optimizer=optax.scale_by_adam()), optax.scale(-LR))
     # optax projects the larger side (left if M >= N): lrjax's side="reverse_std"
     ours = optax.chain(galore(optax.scale_by_adam(), RANK, update_proj_gap=GAP, scale=0.5,
-                              side="reverse_std", targets=("w1", "w2")), optax.scale(-LR))
+                              side="reverse_std", targets=("w1", "w2"), refresh=refresh), optax.scale(-LR))
     p_ref, _, l_ref = _train(ref, params)
     p_our, _, l_our = _train(ours, params)
     np.testing.assert_allclose(l_our, l_ref, rtol=1e-5, atol=1e-6)
@@ -292,7 +294,7 @@ def test_state_bytes_equal_theoretical_count():
     params = {"w1": jnp.zeros((64, 32)), "stack": jnp.zeros((3, 16, 48)), "b": jnp.zeros((32,)),
               "emb": {"embedding": jnp.zeros((10, 16))}}
     r = 4
-    for refresh in ("svd", "subspace"):
+    for refresh in ("svd", "eigh", "subspace"):
         opt = galore(optax.scale_by_adam(), r, refresh=refresh)
         state = opt.init(params)
         th = theoretical_state_bytes(params, rank=r, basis=ExactSVD())

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"adam", "optax_galore", "galore_svd", "galore_randomized", "galore_subspace", "fira", "dct", "owlore"}
+METHODS = {"adam", "optax_galore", "galore_svd", "galore_eigh", "galore_randomized", "galore_subspace", "fira", "dct", "owlore"}
 
 
 def test_bench_optim_quick(tmp_path):

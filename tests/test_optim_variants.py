@@ -226,3 +226,67 @@ def test_owlore_argument_errors():
         owlore(optax.scale_by_adam(), 9, gamma=1).init(p)
     with pytest.raises(TypeError, match="inner needs `params`"):
         owlore(optax.adamw(1e-3), 2)
+
+
+def _scanned(p):
+    """The same model with its layers as one nn.scan-style stack (axis 0 = layer)."""
+    ids = sorted(p["blocks"], key=int)
+    stack = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[p["blocks"][i] for i in ids])
+    return {"embed": p["embed"], "head": p["head"], "scan": stack}
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_owlore_on_scan_stack_equals_separate_layers(wd):
+    """Stacked layers (scan_layers=) follow exactly the trajectory of the same layers as separate
+    leaves: same sampled layers, same projected updates, same weight decay."""
+    p = _layered(L=4)
+    kw = dict(gamma=2, period=2, update_proj_gap=3, ratios=[1.0, 2.0, 3.0, 4.0], seed=1, weight_decay=wd)
+    sep = owlore(optax.scale_by_adam(), 2, **kw)
+    scn = owlore(optax.scale_by_adam(), 2, scan_layers="scan/.*", **kw)
+    ps = _scanned(p)
+    s1, s2 = sep.init(p), scn.init(ps)
+    assert s2.slots.inner.mu["scan"]["fc"]["kernel"].shape == (2, 2, 8)         # per-layer projection, gamma slots
+    assert s2.slots.inner.mu["scan"]["fc"]["bias"].shape == (2, 8)               # stacked bias: not projected
+    u1f, u2f = jax.jit(sep.update), jax.jit(scn.update)
+    for t in range(6):
+        g = _grads(t, p)
+        u1, s1 = u1f(g, s1, p)
+        u2, s2 = u2f(_scanned(g), s2, ps)
+        np.testing.assert_array_equal(s1.active, s2.active)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                               _scanned(u1), u2)
+    np.testing.assert_allclose(outlier_ratios(ps, m=1.0, scan_layers="scan/.*"),
+                               outlier_ratios(p, m=1.0), rtol=1e-6)
+
+
+def test_owlore_weight_decay_only_on_trained_leaves():
+    p = _layered(L=4)
+    kw = dict(gamma=1, period=5, update_proj_gap=5, ratios=[0.0, 1.0, 0.0, 0.0])
+    plain, wd = owlore(optax.scale_by_adam(), 2, **kw), owlore(optax.scale_by_adam(), 2, weight_decay=0.5, **kw)
+    g = _grads(0, p)
+    u0, _ = plain.update(g, plain.init(p), p)
+    u1, s1 = wd.update(g, wd.init(p), p)
+    assert np.asarray(s1.active).tolist() == [1]
+    diff = jax.tree_util.tree_map(lambda a, b: np.asarray(b - a), u0, u1)
+    for i in range(4):                                # frozen layers: exactly zero, no decay
+        want = 0.5 * np.asarray(p["blocks"][str(i)]["fc"]["kernel"]) if i == 1 else 0.0
+        np.testing.assert_allclose(diff["blocks"][str(i)]["fc"]["kernel"], want, rtol=1e-5, atol=1e-7)
+        if i != 1:
+            assert not np.any(np.asarray(u1["blocks"][str(i)]["fc"]["kernel"]))
+    np.testing.assert_allclose(diff["head"]["kernel"], 0.5 * np.asarray(p["head"]["kernel"]), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="needs the parameters"):
+        wd.update(g, wd.init(p))
+    with pytest.raises(ValueError, match="weight_decay"):
+        owlore(optax.scale_by_adam(), 2, weight_decay=-1.0)
+
+
+def test_owlore_scan_layer_errors():
+    p = _scanned(_layered(L=4))
+    with pytest.raises(ValueError, match="matches no leaf"):
+        owlore(optax.scale_by_adam(), 2, gamma=1).init(p)
+    bad = dict(p, extra={"kernel": jnp.zeros((3, 8, 8))})
+    with pytest.raises(ValueError, match="axis 0 .*has 3 layers"):
+        owlore(optax.scale_by_adam(), 2, gamma=1, scan_layers=["scan/.*", "extra/kernel"]).init(bad)
+    with pytest.raises(ValueError, match="does not batch axis 0"):
+        owlore(optax.scale_by_adam(), 2, gamma=1, scan_layers="scan/.*",
+               axes={"fc/kernel": Axes((), (0, 1), (2,))}).init(p)

@@ -19,6 +19,13 @@ Refreshes (``refresh=``):
 
 * ``"svd"`` (default): exact truncated SVD, :func:`lrjax.linalg.svd` -- the paper, galore-torch
   and ``optax.contrib.galore``. ``O(M N min(M, N))``: 0.25-0.45 s for one 1024 x 1024 matrix on CPU.
+* ``"eigh"``: the same exact top-``r`` singular subspace from the eigendecomposition of the
+  ``d x d`` Gram matrix (``G G^T`` on the left, ``G^T G`` on the right; :func:`lrjax.linalg.gram_svd`):
+  one matmul plus a symmetric eigensolver, about 2x (square) to 6x (``512 x 1024`` stacks)
+  cheaper than the SVD on CPU. Mathematically the same projector; in float32 its error grows
+  with ``s_1^2 / (s_r^2 - s_{r+1}^2)`` instead of ``s_1 / (s_r - s_{r+1})``, so on gradients with
+  a near-degenerate ``r``-th singular value the two exact refreshes can pick different (equally
+  valid) bases.
 * ``"randomized"``: :func:`lrjax.linalg.randomized_svd` with ``oversample`` extra columns and
   ``n_iter`` power iterations (Halko et al. 2011), cold-started at every refresh.
 * ``"subspace"``: warm-started subspace iteration. The start block is the previous ``P``
@@ -47,9 +54,9 @@ import jax.numpy as jnp
 from lrjax import linalg
 from lrjax.optim.projection import Basis, LeafPlan, _check_int, project
 
-__all__ = ["galore", "ExactSVD", "RandomizedSVD", "SubspaceIteration", "make_basis", "REFRESHES"]
+__all__ = ["galore", "ExactSVD", "GramEigh", "RandomizedSVD", "SubspaceIteration", "make_basis", "REFRESHES"]
 
-REFRESHES = ("svd", "randomized", "subspace")
+REFRESHES = ("svd", "eigh", "randomized", "subspace")
 
 
 def _t(x):
@@ -64,6 +71,15 @@ class ExactSVD(Basis):
     def refresh(self, key, g, old, lp: LeafPlan):
         s = linalg.svd(g, lp.rank)
         return s.u if lp.left else _t(s.vt)
+
+
+class GramEigh(Basis):
+    """``P`` = top-``r`` eigenvectors of the ``d x d`` Gram matrix of the gradient (exact, no SVD)."""
+
+    name = "eigh"
+
+    def refresh(self, key, g, old, lp: LeafPlan):
+        return linalg.gram_svd(g, lp.rank, side="left" if lp.left else "right")[0]
 
 
 class RandomizedSVD(Basis):
@@ -103,6 +119,8 @@ def make_basis(refresh: str = "svd", *, oversample: int = 8, n_iter: int = 1) ->
     """The :class:`~lrjax.optim.projection.Basis` named by ``refresh``."""
     if refresh == "svd":
         return ExactSVD()
+    if refresh == "eigh":
+        return GramEigh()
     if refresh == "randomized":
         return RandomizedSVD(oversample, n_iter)
     if refresh == "subspace":
@@ -129,7 +147,8 @@ def galore(inner, rank: int = 128, *, update_proj_gap: int = 200, scale: float =
       rank: projection rank ``r`` (default 128, the paper's 60M setting).
       update_proj_gap: ``T``, steps between refreshes (default 200).
       scale: ``alpha`` (default 1.0; the paper uses 0.25 with lr 0.01).
-      refresh: ``"svd"`` (exact, default), ``"randomized"`` or ``"subspace"`` (module doc).
+      refresh: ``"svd"`` (exact, default), ``"eigh"`` (exact, from the Gram matrix),
+        ``"randomized"`` or ``"subspace"`` (module doc).
       oversample, n_iter: sketch width ``r + oversample`` and power / subspace iterations of the
         randomized refreshes (defaults 8 and 1).
       side, targets, axes, seed, weight_decay, weight_decay_mask: see

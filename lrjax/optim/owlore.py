@@ -27,9 +27,19 @@ active layers alive in the optimizer; this implementation does not, which is the
 saving the method is meant to have.) Frozen layers get a zero update. Their gradients are still
 computed by the caller; stop them in the loss with :func:`active_layers` to save that compute.
 
-The layers must have identical structure (the same leaf paths and shapes after the layer
-index), and must be separate leaves (``blocks/0/...``, ``blocks/1/...``); ``nn.scan`` stacks are
-not supported here.
+Layers are found two ways, which can be mixed: separate leaves whose path holds the layer index
+(``blocks/0/...``, ``blocks/1/...``; the ``layers`` regex with one capture group), and stacked
+leaves (``nn.scan`` / ``nnx.scan`` / vmapped stacks) whose axis 0 is the layer index
+(``scan_layers=``, patterns as in :func:`lrjax.tree.select`). Layers must have identical
+structure (the same leaf paths and shapes after the layer index). A stacked leaf is projected per
+layer with the matrix view that :mod:`lrjax.axes` gives the whole stack, which must list axis 0
+among its batch axes (the default for ``[L, m, n]``; pass ``axes=`` for stacked attention
+kernels ``[L, d, h, k]``).
+
+Weight decay (``weight_decay=``, decoupled, AdamW-style ``u += lambda * w`` before the
+learning rate) is applied to the leaves that are trained this step only: the active layers and,
+with ``train_rest``, the rest. Frozen layers get exactly zero update, as in LISA/OwLore where
+they have no gradient; ``update`` then needs ``params``.
 """
 from __future__ import annotations
 
@@ -80,61 +90,133 @@ def _nest(items: dict) -> dict:
     return out
 
 
-def _layout(params, layers: str):
-    """``(layer_ids, rel_paths, {(layer, rel): full_path}, rest_paths)``; checks identical layers."""
+class _Layout(NamedTuple):
+    """Where the layers live: ``members[rel]`` is ``[(path, index_or_None), ...]`` in layer order
+    (``None``: a separate leaf per layer; an int: row of a stacked leaf)."""
+
+    n_layers: int
+    members: dict
+    rest: list
+
+    def paths(self):
+        return {p for ms in self.members.values() for p, _ in ms}
+
+    def stacked(self, rel):
+        return self.members[rel][0][1] is not None
+
+    def stack(self, flat, rel):
+        """``[L, *layer_shape]`` values of ``rel`` for every layer."""
+        ms = self.members[rel]
+        if self.stacked(rel):
+            return flat[ms[0][0]]
+        return jnp.stack([flat[p] for p, _ in ms])
+
+    def unstack(self, rel, full):
+        """``{path: value}`` from a ``[L, *layer_shape]`` array."""
+        ms = self.members[rel]
+        if self.stacked(rel):
+            return {ms[0][0]: full}
+        return {p: full[j] for j, (p, _) in enumerate(ms)}
+
+    def layer_shape(self, flat, rel):
+        p, i = self.members[rel][0]
+        return flat[p].shape[1:] if i is not None else flat[p].shape
+
+
+def _layout(params, layers: str, scan_layers=None) -> _Layout:
+    """Find the layers (module doc) and check they are identical."""
     rx = re.compile(layers)
     if rx.groups < 1:
         raise ValueError(f"layers={layers!r} needs a capture group for the layer index, e.g. r'blocks/(\\d+)/'")
     flat = _tree.flatten(params)
+    scanned = set(_tree.select(params, scan_layers, argname="scan_layers")) if scan_layers is not None else set()
     where, rest = {}, []
     for p, x in flat.items():
-        mt = rx.search(p)
+        mt = None if p in scanned else rx.search(p)
         if mt is None:
-            rest.append(p)
+            if p not in scanned:
+                rest.append(p)
             continue
         rel = "/".join(s.strip("/") for s in (p[:mt.start()], p[mt.end():]) if s.strip("/")) or "_"
         where[(int(mt.group(1)), rel)] = p
     ids = sorted({l for l, _ in where})
-    if not ids:
-        raise ValueError(f"layers={layers!r} matches no leaf path. Available paths: {list(flat)[:8]}")
-    rels = sorted({r for _, r in where})
-    for l in ids:
-        for r in rels:
+    if not ids and not scanned:
+        raise ValueError(f"layers={layers!r} matches no leaf path (and no scan_layers given). Available paths: "
+                         f"{list(flat)[:8]}; for nn.scan stacks pass scan_layers=")
+    members: dict = {}
+    for r in sorted({r for _, r in where}):
+        for l in ids:
             if (l, r) not in where:
                 raise ValueError(f"layers: layer {l} has no leaf {r!r}; OwLore needs identically shaped layers")
             if flat[where[(l, r)]].shape != flat[where[(ids[0], r)]].shape:
                 raise ValueError(f"layers: {where[(l, r)]!r} has shape {flat[where[(l, r)]].shape}, layer "
                                  f"{ids[0]} has {flat[where[(ids[0], r)]].shape}; layers must be identical")
-    return ids, rels, where, rest
+        members[r] = [(where[(l, r)], None) for l in ids]
+    sizes = {p: jnp.shape(flat[p])[0] if jnp.ndim(flat[p]) else None for p in scanned}
+    L = len(ids) if ids else (next(iter(sizes.values())) if sizes else 0)
+    for p in sorted(scanned):
+        if sizes[p] != L:
+            what = f"{len(ids)} separate layers match layers={layers!r}" if ids else \
+                f"the first stacked leaf has {L}"
+            raise ValueError(f"scan_layers: {p!r} has shape {jnp.shape(flat[p])}, so axis 0 (the layer axis) "
+                             f"has {sizes[p]} layers, but {what}; every layer leaf must describe the same layers")
+        members[p] = [(p, l) for l in range(L)]
+    return _Layout(L, members, rest)
+
+
+def _layer_matrix_axes(lay: _Layout, flat, rel, axes):
+    """Axes of the ``[gamma, *layer_shape]`` slot array of ``rel`` (layer axis 0 batched)."""
+    p = lay.members[rel][0][0]
+    if lay.stacked(rel):
+        ax = _axes.resolve(p, flat[p].shape, axes)
+        if 0 not in ax.batch:
+            raise ValueError(f"scan_layers: the matrix view of stacked leaf {p!r} (shape {flat[p].shape}) is {ax}, "
+                             "which does not batch axis 0 (the layer axis); pass axes={pattern: "
+                             "Axes(batch=(0,), inp=..., out=...)} for this leaf")
+        return ax
+    ax = _axes.resolve(p, flat[p].shape, axes)
+    sh = lambda t: tuple(i + 1 for i in t)  # noqa: E731
+    return _axes.Axes((0,) + sh(ax.batch), sh(ax.inp), sh(ax.out))
+
+
+def _is_matrix(lay, flat, rel):
+    p = lay.members[rel][0][0]
+    return len(lay.layer_shape(flat, rel)) >= 2 and not _EMBED.search(p)
 
 
 def outlier_ratios(params, layers: str = DEFAULT_LAYERS, *, m: float = 13.0, input_norms=None,
-                   axes=None) -> jax.Array:
+                   axes=None, scan_layers=None) -> jax.Array:
     """Per-layer outlier ratio ``D_l`` in percent (module doc), float32 ``[L]``, layers in index order.
 
-    Only matrix leaves (``ndim >= 2``, not embeddings) count. ``input_norms`` (optional):
-    ``{path: [M]}`` input-feature norms per leaf (matrix view of :mod:`lrjax.axes`).
+    Only matrix leaves (per layer ``ndim >= 2``, not embeddings) count. ``input_norms``
+    (optional): ``{path: [M]}`` (``[L, M]`` for a stacked leaf) input-feature norms per leaf, in
+    the matrix view of :mod:`lrjax.axes`. ``scan_layers``: stacked layer leaves (module doc).
     """
     if not m > 0:
         raise ValueError(f"m (outlier multiple of the mean) must be > 0, got {m!r}")
-    ids, rels, where, _ = _layout(params, layers)
+    lay = _layout(params, layers, scan_layers)
     flat = _tree.flatten(params)
+    per_layer = [[] for _ in range(lay.n_layers)]
+    for rel in lay.members:
+        if not _is_matrix(lay, flat, rel):
+            continue
+        ax = _layer_matrix_axes(lay, flat, rel, axes)
+        a = jnp.abs(_axes.to_matrix(lay.stack(flat, rel), ax).astype(jnp.float32))   # [L, *b, M, N]
+        a = a.reshape((lay.n_layers, -1) + a.shape[-2:])
+        if input_norms is not None:
+            norms = [input_norms.get(p) for p, _ in lay.members[rel]] if not lay.stacked(rel) else \
+                ([input_norms[lay.members[rel][0][0]]] if lay.members[rel][0][0] in input_norms else [None])
+            if all(v is not None for v in norms):
+                nv = jnp.asarray(norms[0] if lay.stacked(rel) else jnp.stack(norms), jnp.float32)
+                a = a * nv.reshape((lay.n_layers, 1, -1, 1))
+        for l in range(lay.n_layers):
+            per_layer[l].append(a[l].reshape(-1))
     out = []
-    for l in ids:
-        vals = []
-        for r in rels:
-            p = where[(l, r)]
-            x = flat[p]
-            if x.ndim < 2 or _EMBED.search(p):
-                continue
-            a = jnp.abs(_axes.to_matrix(x, _axes.resolve(p, x.shape, axes)).astype(jnp.float32))
-            if input_norms is not None and p in input_norms:
-                a = a * jnp.asarray(input_norms[p], jnp.float32)[..., :, None]
-            vals.append(a.reshape(-1))
+    for l, vals in enumerate(per_layer):
         if not vals:
             raise ValueError(f"layer {l} has no matrix leaf to measure outliers on")
-        a = jnp.concatenate(vals)
-        out.append(100.0 * jnp.mean(a > m * jnp.mean(a)))
+        v = jnp.concatenate(vals)
+        out.append(100.0 * jnp.mean(v > m * jnp.mean(v)))
     return jnp.stack(out)
 
 
@@ -146,6 +228,7 @@ def active_layers(state: OwLoreState) -> jax.Array:
 def owlore(inner, rank: int = 256, *, gamma: int = 5, period: int = 50, update_proj_gap: int = 100,
            scale: float = 1.0, m: float = 13.0, ratios=None, layers: str = DEFAULT_LAYERS,
            train_rest: bool = True, targets=None, axes=None, seed: int = 0, refresh: str = "svd",
+           scan_layers=None, weight_decay: float = 0.0, weight_decay_mask=None,
            **galore_kwargs) -> optax.GradientTransformation:
     """OwLore around an inner optax transformation (module doc).
 
@@ -163,6 +246,11 @@ def owlore(inner, rank: int = 256, *, gamma: int = 5, period: int = 50, update_p
       targets, axes: which in-layer leaves GaLore projects, and their matrix view, resolved on the
         full paths of the first layer (default: every matrix leaf).
       seed: seed of the layer sampling and of randomized refreshes.
+      scan_layers: patterns (:func:`lrjax.tree.select`) of stacked leaves whose axis 0 is the
+        layer index (``nn.scan`` stacks); may be combined with separate ``layers`` leaves.
+      weight_decay: decoupled weight decay on the trained leaves only (module doc; default 0).
+      weight_decay_mask: optional pytree of bools (params structure) or callable
+        ``params -> mask`` excluding leaves from the decay (e.g. biases and norms).
       **galore_kwargs: ``side``, ``oversample``, ``n_iter`` for the inner GaLore.
     """
     check_inner(inner)
@@ -178,93 +266,113 @@ def owlore(inner, rank: int = 256, *, gamma: int = 5, period: int = 50, update_p
         raise ValueError(f"layers must be a regular expression with one capture group, got {layers!r} ({e})") from None
     if rx.groups < 1:
         raise ValueError(f"layers={layers!r} needs a capture group for the layer index, e.g. r'blocks/(\\d+)/'")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
     galore(inner, rank, update_proj_gap=update_proj_gap, scale=scale, refresh=refresh, seed=seed,
            **galore_kwargs)   # validates the shared arguments now
 
     def _setup(params):
-        ids, rels, where, rest = _layout(params, layers)
-        L = len(ids)
+        lay = _layout(params, layers, scan_layers)
+        L = lay.n_layers
         if gamma > L:
             raise ValueError(f"gamma={gamma} active layers requested but the model has L={L} layers "
-                             f"(pattern {layers!r}); use gamma <= {L}")
+                             f"(pattern {layers!r}, scan_layers {scan_layers!r}); use gamma <= {L}")
         flat = _tree.flatten(params)
-        first = {r: where[(ids[0], r)] for r in rels}
         if targets is None:
-            proj = {r for r, p in first.items() if flat[p].ndim >= 2 and not _EMBED.search(p)}
+            proj = {r for r in lay.members if _is_matrix(lay, flat, r)}
         else:
             chosen = set(_tree.select(params, targets, argname="targets"))
-            proj = {r for r, p in first.items() if p in chosen}
+            proj = {r for r, ms in lay.members.items() if ms[0][0] in chosen}
         if not proj:
-            raise ValueError("owlore: no matrix leaf inside the layers to project; check `layers` and `targets`")
-        shifted = {}
-        for r in proj:
-            p = first[r]
-            ax = _axes.resolve(p, flat[p].shape, axes)
-            sh = lambda t: tuple(i + 1 for i in t)  # noqa: E731
-            shifted[r] = _axes.Axes((0,) + sh(ax.batch), sh(ax.inp), sh(ax.out))
+            raise ValueError("owlore: no matrix leaf inside the layers to project; check `layers`, `scan_layers` "
+                             "and `targets`")
+        slot_axes = {r: _layer_matrix_axes(lay, flat, r, axes) for r in proj}
         tx = galore(inner, rank, update_proj_gap=update_proj_gap, scale=scale, refresh=refresh, seed=seed,
                     targets=lambda path, leaf: path in proj,
-                    axes=lambda path, shape: shifted.get(path), **galore_kwargs)
-        return ids, rels, where, rest, tx, flat
+                    axes=lambda path, shape: slot_axes.get(path), **galore_kwargs)
+        return lay, tx, flat
 
     def _slot_tree(rels, fn):
         return _nest({r: fn(r) for r in rels})
 
-    def _rest_tree(tree, where):
-        layer_paths = set(where.values())
+    def _rest_tree(tree, lay):
+        layer_paths = lay.paths()
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         paths = _tree.paths(tree)
         return jax.tree_util.tree_unflatten(
             treedef, [None if p in layer_paths else x for p, x in zip(paths, leaves)])
 
     def init_fn(params):
-        ids, rels, where, rest, tx, flat = _setup(params)
-        L = len(ids)
+        lay, tx, flat = _setup(params)
+        L = lay.n_layers
         if ratios is None:
-            d = outlier_ratios(params, layers, m=m, axes=axes)
+            d = outlier_ratios(params, layers, m=m, axes=axes, scan_layers=scan_layers)
         else:
             d = jnp.asarray(ratios, jnp.float32)
             if d.shape != (L,):
                 raise ValueError(f"ratios must have shape ({L},) (one per layer), got {d.shape}")
         tot = jnp.sum(d)
         probs = jnp.where(tot > 0, d / jnp.where(tot > 0, tot, 1.0), jnp.full((L,), 1.0 / L))
-        proxies = _slot_tree(rels, lambda r: jnp.zeros((gamma,) + flat[where[(ids[0], r)]].shape,
-                                                         flat[where[(ids[0], r)]].dtype))
-        rest_state = inner.init(_rest_tree(params, where)) if train_rest else optax.EmptyState()
+        proxies = _slot_tree(lay.members, lambda r: jnp.zeros((gamma,) + lay.layer_shape(flat, r),
+                                                                flat[lay.members[r][0][0]].dtype))
+        rest_state = inner.init(_rest_tree(params, lay)) if train_rest else optax.EmptyState()
         return OwLoreState(jnp.zeros([], jnp.int32), probs, jnp.arange(gamma, dtype=jnp.int32),
                            tx.init(proxies), rest_state)
 
     def update_fn(updates, state, params=None):
-        ids, rels, where, rest, tx, flat = _setup(updates)
-        L = len(ids)
+        if weight_decay and params is None:
+            raise ValueError("owlore(weight_decay=...) needs the parameters: call update(grads, state, params)")
+        lay, tx, flat = _setup(updates)
+        L = lay.n_layers
         count = state.count
         new_period = count % period == 0
         key = jax.random.fold_in(jax.random.key(seed, impl="rbg"), count // period)
         drawn = jax.random.choice(key, L, (gamma,), replace=False, p=state.probs).astype(jnp.int32)
         active = jnp.where(new_period, drawn, state.active)
 
-        stacks = {r: jnp.stack([flat[where[(l, r)]] for l in ids]) for r in rels}
-        slot_g = _slot_tree(rels, lambda r: stacks[r][active])
+        stacks = {r: lay.stack(flat, r) for r in lay.members}
+        slot_g = _slot_tree(lay.members, lambda r: stacks[r][active])
         fresh = tx.init(jax.tree_util.tree_map(jnp.zeros_like, slot_g))
         slots = jax.tree_util.tree_map(lambda a, b: jnp.where(new_period, a, b), fresh, state.slots)
         slot_u, slots = tx.update(slot_g, slots, None)
         slot_u = _tree.flatten(slot_u)
 
         out = {}
-        for r in rels:
-            full = jnp.zeros_like(stacks[r]).at[active].set(slot_u[r])
-            for j, l in enumerate(ids):
-                out[where[(l, r)]] = full[j]
+        for r in lay.members:
+            out.update(lay.unstack(r, jnp.zeros_like(stacks[r]).at[active].set(slot_u[r])))
         if train_rest:
-            rest_u, rest_state = inner.update(_rest_tree(updates, where), state.rest, None)
+            rest_u, rest_state = inner.update(_rest_tree(updates, lay), state.rest, None)
             rest_flat = _tree.flatten(rest_u)
-            for p in rest:
+            for p in lay.rest:
                 out[p] = rest_flat[p]
         else:
             rest_state = state.rest
-            for p in rest:
+            for p in lay.rest:
                 out[p] = jnp.zeros_like(flat[p])
         new = _tree.replace(updates, out)
+        if weight_decay:
+            new = _decay_trained(new, params, lay, active, train_rest, weight_decay, weight_decay_mask)
         return new, OwLoreState(optax.safe_int32_increment(count), state.probs, active, slots, rest_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _decay_trained(updates, params, lay: _Layout, active, train_rest, wd, mask):
+    """``u += wd * w`` on the trained leaves: the active layers' rows and (``train_rest``) the rest."""
+    decayed, _ = optax.add_decayed_weights(wd, mask).update(
+        jax.tree_util.tree_map(jnp.zeros_like, updates), optax.EmptyState(), params)
+    dflat, uflat = _tree.flatten(decayed), _tree.flatten(updates)
+    on = jnp.zeros((lay.n_layers,), bool).at[active].set(True)
+    out = {}
+    for rel, ms in lay.members.items():
+        for j, (p, i) in enumerate(ms):
+            if i is None:
+                out[p] = uflat[p] + jnp.where(on[j], dflat[p], 0).astype(uflat[p].dtype)
+        if lay.stacked(rel):
+            p = ms[0][0]
+            gate = on.reshape((-1,) + (1,) * (uflat[p].ndim - 1))
+            out[p] = uflat[p] + jnp.where(gate, dflat[p], 0).astype(uflat[p].dtype)
+    if train_rest:
+        for p in lay.rest:
+            out[p] = uflat[p] + dflat[p].astype(uflat[p].dtype)
+    return _tree.replace(updates, out)
