@@ -1,6 +1,6 @@
-"""Quickstart: pretrain a small character transformer, then fine-tune it three ways.
+"""Quickstart: pretrain a small character transformer, then fine-tune it five ways.
 
-    python experiments/quickstart.py            # ~1.5 min on 2 CPU cores
+    python experiments/quickstart.py            # ~2 min on 2 CPU cores
     python experiments/quickstart.py --quick    # smoke test, tiny model, seconds
 
 What it does, end to end (everything is seeded and deterministic):
@@ -19,9 +19,16 @@ What it does, end to end (everything is seeded and deterministic):
      through :func:`lrjax.factored` (``x W + s (x A) B``, ``W + sAB`` never formed);
    * **DoRA** r=8 on the same kernels, also through :func:`lrjax.factored`;
    * **GaLore** rank 32: all parameters trained, Adam's moments kept in a rank-32 projection of
-     each targeted kernel's gradient (``lrjax.optim.galore``, warm-started subspace refresh).
+     each targeted kernel's gradient (``lrjax.optim.galore``, warm-started subspace refresh);
+   * **EGGROLL** (:mod:`lrjax.es`, no backprop at all): the same kernels as LoRA/DoRA trained
+     directly by low-rank evolution strategies (rank-4 perturbations, population 32, antithetic,
+     centered ranks, Adam on the ES gradient); every member's forward runs the unmodified model
+     through :func:`lrjax.es.perturbed_call`. Each generation evaluates all members on one shared
+     batch of ``--es-batch`` sequences, so a "step" is a generation of ``--es-population``
+     forward passes. Expect a much smaller improvement than backprop's in this budget: ES needs
+     far more evaluations per unit of progress; the row shows what it costs and what it gets.
 
-   Embeddings, LayerNorms, biases and the output head stay frozen for LoRA/DoRA.
+   Embeddings, LayerNorms, biases and the output head stay frozen for LoRA/DoRA/EGGROLL.
 4. Prints a markdown table (trainable parameters, median step time after warm-up, held-out
    loss before/after on the fine-tuning slice, and on the pretraining slice after, i.e.
    forgetting), checks that the merged LoRA/DoRA weights (``rp.merge``) give the same eval loss
@@ -55,9 +62,10 @@ from lrjax import data
 from lrjax.models import ADAPTER_TARGETS, CharTransformer, apply_fn, loss_fn
 from lrjax.reparam import FactoredStats
 
-METHODS = ("full", "lora", "dora", "galore")
+METHODS = ("full", "lora", "dora", "galore", "eggroll")
 LABELS = {"full": "full fine-tuning", "lora": "LoRA r={r} (factored)", "dora": "DoRA r={r} (factored)",
-          "galore": "GaLore r={gr} (all params, projected Adam)"}
+          "galore": "GaLore r={gr} (all params, projected Adam)",
+          "eggroll": "EGGROLL r={er}, N={en} (ES, no backprop; step = 1 generation)"}
 
 
 # ----------------------------------------------------------------------------- config
@@ -86,13 +94,24 @@ def parse_args(argv=None):
     p.add_argument("--eval-windows", type=int, default=64,
                    help="held-out windows per eval set (cap; fixed subset)")
     p.add_argument("--warmup", type=int, default=5, help="steps excluded from the step-time median")
+    p.add_argument("--es-generations", type=int, default=None,
+                   help="EGGROLL generations, default --steps")
+    p.add_argument("--es-population", type=int, default=None, help="EGGROLL population, default 32 (quick: 8)")
+    p.add_argument("--es-batch", type=int, default=None,
+                   help="sequences per generation shared by all members, default 4 (quick: 2)")
+    p.add_argument("--es-rank", type=int, default=4)
+    p.add_argument("--es-sigma", type=float, default=0.01)
+    p.add_argument("--es-lr", type=float, default=1e-3, help="EGGROLL peak Adam learning rate")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm bars")
     a = p.parse_args(argv)
     dflt = dict(pretrain_steps=(15, 200), steps=(8, 100), batch=(8, 16), d_model=(32, 128),
-                n_layers=(1, 2), d_ff=(64, 512), eval_every=(4, 20))
+                n_layers=(1, 2), d_ff=(64, 512), eval_every=(4, 20), es_population=(8, 32),
+                es_batch=(2, 4))
     for k, (q, full) in dflt.items():
         if getattr(a, k) is None:
             setattr(a, k, q if a.quick else full)
+    if a.es_generations is None:
+        a.es_generations = a.steps
     if a.quick:
         a.eval_windows = min(a.eval_windows, 32)
         a.warmup = min(a.warmup, 2)
@@ -121,8 +140,8 @@ def load_corpus(args):
     return out
 
 
-def batch_iter(arrays, args, num_steps, seed):
-    for b in data.batches(arrays, args.batch, seed=seed, num_steps=num_steps):
+def batch_iter(arrays, args, num_steps, seed, batch=None):
+    for b in data.batches(arrays, batch or args.batch, seed=seed, num_steps=num_steps):
         yield jnp.asarray(b["tokens"])
 
 
@@ -193,6 +212,60 @@ def train(name, fns, trainable, frozen, batches_, eval_sets, lr, args, progress)
     return trainable, hist
 
 
+def train_es(apply, params, batches_, eval_sets, args, progress):
+    """Fine-tune the ``ADAPTER_TARGETS`` kernels with EGGROLL only (no gradients).
+
+    Returns ``(params, history, info)`` with the history keys of :func:`train`; ``step_ms`` is
+    the wall time of one generation (all members' forwards, the update and Adam) and
+    ``train_loss`` the mean loss of the generation's members on its batch."""
+    from lrjax.es import Eggroll
+
+    targets = set(lrjax.tree.select(params, ADAPTER_TARGETS))
+    es = Eggroll(args.es_population, rank=args.es_rank, sigma=args.es_sigma, shaping="centered_rank",
+                 maximize=False, targets=sorted(targets), frozen=lambda p, _: p not in targets)
+    n = args.es_generations
+    opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, args.es_lr, max(1, n // 10),
+                                                         max(n, n // 10 + 2), args.es_lr * 0.1))
+
+    def nll(p, tok):
+        return loss_fn(apply(p, tok[:, :-1]), tok[:, 1:])
+
+    @jax.jit
+    def apply_update(p, o, g):
+        u, o = opt.update(g, o, p)
+        return optax.apply_updates(p, u), o
+
+    evaluate = jax.jit(nll)
+    st, opt_state, stats = es.init(jax.random.key(args.seed + 2)), opt.init(params), FactoredStats()
+    hist = {"step": [], "train_loss": [], "step_ms": [], "eval_step": [0], "eval": []}
+    t0 = time.perf_counter()
+    hist["eval"].append({k: float(evaluate(params, v)) for k, v in eval_sets.items()})
+    batches_ = list(batches_)
+    bar = tqdm(batches_, desc="eggroll ", leave=False, disable=not progress, file=sys.stdout, dynamic_ncols=True)
+    for i, tok in enumerate(bar, 1):
+        ts = time.perf_counter()
+        g, st, info = es.estimate(st, params, nll, tok, stats=stats if i == 1 else None)
+        params, opt_state = apply_update(params, opt_state, g)
+        loss = float(jax.block_until_ready(jnp.mean(info.fitness)))
+        hist["step_ms"].append((time.perf_counter() - ts) * 1e3)
+        hist["step"].append(i)
+        hist["train_loss"].append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if i % args.eval_every == 0 or i == len(batches_):
+            hist["eval_step"].append(i)
+            hist["eval"].append({k: float(evaluate(params, v)) for k, v in eval_sets.items()})
+    bar.close()
+    hist["wall_s"] = time.perf_counter() - t0
+    timed = hist["step_ms"][args.warmup:] or hist["step_ms"]
+    hist["median_step_ms"] = float(np.median(timed))
+    info = {"targets": len(targets), "trainable_params": int(sum(np.prod(v.shape) for p, v in
+                                                              lrjax.tree.flatten(params).items() if p in targets)),
+            "factored": int(stats.factored), "fallback": list(stats.fallback),
+            "member_forwards_per_generation": args.es_population,
+            "sequences_per_generation": args.es_batch}
+    return params, hist, info
+
+
 # -------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -234,6 +307,15 @@ def main(argv=None):
     results, checks, stats_out = {}, {}, {}
     key = jax.random.key(args.seed + 1)
     for method in METHODS:
+        if method == "eggroll":
+            es_batches = batch_iter(corpus["finetune"]["train"], args, args.es_generations, args.seed + 100,
+                                    batch=args.es_batch)
+            _, hist, es_info = train_es(apply, pretrained, es_batches, evals, args, progress)
+            stats_out[method] = es_info
+            n_train = es_info["trainable_params"]
+            print(f"eggroll: lrjax.es.perturbed_call per member forward: {es_info['factored']} kernel products "
+                  f"factored ({es_info['targets']} perturbed kernels), fallbacks: {es_info['fallback'] or 'none'}; "
+                  f"{args.es_generations} generations x {args.es_population} members x {args.es_batch} sequences")
         ft_batches = batch_iter(corpus["finetune"]["train"], args, args.steps, args.seed + 100)
         if method == "full":
             trainable, frozen, fns = pretrained, None, full_fns
@@ -248,7 +330,7 @@ def main(argv=None):
             trainable, frozen, fns = pretrained, None, make_fns(full_fwd, gopt)
             lr = lr_schedule(args.full_lr, args.steps)
             n_train = n_total
-        else:
+        elif method in ("lora", "dora"):
             cls = lrjax.LoRA if method == "lora" else lrjax.DoRA
             rp = cls(rank=args.rank, alpha=args.alpha, targets=ADAPTER_TARGETS)
             base, adapters = rp.init(key, pretrained)
@@ -262,7 +344,8 @@ def main(argv=None):
             fns = make_fns(lambda ad, b, tok, g=g: g(b, ad, tok))
             lr = lr_schedule(args.adapter_lr, args.steps)
             n_train = rp.num_params(adapters)
-        trainable, hist = train(method, fns, trainable, frozen, ft_batches, evals, lr, args, progress)
+        if method != "eggroll":
+            trainable, hist = train(method, fns, trainable, frozen, ft_batches, evals, lr, args, progress)
         if method in ("lora", "dora"):
             # merged dense weights must reproduce the factored path's eval loss
             merged = rp.merge(base, trainable)
@@ -275,7 +358,8 @@ def main(argv=None):
                   f"eval loss merged {l_merged:.6f} vs factored {l_fact:.6f} "
                   f"(|diff| {abs(l_fact - l_merged):.1e})")
         results[method] = {
-            "label": LABELS[method].format(r=args.rank, gr=4 * args.rank),
+            "label": LABELS[method].format(r=args.rank, gr=4 * args.rank, er=args.es_rank,
+                                           en=args.es_population),
             "trainable_params": n_train,
             "trainable_pct": 100.0 * n_train / n_total,
             "median_step_ms": hist["median_step_ms"],
@@ -289,7 +373,9 @@ def main(argv=None):
     # ---- 3. report
     header = (f"\nFine-tuning on {corpus['finetune']['split']} after pretraining on "
               f"{corpus['pretrain']['split']} of stdlib_chars ({args.steps} steps, batch "
-              f"{args.batch}x{seq_len}; device {dev.platform}/{dev.device_kind}, {os.cpu_count()} CPUs)\n")
+              f"{args.batch}x{seq_len}; EGGROLL: {args.es_generations} generations of "
+              f"{args.es_population} members on {args.es_batch}x{seq_len}; device "
+              f"{dev.platform}/{dev.device_kind}, {os.cpu_count()} CPUs)\n")
     rows = ["| method | trainable params | % of total | median step (ms) | eval loss before | "
             "eval loss after | pretrain-slice loss after |",
             "|---|---:|---:|---:|---:|---:|---:|"]
@@ -347,14 +433,16 @@ def plot(out, path):
              ms=3, label="held-out, fine-tune slice")
     ax0.set(title="pretraining (full)", xlabel="step", ylabel="cross-entropy (nats/char)")
     ax0.legend(fontsize=8)
-    colors = {"full": "tab:blue", "lora": "tab:orange", "dora": "tab:green", "galore": "tab:red"}
+    colors = {"full": "tab:blue", "lora": "tab:orange", "dora": "tab:green", "galore": "tab:red",
+              "eggroll": "tab:brown"}
     for m, r in out["methods"].items():
         h = r["history"]
         k = min(10, max(1, len(h["train_loss"]) // 5))
         ax1.plot(h["step"][k - 1:], smooth(h["train_loss"], k), color=colors[m], alpha=0.35, lw=1)
         ax1.plot(h["eval_step"], [e["finetune"] for e in h["eval"]], "o-", color=colors[m], ms=3,
                  label=f"{r['label']} (held-out)")
-    ax1.set(title="fine-tuning on the other slice (faint: smoothed train loss)", xlabel="step",
+    ax1.set(title="fine-tuning on the other slice (faint: smoothed train loss)",
+            xlabel="step (EGGROLL: generation)",
             ylabel="cross-entropy (nats/char)")
     ax1.legend(fontsize=8)
     fig.tight_layout()

@@ -291,8 +291,10 @@ def test_validation_errors(problem):
     with pytest.raises(ValueError, match="member_chunk"):
         Eggroll(8, member_chunk=3)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("pop",))
-    with pytest.raises(ValueError, match="twice the number of devices"):
+    with pytest.raises(ValueError, match="must be even"):
         Eggroll(3, mesh=mesh)
+    with pytest.raises(ValueError, match="member_chunk"):
+        Eggroll(8, member_chunk=6)  # not a divisor of the population
     with pytest.raises(ValueError, match="axis_name"):
         Eggroll(8, mesh=mesh, axis_name="data")
     es = Eggroll(8, rank=1)

@@ -1,5 +1,7 @@
 """EGGROLL over a device mesh: the same script on 1 device, 8 forced host devices and 2 processes
-joined by jax.distributed gives bit-identical updates. Each layout runs in a subprocess (this
+joined by jax.distributed gives bit-identical updates with the DEFAULT settings (the default
+``member_chunk`` depends on the population only), and with a fixed ``member_chunk`` whose chunk
+count is not a multiple of the device count (dummy chunks). Each layout runs in a subprocess (this
 file doubles as the worker: ``python tests/test_es_sharding.py OUT [PORT PROCESS_ID]``)."""
 import os
 import socket
@@ -11,7 +13,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-POP, CHUNK = 16, 2  # member_chunk fixed -> the same per-chunk program on every layout
+POP = 64  # default member_chunk 8: 8 chunks, evaluated 8 / 1 / 2 per device on 1 / 8 / 4 devices
+POP_PAD, CHUNK_PAD = 24, 4  # 6 chunks: 2 dummy chunks on 8 devices and on 4
+WIDTH = 48
 
 
 def _worker(out, port=None, pid=None):
@@ -27,10 +31,10 @@ def _worker(out, port=None, pid=None):
     from lrjax.es import Eggroll
 
     k = jax.random.split(jax.random.key(0), 4)
-    params = {"l0": {"kernel": jax.random.normal(k[0], (6, 16)) * 0.4, "bias": jnp.zeros(16)},
-              "stack": jax.random.normal(k[1], (2, 16, 16)) * 0.2,
-              "head": {"kernel": jax.random.normal(k[2], (16, 3)) * 0.3}}
-    x = jax.random.normal(k[3], (8, 6))
+    params = {"l0": {"kernel": jax.random.normal(k[0], (6, WIDTH)) * 0.4, "bias": jnp.zeros(WIDTH)},
+              "stack": jax.random.normal(k[1], (2, WIDTH, WIDTH)) * WIDTH ** -0.5,
+              "head": {"kernel": jax.random.normal(k[2], (WIDTH, 3)) * 0.3}}
+    x = jax.random.normal(k[3], (16, 6))
 
     def fit(p, x):
         h = jnp.tanh(x @ p["l0"]["kernel"] + p["l0"]["bias"])
@@ -38,18 +42,19 @@ def _worker(out, port=None, pid=None):
         return -jnp.mean((h @ p["head"]["kernel"]) ** 2)
 
     mesh = Mesh(np.array(jax.devices()), ("pop",))
-    es = Eggroll(POP, rank=2, sigma=0.1, mesh=mesh, member_chunk=CHUNK)
-    st = es.init(jax.random.key(1))
-    opt = optax.adam(1e-2)
-    os_ = opt.init(params)
     res = {}
-    for gen in range(2):
-        g, st, info = es.estimate(st, params, fit, x)
-        for name, leaf in zip(["l0b", "l0k", "head", "stack"], jax.tree.leaves(g)):
-            res[f"g{gen}_{name}"] = np.asarray(leaf)
-        res[f"fit{gen}"] = np.asarray(info.fitness)
-        u, os_ = opt.update(g, os_, params)
-        params = optax.apply_updates(params, u)
+    for tag, es in (("", Eggroll(POP, rank=2, sigma=0.1, mesh=mesh)),  # defaults
+                    ("pad_", Eggroll(POP_PAD, rank=2, sigma=0.1, mesh=mesh, member_chunk=CHUNK_PAD))):
+        st = es.init(jax.random.key(1))
+        opt = optax.adam(1e-2)
+        p, os_ = params, opt.init(params)
+        for gen in range(2):
+            g, st, info = es.estimate(st, p, fit, x)
+            for name, leaf in zip(["l0b", "l0k", "head", "stack"], jax.tree.leaves(g)):
+                res[f"{tag}g{gen}_{name}"] = np.asarray(leaf)
+            res[f"{tag}fit{gen}"] = np.asarray(info.fitness)
+            u, os_ = opt.update(g, os_, p)
+            p = optax.apply_updates(p, u)
     res["devices"] = np.array([jax.device_count(), jax.process_count()])
     np.savez(out, **res)
 
@@ -104,10 +109,20 @@ def test_device_counts(layouts):
 def test_bit_identical_updates(layouts, other):
     ref, got = layouts["one"], layouts[other]
     keys = [k for k in ref if k != "devices"]
-    assert len(keys) == 10
+    assert len(keys) == 20
     for k in keys:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{other}: {k}")
-    assert float(np.abs(ref["g0_stack"]).max()) > 0 and not np.array_equal(ref["g0_l0k"], ref["g1_l0k"])
+    for tag in ("", "pad_"):
+        assert float(np.abs(ref[f"{tag}g0_stack"]).max()) > 0 and float(np.abs(ref[f"{tag}g0_l0b"]).max()) > 0
+        assert not np.array_equal(ref[f"{tag}g0_l0k"], ref[f"{tag}g1_l0k"])
+    assert ref["fit0"].shape == (POP,) and ref["pad_fit0"].shape == (POP_PAD,)
+
+
+def test_default_member_chunk_depends_on_population_only():
+    from lrjax.es import Eggroll
+    from lrjax.es.eggroll import default_member_chunk
+    assert [default_member_chunk(n) for n in (2, 16, 64, 96, 4096, 8192)] == [2, 2, 8, 12, 256, 256]
+    assert Eggroll(POP).member_chunk == default_member_chunk(POP) == 8
 
 
 if __name__ == "__main__":

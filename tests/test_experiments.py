@@ -37,7 +37,7 @@ def test_quickstart_quick(tmp_path):
     for k in ("command", "device", "config", "corpus", "model", "pretrain", "methods",
               "merge_check", "factored_stats", "table_markdown"):
         assert k in res, k
-    assert set(res["methods"]) == {"full", "lora", "dora", "galore"}
+    assert set(res["methods"]) == {"full", "lora", "dora", "galore", "eggroll"}
     for m, r in res["methods"].items():
         for k in ("trainable_params", "trainable_pct", "median_step_ms", "initial_eval_loss",
                   "final_eval_loss", "history"):

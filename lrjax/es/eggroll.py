@@ -27,10 +27,16 @@ evosax's ``Open_ES``), so HyperscaleES' learning rate ``alpha`` corresponds to
 ``alpha sigma^2 sqrt(N)`` here.
 
 Sharding: with ``mesh=``, the population is split over one mesh axis inside ``jax.shard_map``;
-each device evaluates its members (global ids, so noise does not depend on the layout), only the
-``N`` fitness scalars are all-gathered, and every device computes the same update by regenerating
-all noise in a fixed chunked order. With a fixed ``member_chunk`` the update is bit-identical for
-any device or process count.
+only the ``N`` fitness scalars are all-gathered, and every device computes the same update by
+regenerating all noise in a fixed chunked order. The update is bit-identical for any device or
+process count, default settings included, by this rule: the population is cut into *global*
+chunks of ``member_chunk`` consecutive member ids (a number that depends on ``N`` only), each
+chunk is evaluated by the same ``vmap`` program whichever device runs it, devices take whole
+chunks in order (padded with discarded dummy chunks when the chunk count is not a multiple of the
+device count), and the update sums the noise in chunks of ``update_chunk`` indices in global
+order. So no floating-point result depends on how many members a device holds (a matmul's
+rounding may depend on its batch size: on XLA:CPU a ``vmap`` over 64 members and over 8 members
+give member fitnesses that differ in the last bits).
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ from lrjax.es.noise import FROZEN, FULL, LOWRANK, LeafPlan, LowRankNoise
 from lrjax.es.perturbed import FactoredStats, perturbed_call
 from lrjax.es.shaping import SHAPINGS, shape_fitness
 
-__all__ = ["Eggroll", "EggrollState", "EstimateInfo"]
+__all__ = ["Eggroll", "EggrollState", "EstimateInfo", "default_member_chunk"]
 
 
 class EggrollState(NamedTuple):
@@ -76,12 +82,23 @@ def _largest_divisor_at_most(n: int, k: int) -> int:
     return k
 
 
+MAX_DEFAULT_MEMBER_CHUNK = 256
+
+
+def default_member_chunk(population_size: int, antithetic: bool = True) -> int:
+    """Default evaluation chunk: the largest divisor of ``N`` (even with ``antithetic``) that is at
+    most ``min(256, N // 8)`` (at least one pair). A function of ``N`` only, so layouts agree."""
+    step = 2 if antithetic else 1
+    cap = max(step, min(MAX_DEFAULT_MEMBER_CHUNK, population_size // 8))
+    return step * _largest_divisor_at_most(population_size // step, cap // step)
+
+
 class Eggroll:
     """Low-rank evolution strategies (EGGROLL) for any parameter pytree.
 
     Args:
-      population_size: members ``N`` per generation. Even with ``antithetic`` (default); with a
-        ``mesh``, divisible by twice the size of the population axis.
+      population_size: members ``N`` per generation. Even with ``antithetic`` (default). Any
+        device count works (devices take whole chunks of ``member_chunk`` members).
       rank: rank ``r >= 1`` of each matrix perturbation (default 1, the official default);
         ``None`` gives full-rank Gaussian noise for every leaf (OpenAI-ES, same estimator).
       sigma: perturbation scale (default ``1e-3``, the official default; small models trained from
@@ -104,10 +121,15 @@ class Eggroll:
       mesh, axis_name: split the population over ``mesh.shape[axis_name]`` devices with
         ``jax.shard_map`` (default axis: the mesh's first). Works across processes after
         ``jax.distributed.initialize``.
-      member_chunk: members evaluated together by one ``vmap``; the rest is a sequential
-        ``lax.map``. Default: all members of a device at once. Fix it (e.g. to 2) to get
-        bit-identical results across device counts on backends whose matmul blocking depends on
-        the batch size.
+      member_chunk: members evaluated together by one ``vmap`` (a global chunk of consecutive
+        member ids, see "Sharding" above); a device runs its chunks with a sequential
+        ``lax.map``. An even divisor of ``N`` (with ``antithetic``). Default
+        ``default_member_chunk(N)``: the largest even divisor of ``N`` that is at most
+        ``min(256, N // 8)``, so there are at least 8 chunks (8 devices all busy) and at most 256
+        members per ``vmap``. It depends on ``N`` only, never on the device count, which keeps the
+        update bit-identical across layouts; any value you fix does too. Larger chunks raise
+        throughput on accelerators (fewer sequential steps) at the cost of memory and of idle
+        devices when there are fewer chunks than devices.
       update_chunk: noise indices regenerated together while summing the update (default 128).
 
     Example::
@@ -153,21 +175,15 @@ class Eggroll:
             n_dev = mesh.shape[axis_name]
         elif axis_name is not None:
             raise ValueError("axis_name is given but mesh is None; pass mesh= as well")
-        per = 2 * n_dev if antithetic else n_dev
-        if population_size % per:
-            what = "twice the number of devices" if antithetic else "the number of devices"
-            raise ValueError(
-                f"population_size={population_size} must be divisible by {what} on axis "
-                f"{axis_name!r} ({per}); antithetic pairs must not straddle devices"
-                if mesh is not None else
-                f"population_size={population_size} must be even with antithetic=True")
-        local = population_size // n_dev
-        if member_chunk is not None:
-            if not isinstance(member_chunk, (int, np.integer)) or member_chunk < 1 or local % member_chunk \
-                    or (antithetic and member_chunk % 2):
-                raise ValueError(f"member_chunk must be a positive divisor of the members per device "
-                                 f"({local}){', and even (antithetic pairs)' if antithetic else ''}, "
-                                 f"got {member_chunk!r}")
+        if antithetic and population_size % 2:
+            raise ValueError(f"population_size={population_size} must be even with antithetic=True")
+        if member_chunk is None:
+            member_chunk = default_member_chunk(int(population_size), bool(antithetic))
+        elif isinstance(member_chunk, bool) or not isinstance(member_chunk, (int, np.integer)) \
+                or member_chunk < 1 or population_size % member_chunk or (antithetic and member_chunk % 2):
+            raise ValueError(f"member_chunk must be a positive divisor of population_size "
+                             f"({population_size}){', and even (antithetic pairs)' if antithetic else ''}, "
+                             f"got {member_chunk!r}")
         self.population_size = int(population_size)
         self.rank = None if rank is None else int(rank)
         self.sigma = float(sigma)
@@ -178,8 +194,9 @@ class Eggroll:
         self.noise_reuse = int(noise_reuse)
         self.noise = noise
         self.mesh, self.axis_name, self.num_devices = mesh, axis_name, n_dev
-        self.local_population = local
-        self.member_chunk = int(member_chunk) if member_chunk is not None else local
+        self.member_chunk = int(member_chunk)
+        num_chunks = population_size // self.member_chunk
+        self.chunks_per_device = -(-num_chunks // n_dev)  # the last devices may get dummy chunks
         self.num_noise = population_size // 2 if antithetic else population_size
         self.update_chunk = _largest_divisor_at_most(self.num_noise, int(update_chunk))
         self._cache: dict = {}
@@ -322,6 +339,11 @@ class Eggroll:
             return chunk(ids)
         return lax.map(chunk, ids.reshape(-1, c)).reshape(-1)
 
+    def _device_ids(self, device):
+        """Global member ids of ``device``'s whole chunks; ids ``>= N`` are dummies (discarded)."""
+        n = self.chunks_per_device * self.member_chunk
+        return device * n + jnp.arange(n, dtype=jnp.int32)
+
     # ------------------------------------------------------------------ update
     def _update(self, plans, params, key, generation, fitness):
         n = self.population_size
@@ -384,22 +406,21 @@ class Eggroll:
 
             def body(params, kd, generation, args):
                 key = jax.random.wrap_key_data(kd, impl=impl)
-                start = lax.axis_index(self.axis_name) * self.local_population
-                ids = start + jnp.arange(self.local_population, dtype=jnp.int32)
+                ids = self._device_ids(lax.axis_index(self.axis_name))
                 f = self._local_fitness(plans, fitness_fn, pass_noise, params, key, generation, ids, args)
                 f = lax.all_gather(f, self.axis_name, tiled=True)  # only N scalars cross devices
+                f = f[:self.population_size]  # drop the dummy chunks' members
                 return f if kind == "fitness" else self._update(plans, params, key, generation, f)
 
             out_specs = P() if kind == "fitness" else (P(), P())
             return jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(), P(), P()),
                                  out_specs=out_specs, check_vma=False)(params, kd, generation, args)
 
-        if kind == "tell":
-            def run(params, kd, generation, fitness):  # noqa: F811
-                key = jax.random.wrap_key_data(kd, impl=impl)
-                return self._update(plans, params, key, generation, fitness)
+        def tell(params, kd, generation, fitness):
+            key = jax.random.wrap_key_data(kd, impl=impl)
+            return self._update(plans, params, key, generation, fitness)
 
-        fn = jax.jit(run)
+        fn = jax.jit(tell if kind == "tell" else run)
         self._cache[ck] = fn
         return fn
 
