@@ -1,7 +1,8 @@
 """Fields, volume rendering, progressive volume distillation and separable neural architectures.
 
 * :mod:`lrjax.nn.fields` -- the field interface (:class:`Field`, :class:`FieldOutput`), MLP and dense
-  grid fields; :mod:`lrjax.nn.tensorf` -- CP / VM (TensoRF); :mod:`lrjax.nn.hashgrid` -- Instant-NGP.
+  grid fields; :mod:`lrjax.nn.tensorf` -- CP / VM (TensoRF) with its L1 / TV regularisers and
+  resolution upsampling; :mod:`lrjax.nn.hashgrid` -- Instant-NGP; :mod:`lrjax.nn.plenoxels` -- SH grid.
 * :mod:`lrjax.nn.render` -- rays, sampling, alpha compositing; :mod:`lrjax.nn.scenes` -- procedural
   scenes and ground-truth images; :mod:`lrjax.nn.metrics` -- PSNR / SSIM.
 * :mod:`lrjax.nn.train` -- photometric training of a field on images (the "from scratch" baseline).
@@ -16,10 +17,12 @@ from lrjax.nn.render import (Rays, RenderOutput, composite, look_at, near_far, p
                              render_image, render_rays, stratified_samples)
 from lrjax.nn.scenes import (Scene, SceneData, Shape, dataset_rays, default_scene, fibonacci_poses,
                              make_dataset, random_poses, random_scene)
-from lrjax.nn.tensorf import CPField, VMField, cp_dense, vm_dense
+from lrjax.nn.plenoxels import SHGridField
+from lrjax.nn.tensorf import (CPField, VMField, cp_dense, l1_density, resolution_schedule, tv_loss, upsample,
+                              vm_dense)
 
 __all__ = ["Field", "FieldOutput", "MLPField", "GridField", "CPField", "VMField", "HashGridField",
-           "cp_dense", "vm_dense", "init_field", "count_params", "param_bytes", "check_compatible",
+           "SHGridField", "cp_dense", "vm_dense", "l1_density", "tv_loss", "upsample", "resolution_schedule", "init_field", "count_params", "param_bytes", "check_compatible",
            "positional_encoding", "sh_encoding", "Rays", "RenderOutput", "composite", "look_at",
            "near_far", "pinhole_rays", "render_image", "render_rays", "stratified_samples", "Scene",
            "SceneData", "Shape", "dataset_rays", "default_scene", "fibonacci_poses", "make_dataset",

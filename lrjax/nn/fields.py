@@ -23,7 +23,8 @@ Because every field exposes the same ``F`` (with clipped ``s_pre``), ``sigma_pre
 Encoders in this package: :class:`MLPField` (NeRF positional encoding, Mildenhall et al. 2020),
 :class:`GridField` (dense voxel grid, trilinear), :class:`~lrjax.nn.tensorf.CPField` and
 :class:`~lrjax.nn.tensorf.VMField` (TensoRF, Chen et al. 2022), :class:`~lrjax.nn.hashgrid.HashGridField`
-(Instant-NGP, Müller et al. 2022) and :class:`~lrjax.nn.sna.SNAField` (separable B-spline CP).
+(Instant-NGP, Müller et al. 2022), :class:`~lrjax.nn.sna.SNAField` (separable B-spline CP) and
+:class:`~lrjax.nn.plenoxels.SHGridField` (Plenoxels, Fridovich-Keil et al. 2022: SH colour, no MLP).
 
 Coordinates: a point must lie in the axis-aligned box ``[-bound, bound]^3``. Concrete (eager)
 inputs outside it raise ``ValueError``; traced inputs (under ``jit``) are clipped to the box, as
@@ -198,6 +199,11 @@ class Field(nn.Module):
     def feature_dim(self) -> int:
         return 1 + self.geo_dim
 
+    @property
+    def has_color_head(self) -> bool:
+        """True when the colour comes from the MLP head on ``g`` (every field but the SH grid)."""
+        return True
+
     def encode(self, u):
         """Field-specific encoder ``u in [0, 1]^3 -> [..., feature_dim]`` (abstract hook)."""
         raise TypeError(f"{type(self).__name__} must define encode(u): subclass Field with an encoder")
@@ -313,19 +319,22 @@ def param_bytes(params) -> int:
     return int(sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params)))
 
 
-_SHARED = ("bound", "geo_dim", "view_dependent", "sh_degree", "density_clip")
+_SHARED = ("bound", "density_clip")
+_SHARED_HEAD = ("geo_dim", "view_dependent", "sh_degree")
 
 
 def check_compatible(teacher: Field, student: Field):
     """Raise ``ValueError`` unless two fields share the interface PVD distils across.
 
-    Compared: ``bound``, ``geo_dim`` (so the features have the same size), ``view_dependent``,
-    ``sh_degree`` and ``density_clip`` (both must see the same log-density range).
+    Compared: ``bound`` and ``density_clip`` (both must see the same log-density range) and, when
+    both fields have an MLP colour head (:attr:`Field.has_color_head`), also ``geo_dim`` (so the
+    features have the same size), ``view_dependent`` and ``sh_degree`` (so the head can be copied).
     """
     for f in (teacher, student):
         if not isinstance(f, Field):
             raise TypeError(f"expected lrjax.nn Field instances, got {type(f).__name__}")
+    names = _SHARED + (_SHARED_HEAD if teacher.has_color_head and student.has_color_head else ())
     bad = [f"{a}: teacher {getattr(teacher, a)!r} vs student {getattr(student, a)!r}"
-           for a in _SHARED if tuple(np.atleast_1d(getattr(teacher, a))) != tuple(np.atleast_1d(getattr(student, a)))]
+           for a in names if tuple(np.atleast_1d(getattr(teacher, a))) != tuple(np.atleast_1d(getattr(student, a)))]
     if bad:
         raise ValueError("mismatched field configs (teacher and student must agree): " + "; ".join(bad))

@@ -36,6 +36,10 @@ student only has to be empty too. This stands in for the teacher's occupancy gri
 student empty space from stage 1 on without letting the huge, irrelevant spread of empty-space
 log-densities dominate the loss.
 
+**Plenoxel (SH grid) pairs.** :class:`~lrjax.nn.plenoxels.SHGridField` has no MLP colour head
+and its feature holds SH coefficients, so when teacher or student is one, the feature term keeps
+only the log-density channel (the official code disables the feature stage for such pairs).
+
 **Head inheritance.** The official code loads the teacher checkpoint into the student with
 ``strict=False``, which copies every same-shaped tensor, in particular the colour MLP that all
 field types share. ``inherit_head=True`` does the same (the colour head is copied, then trained),
@@ -202,12 +206,18 @@ class PVD:
 
     ``poses``: ``[P, 4, 4]`` camera pool the rays are drawn from (random poses around the scene;
     see :func:`~lrjax.nn.scenes.random_poses`), ``height``/``width``/``focal``: its pinhole camera.
-    ``optimizer``: an optax transformation for the student.
+    ``optimizer``: an optax transformation for the student. ``regularizer``: optional
+    ``reg(student_params) -> scalar`` added to every stage's loss (official PVD: ``1e-4 *``
+    :func:`~lrjax.nn.tensorf.l1_density` for a VM student), reported as the ``reg`` term.
     """
 
     def __init__(self, teacher: Field, teacher_params, student: Field, optimizer, *, poses, height: int,
-                 width: int, focal: float, config: PVDConfig = PVDConfig()):
+                 width: int, focal: float, config: PVDConfig = PVDConfig(), regularizer=None):
         check_compatible(teacher, student)
+        if regularizer is not None and not callable(regularizer):
+            raise TypeError(f"regularizer must be a callable reg(student_params) -> scalar or None, "
+                            f"got {type(regularizer).__name__}")
+        self.regularizer = regularizer
         teacher_params = jax.tree.map(jnp.asarray, teacher_params)
         if not isinstance(config, PVDConfig):
             raise TypeError(f"config must be a PVDConfig, got {type(config).__name__}")
@@ -312,15 +322,19 @@ class PVD:
         floor = cfg.density_floor
         everywhere = jnp.ones_like(mask)
         dens = (jnp.maximum(s.sigma_pre, floor) - jnp.maximum(t.sigma_pre, floor)) ** 2
-        geo = jnp.sum((s.feature[..., 1:] - t.feature[..., 1:]) ** 2, -1)
         nf = nch or s.feature.shape[-1]
-        terms["feature"] = wf * (red(dens, everywhere) / nf + red(geo, mask) / nf)
+        terms["feature"] = wf * red(dens, everywhere) / nf
+        if self.teacher.has_color_head and self.student.has_color_head:
+            geo = jnp.sum((s.feature[..., 1:] - t.feature[..., 1:]) ** 2, -1)
+            terms["feature"] = terms["feature"] + wf * red(geo, mask) / nf
         if stage >= 2:
             terms["sigma"] = cfg.w_sigma * red(dens, everywhere)
             terms["color"] = cfg.w_color * red(jnp.sum((s.rgb - t.rgb) ** 2, -1) / (nch or 3.0), mask)
         if stage >= 3:
             ones = jnp.ones_like(acc_t)
             terms["rgb"] = cfg.w_rgb * red(jnp.sum((cs - ct) ** 2, -1) / (nch or 3.0), ones)
+        if self.regularizer is not None:
+            terms["reg"] = self.regularizer(params)
         ray_err = jnp.sum(jnp.abs(jax.lax.stop_gradient(cs) - ct), -1)
         return terms, {"ray_err": ray_err, "rgb_mse": jnp.mean((jax.lax.stop_gradient(cs) - ct) ** 2)}
 

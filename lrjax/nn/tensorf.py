@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
-from lrjax.nn.fields import Field, _pos_float, _pos_int, interp_line, interp_plane
+from lrjax.nn.fields import Field, GridField, _pos_float, _pos_int, interp_line, interp_plane
 
-__all__ = ["CPField", "VMField", "cp_dense", "vm_dense", "MAT_MODE", "VEC_MODE"]
+__all__ = ["CPField", "VMField", "cp_dense", "vm_dense", "MAT_MODE", "VEC_MODE", "l1_density", "tv_loss",
+           "total_variation", "upsample", "resolution_schedule"]
 
 MAT_MODE = ((0, 1), (0, 2), (1, 2))
 VEC_MODE = (2, 1, 0)
@@ -118,3 +120,124 @@ def vm_dense(field: VMField, params):
     s = sum(jnp.sum(c[..., :rs], axis=-1) for c in comps)[..., None]
     app = jnp.concatenate([c[..., rs:] for c in comps], axis=-1)
     return _with_grid(params, jnp.concatenate([s, app @ basis], axis=-1))
+
+
+# --------------------------------------------------------------------------- regularisers and schedule
+def _factors(field, params, what):
+    """The ``params['params']`` dict of a CP/VM field, with a clear error for anything else."""
+    if not isinstance(field, (CPField, VMField)):
+        raise TypeError(f"field must be a CPField or VMField for {what}, got {type(field).__name__}")
+    if not isinstance(params, dict) or "params" not in params or "lines" not in params["params"]:
+        raise ValueError(f"params must be the {type(field).__name__}'s parameters ({{'params': {{'lines', ...}}}}, "
+                         f"as returned by init_field(field, key)) for {what}")
+    return params["params"]
+
+
+def _split(x, field, part):
+    """Density (``r < rank_sigma``) or appearance components of a ``[3, R, ...]`` factor stack."""
+    if part not in ("sigma", "app", "all"):
+        raise ValueError(f"part must be 'sigma', 'app' or 'all', got {part!r}")
+    rs = field.rank_sigma
+    return x[:, :rs] if part == "sigma" else x[:, rs:] if part == "app" else x
+
+
+def l1_density(field, params):
+    """TensoRF's L1 sparsity loss on the density factors (``tensoRF.py`` ``density_L1``)::
+
+        VM:  sum_m mean|P^m_r| + mean|L^m_r|     over r < rank_sigma
+        CP:  sum_m mean|L^m_r|                   over r < rank_sigma
+
+    TensoRF weights it by 8e-5 (VM Lego; 4e-5 after the box shrink) or 1e-5 (CP); PVD's VM 1e-4.
+    """
+    p = _factors(field, params, "l1_density")
+    total = sum(jnp.mean(jnp.abs(_split(p["lines"], field, "sigma")[m])) for m in range(3))
+    if isinstance(field, VMField):
+        total = total + sum(jnp.mean(jnp.abs(_split(p["planes"], field, "sigma")[m])) for m in range(3))
+    return total
+
+
+def total_variation(x, axes):
+    """``2 sum_{a in axes} mean((x[.., i+1, ..] - x[.., i, ..])^2)`` over the given spatial axes
+    (TensoRF's ``TVLoss`` for a batch of one: ``2 (h_tv / count_h + w_tv / count_w)``)."""
+    total = 0.0
+    for a in axes:
+        if x.shape[a] < 2:
+            raise ValueError(f"total_variation needs >= 2 entries along axis {a}, got shape {x.shape}")
+        total = total + jnp.mean(jnp.diff(x, axis=a) ** 2)
+    return 2.0 * total
+
+
+def tv_loss(field, params, part: str = "sigma"):
+    """Total variation of the VM planes (``sum_m TV_2d(P^m)``), CP lines (``sum_m TV_1d(L^m)``) or a
+    dense grid (:class:`~lrjax.nn.fields.GridField` incl. the SH grid: 3-D TV of ``V``).
+
+    ``part``: 'sigma' (density components / channel), 'app' (appearance) or 'all'. TensoRF applies
+    it with weight 1e-2 on planes / 1e-3 on lines (LLFF; 0 for synthetic scenes); the weight is the
+    caller's, e.g. ``loss + 1e-2 * tv_loss(field, params)``.
+    """
+    if isinstance(field, GridField):
+        g = params["params"]["grid"] if isinstance(params, dict) and "grid" in params.get("params", {}) else None
+        if g is None:
+            raise ValueError("params must be the GridField's parameters ({'params': {'grid': ...}})")
+        if part not in ("sigma", "app", "all"):
+            raise ValueError(f"part must be 'sigma', 'app' or 'all', got {part!r}")
+        g = g[..., :1] if part == "sigma" else g[..., 1:] if part == "app" else g
+        return total_variation(g, (0, 1, 2))
+    p = _factors(field, params, "tv_loss")
+    if isinstance(field, VMField):
+        planes = _split(p["planes"], field, part)
+        return sum(total_variation(planes[m], (-2, -1)) for m in range(3))
+    lines = _split(p["lines"], field, part)
+    return sum(total_variation(lines[m], (-1,)) for m in range(3))
+
+
+def _resample(x, n, axis):
+    """Linear (align-corners) resampling of ``x`` along ``axis`` to ``n`` vertices."""
+    x = jnp.moveaxis(x, axis, -1)
+    flat = x.reshape(-1, x.shape[-1])
+    out = interp_line(flat, jnp.linspace(-1.0, 1.0, n)).T                       # [C, n]
+    return jnp.moveaxis(out.reshape(x.shape[:-1] + (n,)), -1, axis)
+
+
+def upsample(field, params, new_res: int):
+    """Resample a grid / CP / VM field to ``new_res`` vertices per side (TensoRF ``upsample_volume_grid``).
+
+    Lines are resampled linearly, planes bilinearly and dense grids trilinearly, all with aligned
+    corners, so the new field interpolates the old one at its vertices: since trilinear
+    interpolation of an outer product is the product of the factors' interpolations,
+    ``dense(upsample(p))`` equals trilinear interpolation of ``dense(p)`` at the new vertices, and
+    if ``new_res - 1`` is a multiple of ``resolution - 1`` the field is unchanged everywhere.
+    Returns ``(new_field, new_params)``; the colour head and basis are kept. Re-create the optimizer
+    state after an upsample (TensoRF also resets the learning rate).
+    """
+    if not isinstance(field, (GridField, CPField, VMField)):
+        raise TypeError(f"field must be a GridField, SHGridField, CPField or VMField to upsample, "
+                        f"got {type(field).__name__}")
+    _pos_int(new_res, "new_res", 2)
+    if new_res < field.resolution:
+        raise ValueError(f"new_res={new_res} must be >= the field's resolution {field.resolution} "
+                         f"(upsample only refines the grid)")
+    p = dict(params["params"]) if isinstance(params, dict) and "params" in params else None
+    if isinstance(field, GridField):
+        if p is None or "grid" not in p:
+            raise ValueError("params must be the GridField's parameters ({'params': {'grid': ...}})")
+        for a in range(3):
+            p["grid"] = _resample(p["grid"], new_res, a)
+    else:
+        p = dict(_factors(field, params, "upsample"))
+        p["lines"] = _resample(p["lines"], new_res, -1)
+        if isinstance(field, VMField):
+            p["planes"] = _resample(_resample(p["planes"], new_res, -1), new_res, -2)
+    return field.clone(resolution=new_res), {**params, "params": p}
+
+
+def resolution_schedule(start: int, final: int, num_upsamples: int):
+    """TensoRF's per-side resolutions after each upsample: voxel counts log-linear from ``start^3``
+    to ``final^3`` (``train.py``: 128 -> 300 in 5 steps gives 152, 180, 213, 253, 300)."""
+    _pos_int(start, "start", 2)
+    _pos_int(final, "final", 2)
+    _pos_int(num_upsamples, "num_upsamples")
+    if final < start:
+        raise ValueError(f"final={final} must be >= start={start}")
+    counts = np.exp(np.linspace(np.log(float(start) ** 3), np.log(float(final) ** 3), num_upsamples + 1))[1:]
+    return [int(round(c ** (1.0 / 3.0))) for c in counts]

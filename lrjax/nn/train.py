@@ -47,10 +47,17 @@ def default_lr(field: Field) -> float:
 
 
 def make_photometric_step(field: Field, optimizer, *, batch: int = 1024, n_samples: int = 64,
-                          bg=1.0) -> Callable:
-    """``step(params, opt_state, key, origins, directions, targets) -> (params, opt_state, loss)``."""
+                          bg=1.0, regularizer: Callable | None = None) -> Callable:
+    """``step(params, opt_state, key, origins, directions, targets) -> (params, opt_state, loss)``.
+
+    ``regularizer``: optional ``reg(params) -> scalar`` added to the loss, e.g. TensoRF's
+    ``lambda p: 8e-5 * l1_density(field, p) + 1e-2 * tv_loss(field, p)``.
+    """
     _pos_int(batch, "batch")
     _pos_int(n_samples, "n_samples")
+    if regularizer is not None and not callable(regularizer):
+        raise TypeError(f"regularizer must be a callable reg(params) -> scalar or None, "
+                        f"got {type(regularizer).__name__}")
 
     @jax.jit
     def step(params, opt_state, key, origins, directions, targets):
@@ -61,7 +68,8 @@ def make_photometric_step(field: Field, optimizer, *, batch: int = 1024, n_sampl
         def loss_fn(p):
             out = render_rays(lambda x, d: field.apply(p, x, d), rays, bound=field.bound,
                               n_samples=n_samples, key=k2, perturb=True, bg=bg)
-            return jnp.mean((out.rgb - targets[idx]) ** 2)
+            loss = jnp.mean((out.rgb - targets[idx]) ** 2)
+            return loss if regularizer is None else loss + regularizer(p)
 
         loss, g = jax.value_and_grad(loss_fn)(params)
         upd, opt_state = optimizer.update(g, opt_state, params)
