@@ -222,6 +222,39 @@ def test_estimate_equals_fitness_then_tell(problem, es8):
     assert jax.tree.structure(g) == jax.tree.structure(params) and int(st2.generation) == 1
 
 
+@pytest.mark.parametrize("noise", ["normal", "rademacher"])
+def test_stored_noise_equals_regenerated(problem, noise):
+    """Keeping the forwards' draws for the update (default for Gaussian noise without a mesh)
+    changes nothing: the
+    update regenerating them gives the same gradient, with a lax.map over several chunks too."""
+    params, x = problem
+    kw = dict(rank=2, sigma=0.1, noise=noise, member_chunk=4, update_chunk=2)
+    st = Eggroll(16, **kw).init(jax.random.key(5))
+    plans = Eggroll(16, **kw).plan(params)
+    assert not Eggroll(16, **kw)._stores_noise(plans)                       # the default: regenerate
+    assert not Eggroll(16, store_noise=False, **kw)._stores_noise(plans)
+    g1, _, i1 = Eggroll(16, store_noise=True, **kw).estimate(st, params, _fit, x)
+    g0, _, i0 = Eggroll(16, store_noise=False, **kw).estimate(st, params, _fit, x)
+    np.testing.assert_array_equal(i1.fitness, i0.fitness)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_normal_draw_is_jax_normal_unpartitioned():
+    """The noise generator is ``jax.random.normal`` on non-partitionable threefry bits (same
+    distribution, half the hashing), for odd sizes too."""
+    from lrjax.es import noise as noise_lib
+    k = jax.random.key(3)
+    for n in (1, 11, 4096):
+        with jax.threefry_partitionable(False):
+            ref = jax.random.normal(k, (n,), jnp.float32)
+        np.testing.assert_array_equal(noise_lib._normal(k, n, jnp.float32), ref)
+    z = noise_lib._normal(k, 200_000, jnp.float32)
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    s = noise_lib._rademacher(k, 200_001, jnp.float32)
+    assert set(np.unique(np.asarray(s))) == {-1.0, 1.0} and abs(float(s.mean())) < 0.01
+
+
 def test_explicit_layers_and_pass_noise():
     class Net(nnx.Module):
         def __init__(self, rngs):
@@ -297,6 +330,10 @@ def test_validation_errors(problem):
         Eggroll(8, member_chunk=6)  # not a divisor of the population
     with pytest.raises(ValueError, match="axis_name"):
         Eggroll(8, mesh=mesh, axis_name="data")
+    with pytest.raises(ValueError, match="store_noise"):
+        Eggroll(8, mesh=mesh, store_noise=True)
+    with pytest.raises(ValueError, match="store_noise"):
+        Eggroll(8, store_noise="yes")
     es = Eggroll(8, rank=1)
     st = es.init(jax.random.key(0))
     with pytest.raises(TypeError, match="fitness_fn cannot take"):

@@ -29,9 +29,15 @@ def test_bench_es_quick(tmp_path):
         assert k in res, k
     assert {"platform", "device_kind", "cpu_count", "jax"} <= set(res["device"])
     w = res["workloads"][0]
-    assert {"inference", "open_es", "eggroll_r1", "eggroll_r4", "eggroll_r16", "eggroll_r4_rad"} <= set(w["methods"])
+    assert {"inference", "open_es", "eggroll_r1", "eggroll_r4", "eggroll_r16", "eggroll_r4_rad", "eggroll_r4_stored",
+            "limit_r1", "limit_r4", "limit_r16"} <= set(w["methods"])
     for m, r in w["methods"].items():
         assert r["median_ms"] > 0 and r["ratio_to_inference"] > 0 and r["memory_bytes"] > 0, m
+        assert ("ratio_to_limit" in r) == m.startswith("eggroll"), m
+        if m.startswith("eggroll"):
+            lim = w["methods"]["limit_" + m.split("_")[1]]["median_ms"]
+            assert r["ratio_to_limit"] == r["median_ms"] / lim, m
+    assert "| / limit |" in res["table_markdown"]
     h = res["digits"]["history"]
     assert len(h["test_acc"]) >= 2 and h["test_acc"][-1] > 0.2  # ES alone beats chance (0.1)
 

@@ -17,9 +17,12 @@ population plus ``O(r (m + n))`` per member and row. The update
 (``w`` the shaped fitness, ``c_j = w_{2j} - w_{2j+1}`` for antithetic pairs) is a sum of many
 rank-``r`` terms, hence high rank; the paper shows it approaches the full-rank Gaussian ES update at
 rate ``O(1/r)``. Vectors and biases (and every leaf when ``rank=None``) get full-rank Gaussian
-``eps_i``. Perturbations are regenerated from ``(seed, leaf, generation, member)``
-(:mod:`lrjax.es.noise`) wherever they are needed -- by each member's forward and again by the
-update -- and never stored for the population.
+``eps_i``. Perturbations are pure functions of ``(seed, generation, noise index)``
+(:mod:`lrjax.es.noise`): each index is drawn once for its antithetic pair's forwards and drawn
+again, chunk by chunk, by the update, so no perturbation is ever stored for the whole population
+and only fitness scalars cross devices. ``store_noise=True`` (single program, no mesh) trades
+that for speed: it keeps the forwards' flat draws (``N/2 x (r (m + n) per matrix + biases)``
+floats, small next to the ``N x D`` population of full-rank ES) for the update.
 
 Scaling versus the official code: HyperscaleES hands optax ``-sqrt(N) sigma^2 g`` (its ``sigma``
 folded into ``A``); this module returns ``g`` itself (the ES gradient of the smoothed *loss*, like
@@ -130,7 +133,13 @@ class Eggroll:
         update bit-identical across layouts; any value you fix does too. Larger chunks raise
         throughput on accelerators (fewer sequential steps) at the cost of memory and of idle
         devices when there are fewer chunks than devices.
-      update_chunk: noise indices regenerated together while summing the update (default 128).
+      update_chunk: noise indices summed together per step of the update (default 128).
+      store_noise: keep each noise index's flat draw from the member forwards and reuse it in the
+        update instead of drawing it a second time (on CPUs the Gaussian generator is most of a
+        generation's overhead over inference). Costs ``N/2 x noise_size`` floats (``N x`` with
+        ``antithetic=False``) for the population. Default ``False``: the update regenerates the
+        noise, nothing population-sized is stored. Not available with ``mesh`` (each device draws
+        only its chunks' noise). Same values either way: the draws are the same pure functions of (seed, generation, index).
 
     Example::
 
@@ -149,7 +158,7 @@ class Eggroll:
                  axes: axes_lib.AxesSpec = None, noise_reuse: int = 1, noise: str = "normal",
                  mesh: Mesh | None = None,
                  axis_name: str | None = None, member_chunk: int | None = None,
-                 update_chunk: int = 128):
+                 update_chunk: int = 128, store_noise: bool = False):
         if isinstance(population_size, bool) or not isinstance(population_size, (int, np.integer)) \
                 or population_size <= 0:
             raise ValueError(f"population_size must be a positive int, got {population_size!r}")
@@ -165,6 +174,10 @@ class Eggroll:
             raise ValueError(f"noise must be one of {noise_lib.DISTRIBUTIONS}, got {noise!r}")
         if not isinstance(update_chunk, (int, np.integer)) or update_chunk < 1:
             raise ValueError(f"update_chunk must be an int >= 1, got {update_chunk!r}")
+        if not isinstance(store_noise, (bool, np.bool_)):
+            raise ValueError(f"store_noise must be True or False, got {store_noise!r}")
+        if store_noise and mesh is not None:
+            raise ValueError("store_noise=True needs mesh=None (with a mesh the update regenerates the noise)")
         n_dev = 1
         if mesh is not None:
             if not isinstance(mesh, Mesh):
@@ -199,6 +212,7 @@ class Eggroll:
         self.chunks_per_device = -(-num_chunks // n_dev)  # the last devices may get dummy chunks
         self.num_noise = population_size // 2 if antithetic else population_size
         self.update_chunk = _largest_divisor_at_most(self.num_noise, int(update_chunk))
+        self.store_noise = store_noise
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ setup
@@ -240,6 +254,15 @@ class Eggroll:
     # ------------------------------------------------------------------ noise
     def _draw(self, plans, key, generation, j):
         return noise_lib.draw(plans, key, generation, j, self.rank, self.noise_reuse, self.noise)
+
+    def _draw_flat(self, plans, key, generation, j):
+        return noise_lib.draw_flat(plans, key, generation, j, self.rank, self.noise_reuse, self.noise)
+
+    def _stores_noise(self, plans) -> bool:
+        """Whether this program keeps the forwards' draws for the update (see ``store_noise``)."""
+        if self.mesh is not None or not any(pl.kind != FROZEN for pl in plans):
+            return False
+        return bool(self.store_noise)
 
     def _member_noise_flat(self, plans, key, generation, member):
         sign, j = noise_lib.sign_and_index(member, self.antithetic)
@@ -320,24 +343,33 @@ class Eggroll:
             f = perturbed_call(fitness_fn, params, noise, *args, axes=self.axes, stats=self._stats)
         return jnp.reshape(f, ()).astype(jnp.float32)
 
-    def _local_fitness(self, plans, fitness_fn, pass_noise, params, key, generation, ids, args):
+    def _local_fitness(self, plans, fitness_fn, pass_noise, params, key, generation, ids, args,
+                       keep_noise=False):
         """Fitness of members ``ids`` (global ids; pairs contiguous and starting even). Each noise
-        index is drawn once: both members of an antithetic pair share it."""
+        index is drawn once: both members of an antithetic pair share it. With ``keep_noise``
+        also returns the flat draws ``[noise indices, noise_size]`` in index order."""
         member = functools.partial(self._member_fitness, plans, fitness_fn, pass_noise, params)
         signs = jnp.array([1.0, -1.0], jnp.float32)
+        rank = self.rank
 
         def chunk(m):
+            js = m[0::2] // 2 if self.antithetic else m
+            z = jax.vmap(lambda j: self._draw_flat(plans, key, generation, j))(js)
+            units = noise_lib.split(plans, z, rank)
             if self.antithetic:
-                units = jax.vmap(lambda j: self._draw(plans, key, generation, j))(m[0::2] // 2)
                 both = jax.vmap(lambda u, s: member(u, s, args), in_axes=(None, 0))
-                return jax.vmap(lambda u: both(u, signs))(units).reshape(-1)  # [+, -, +, -, ...]
-            units = jax.vmap(lambda j: self._draw(plans, key, generation, j))(m)
-            return jax.vmap(lambda u: member(u, jnp.float32(1.0), args))(units)
+                f = jax.vmap(lambda u: both(u, signs))(units).reshape(-1)  # [+, -, +, -, ...]
+            else:
+                f = jax.vmap(lambda u: member(u, jnp.float32(1.0), args))(units)
+            return (f, z) if keep_noise else f
 
         c = self.member_chunk
         if ids.shape[0] == c:
             return chunk(ids)
-        return lax.map(chunk, ids.reshape(-1, c)).reshape(-1)
+        out = lax.map(chunk, ids.reshape(-1, c))
+        if keep_noise:
+            return out[0].reshape(-1), out[1].reshape(-1, out[1].shape[-1])
+        return out.reshape(-1)
 
     def _device_ids(self, device):
         """Global member ids of ``device``'s whole chunks; ids ``>= N`` are dummies (discarded)."""
@@ -345,13 +377,18 @@ class Eggroll:
         return device * n + jnp.arange(n, dtype=jnp.int32)
 
     # ------------------------------------------------------------------ update
-    def _update(self, plans, params, key, generation, fitness):
+    def _update(self, plans, params, key, generation, fitness, noise=None):
+        """Gradient from raw fitness; ``noise``: the flat draws of every index (``[num_noise,
+        noise_size]``, from the forwards) or ``None`` to regenerate them chunk by chunk."""
         n = self.population_size
         w = shape_fitness(fitness, self.shaping, self.maximize)
         coef = (w[0::2] - w[1::2]) if self.antithetic else w
         active = [pl for pl in plans if pl.kind != FROZEN]
         k = self.update_chunk
-        js = jnp.arange(self.num_noise, dtype=jnp.int32).reshape(-1, k)
+        if noise is None:
+            js = jnp.arange(self.num_noise, dtype=jnp.int32).reshape(-1, k)
+        else:
+            js = noise.reshape(-1, k, noise.shape[-1])
         cs = coef.reshape(-1, k)
 
         def zeros(pl):
@@ -362,8 +399,9 @@ class Eggroll:
 
         def body(acc, xs):
             jj, cc = xs
-            zs = jax.vmap(lambda j: self._draw(plans, key, generation, j))(jj)
-            zs = [z for pl, z in zip(plans, zs) if pl.kind != FROZEN]
+            if noise is None:
+                jj = jax.vmap(lambda j: self._draw_flat(plans, key, generation, j))(jj)
+            zs = [z for pl, z in zip(plans, noise_lib.split(plans, jj, self.rank)) if pl.kind != FROZEN]
             new = []
             for pl, a, z in zip(active, acc, zs):
                 if pl.kind == LOWRANK:
@@ -401,8 +439,14 @@ class Eggroll:
             key = jax.random.wrap_key_data(kd, impl=impl)
             if self.mesh is None:
                 ids = jnp.arange(self.population_size, dtype=jnp.int32)
+                if kind == "fitness":
+                    return self._local_fitness(plans, fitness_fn, pass_noise, params, key, generation, ids, args)
+                if self._stores_noise(plans):
+                    f, z = self._local_fitness(plans, fitness_fn, pass_noise, params, key, generation, ids,
+                                               args, keep_noise=True)
+                    return self._update(plans, params, key, generation, f, z)
                 f = self._local_fitness(plans, fitness_fn, pass_noise, params, key, generation, ids, args)
-                return f if kind == "fitness" else self._update(plans, params, key, generation, f)
+                return self._update(plans, params, key, generation, f)
 
             def body(params, kd, generation, args):
                 key = jax.random.wrap_key_data(kd, impl=impl)

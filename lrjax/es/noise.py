@@ -1,6 +1,7 @@
 """Counter-based perturbations: every member's noise is a pure function of
-``(seed, leaf, generation, member)``, so it is regenerated wherever it is needed and never stored
-for the whole population.
+``(seed, leaf, generation, member)``, so it is drawn wherever it is needed and never has to be
+stored (``Eggroll(store_noise=True)`` opts in to keeping one generation's flat draws for its
+update, where that is cheaper than drawing them again).
 
 Layout of one generation (population ``N``, ``antithetic=True``):
 
@@ -18,9 +19,15 @@ Layout of one generation (population ``N``, ``antithetic=True``):
 * a *full* leaf (biases, scales, vectors; or any leaf with ``rank=None``) takes a block of its own
   shape, ``E = s eps``.
 
-JAX's threefry generator is counter based and, with ``jax_threefry_partitionable`` (the default),
-gives the same bits for a key whatever the sharding or vmap batch, which is what makes the update
-bit-identical for any device count.
+The flat vector of a noise index is threefry-2x32 of its key on the counters ``0 .. size-1``
+(two 32-bit words per block, ``jax.extend.random.threefry_2x32``) turned into normals by the
+float32 transform of ``jax.random.normal`` -- exactly ``jax.random.normal(key, (size,))`` as
+computed under ``jax.threefry_partitionable(False)``. Since 2026-11 this replaces
+``jax.random.normal`` in its default partitionable mode (which spends a whole block per word):
+same distribution, half the generator work, a different stream. Integer-only hashing of
+``(key, counter)`` is the same whatever the sharding or vmap batch, which is what makes the
+update bit-identical for any device count. ``'rademacher'`` noise uses the same words, 32 signs
+per word.
 """
 from __future__ import annotations
 
@@ -30,10 +37,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.random import threefry_2x32
 
 from lrjax import axes as axes_lib
 
-__all__ = ["LeafPlan", "LowRankNoise", "noise_key", "sign_and_index", "draw", "noise_size"]
+__all__ = ["LeafPlan", "LowRankNoise", "noise_key", "sign_and_index", "draw", "draw_flat", "split", "noise_size"]
 
 LOWRANK, FULL, FROZEN = "lowrank", "full", "frozen"
 
@@ -100,9 +110,70 @@ DISTRIBUTIONS = ("normal", "rademacher")
 
 def _rademacher(key, size, dtype):
     """``size`` independent +-1 values from ``ceil(size / 32)`` generator words (32 per word)."""
-    words = jax.random.bits(key, (-(-size // 32),), jnp.uint32)
+    words = _bits(key, -(-size // 32))
     bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
     return (2 * bits.reshape(-1)[:size].astype(dtype) - 1)
+
+
+def _bits(key, size):
+    """``size`` uint32 words of threefry-2x32 on the counters ``0 .. size-1`` (two words per block,
+    ``jax.extend.random.threefry_2x32``): half the blocks of ``jax.random.bits``, whose
+    partitionable mode spends a whole block per 32-bit word. A pure function of ``(key, size)``;
+    vmap or sharding over keys cannot change it (integer arithmetic only)."""
+    kd = jax.random.key_data(key)
+    return threefry_2x32((kd[0], kd[1]), jnp.arange(size, dtype=jnp.uint32))
+
+
+def _normal(key, size, dtype):
+    """``size`` standard normals: the float32 transform of ``jax.random.normal`` (23 random
+    mantissa bits -> uniform on ``(-1, 1)`` -> ``sqrt(2) erf_inv``) applied to :func:`_bits`, so
+    the same distribution from half the generator work: it equals ``jax.random.normal(key,
+    (size,))`` computed under ``jax.threefry_partitionable(False)``. Other float widths (and
+    non-threefry keys) use ``jax.random.normal`` itself."""
+    if jnp.dtype(dtype) != jnp.float32 or str(jax.random.key_impl(key)) != "threefry2x32":
+        return jax.random.normal(key, (size,), dtype)
+    f = lax.bitcast_convert_type((_bits(key, size) >> jnp.uint32(9)) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    u = lax.max(lo, f * (np.float32(1.0) - lo) + lo)  # as jax.random.uniform(minval=lo, maxval=1)
+    return np.float32(np.sqrt(2.0)) * lax.erf_inv(u)
+
+
+def draw_flat(plans, key, generation, index, rank: int | None, noise_reuse: int = 1,
+              distribution: str = "normal"):
+    """The flat unit-scale vector of noise index ``index`` (length :func:`noise_size`, float32 or
+    wider), or ``None`` when every leaf is frozen. :func:`split` cuts it into the leaves' blocks;
+    keeping it lets one draw serve both the member forwards and the update."""
+    active = [p for p in plans if p.kind != FROZEN]
+    if not active:
+        return None
+    dt = functools.reduce(jnp.promote_types, [noise_dtype(p.dtype) for p in active])
+    k = noise_key(key, generation, index, noise_reuse)
+    if distribution == "rademacher":
+        return _rademacher(k, noise_size(plans, rank), dt)
+    return _normal(k, noise_size(plans, rank), dt)
+
+
+def split(plans, z, rank: int | None):
+    """Cut flat noise ``z`` (``[*lead, noise_size]``, from :func:`draw_flat`, any leading batch
+    axes) into the leaves' blocks, aligned with ``plans`` (see :func:`draw`)."""
+    if z is None:
+        return [None] * len(plans)
+    lead = z.shape[:-1]
+    out, off = [], 0
+    for p in plans:
+        if p.kind == FROZEN:
+            out.append(None)
+            continue
+        shp = _block_shape(p, rank)
+        blk = z[..., off:off + math.prod(shp)].reshape(lead + tuple(shp))
+        blk = blk.astype(noise_dtype(p.dtype))  # a no-op unless leaves mix float widths
+        off += math.prod(shp)
+        if p.kind == LOWRANK:
+            m = axes_lib.matrix_shape(p.shape, p.ax)[1]
+            out.append((blk[..., :m, :], blk[..., m:, :]))
+        else:
+            out.append(blk)
+    return out
 
 
 def draw(plans, key, generation, index, rank: int | None, noise_reuse: int = 1,
@@ -115,26 +186,4 @@ def draw(plans, key, generation, index, rank: int | None, noise_reuse: int = 1,
     entries (mean 0, variance 1, so ``A B^T / sqrt(r)`` still has unit-variance entries) from packed
     random bits -- 32 entries per threefry word instead of one, the cheap choice where the
     generator, not the matmuls, dominates (CPUs)."""
-    active = [p for p in plans if p.kind != FROZEN]
-    if not active:
-        return [None] * len(plans)
-    dt = functools.reduce(jnp.promote_types, [noise_dtype(p.dtype) for p in active])
-    k = noise_key(key, generation, index, noise_reuse)
-    if distribution == "rademacher":
-        z = _rademacher(k, noise_size(plans, rank), dt)
-    else:
-        z = jax.random.normal(k, (noise_size(plans, rank),), dt)
-    out, off = [], 0
-    for p in plans:
-        if p.kind == FROZEN:
-            out.append(None)
-            continue
-        shp = _block_shape(p, rank)
-        blk = z[off:off + math.prod(shp)].reshape(shp).astype(noise_dtype(p.dtype))
-        off += math.prod(shp)
-        if p.kind == LOWRANK:
-            m = axes_lib.matrix_shape(p.shape, p.ax)[1]
-            out.append((blk[..., :m, :], blk[..., m:, :]))
-        else:
-            out.append(blk)
-    return out
+    return split(plans, draw_flat(plans, key, generation, index, rank, noise_reuse, distribution), rank)
