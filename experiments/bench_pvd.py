@@ -64,6 +64,25 @@ def parse_args(argv=None):
     ap.add_argument("--stages", default="0.0667,0.1667",
                     help="PVD stage ends as fractions of the student's step budget (official 2k/30k, 5k/30k)")
     ap.add_argument("--active", action="store_true", help="PVD-AL (ray + point + pose levels)")
+    ap.add_argument("--point-mask", choices=["weight", "all"], default="weight",
+                    help="samples carrying the point colour/feature losses (PVDConfig.point_mask)")
+    ap.add_argument("--weight-threshold", type=float, default=1e-4,
+                    help="compositing-weight threshold of --point-mask weight")
+    ap.add_argument("--density-weight", type=float, default=0.1, help="weight of the point density loss (w_sigma)")
+    ap.add_argument("--density-mask", choices=["floor", "points"], default="floor",
+                    help="density loss on every sample above the floor, or only on the selected points")
+    ap.add_argument("--density-space", choices=["log", "alpha"], default="log",
+                    help="density loss on the clipped log-density (paper) or on per-sample alpha")
+    ap.add_argument("--color-weight", type=float, default=0.1, help="weight of the point colour loss (w_color)")
+    ap.add_argument("--feature-weight", type=float, default=0.1, help="initial feature-loss weight (w_feature)")
+    ap.add_argument("--no-inherit-head", action="store_true",
+                    help="do not copy the teacher's colour head into the student")
+    ap.add_argument("--teacher-cache", default=None,
+                    help="directory for an orbax checkpoint of the trained teacher (+ teacher.json); "
+                         "loaded if it exists, else written; saves retraining")
+    ap.add_argument("--scratch-from", default=None,
+                    help="bench_pvd.json of an earlier run with the same data, seed, student order and budgets: "
+                         "reuse its from-scratch results instead of retraining (no scratch render panel)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
@@ -119,6 +138,10 @@ def stage_steps(args, steps):
 def run_pvd(teacher, tparams, field, data, args, target, key, progress, steps):
     lr = T.default_lr(field)
     cfg = P.PVDConfig(stage_steps=stage_steps(args, steps), batch_rays=args.batch, n_samples=args.samples,
+                      point_mask=args.point_mask, weight_threshold=args.weight_threshold,
+                      w_sigma=args.density_weight, density_mask=args.density_mask,
+                      density_space=args.density_space, w_color=args.color_weight,
+                      w_feature=args.feature_weight, inherit_head=not args.no_inherit_head,
                       active=P.ActiveConfig(pool_size=16 * args.batch, min_pool=2 * args.batch)
                       if args.active else None)
     poses = L.random_poses(args.seed + 7, 200)
@@ -202,9 +225,28 @@ def main(argv=None):
 
     teacher = L.HashGridField(log2_table_size=12 if args.quick else 14) if args.teacher == "hash" \
         else L.MLPField()
-    tres, tparams, tev = run_scratch(teacher, data, args, None, jax.random.fold_in(key, 100), progress,
-                                     args.teacher_steps)
-    tinfo = summary(tres, args)
+    if args.teacher_cache and os.path.exists(os.path.join(args.teacher_cache, "teacher.json")):
+        from lrjax import checkpoint
+        tparams = checkpoint.restore_state(os.path.abspath(args.teacher_cache))
+        with open(os.path.join(args.teacher_cache, "teacher.json")) as f:
+            tinfo = json.load(f)
+        tev = T.make_evaluator(teacher, data, n_samples=args.samples)
+        print(f"teacher loaded from {args.teacher_cache}")
+    else:
+        tres, tparams, tev = run_scratch(teacher, data, args, None, jax.random.fold_in(key, 100), progress,
+                                         args.teacher_steps)
+        tinfo = summary(tres, args)
+        if args.teacher_cache:
+            from lrjax import checkpoint
+            checkpoint.save_state(os.path.abspath(args.teacher_cache), 0, tparams)
+            with open(os.path.join(args.teacher_cache, "teacher.json"), "w") as f:
+                json.dump(tinfo, f)
+    prev = None
+    if args.scratch_from:
+        with open(args.scratch_from) as f:
+            prev = json.load(f)
+        if abs(prev["target_psnr"] - (tinfo["final_psnr"] - 0.5)) > 1e-6:
+            raise ValueError(f"--scratch-from {args.scratch_from}: different teacher/target")
     t_psnr = tinfo["final_psnr"]
     target = t_psnr - 0.5
     fwd_ms = teacher_forward_ms(teacher, tparams, args)
@@ -219,10 +261,17 @@ def main(argv=None):
         k = jax.random.fold_in(key, idx + 1)
         info = {"params": None, "bytes": None}
         steps = budget(name, args)
-        sres, sparams, sev = run_scratch(field, data, args, target, k, progress, steps)
+        old = prev["students"].get(name) if prev else None
+        if old is not None and old["budget_steps"] == steps:
+            sparams = None
+            info["scratch"] = old["scratch"]
+            info["scratch_reused_from"] = args.scratch_from
+        else:
+            sres, sparams, sev = run_scratch(field, data, args, target, k, progress, steps)
+            info["scratch"] = summary(sres, args)
         pres, pparams, pev = run_pvd(teacher, tparams, field, data, args, target, k, progress, steps)
-        info["params"], info["bytes"] = L.count_params(sparams), L.param_bytes(sparams)
-        info["scratch"], info["pvd"] = summary(sres, args), summary(pres, args)
+        info["params"], info["bytes"] = L.count_params(pparams), L.param_bytes(pparams)
+        info["pvd"] = summary(pres, args)
         sc, pv = info["scratch"], info["pvd"]
         info["speedup_time"] = sc["seconds"] / max(pv["seconds"], 1e-9)
         info["speedup_steps"] = sc["steps"] / max(pv["steps"], 1)
@@ -241,8 +290,9 @@ def main(argv=None):
         info["pvd_step_over_teacher_forward"] = pv["median_step_ms"] / fwd_ms
         info["scratch_step_over_teacher_forward"] = sc["median_step_ms"] / fwd_ms
         students[name] = info
-        scratch_panels.append((f"{name} scratch {'' if sc['reached'] else '>'}{sc['steps']} st, "
-                               f"{sc['final_psnr']:.1f} dB", sev(sparams, True)["images"][0]))
+        if sparams is not None:
+            scratch_panels.append((f"{name} scratch {'' if sc['reached'] else '>'}{sc['steps']} st, "
+                                   f"{sc['final_psnr']:.1f} dB", sev(sparams, True)["images"][0]))
         pvd_panels.append((f"{name} PVD {'' if pv['reached'] else '>'}{pv['steps']} st, "
                            f"{pv['final_psnr']:.1f} dB", pev(pparams, True)["images"][0]))
         print(f"{name}: scratch {'' if sc['reached'] else '>'}{sc['steps']} steps / {sc['seconds']:.1f} s "

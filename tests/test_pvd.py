@@ -131,9 +131,13 @@ def test_bench_pvd_quick(tmp_path):
     out = tmp_path / "res"
     env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
                PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(root / "experiments" / "bench_pvd.py"), "--quick", "--out",
-                           str(out), "--no-progress"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    cache = tmp_path / "teacher"
+
+    def run(*extra, out=out):
+        return subprocess.run([sys.executable, str(root / "experiments" / "bench_pvd.py"), "--quick", "--out",
+                               str(out), "--no-progress", "--teacher-cache", str(cache), *extra], cwd=root,
+                              env=env, capture_output=True, text=True, timeout=600)
+    proc = run()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| student | params |" in proc.stdout
     res = json.loads((out / "bench_pvd.json").read_text())
@@ -144,3 +148,28 @@ def test_bench_pvd_quick(tmp_path):
     for name, info in res["students"].items():
         for k in ("params", "bytes", "scratch", "pvd", "speedup_time", "pvd_step_over_teacher_forward"):
             assert k in info, (name, k)
+
+    # a second run restores the cached teacher (orbax checkpoint + JSON), same target
+    again = run("--students", "grid", "--density-space", "alpha", "--active", out=tmp_path / "res2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "teacher loaded from" in again.stdout
+    res2 = json.loads((tmp_path / "res2" / "bench_pvd.json").read_text())
+    assert res2["target_psnr"] == res["target_psnr"]
+
+
+@pytest.mark.parametrize("space,where", [("alpha", "points"), ("alpha", "floor"), ("log", "points")])
+def test_density_options_train(space, where):
+    """density_space / density_mask variants train: the total loss, the rendered error and the
+    feature term (which holds the density channel, in the chosen space) fall."""
+    t, tp = _teacher()
+    cfg = P.PVDConfig(stage_steps=(0, 0), batch_rays=64, n_samples=16, density_space=space, density_mask=where)
+    d = P.PVD(t, tp, L.CPField(resolution=6, rank_sigma=4, rank_app=8), make_optimizer(3e-2, 40),
+              poses=L.random_poses(0, 8), height=H, width=W, focal=FOCAL, config=cfg)
+    _, hist = _run(d, 40)
+    assert all(np.isfinite(r["loss"]) for r in hist)
+    for k in ("loss", "rgb_mse", "feature"):
+        assert np.mean([r[k] for r in hist[-5:]]) < 0.9 * np.mean([r[k] for r in hist[:5]]), k
+    with pytest.raises(ValueError, match="density_space"):
+        P.PVDConfig(density_space="linear")
+    with pytest.raises(ValueError, match="density_mask"):
+        P.PVDConfig(density_mask="all")

@@ -34,7 +34,10 @@ every sample after raising both to ``density_floor``::
 i.e. where the teacher is empty (below ``f``; ``exp(-4)`` gives alpha < 2e-3 per sample here) the
 student only has to be empty too. This stands in for the teacher's occupancy grid: it teaches the
 student empty space from stage 1 on without letting the huge, irrelevant spread of empty-space
-log-densities dominate the loss.
+log-densities dominate the loss. Options (not the paper): ``density_mask='points'`` takes the
+density loss on the selected points only, and ``density_space='alpha'`` compares the per-sample
+opacities ``1 - exp(-sigma delta)`` instead of log-densities (bounded, saturating inside objects, so
+a low-rank student is not asked to match the teacher's interior or near-empty log-density values).
 
 **Plenoxel (SH grid) pairs.** :class:`~lrjax.nn.plenoxels.SHGridField` has no MLP colour head
 and its feature holds SH coefficients, so when teacher or student is one, the feature term keeps
@@ -113,6 +116,12 @@ class PVDConfig:
     loss: 'mse' or 'norm' (the official ``normL2``: Frobenius norm of the difference).
     point_mask: 'weight' or 'all' (see module docstring); weight_threshold for 'weight'.
     density_floor: log-densities below it count as empty in the density loss (see module docstring).
+    density_mask: where the point density loss (and the density channel of the feature loss) is
+      taken: 'floor' (default: every sample, both log-densities raised to ``density_floor``) or
+      'points' (only the samples selected by ``point_mask`` / PVD-AL, like the colour loss).
+    density_space: 'log' (default, the paper: clipped log-density ``s_pre``) or 'alpha' (the
+      per-sample opacity ``1 - exp(-sigma delta)``, bounded in [0, 1]; ``density_floor`` unused);
+      applies to the density channel of the feature loss too.
     batch_rays, n_samples: rays per step and stratified samples per ray.
     bg: background colour (white).
     inherit_head: copy the teacher's colour head into the student at :meth:`PVD.init`.
@@ -129,6 +138,8 @@ class PVDConfig:
     point_mask: str = "weight"
     weight_threshold: float = 1e-4
     density_floor: float = -4.0
+    density_mask: str = "floor"
+    density_space: str = "log"
     batch_rays: int = 1024
     n_samples: int = 64
     bg: float = 1.0
@@ -143,6 +154,10 @@ class PVDConfig:
             raise ValueError(f"loss must be 'mse' or 'norm', got {self.loss!r}")
         if self.point_mask not in ("weight", "all"):
             raise ValueError(f"point_mask must be 'weight' or 'all', got {self.point_mask!r}")
+        if self.density_mask not in ("floor", "points"):
+            raise ValueError(f"density_mask must be 'floor' or 'points', got {self.density_mask!r}")
+        if self.density_space not in ("log", "alpha"):
+            raise ValueError(f"density_space must be 'log' or 'alpha', got {self.density_space!r}")
         _pos_int(self.batch_rays, "batch_rays")
         _pos_int(self.n_samples, "n_samples")
         for n in ("w_feature", "w_sigma", "w_color", "w_rgb"):
@@ -319,9 +334,12 @@ class PVD:
         nch = 1.0 if cfg.loss == "norm" else None
         terms = {}
         wf = cfg.w_feature * cfg.feature_decay ** step.astype(jnp.float32)
-        floor = cfg.density_floor
-        everywhere = jnp.ones_like(mask)
-        dens = (jnp.maximum(s.sigma_pre, floor) - jnp.maximum(t.sigma_pre, floor)) ** 2
+        if cfg.density_space == "alpha":
+            dens = ((1.0 - jnp.exp(-s.sigma * delta)) - (1.0 - jnp.exp(-t.sigma * delta))) ** 2
+        else:
+            floor = cfg.density_floor
+            dens = (jnp.maximum(s.sigma_pre, floor) - jnp.maximum(t.sigma_pre, floor)) ** 2
+        everywhere = jnp.ones_like(mask) if cfg.density_mask == "floor" else mask
         nf = nch or s.feature.shape[-1]
         terms["feature"] = wf * red(dens, everywhere) / nf
         if self.teacher.has_color_head and self.student.has_color_head:
