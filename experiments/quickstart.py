@@ -178,38 +178,45 @@ def make_fns(forward, opt=OPT):
     return step, jax.jit(loss_of), opt
 
 
-def train(name, fns, trainable, frozen, batches_, eval_sets, lr, args, progress):
-    """Jitted training loop. Returns ``(trainable, history)``: per-step train loss and wall
-    time (``block_until_ready``), and held-out losses every ``--eval-every`` steps."""
-    step, evaluate, _ = fns
-
-    def run_eval(tr):
-        return {k: float(evaluate(tr, frozen, v)) for k, v in eval_sets.items()}
-
-    opt_state = fns[2].init(trainable)
-    hist = {"step": [], "train_loss": [], "step_ms": [], "eval_step": [], "eval": []}
+def _loop(name, batches_, one_step, run_eval, args, progress):
+    """The timed loop shared by every method: ``one_step(i, tok) -> loss`` (blocking) and
+    ``run_eval() -> {set: loss}`` every ``--eval-every`` steps. Returns the history."""
+    hist = {"step": [], "train_loss": [], "step_ms": [], "eval_step": [0], "eval": []}
     t0 = time.perf_counter()
-    hist["eval_step"].append(0)
-    hist["eval"].append(run_eval(trainable))
+    hist["eval"].append(run_eval())
     batches_ = list(batches_)
     bar = tqdm(batches_, desc=f"{name:8s}", leave=False, disable=not progress, file=sys.stdout,
                dynamic_ncols=True)
     for i, tok in enumerate(bar, 1):
         ts = time.perf_counter()
-        trainable, opt_state, loss = step(trainable, opt_state, frozen, tok, lr(i - 1))
-        loss = float(jax.block_until_ready(loss))
+        loss = one_step(i, tok)
         hist["step_ms"].append((time.perf_counter() - ts) * 1e3)
         hist["step"].append(i)
         hist["train_loss"].append(loss)
         bar.set_postfix(loss=f"{loss:.3f}")
         if i % args.eval_every == 0 or i == len(batches_):
             hist["eval_step"].append(i)
-            hist["eval"].append(run_eval(trainable))
+            hist["eval"].append(run_eval())
     bar.close()
     hist["wall_s"] = time.perf_counter() - t0
     timed = hist["step_ms"][args.warmup:] or hist["step_ms"]
     hist["median_step_ms"] = float(np.median(timed))
-    return trainable, hist
+    return hist
+
+
+def train(name, fns, trainable, frozen, batches_, eval_sets, lr, args, progress):
+    """Jitted training loop. Returns ``(trainable, history)``: per-step train loss and wall
+    time (``block_until_ready``), and held-out losses every ``--eval-every`` steps."""
+    step, evaluate, _ = fns
+    box = {"tr": trainable, "opt": fns[2].init(trainable)}
+
+    def one_step(i, tok):
+        box["tr"], box["opt"], loss = step(box["tr"], box["opt"], frozen, tok, lr(i - 1))
+        return float(jax.block_until_ready(loss))
+
+    hist = _loop(name, batches_, one_step,
+                 lambda: {k: float(evaluate(box["tr"], frozen, v)) for k, v in eval_sets.items()}, args, progress)
+    return box["tr"], hist
 
 
 def train_es(apply, params, batches_, eval_sets, args, progress):
@@ -237,27 +244,16 @@ def train_es(apply, params, batches_, eval_sets, args, progress):
 
     evaluate = jax.jit(nll)
     st, opt_state, stats = es.init(jax.random.key(args.seed + 2)), opt.init(params), FactoredStats()
-    hist = {"step": [], "train_loss": [], "step_ms": [], "eval_step": [0], "eval": []}
-    t0 = time.perf_counter()
-    hist["eval"].append({k: float(evaluate(params, v)) for k, v in eval_sets.items()})
-    batches_ = list(batches_)
-    bar = tqdm(batches_, desc="eggroll ", leave=False, disable=not progress, file=sys.stdout, dynamic_ncols=True)
-    for i, tok in enumerate(bar, 1):
-        ts = time.perf_counter()
-        g, st, info = es.estimate(st, params, nll, tok, stats=stats if i == 1 else None)
-        params, opt_state = apply_update(params, opt_state, g)
-        loss = float(jax.block_until_ready(jnp.mean(info.fitness)))
-        hist["step_ms"].append((time.perf_counter() - ts) * 1e3)
-        hist["step"].append(i)
-        hist["train_loss"].append(loss)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if i % args.eval_every == 0 or i == len(batches_):
-            hist["eval_step"].append(i)
-            hist["eval"].append({k: float(evaluate(params, v)) for k, v in eval_sets.items()})
-    bar.close()
-    hist["wall_s"] = time.perf_counter() - t0
-    timed = hist["step_ms"][args.warmup:] or hist["step_ms"]
-    hist["median_step_ms"] = float(np.median(timed))
+    box = {"p": params, "st": st, "opt": opt_state}
+
+    def one_step(i, tok):
+        g, box["st"], info = es.estimate(box["st"], box["p"], nll, tok, stats=stats if i == 1 else None)
+        box["p"], box["opt"] = apply_update(box["p"], box["opt"], g)
+        return float(jax.block_until_ready(jnp.mean(info.fitness)))
+
+    hist = _loop("eggroll", batches_, one_step,
+                 lambda: {k: float(evaluate(box["p"], v)) for k, v in eval_sets.items()}, args, progress)
+    params = box["p"]
     info = {"targets": len(targets), "trainable_params": int(sum(np.prod(v.shape) for p, v in
                                                               lrjax.tree.flatten(params).items() if p in targets)),
             "factored": int(stats.factored), "fallback": list(stats.fallback),
