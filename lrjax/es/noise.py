@@ -1,6 +1,6 @@
 """Counter-based perturbations: every member's noise is a pure function of
-``(seed, leaf, generation, member)``, so it is drawn wherever it is needed and never has to be
-stored (``Eggroll(store_noise=True)`` opts in to keeping one generation's flat draws for its
+``(seed, generation, noise index)`` (one flat draw cut into the leaves' blocks), so it is drawn
+wherever it is needed and never has to be stored (``Eggroll(store_noise=True)`` opts in to keeping one generation's flat draws for its
 update, where that is cheaper than drawing them again).
 
 Layout of one generation (population ``N``, ``antithetic=True``):
@@ -22,9 +22,9 @@ Layout of one generation (population ``N``, ``antithetic=True``):
 The flat vector of a noise index is threefry-2x32 of its key on the counters ``0 .. size-1``
 (two 32-bit words per block, ``jax.extend.random.threefry_2x32``) turned into normals by the
 float32 transform of ``jax.random.normal`` -- exactly ``jax.random.normal(key, (size,))`` as
-computed under ``jax.threefry_partitionable(False)``. Since 2026-11 this replaces
-``jax.random.normal`` in its default partitionable mode (which spends a whole block per word):
-same distribution, half the generator work, a different stream. Integer-only hashing of
+computed under ``jax.threefry_partitionable(False)``, rather than ``jax.random.normal`` in its
+default partitionable mode (which spends a whole block per word): same distribution, half the
+generator work, a different stream from lrjax versions before this choice. Integer-only hashing of
 ``(key, counter)`` is the same whatever the sharding or vmap batch, which is what makes the
 update bit-identical for any device count. ``'rademacher'`` noise uses the same words, 32 signs
 per word.
