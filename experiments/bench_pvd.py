@@ -3,10 +3,10 @@
     python experiments/bench_pvd.py                  # ~15-30 minutes on 2 shared CPU cores
     python experiments/bench_pvd.py --quick          # smoke test, tiny shapes, well under a minute
 
-1. Render the procedural scene (:func:`lrjax.nn.make_dataset`: 3 spheres, ``--size`` px views).
+1. Render the procedural scene (:func:`lrjax.fields.make_dataset`: 3 spheres, ``--size`` px views).
 2. Train a teacher (``--teacher hash`` or ``mlp``) on the training images; its test PSNR is ``P_T``.
 3. For every other field type (MLP, dense grid, CP, VM, hash, Plenoxel SH grid): (a) train it from
-   scratch on the images and (b) distil it from the teacher with :class:`lrjax.nn.pvd.PVD` (random
+   scratch on the images and (b) distil it from the teacher with :class:`lrjax.fields.pvd.PVD` (random
    cameras, no images), both with the same optimiser, learning-rate schedule and ray/sample budget,
    until the test PSNR reaches ``P_T - 0.5`` dB or the student's step budget runs out
    (``--max-steps``; ``--mlp-max-steps`` for the MLP, the slow case of the paper). Only optimisation
@@ -40,9 +40,9 @@ import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lrjax.benchmark import describe, device_info  # noqa: E402
-from lrjax import nn as L  # noqa: E402
-from lrjax.nn import pvd as P  # noqa: E402
-from lrjax.nn import train as T  # noqa: E402
+from lrjax import fields as L  # noqa: E402
+from lrjax.fields import pvd as P  # noqa: E402
+from lrjax.fields import train as T  # noqa: E402
 
 
 def parse_args(argv=None):

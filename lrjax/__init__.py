@@ -1,7 +1,8 @@
 """lrjax: low-rank deep learning in JAX/Flax, as pure functions over parameter pytrees.
 
 Submodules with heavier imports load on first use: ``lrjax.checkpoint`` (orbax),
-``lrjax.interop`` (safetensors/PEFT), ``lrjax.data`` (TFDS), ``lrjax.models``.
+``lrjax.interop`` (safetensors/PEFT), ``lrjax.data`` (TFDS), ``lrjax.models``, ``lrjax.es``,
+``lrjax.optim``, ``lrjax.nn`` (layers), ``lrjax.fields`` (radiance fields, renderer, PVD).
 """
 import importlib
 
@@ -11,7 +12,7 @@ from lrjax.reparam import DoRA, LoRA, PiSSA, Reparam, RSLoRA, factored
 
 __version__ = "0.1.0"
 
-_LAZY = ("checkpoint", "interop", "data", "models", "es", "optim", "nn")
+_LAZY = ("checkpoint", "interop", "data", "models", "es", "optim", "nn", "fields")
 
 __all__ = ["axes", "linalg", "tree", "reparam", "Axes", "Reparam", "LoRA", "RSLoRA", "DoRA", "PiSSA",
            "factored", *_LAZY]

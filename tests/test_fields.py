@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import nn as L
-from lrjax.nn.hashgrid import fast_hash, hash_encode, level_layout
+from lrjax import fields as L
+from lrjax.fields.hashgrid import fast_hash, hash_encode, level_layout
 
 FIELDS = {
     "mlp": L.MLPField(n_freqs=3, width=16, depth=2, skip=1),

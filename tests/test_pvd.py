@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import nn as L
-from lrjax.nn import pvd as P
-from lrjax.nn.train import make_optimizer
+from lrjax import fields as L
+from lrjax.fields import pvd as P
+from lrjax.fields.train import make_optimizer
 
 H = W = 8
 FOCAL = 0.5 * W / np.tan(np.deg2rad(20))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import nn as L
+from lrjax import fields as L
 
 
 def _np_render(sigma, rgb, z, delta, bg, far):

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from lrjax import nn as L
+from lrjax import fields as L
 from lrjax.nn.sna import SNA, SNAField, bspline_basis, elementary_symmetric, spline_coefficients
 
 

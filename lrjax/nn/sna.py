@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax.nn.fields import Field, _is_tracer, _pos_int
+from lrjax.fields.fields import Field, _is_tracer, _pos_int
 
 __all__ = ["SNA", "SNAField", "bspline_basis", "elementary_symmetric", "spline_coefficients", "KINDS"]
 

@@ -5,7 +5,7 @@ Volume Distillation with Active Learning for Efficient NeRF Architecture Convers
 
 The teacher ``T`` (frozen) and the student ``S`` are evaluated on the *same* sample points ``x``
 of the same rays (random cameras; no training images are needed). With the shared field outputs
-of :class:`~lrjax.nn.fields.FieldOutput` (feature ``F = [s_pre, g]``, clipped log-density
+of :class:`~lrjax.fields.fields.FieldOutput` (feature ``F = [s_pre, g]``, clipped log-density
 ``s_pre``, point colour ``c``, rendered colour ``C``), the block-wise schedule of PVD is::
 
     stage 1 (step < stage_steps[0]):  L = w_F(t) D(F_S, F_T)
@@ -20,7 +20,7 @@ is a mean square over the selected points/rays (``loss='mse'``) or, as in the of
 the exponential and the density loss is taken on the clipped *log* density (the paper's special
 treatment of density: raw densities span orders of magnitude and would dominate a loss on
 ``sigma``; official code ``network.py``: clamp to ``[-2, 7]``, loss on ``sigma_pre``). Both fields
-must therefore share ``density_clip`` (:func:`~lrjax.nn.fields.check_compatible`).
+must therefore share ``density_clip`` (:func:`~lrjax.fields.fields.check_compatible`).
 
 **Points.** PVD's CUDA ray marcher only evaluates points in occupied cells of the teacher's
 occupancy grid, which the student inherits. This CPU implementation samples every ray uniformly,
@@ -39,7 +39,7 @@ density loss on the selected points only, and ``density_space='alpha'`` compares
 opacities ``1 - exp(-sigma delta)`` instead of log-densities (bounded, saturating inside objects, so
 a low-rank student is not asked to match the teacher's interior or near-empty log-density values).
 
-**Plenoxel (SH grid) pairs.** :class:`~lrjax.nn.plenoxels.SHGridField` has no MLP colour head
+**Plenoxel (SH grid) pairs.** :class:`~lrjax.fields.plenoxels.SHGridField` has no MLP colour head
 and its feature holds SH coefficients, so when teacher or student is one, the feature term keeps
 only the log-density channel (the official code disables the feature stage for such pairs).
 
@@ -74,8 +74,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lrjax.nn.fields import Field, _pos_float, _pos_int, check_compatible, init_field
-from lrjax.nn.render import Rays, composite, near_far, stratified_samples
+from lrjax.fields.fields import Field, _pos_float, _pos_int, check_compatible, init_field
+from lrjax.fields.render import Rays, composite, near_far, stratified_samples
 
 __all__ = ["ActiveConfig", "PVDConfig", "ALState", "PVDState", "PVD", "inherit_head", "stage_of"]
 
@@ -220,10 +220,10 @@ class PVD:
     """Distil ``teacher`` (with fixed ``teacher_params``) into ``student``.
 
     ``poses``: ``[P, 4, 4]`` camera pool the rays are drawn from (random poses around the scene;
-    see :func:`~lrjax.nn.scenes.random_poses`), ``height``/``width``/``focal``: its pinhole camera.
+    see :func:`~lrjax.fields.scenes.random_poses`), ``height``/``width``/``focal``: its pinhole camera.
     ``optimizer``: an optax transformation for the student. ``regularizer``: optional
     ``reg(student_params) -> scalar`` added to every stage's loss (official PVD: ``1e-4 *``
-    :func:`~lrjax.nn.tensorf.l1_density` for a VM student), reported as the ``reg`` term.
+    :func:`~lrjax.fields.tensorf.l1_density` for a VM student), reported as the ``reg`` term.
     """
 
     def __init__(self, teacher: Field, teacher_params, student: Field, optimizer, *, poses, height: int,

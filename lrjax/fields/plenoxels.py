@@ -1,9 +1,9 @@
 """Plenoxel-style spherical-harmonic voxel grid (Fridovich-Keil et al. 2022, *Plenoxels: Radiance
-Fields without Neural Networks*, CVPR) as a :class:`~lrjax.nn.fields.Field`.
+Fields without Neural Networks*, CVPR) as a :class:`~lrjax.fields.fields.Field`.
 
 A dense grid ``V: [N, N, N, 1 + 3K]`` stores, per vertex, a log-density and ``K = sh_degree^2``
 spherical-harmonic coefficients per colour channel (``sh_degree`` counts SH *bands*, as in
-:func:`~lrjax.nn.fields.sh_encoding`: 1, 2 or 3 bands = SH degree 0, 1 or 2; Plenoxels uses
+:func:`~lrjax.fields.fields.sh_encoding`: 1, 2 or 3 bands = SH degree 0, 1 or 2; Plenoxels uses
 degree 2, i.e. 9 coefficients). Both are trilinearly interpolated (align corners) and there is no
 network::
 
@@ -17,20 +17,20 @@ moves each grid value by about the learning rate per step, and a saturated colou
 several units, i.e. ``c_0 = logit / Y_0`` of ~10 at ``Y_0 = 0.28``). Here density and colour go through the activations every field of this package shares
 (``exp`` of the clipped log-density, sigmoid colour) so that PVD can distil to and from it, as the
 official PVD code does for its Plenoxel "tensors" model (``rgb = sigmoid(sum SH * coef)``). The
-grid can be refined with :func:`~lrjax.nn.tensorf.upsample` and regularised with
-:func:`~lrjax.nn.tensorf.tv_loss`.
+grid can be refined with :func:`~lrjax.fields.tensorf.upsample` and regularised with
+:func:`~lrjax.fields.tensorf.tv_loss`.
 
 The field's *feature* is ``[s_pre, c]`` (``1 + 3K`` values) and the colour is not computed by an
 MLP head, so ``geo_dim`` is unused and :attr:`has_color_head` is False: PVD then distils only the
 density channel of the feature (the official code skips the feature stage for Plenoxel pairs) and
-:func:`~lrjax.nn.fields.check_compatible` no longer requires ``geo_dim`` / ``sh_degree`` to agree.
+:func:`~lrjax.fields.fields.check_compatible` no longer requires ``geo_dim`` / ``sh_degree`` to agree.
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lrjax.nn.fields import GridField, _pos_float, sh_encoding
+from lrjax.fields.fields import GridField, _pos_float, sh_encoding
 
 __all__ = ["SHGridField"]
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax.nn.fields import FieldOutput, _pos_float, _pos_int
-from lrjax.nn.render import Rays, look_at, pinhole_rays, render_rays
+from lrjax.fields.fields import FieldOutput, _pos_float, _pos_int
+from lrjax.fields.render import Rays, look_at, pinhole_rays, render_rays
 
 __all__ = ["Shape", "Scene", "default_scene", "random_scene", "fibonacci_poses", "random_poses",
            "SceneData", "make_dataset", "dataset_rays"]

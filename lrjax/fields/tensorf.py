@@ -1,7 +1,7 @@
 """TensoRF low-rank tensor fields: CP and VM (vector-matrix) decompositions (Chen et al. 2022,
 *TensoRF: Tensorial Radiance Fields*, ECCV).
 
-Both factorize the 4-D feature grid ``T[i, j, k, c]`` of a :class:`~lrjax.nn.fields.GridField`.
+Both factorize the 4-D feature grid ``T[i, j, k, c]`` of a :class:`~lrjax.fields.fields.GridField`.
 Let ``R = rank_sigma + rank_app`` components, ``L^m_r`` lines (1-D, ``N`` vertices) and
 ``P^m_r`` planes (2-D, ``N x N``), sampled with linear / bilinear interpolation (align corners,
 as TensoRF's ``grid_sample(align_corners=True)``).
@@ -25,7 +25,7 @@ interpolations, so ``encode`` equals ``interp_grid(dense(params), u)`` *exactly*
 Defaults are CPU-sized. TensoRF's Lego: VM ranks ``16/48`` per plane at 300^3, CP ``96/288`` at
 500^3; init ``0.1 N(0,1)`` (VM) / ``0.2 N(0,1)`` (CP); PVD's VM: basis ``144 -> 15``. TensoRF
 uses ``softplus(s - 10)`` for density; here the PVD convention ``exp(clip(s))`` of
-:class:`~lrjax.nn.fields.Field` is shared by all fields so they can be distilled into each other.
+:class:`~lrjax.fields.fields.Field` is shared by all fields so they can be distilled into each other.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax.nn.fields import Field, GridField, _pos_float, _pos_int, interp_line, interp_plane
+from lrjax.fields.fields import Field, GridField, _pos_float, _pos_int, interp_line, interp_plane
 
 __all__ = ["CPField", "VMField", "cp_dense", "vm_dense", "MAT_MODE", "VEC_MODE", "l1_density", "tv_loss",
            "total_variation", "upsample", "resolution_schedule"]
@@ -169,7 +169,7 @@ def total_variation(x, axes):
 
 def tv_loss(field, params, part: str = "sigma"):
     """Total variation of the VM planes (``sum_m TV_2d(P^m)``), CP lines (``sum_m TV_1d(L^m)``) or a
-    dense grid (:class:`~lrjax.nn.fields.GridField` incl. the SH grid: 3-D TV of ``V``).
+    dense grid (:class:`~lrjax.fields.fields.GridField` incl. the SH grid: 3-D TV of ``V``).
 
     ``part``: 'sigma' (density components / channel), 'app' (appearance) or 'all'. TensoRF applies
     it with weight 1e-2 on planes / 1e-3 on lines (LLFF; 0 for synthetic scenes); the weight is the

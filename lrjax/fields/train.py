@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lrjax.nn.fields import Field, _pos_float, _pos_int
-from lrjax.nn.metrics import psnr, ssim
-from lrjax.nn.render import Rays, pinhole_rays, render_rays
-from lrjax.nn.scenes import SceneData, dataset_rays
+from lrjax.fields.fields import Field, _pos_float, _pos_int
+from lrjax.fields.metrics import psnr, ssim
+from lrjax.fields.render import Rays, pinhole_rays, render_rays
+from lrjax.fields.scenes import SceneData, dataset_rays
 
 __all__ = ["make_optimizer", "default_lr", "make_photometric_step", "render_views", "make_evaluator",
            "LoopResult", "train_loop"]
@@ -37,8 +37,8 @@ def make_optimizer(lr: float, steps: int, final_ratio: float = 0.1):
 
 def default_lr(field: Field) -> float:
     """Per-type learning rates: grids/tensors 2e-2, hash 1e-2, MLP 2e-3 (PVD scales MLP by 0.1)."""
-    from lrjax.nn.fields import MLPField
-    from lrjax.nn.hashgrid import HashGridField
+    from lrjax.fields.fields import MLPField
+    from lrjax.fields.hashgrid import HashGridField
     if isinstance(field, MLPField):
         return 2e-3
     if isinstance(field, HashGridField):

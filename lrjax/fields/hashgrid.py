@@ -1,5 +1,5 @@
 """Multiresolution hash encoding (Müller et al. 2022, *Instant Neural Graphics Primitives with a
-Multiresolution Hash Encoding*, SIGGRAPH), as a :class:`~lrjax.nn.fields.Field`.
+Multiresolution Hash Encoding*, SIGGRAPH), as a :class:`~lrjax.fields.fields.Field`.
 
 Level ``l = 0..L-1`` has growth factor ``b = exp((ln N_max - ln N_min) / (L - 1))`` and (as in
 tiny-cuda-nn's ``grid.h``) scale ``S_l = N_min b^l - 1``. With ``v = (u + 1) / 2`` in ``[0, 1]^3``::
@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax.nn.fields import Field, _pos_int
+from lrjax.fields.fields import Field, _pos_int
 
 __all__ = ["HashGridField", "hash_encode", "fast_hash", "level_layout", "PRIMES"]
 

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import nn as L
-from lrjax.nn.fields import interp_grid
-from lrjax.nn.tensorf import total_variation
+from lrjax import fields as L
+from lrjax.fields.fields import interp_grid
+from lrjax.fields.tensorf import total_variation
 
 
 def _smooth_cp(res):
@@ -105,8 +105,8 @@ def test_l1_matches_numpy():
 
 
 def test_regularizer_in_training_and_pvd():
-    from lrjax.nn import pvd as P
-    from lrjax.nn.train import make_optimizer, make_photometric_step
+    from lrjax.fields import pvd as P
+    from lrjax.fields.train import make_optimizer, make_photometric_step
     f = L.VMField(resolution=6, rank_sigma=2, rank_app=3)
     p = L.init_field(f, jax.random.key(10))
     opt = make_optimizer(1e-2, 10)
@@ -142,6 +142,6 @@ def test_errors_name_the_argument():
         L.tv_loss(f, p, "density")
     with pytest.raises(ValueError, match="final"):
         L.resolution_schedule(64, 32, 2)
-    from lrjax.nn.train import make_optimizer, make_photometric_step
+    from lrjax.fields.train import make_optimizer, make_photometric_step
     with pytest.raises(TypeError, match="regularizer"):
         make_photometric_step(f, make_optimizer(1e-2, 5), regularizer=0.1)

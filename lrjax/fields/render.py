@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lrjax.nn.fields import FieldOutput, _pos_float, _pos_int
+from lrjax.fields.fields import FieldOutput, _pos_float, _pos_int
 
 __all__ = ["Rays", "RenderOutput", "look_at", "pinhole_rays", "near_far", "stratified_samples",
            "composite", "render_rays", "render_image"]

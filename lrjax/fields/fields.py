@@ -18,13 +18,13 @@ encoded view direction) to RGB::
     rgb   = sigmoid(MLP([g(u), SH(d)]))                       (SH(d) only if view_dependent)
 
 Because every field exposes the same ``F`` (with clipped ``s_pre``), ``sigma_pre``, ``sigma`` and
-``rgb``, any field can be distilled into any other stage by stage (:mod:`lrjax.nn.pvd`).
+``rgb``, any field can be distilled into any other stage by stage (:mod:`lrjax.fields.pvd`).
 
 Encoders in this package: :class:`MLPField` (NeRF positional encoding, Mildenhall et al. 2020),
-:class:`GridField` (dense voxel grid, trilinear), :class:`~lrjax.nn.tensorf.CPField` and
-:class:`~lrjax.nn.tensorf.VMField` (TensoRF, Chen et al. 2022), :class:`~lrjax.nn.hashgrid.HashGridField`
+:class:`GridField` (dense voxel grid, trilinear), :class:`~lrjax.fields.tensorf.CPField` and
+:class:`~lrjax.fields.tensorf.VMField` (TensoRF, Chen et al. 2022), :class:`~lrjax.fields.hashgrid.HashGridField`
 (Instant-NGP, Müller et al. 2022), :class:`~lrjax.nn.sna.SNAField` (separable B-spline CP) and
-:class:`~lrjax.nn.plenoxels.SHGridField` (Plenoxels, Fridovich-Keil et al. 2022: SH colour, no MLP).
+:class:`~lrjax.fields.plenoxels.SHGridField` (Plenoxels, Fridovich-Keil et al. 2022: SH colour, no MLP).
 
 Coordinates: a point must lie in the axis-aligned box ``[-bound, bound]^3``. Concrete (eager)
 inputs outside it raise ``ValueError``; traced inputs (under ``jit``) are clipped to the box, as
@@ -332,7 +332,7 @@ def check_compatible(teacher: Field, student: Field):
     """
     for f in (teacher, student):
         if not isinstance(f, Field):
-            raise TypeError(f"expected lrjax.nn Field instances, got {type(f).__name__}")
+            raise TypeError(f"expected lrjax.fields Field instances, got {type(f).__name__}")
     names = _SHARED + (_SHARED_HEAD if teacher.has_color_head and student.has_color_head else ())
     bad = [f"{a}: teacher {getattr(teacher, a)!r} vs student {getattr(student, a)!r}"
            for a in names if tuple(np.atleast_1d(getattr(teacher, a))) != tuple(np.atleast_1d(getattr(student, a)))]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy.special import lpmv
 
-from lrjax import nn as L
-from lrjax.nn import pvd as P
-from lrjax.nn.train import make_optimizer
+from lrjax import fields as L
+from lrjax.fields import pvd as P
+from lrjax.fields.train import make_optimizer
 
 
 def real_sh(l_max, d):
