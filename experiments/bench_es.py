@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (smoke test)")
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", default="runs/bench_es")
     p.add_argument("--tag", default="", help="output name suffix: bench_es_<tag>.json/.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=None, help="default 10 (quick: 3)")

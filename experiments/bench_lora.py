@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (smoke test)")
-    p.add_argument("--out", default="results", help="output directory for JSON and PNG")
+    p.add_argument("--out", default="runs/bench_lora", help="output directory for JSON and PNG")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method, default 20 (quick: 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per method after compiling")

@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (smoke test)")
-    p.add_argument("--out", default="results", help="output directory for JSON and PNG")
+    p.add_argument("--out", default="runs/bench_optim", help="output directory for JSON and PNG")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm bars")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=None, help="MLP width (default 1024; quick 64)")

@@ -48,7 +48,7 @@ from lrjax.fields import train as T  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="results")
+    ap.add_argument("--out", default="runs/bench_pvd")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--teacher", choices=["hash", "mlp"], default="hash")
     ap.add_argument("--students", default="mlp,grid,cp,vm,sh,hash")

@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", default="runs/es_lm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generations", type=int, default=None, help="default 400 (quick: 12)")
     p.add_argument("--population", type=int, default=None, help="default 256 (quick: 32)")

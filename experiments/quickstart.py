@@ -74,7 +74,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="smoke-test settings: small corpus config, tiny model, a few steps")
-    p.add_argument("--out", default="results", help="output directory for JSON and PNG")
+    p.add_argument("--out", default="runs/quickstart", help="output directory for JSON and PNG")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-steps", type=int, default=None, help="default 200 (quick: 15)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method, default 100 (quick: 8)")
