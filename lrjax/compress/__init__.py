@@ -1,0 +1,9 @@
+"""Post-training low-rank compression (``lrjax.compress``): one SVD toolkit with rank rules
+(:mod:`lrjax.compress.core`) and the methods built on it: WeLore (:mod:`~lrjax.compress.welore`),
+PELA (:mod:`~lrjax.compress.pela`)."""
+from lrjax.compress.core import (METHODS, Compressed, LayerReport, LowRankParams, Report, collect_activations,
+                                 compress, energy_keep, factorize, pela_rank, tree_bytes, welore_keep, welore_tau,
+                                 whitened_svd)
+
+__all__ = ["METHODS", "Compressed", "LayerReport", "LowRankParams", "Report", "collect_activations", "compress",
+           "energy_keep", "factorize", "pela_rank", "tree_bytes", "welore_keep", "welore_tau", "whitened_svd"]
