@@ -23,6 +23,20 @@ Two formats, both plain Orbax checkpoints (OCDBT/TensorStore arrays + JSON metad
   name and re-wrapped on restore; raw ``uint32`` keys (``jax.random.PRNGKey``) are ordinary
   arrays. Restoring a state saved mid-run and continuing is bit-identical to never stopping.
 
+Integrity. Every checkpoint written by this module also holds ``lrjax_manifest.json``: the size
+and SHA-256 of each file Orbax wrote, written atomically after Orbax commits. Before reading, the
+JSON metadata files are parsed and (when the manifest is there) every file is checked against it,
+so a truncated array file, zeroed metadata or a missing item raises
+:class:`CheckpointCorruptError` (a ``ValueError``) naming the step and the file, never a raw
+TensorStore/JSON/Orbax error. ``restore_state(directory, fallback=True)`` restores the newest
+*intact* step instead (with a warning per skipped step); :func:`latest_intact_step` says which
+one that is. Steps saved by older lrjax versions (no manifest) are checked by parsing their
+metadata and by the read itself.
+
+Arguments are checked before anything is read or written: ``directory`` must be a ``str`` or
+``os.PathLike`` that is not a regular file nor under one; ``step`` an ``int >= 0`` (not a
+string); ``max_to_keep`` an ``int >= 1`` or ``None``; flags real ``bool`` s.
+
 Keys of the pytree may contain any characters. Orbax names each array by joining the key path
 with ``"."``, so ``{"a.b": x, "a": {"b": y}}`` would silently share one array (observed with
 orbax-checkpoint 0.12); ``"/"`` (as in adapter paths like ``"Dense_0/kernel"``) happens to work
@@ -33,10 +47,12 @@ decoded on load; this is invisible to the user.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import uuid
+import warnings
 from typing import Any
 
 import jax
@@ -44,12 +60,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax import tree as tree_lib
+from lrjax._validation import check_bool, check_int
 
 __all__ = ["save_adapters", "load_adapters", "save_state", "restore_state", "latest_step",
-           "all_steps", "reparam_to_json", "reparam_from_json"]
+           "latest_intact_step", "all_steps", "reparam_to_json", "reparam_from_json",
+           "CheckpointCorruptError"]
 
 _FORMAT = "lrjax_checkpoint"
 _VERSION = 1
+_MANIFEST = "lrjax_manifest.json"
+# Orbax's JSON files: a zeroed or truncated one must be reported by name, not as a JSON error.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding")
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
@@ -118,6 +139,126 @@ def _is_typed_key(x) -> bool:
 
 def _default_sharding():
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's files are damaged or incomplete; the message names the step and the file."""
+
+
+# --------------------------------------------------------------------------- arguments
+def _check_directory(directory, name: str = "directory") -> str:
+    """Absolute path of ``directory``: a str/PathLike that is not a file and not under a file."""
+    if isinstance(directory, bool) or not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {directory!r:.80} "
+                        f"({type(directory).__name__})")
+    path = os.fspath(directory)
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a str path, got {type(path).__name__} {path!r:.80}; decode it first")
+    if not path or "\x00" in path:
+        raise ValueError(f"{name} must be a non-empty path without NUL characters, got {path!r:.80}")
+    path = os.path.abspath(path)
+    p = path
+    while True:
+        if os.path.lexists(p):
+            if not os.path.isdir(p):
+                if p == path:
+                    raise ValueError(f"{name}={path!r} is a regular file, not a checkpoint directory; "
+                                     "pass a directory path")
+                raise ValueError(f"{name}={path!r} lies under {p!r}, which is a regular file, so no "
+                                 "checkpoint can be there; choose a path whose parents are directories")
+            return path
+        parent = os.path.dirname(p)
+        if parent == p:
+            return path
+        p = parent
+
+
+def _check_step(step, name: str = "step") -> int:
+    if isinstance(step, str):
+        raise TypeError(f"{name} must be an int >= 0, got the string {step!r}; pass int({step!r})")
+    return check_int(step, name, low=0)
+
+
+# --------------------------------------------------------------------------- integrity
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _ckpt_files(ckpt_dir: str) -> list[str]:
+    out = []
+    for root, _, names in os.walk(ckpt_dir):
+        for n in names:
+            if n == _MANIFEST or n.startswith("." + _MANIFEST):
+                continue
+            out.append(os.path.relpath(os.path.join(root, n), ckpt_dir).replace(os.sep, "/"))
+    return sorted(out)
+
+
+def _write_manifest(ckpt_dir: str) -> None:
+    """Record size and SHA-256 of every file of a committed checkpoint (atomic write)."""
+    files = {rel: [os.path.getsize(os.path.join(ckpt_dir, rel)), _digest(os.path.join(ckpt_dir, rel))]
+             for rel in _ckpt_files(ckpt_dir)}
+    tmp = os.path.join(ckpt_dir, f".{_MANIFEST}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as fh:
+        json.dump({"format": "lrjax_manifest", "version": 1, "files": files}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(ckpt_dir, _MANIFEST))
+
+
+def _verify(ckpt_dir: str, label: str) -> None:
+    """Raise :class:`CheckpointCorruptError` naming ``label`` and the file if ``ckpt_dir`` is damaged."""
+    hint = ("; restore an older step with restore_state(directory, fallback=True) or "
+            "latest_intact_step(directory)") if label.startswith("step") else ""
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointCorruptError(f"{label} is corrupt: {ckpt_dir} is not a directory{hint}")
+    if not os.path.isfile(os.path.join(ckpt_dir, "_CHECKPOINT_METADATA")):
+        raise CheckpointCorruptError(f"{label} is corrupt: file {os.path.join(ckpt_dir, '_CHECKPOINT_METADATA')} "
+                                     f"is missing (an incomplete or damaged step){hint}")
+    present = _ckpt_files(ckpt_dir)
+    for rel in present:
+        if rel.rsplit("/", 1)[-1] in _JSON_FILES:
+            fpath = os.path.join(ckpt_dir, rel)
+            try:
+                with open(fpath, "rb") as fh:
+                    json.loads(fh.read().decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointCorruptError(f"{label} is corrupt: file {fpath} is not valid JSON "
+                                             f"({type(e).__name__}: {str(e)[:100]}){hint}") from None
+    man_path = os.path.join(ckpt_dir, _MANIFEST)
+    if not os.path.isfile(man_path):
+        return  # written by an older lrjax: the read itself is the check
+    try:
+        with open(man_path, "rb") as fh:
+            files = json.loads(fh.read().decode("utf-8"))["files"]
+        files = {str(k): (int(v[0]), str(v[1])) for k, v in files.items()}
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointCorruptError(f"{label} is corrupt: file {man_path} is not a valid lrjax manifest "
+                                     f"({type(e).__name__}){hint}") from None
+    present_set = set(present)
+    for rel, (size, digest) in sorted(files.items()):
+        fpath = os.path.join(ckpt_dir, rel)
+        if rel not in present_set:
+            raise CheckpointCorruptError(f"{label} is corrupt: file {fpath} is missing{hint}")
+        actual = os.path.getsize(fpath)
+        if actual != size:
+            raise CheckpointCorruptError(f"{label} is corrupt: file {fpath} has {actual} bytes, {size} were "
+                                         f"written (truncated or overwritten){hint}")
+        if _digest(fpath) != digest:
+            raise CheckpointCorruptError(f"{label} is corrupt: file {fpath} does not match the SHA-256 "
+                                         f"recorded when it was written{hint}")
+
+
+def _corrupt_from(e: Exception, label: str, ckpt_dir: str) -> CheckpointCorruptError:
+    msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    hint = ("; restore an older step with restore_state(directory, fallback=True)"
+            if label.startswith("step") else "")
+    return CheckpointCorruptError(f"{label} could not be read: the files under {ckpt_dir} are damaged or "
+                                  f"incomplete ({type(e).__name__}: {msg}){hint}")
 
 
 # --------------------------------------------------------------------------- orbax helpers
@@ -236,6 +377,9 @@ def reparam_to_json(rp) -> dict:
 
 def reparam_from_json(cfg: dict):
     """Inverse of :func:`reparam_to_json`."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("fields"), dict):
+        raise TypeError("cfg must be the dict returned by reparam_to_json ({'class': ..., 'fields': {...}}), "
+                        f"got {cfg!r:.80}")
     classes = _reparam_classes()
     name = cfg.get("class")
     if name not in classes:
@@ -266,6 +410,8 @@ def save_adapters(directory, adapters: dict, *, rp=None, metadata: dict | None =
     ``W - sAB``; checkpoint the base too (e.g. with :func:`save_state`) or recompute it with
     the same ``rp.init`` key.
     """
+    directory = _check_directory(directory)
+    overwrite = check_bool(overwrite, "overwrite")
     if not isinstance(adapters, dict) or not adapters:
         raise TypeError(f"adapters must be the non-empty dict returned by rp.init(), got {type(adapters).__name__}")
     for path, f in adapters.items():
@@ -276,15 +422,16 @@ def save_adapters(directory, adapters: dict, *, rp=None, metadata: dict | None =
         for nm, x in f.items():
             if not isinstance(nm, str) or not (hasattr(x, "shape") and hasattr(x, "dtype")):
                 raise TypeError(f"adapters[{path!r}][{nm!r}] must be an array under a string name, got {type(x).__name__}")
-            if isinstance(x, jax.ShapeDtypeStruct):
-                raise TypeError(f"adapters[{path!r}][{nm!r}] is abstract (ShapeDtypeStruct); save concrete arrays")
+            if isinstance(x, jax.ShapeDtypeStruct) or isinstance(x, jax.core.Tracer):
+                raise TypeError(f"adapters[{path!r}][{nm!r}] is abstract (ShapeDtypeStruct/tracer); save concrete arrays")
     rp_cfg = reparam_to_json(rp) if rp is not None else None
     if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a JSON-serializable dict or None, got {type(metadata).__name__}")
         try:
             json.dumps(metadata)
         except (TypeError, ValueError) as e:
             raise TypeError(f"metadata must be JSON-serializable: {e}") from None
-    directory = os.path.abspath(os.fspath(directory))
     target = directory
     if os.path.exists(directory):
         if not overwrite:
@@ -299,6 +446,7 @@ def save_adapters(directory, adapters: dict, *, rp=None, metadata: dict | None =
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(target, tree, custom_metadata={_FORMAT: meta})
         ckptr.wait_until_finished()
+    _write_manifest(target)
     if target != directory:
         shutil.rmtree(directory)
         os.rename(target, directory)
@@ -315,7 +463,8 @@ def load_adapters(directory, *, with_metadata: bool = False):
     Raises ``FileNotFoundError`` if ``directory`` holds no checkpoint and ``ValueError`` if it
     holds another kind of checkpoint (e.g. a :func:`save_state` directory).
     """
-    directory = os.path.abspath(os.fspath(directory))
+    directory = _check_directory(directory)
+    with_metadata = check_bool(with_metadata, "with_metadata")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no adapters checkpoint at {directory}: the directory does not exist")
     if not _has_ckpt_metadata(directory):
@@ -323,13 +472,23 @@ def load_adapters(directory, *, with_metadata: bool = False):
         hint = (f"; it holds training-state steps {steps} -- use lrjax.checkpoint.restore_state()"
                 if steps else "")
         raise FileNotFoundError(f"no adapters checkpoint in {directory} (no Orbax checkpoint metadata){hint}")
+    label = f"adapters checkpoint {directory}"
+    _verify(directory, label)
     ocp = _ocp()
     with ocp.StandardCheckpointer() as ckptr:
-        meta = _lrjax_meta(ckptr.metadata(directory).custom_metadata, directory, "adapters")
-        tree_meta = ckptr.metadata(directory).item_metadata.tree
+        try:
+            md = ckptr.metadata(directory)
+            custom = md.custom_metadata
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore/JSON errors all mean damaged files
+            raise _corrupt_from(e, label, directory) from e
+        meta = _lrjax_meta(custom, directory, "adapters")
         shd = _default_sharding()
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=shd), tree_meta)
-        raw = ckptr.restore(directory, target)
+        try:
+            tree_meta = md.item_metadata.tree
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=shd), tree_meta)
+            raw = ckptr.restore(directory, target)
+        except Exception as e:  # noqa: BLE001
+            raise _corrupt_from(e, label, directory) from e
     adapters = {p: {n: raw[_encode_key(p)][_encode_key(n)] for n in names} for p, names in meta["paths"]}
     rp = reparam_from_json(meta["reparam"]) if meta.get("reparam") is not None else None
     return (rp, adapters, meta.get("metadata")) if with_metadata else (rp, adapters)
@@ -337,12 +496,13 @@ def load_adapters(directory, *, with_metadata: bool = False):
 
 # --------------------------------------------------------------------------- training state
 def _steps_in(directory) -> list[int]:
+    """Steps as Orbax lists them: every digit-named subdirectory (also one whose metadata is lost:
+    such a step is reported as corrupt, never skipped silently)."""
     try:
         names = os.listdir(directory)
     except OSError:
         return []
-    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n))
-                  and _has_ckpt_metadata(os.path.join(directory, n)))
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
 def _manager(directory, max_to_keep=None, read_only=False):
@@ -357,20 +517,48 @@ def _manager(directory, max_to_keep=None, read_only=False):
 
 def all_steps(directory) -> list[int]:
     """Sorted steps saved by :func:`save_state` in ``directory`` (``[]`` if none / missing)."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        return []
-    with _manager(directory, read_only=True) as m:
-        return sorted(m.all_steps())
+    directory = _check_directory(directory)
+    return _steps_in(directory)
 
 
 def latest_step(directory) -> int | None:
-    """The newest step in ``directory`` (``None`` if there is none), via Orbax's ``latest_step``."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        return None
-    with _manager(directory, read_only=True) as m:
-        return m.latest_step()
+    """The newest step in ``directory`` (``None`` if there is none), intact or not.
+
+    See :func:`latest_intact_step` for the newest step that passes the integrity checks.
+    """
+    steps = all_steps(directory)
+    return steps[-1] if steps else None
+
+
+def latest_intact_step(directory) -> int | None:
+    """The newest step of ``directory`` whose files are intact (``None`` if there is none).
+
+    A step is intact when its JSON metadata parses and every file matches the size and SHA-256
+    recorded in its manifest when it was saved; a step saved by an older lrjax (no manifest) must
+    also have readable Orbax metadata. This reads every file of the steps it checks.
+    """
+    directory = _check_directory(directory)
+    for step in reversed(_steps_in(directory)):
+        try:
+            _verify_step_readable(directory, step)
+        except CheckpointCorruptError:
+            continue
+        return step
+    return None
+
+
+def _verify_step_readable(directory: str, step: int) -> None:
+    step_dir = os.path.join(directory, str(step))
+    label = f"step {step} in {directory}"
+    _verify(step_dir, label)
+    if not os.path.isfile(os.path.join(step_dir, _MANIFEST)):
+        with _manager(directory, read_only=True) as m:
+            try:
+                _lrjax_meta(m.metadata(step).custom_metadata, step_dir, "state")
+            except CheckpointCorruptError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise _corrupt_from(e, label, step_dir) from e
 
 
 def _leaf_record(comps, x) -> tuple[dict, Any]:
@@ -419,11 +607,10 @@ def save_state(directory, step: int, state, *, max_to_keep: int | None = None,
 
     Synchronous: the checkpoint is complete (and committed atomically) when this returns.
     """
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise TypeError(f"step must be a non-negative int, got {step!r}")
-    step = int(step)
-    if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
-        raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
+    directory = _check_directory(directory)
+    step = _check_step(step)
+    max_to_keep = check_int(max_to_keep, "max_to_keep", low=1, allow_none=True)
+    overwrite = check_bool(overwrite, "overwrite")
     leaves, _ = jax.tree_util.tree_flatten_with_path(state)
     if not leaves:
         raise ValueError("state has no array leaves to save")
@@ -438,7 +625,6 @@ def save_state(directory, step: int, state, *, max_to_keep: int | None = None,
         rec, arr = _leaf_record(comps, x)
         records.append({"path": list(comps), **rec})
         items.append((comps, arr))
-    directory = os.path.abspath(os.fspath(directory))
     ocp = _ocp()
     with _manager(directory, max_to_keep=max_to_keep) as m:
         existing = sorted(m.all_steps())
@@ -457,6 +643,7 @@ def save_state(directory, step: int, state, *, max_to_keep: int | None = None,
         m.wait_until_finished()
         if not ok:  # pragma: no cover - guarded above
             raise RuntimeError(f"orbax declined to save step {step} in {directory}")
+    _write_manifest(os.path.join(directory, str(step)))
 
 
 def _no_ckpt(directory, what: str):
@@ -584,12 +771,12 @@ def _finish_leaf_inner(rec, value, tleaf):
     return value
 
 
-def restore_state(directory, step: int | None = None, *, like=None):
+def restore_state(directory, step: int | None = None, *, like=None, fallback: bool = False):
     """Restore a state saved by :func:`save_state`.
 
     Args:
       directory: the checkpoint root given to :func:`save_state`.
-      step: which step; ``None`` = the latest (``latest_step(directory)``).
+      step: which step, an ``int >= 0``; ``None`` = the latest (``latest_step(directory)``).
       like: a template of the state -- the pytree your init code builds, concrete or abstract
         (``jax.eval_shape(init_fn, ...)``). The result then has exactly its structure:
         NamedTuples, typed PRNG keys (re-wrapped with the saved impl), dtypes (bfloat16 too),
@@ -598,6 +785,10 @@ def restore_state(directory, step: int | None = None, *, like=None):
         leaf's sharding, or the default device if it has none). Every template leaf must match
         a saved leaf in path, shape and dtype (no casting), else ``ValueError`` names the first
         differing path.
+      fallback: with ``step=None``, restore the newest *intact* step: a damaged newer step is
+        skipped with a ``UserWarning`` naming it and the damaged file (the restored state is
+        bit-identical to what that older step saved). ``False`` (default): a damaged latest
+        step raises :class:`CheckpointCorruptError`.
 
     Without ``like`` the *raw* form is returned: nested plain ``dict`` s keyed by the path
     components as strings (sequence indices ``"0"``, ``"1"``..., NamedTuple fields by name,
@@ -609,34 +800,69 @@ def restore_state(directory, step: int | None = None, *, like=None):
     Raises:
       FileNotFoundError: no checkpoint in ``directory``, or ``step`` not saved (the message
         lists the available steps).
+      CheckpointCorruptError: (a ``ValueError``) the step's files are damaged (truncated, zeroed,
+        missing); the message names the step and the file. With ``fallback=True``: every step is.
       ValueError: the template does not match the checkpoint.
+      TypeError: ``directory`` is not a path, ``step`` not an int (e.g. the string ``"4"``).
     """
-    directory = os.path.abspath(os.fspath(directory))
+    directory = _check_directory(directory)
+    if step is not None:
+        step = _check_step(step)
+    fallback = check_bool(fallback, "fallback")
+    if fallback and step is not None:
+        raise ValueError(f"fallback=True restores the newest intact step and needs step=None, got step={step}; "
+                         "drop `step` (or fallback)")
+    like_items = treedef = None
+    if like is not None:
+        like_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+        like_items = [(_components(p), x) for p, x in like_leaves]
     steps = _steps_in(directory) if os.path.isdir(directory) else []
     if not steps:
         raise _no_ckpt(directory, "no training-state checkpoint")
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f"step {step} not found in {directory}; available steps: {steps}")
+        return _restore_step(directory, step, like_items, treedef)
+    if not fallback:
+        return _restore_step(directory, steps[-1], like_items, treedef)
+    errors = []
+    for s in reversed(steps):
+        try:
+            return _restore_step(directory, s, like_items, treedef)
+        except CheckpointCorruptError as e:
+            errors.append(str(e))
+            warnings.warn(f"restore_state(fallback=True): skipping {e}", UserWarning, stacklevel=2)
+    raise CheckpointCorruptError(f"no intact step in {directory} (steps {steps}): " + " | ".join(errors))
+
+
+def _restore_step(directory: str, step: int, like_items, treedef):
+    step_dir = os.path.join(directory, str(step))
+    label = f"step {step} in {directory}"
+    _verify(step_dir, label)
     ocp = _ocp()
     with _manager(directory, read_only=True) as m:
-        steps = sorted(m.all_steps())
-        if not steps:  # pragma: no cover - _steps_in and orbax disagree
-            raise _no_ckpt(directory, "no training-state checkpoint")
-        if step is None:
-            step = m.latest_step()
-        elif step not in steps:
-            raise FileNotFoundError(f"step {step} not found in {directory}; available steps: {steps}")
-        meta = _lrjax_meta(m.metadata(step).custom_metadata, f"{directory}/{step}", "state")
+        try:
+            custom = m.metadata(step).custom_metadata
+        except Exception as e:  # noqa: BLE001 - orbax/JSON errors here mean damaged files
+            raise _corrupt_from(e, label, step_dir) from e
+        if not custom:
+            raise CheckpointCorruptError(f"{label} is corrupt: file {os.path.join(step_dir, '_CHECKPOINT_METADATA')} "
+                                         "holds no lrjax metadata; restore an older step with "
+                                         "restore_state(directory, fallback=True)")
+        meta = _lrjax_meta(custom, step_dir, "state")
         records = meta["leaves"]
-        if like is not None:
-            like_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-            like_items = [(_components(p), x) for p, x in like_leaves]
+        if like_items is not None:
             _check_template(like_items, records, directory, step)
             tmap = dict(like_items)
         else:
             tmap = {}
         target = _nest([(tuple(r["path"]), _restore_target(r, tmap.get(tuple(r["path"]))))
                         for r in records])
-        raw = m.restore(step, args=ocp.args.StandardRestore(target))
-    if like is not None:
+        try:
+            raw = m.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as e:  # noqa: BLE001 - TensorStore/orbax errors: damaged or missing array files
+            raise _corrupt_from(e, label, step_dir) from e
+    if like_items is not None:
         rmap = {tuple(r["path"]): r for r in records}
         out = [_finish_leaf(rmap[c], _get_nested(raw, c), x) for c, x in like_items]
         return jax.tree_util.tree_unflatten(treedef, out)

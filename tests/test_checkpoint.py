@@ -272,7 +272,7 @@ def test_state_errors(tmp_path):
     with pytest.raises(ValueError, match=r"'key' is a uint32 array in the template but a typed PRNG key"):
         ck.restore_state(d, like={**state, "key": jax.random.PRNGKey(0)})
 
-    with pytest.raises(TypeError, match="non-negative int"):
+    with pytest.raises(ValueError, match=r"step must be an int >= 0, got -1"):
         ck.save_state(d, -1, state)
     with pytest.raises(TypeError, match="'obj' has type str"):
         ck.save_state(d, 30, {"obj": "hello"})
