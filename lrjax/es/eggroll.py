@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -53,12 +54,13 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lrjax import _validation as V
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 from lrjax.es import noise as noise_lib
 from lrjax.es.noise import FROZEN, FULL, LOWRANK, LeafPlan, LowRankNoise
 from lrjax.es.perturbed import FactoredStats, perturbed_call
-from lrjax.es.shaping import SHAPINGS, shape_fitness
+from lrjax.es.shaping import SHAPINGS, check_fitness, shape_fitness
 
 __all__ = ["Eggroll", "EggrollState", "EstimateInfo", "default_member_chunk"]
 
@@ -91,9 +93,73 @@ MAX_DEFAULT_MEMBER_CHUNK = 256
 def default_member_chunk(population_size: int, antithetic: bool = True) -> int:
     """Default evaluation chunk: the largest divisor of ``N`` (even with ``antithetic``) that is at
     most ``min(256, N // 8)`` (at least one pair). A function of ``N`` only, so layouts agree."""
-    step = 2 if antithetic else 1
+    population_size = V.check_int(population_size, "population_size", low=1)
+    step = 2 if V.check_bool(antithetic, "antithetic") else 1
     cap = max(step, min(MAX_DEFAULT_MEMBER_CHUNK, population_size // 8))
     return step * _largest_divisor_at_most(population_size // step, cap // step)
+
+
+# ------------------------------------------------------------------ argument checks
+def _check_key(key, name="key"):
+    """A single typed key (``jax.random.key``) or a legacy ``uint32[2]`` PRNGKey, as a typed key."""
+    if not isinstance(key, (jax.Array, np.ndarray)):
+        raise TypeError(f"{name} must be a jax.random.key(seed) (or a uint32[2] PRNGKey), got "
+                        f"{type(key).__name__}; e.g. es.init(jax.random.key(0))")
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"{name} must be a single key (shape ()), got a batch of shape {key.shape}")
+        return key
+    if key.shape != (2,) or key.dtype != jnp.uint32:
+        raise TypeError(f"{name} must be a jax.random.key(seed) (or a uint32[2] PRNGKey), got "
+                        f"{key.dtype}{tuple(key.shape)}")
+    return jax.random.wrap_key_data(jnp.asarray(key))
+
+
+def _check_params(params, name="params") -> dict:
+    """``{path: leaf}`` of a non-empty pytree whose leaves are arrays."""
+    if params is None or isinstance(params, (str, bytes, numbers.Number)):
+        raise TypeError(f"{name} must be a pytree (dict, list, ...) of arrays, got {type(params).__name__}")
+    flat = tree_lib.flatten(params)
+    if not flat:
+        raise ValueError(f"{name}: the pytree has no leaves")
+    for p, v in flat.items():
+        if not isinstance(v, (jax.Array, np.ndarray, np.generic, jax.core.Tracer)):
+            raise TypeError(f"{name}: leaf {p!r} is a {type(v).__name__}, not an array; wrap it with "
+                            f"jnp.asarray(...)")
+    return flat
+
+
+@jax.jit
+def _finite_flags(leaves):
+    return jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves])
+
+
+def _check_params_finite(flat: dict, name="params"):
+    """Refuse NaN/Inf in concrete floating params (one fused reduction; skipped under tracing)."""
+    items = [(p, v) for p, v in flat.items() if jnp.issubdtype(v.dtype, jnp.inexact)]
+    if not items or not all(V.is_concrete(v) for _, v in items):
+        return
+    if isinstance(items[0][1], jax.Array) and not all(v.is_fully_addressable for _, v in items
+                                                       if isinstance(v, jax.Array)):
+        return
+    with jax.ensure_compile_time_eval():
+        flags = np.asarray(_finite_flags([v for _, v in items]))
+    if not flags.all():
+        p = items[int(np.argmin(flags))][0]
+        raise ValueError(f"{name}: leaf {p!r} contains NaN or Inf; every member would inherit it "
+                         "(lrjax does not propagate non-finite inputs silently): clean the params first")
+
+
+def _check_member(member, n, name="member"):
+    """A member id: a Python/NumPy int in ``[0, n)``, or an integer scalar array (traced ones too)."""
+    if isinstance(member, (jax.Array, np.ndarray, jax.core.Tracer)) and not isinstance(member, np.generic):
+        if member.ndim != 0 or not jnp.issubdtype(member.dtype, jnp.integer):
+            raise TypeError(f"{name} must be an integer member id (scalar), got {member.dtype}"
+                            f"{tuple(member.shape)}; vmap over ids for several members, or use Eggroll.ask")
+        if V.is_concrete(member):
+            V.check_int(int(member), name, low=0, high=n - 1)
+        return member
+    return V.check_int(member, name, low=0, high=n - 1)
 
 
 class Eggroll:
@@ -110,7 +176,7 @@ class Eggroll:
         :mod:`lrjax.es.shaping`, which also states the rule for non-finite fitness.
       maximize: ``True`` (default) if larger fitness is better. The returned gradient is always
         the gradient of the smoothed *loss* (``-fitness`` when maximizing), so it goes straight
-        into ``optax`` ``update`` as ``jax.grad`` of a loss would.
+        into ``optax`` ``update`` as ``jax.grad`` of a loss would (see "Sign" below).
       antithetic: mirrored pairs ``theta +- sigma E_j`` (default ``True``).
       targets: leaves that get low-rank noise (an :mod:`lrjax.tree` pattern); default every
         floating leaf with ``ndim >= 2``. Other floating leaves get full-rank noise.
@@ -141,6 +207,29 @@ class Eggroll:
         noise, nothing population-sized is stored. Not available with ``mesh`` (each device draws
         only its chunks' noise). Same values either way: the draws are the same pure functions of (seed, generation, index).
 
+    Sign of the returned gradient: ``estimate`` and ``tell`` return an estimate of the gradient
+    of the smoothed *loss* ``L``, with ``L = -fitness`` when ``maximize=True`` and ``L = fitness``
+    when ``maximize=False``: a *descent* gradient in optax's convention, meant for
+    ``params - lr * grad`` (what ``optax.sgd(lr)`` / ``optax.adam`` do with it), which raises the
+    fitness when maximizing and lowers it when minimizing. Do not negate it. With
+    ``maximize=True`` it is thus minus an estimate of the ascent direction ``grad f``. Shapings
+    ``'z_score'`` and ``'centered_rank'`` keep this sign but rescale (the weights are shaped
+    fitness, not ``f``). The paper's raw estimator ``1/(N sigma) sum_i f_i eps_i`` (an estimate of
+    ``grad E[f]``) is returned exactly by ``shaping='none', maximize=False``; with
+    ``shaping='none', maximize=True`` the result is its negative.
+
+    Fitness outside JAX (simulators, environments, external evaluators): :meth:`ask` gives the
+    members' perturbed params (or noise) chunk by chunk, :meth:`tell` takes the fitness vector; the
+    update is the one :meth:`estimate` computes from the same fitness values.
+
+    Argument rules (checked at construction, before anything is traced): ``population_size``,
+    ``rank``, ``noise_reuse``, ``member_chunk``, ``update_chunk`` are ints in range, ``sigma`` a
+    finite float ``> 0``, ``maximize``/``antithetic``/``store_noise`` real bools, ``shaping`` and
+    ``noise`` one of their names; a population of 1 (``antithetic=False``) is refused with
+    ``'z_score'`` and ``'centered_rank'`` (no spread); ``rank > min(M, N)`` of a targeted leaf is
+    refused naming the leaf (lrjax's one rank rule). Params must be a pytree of arrays with at
+    least one perturbed leaf and (when concrete) no NaN/Inf.
+
     Example::
 
         es = Eggroll(population_size=256, rank=4, sigma=0.05)
@@ -159,25 +248,25 @@ class Eggroll:
                  mesh: Mesh | None = None,
                  axis_name: str | None = None, member_chunk: int | None = None,
                  update_chunk: int = 128, store_noise: bool = False):
-        if isinstance(population_size, bool) or not isinstance(population_size, (int, np.integer)) \
-                or population_size <= 0:
-            raise ValueError(f"population_size must be a positive int, got {population_size!r}")
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0):
-            raise ValueError(f"rank must be a positive int (or None for full-rank noise), got {rank!r}")
-        if not isinstance(sigma, (int, float, np.floating)) or not math.isfinite(sigma) or sigma <= 0:
-            raise ValueError(f"sigma must be a positive finite float, got {sigma!r}")
-        if shaping not in SHAPINGS:
-            raise ValueError(f"shaping must be one of {sorted(SHAPINGS)}, got {shaping!r}")
-        if not isinstance(noise_reuse, (int, np.integer)) or noise_reuse < 1:
-            raise ValueError(f"noise_reuse must be an int >= 1, got {noise_reuse!r}")
-        if noise not in noise_lib.DISTRIBUTIONS:
-            raise ValueError(f"noise must be one of {noise_lib.DISTRIBUTIONS}, got {noise!r}")
-        if not isinstance(update_chunk, (int, np.integer)) or update_chunk < 1:
-            raise ValueError(f"update_chunk must be an int >= 1, got {update_chunk!r}")
-        if not isinstance(store_noise, (bool, np.bool_)):
-            raise ValueError(f"store_noise must be True or False, got {store_noise!r}")
+        population_size = V.check_int(population_size, "population_size", low=1)
+        rank = V.check_int(rank, "rank", low=1, allow_none=True)
+        sigma = V.check_float(sigma, "sigma", low=0.0, low_open=True)
+        V.check_choice(shaping, "shaping", SHAPINGS)
+        maximize = V.check_bool(maximize, "maximize")
+        antithetic = V.check_bool(antithetic, "antithetic")
+        noise_reuse = V.check_int(noise_reuse, "noise_reuse", low=1)
+        V.check_choice(noise, "noise", noise_lib.DISTRIBUTIONS)
+        update_chunk = V.check_int(update_chunk, "update_chunk", low=1)
+        store_noise = V.check_bool(store_noise, "store_noise")
+        member_chunk = V.check_int(member_chunk, "member_chunk", low=1, allow_none=True)
+        for name, t in (("targets", targets), ("frozen", frozen)):
+            if isinstance(t, (bool, numbers.Number)):
+                raise TypeError(f"{name} must be an lrjax.tree pattern (a regex string, a list of "
+                                f"them, or a callable (path, leaf) -> bool), or None; got {t!r}")
         if store_noise and mesh is not None:
             raise ValueError("store_noise=True needs mesh=None (with a mesh the update regenerates the noise)")
+        if axis_name is not None and not isinstance(axis_name, str):
+            raise TypeError(f"axis_name must be a mesh axis name (str) or None, got {axis_name!r}")
         n_dev = 1
         if mesh is not None:
             if not isinstance(mesh, Mesh):
@@ -189,11 +278,17 @@ class Eggroll:
         elif axis_name is not None:
             raise ValueError("axis_name is given but mesh is None; pass mesh= as well")
         if antithetic and population_size % 2:
-            raise ValueError(f"population_size={population_size} must be even with antithetic=True")
+            raise ValueError(f"population_size={population_size} must be even with antithetic=True "
+                             f"(members come in mirrored pairs); use {population_size + 1} or antithetic=False")
+        if population_size == 1 and shaping != "none":
+            raise ValueError(f"population_size=1 has no spread: with shaping={shaping!r} the single "
+                             "member's weight carries no information (z-score gives 0, an all-zero "
+                             "update; a centered rank is a constant), so the estimate would be "
+                             "meaningless. Use population_size >= 2 (2 with antithetic=True is one "
+                             "mirrored pair), or shaping='none' for the raw one-sample estimator")
         if member_chunk is None:
-            member_chunk = default_member_chunk(int(population_size), bool(antithetic))
-        elif isinstance(member_chunk, bool) or not isinstance(member_chunk, (int, np.integer)) \
-                or member_chunk < 1 or population_size % member_chunk or (antithetic and member_chunk % 2):
+            member_chunk = default_member_chunk(population_size, antithetic)
+        elif population_size % member_chunk or (antithetic and member_chunk % 2):
             raise ValueError(f"member_chunk must be a positive divisor of population_size "
                              f"({population_size}){', and even (antithetic pairs)' if antithetic else ''}, "
                              f"got {member_chunk!r}")
@@ -218,18 +313,11 @@ class Eggroll:
     # ------------------------------------------------------------------ setup
     def init(self, key) -> EggrollState:
         """State for seed ``key`` (a ``jax.random.key`` or legacy ``PRNGKey``), generation 0."""
-        key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            if key.shape != (2,) or key.dtype != jnp.uint32:
-                raise TypeError(f"key must be a jax.random.key (or a uint32[2] PRNGKey), got {key.dtype}{key.shape}")
-            key = jax.random.wrap_key_data(key)
-        return EggrollState(key, jnp.zeros((), jnp.int32))
+        return EggrollState(_check_key(key, "key"), jnp.zeros((), jnp.int32))
 
     def plan(self, params) -> list[LeafPlan]:
         """How each leaf is perturbed (``'lowrank'``, ``'full'`` or ``'frozen'``), in flatten order."""
-        flat = tree_lib.flatten(params)
-        if not flat:
-            raise ValueError("params: the pytree has no leaves")
+        flat = _check_params(params)
         isfloat = {p: hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating) for p, v in flat.items()}
         frozen = set(tree_lib.select(params, self.frozen, argname="frozen")) if self.frozen is not None else set()
         if self.rank is None:
@@ -240,12 +328,13 @@ class Eggroll:
             low = set(tree_lib.select(params, self.targets, argname="targets"))
         plans = []
         for p, v in flat.items():
-            if not hasattr(v, "shape"):
-                raise TypeError(f"params: leaf {p!r} is a {type(v).__name__}, not an array")
             if p in frozen or not isfloat[p]:
                 kind, ax = FROZEN, None
             elif p in low:
                 kind, ax = LOWRANK, axes_lib.resolve(p, v.shape, self.axes)
+                _, m, n = axes_lib.matrix_shape(tuple(v.shape), ax)
+                V.check_rank(self.rank, m, n, "rank", where=f"leaf {p!r} (shape {tuple(v.shape)}); or give "
+                             f"it full-rank noise by leaving it out of `targets`")
             else:
                 kind, ax = FULL, None
             plans.append(LeafPlan(p, kind, tuple(v.shape), v.dtype, ax))
@@ -279,31 +368,167 @@ class Eggroll:
                 out.append((self.sigma * sign) * z)
         return out
 
-    def member_noise(self, state: EggrollState, params, member) -> dict:
-        """``{path: LowRankNoise | array}`` of member ``member`` (global id) this generation;
-        frozen leaves are absent. Feed it to :func:`lrjax.es.perturbed_call`."""
+    def _plans(self, params) -> list[LeafPlan]:
+        """:meth:`plan` for a generation: refuses params with nothing to perturb or (concrete)
+        NaN/Inf values."""
         plans = self.plan(params)
+        if all(pl.kind == FROZEN for pl in plans):
+            raise ValueError("params: no leaf is perturbed (every leaf is frozen or not floating), so the "
+                             "ES update would be identically zero; pass floating params or loosen `frozen`")
+        _check_params_finite(tree_lib.flatten(params))
+        return plans
+
+    def _check_state(self, state, name="state"):
+        if not isinstance(state, EggrollState):
+            raise TypeError(f"{name} must be an EggrollState from Eggroll.init, got {type(state).__name__}")
+        key, gen = state
+        if not isinstance(key, (jax.Array, jax.core.Tracer)) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
+                or key.shape != ():
+            raise TypeError(f"{name}.key must be one typed key (jax.random.key), got "
+                            f"{getattr(key, 'dtype', type(key).__name__)}; build the state with Eggroll.init")
+        g = gen if isinstance(gen, (jax.Array, np.ndarray, jax.core.Tracer)) else None
+        if g is None:
+            V.check_int(gen, f"{name}.generation", low=0)
+        elif g.ndim != 0 or not jnp.issubdtype(g.dtype, jnp.integer):
+            raise TypeError(f"{name}.generation must be an integer scalar, got {g.dtype}{tuple(g.shape)}")
+        elif V.is_concrete(g) and int(g) < 0:
+            raise ValueError(f"{name}.generation must be >= 0, got {int(g)}")
+        return state
+
+    def member_noise(self, state: EggrollState, params, member) -> dict:
+        """``{path: LowRankNoise | array}`` of member ``member`` (global id in ``[0, N)``) this
+        generation; frozen leaves are absent. Feed it to :func:`lrjax.es.perturbed_call`."""
+        self._check_state(state)
+        plans = self._plans(params)
+        member = _check_member(member, self.population_size)
         flat = self._member_noise_flat(plans, state.key, state.generation, member)
         return {pl.path: n for pl, n in zip(plans, flat) if n is not None}
 
-    def member_params(self, state: EggrollState, params, member):
-        """Materialized ``theta + sigma E_member`` (O(mn) per matrix: for checks and small models)."""
-        plans = self.plan(params)
-        nz = self.member_noise(state, params, member)
+    def _materialize(self, plans, params, nz_flat):
         new = {}
         flat = tree_lib.flatten(params)
-        for pl in plans:
-            if pl.path not in nz:
+        for pl, n in zip(plans, nz_flat):
+            if n is None:
                 continue
-            v, n = flat[pl.path], nz[pl.path]
-            if pl.kind == LOWRANK:
-                d = axes_lib.from_matrix(n.dense(), pl.ax, pl.shape)
-            else:
-                d = n
+            v = flat[pl.path]
+            d = axes_lib.from_matrix(n.dense(), pl.ax, pl.shape) if pl.kind == LOWRANK else n
             new[pl.path] = (v.astype(d.dtype) + d).astype(v.dtype)
         return tree_lib.replace(params, new)
 
+    def member_params(self, state: EggrollState, params, member):
+        """Materialized ``theta + sigma E_member`` (O(mn) per matrix: for checks, small models and
+        fitness outside JAX; :meth:`ask` gives a whole chunk of members at once)."""
+        self._check_state(state)
+        plans = self._plans(params)
+        member = _check_member(member, self.population_size)
+        return self._materialize(plans, params, self._member_noise_flat(plans, state.key, state.generation, member))
+
+    # ------------------------------------------------------------------ ask / tell
+    @property
+    def num_chunks(self) -> int:
+        """Number of global member chunks (``population_size // member_chunk``), see :meth:`ask`."""
+        return self.population_size // self.member_chunk
+
+    def ask(self, state: EggrollState, params, chunk: int | None = None, *, members=None,
+            perturbation: bool = False):
+        """This generation's members, batched along a new leading axis, for fitness computed
+        outside JAX (simulators, RL environments, external evaluators); pair with :meth:`tell`.
+
+        Args:
+          state, params: as for :meth:`estimate`.
+          chunk: ``None`` (default) for the whole population, or a chunk index ``c`` in
+            ``[0, num_chunks)``: members ``c * member_chunk ... (c + 1) * member_chunk - 1``.
+          members: instead of ``chunk``, explicit global member ids (1-D ints in ``[0, N)``).
+          perturbation: ``False`` (default) returns the perturbed params ``theta + sigma E_i``, a
+            pytree shaped like ``params`` whose leaves have a leading member axis ``[C, *shape]``
+            (member ``k`` of the batch is ``member_params(state, params, ids[k])``). ``True``
+            returns the members' noise instead, as :meth:`member_noise` batched: ``{path:
+            LowRankNoise(a [C, *batch, M, r], b [C, *batch, N, r], scale [C]) | array [C, *shape]}``
+            (the perturbation is ``scale * a @ b^T`` in the leaf's matrix view, or the array).
+
+        Member ``i`` has exactly the noise (same bits) that :meth:`estimate` gives it:
+        antithetic members ``2j`` and ``2j+1`` are ``theta +- sigma E_j``. So ``tell`` with the
+        fitness of every member (in member order) gives the update ``estimate`` would give for the
+        same fitness values -- bit-identical for identical values; a fitness computed another way
+        (NumPy in float64, a simulator) moves the update only as much as it moves the fitness.
+
+        Memory: the perturbed params of ``C`` members are materialized at once (``C`` copies of
+        the params; ``perturbation=True`` needs ``C (r (M + N))`` per matrix instead). Bound it by
+        asking chunk by chunk (``member_chunk=`` in the constructor sets the chunk size).
+
+        Example (fitness in NumPy)::
+
+            es = Eggroll(64, rank=2, sigma=0.05, member_chunk=16)
+            state = es.init(jax.random.key(0))
+            for _ in range(100):
+                fit = np.concatenate([simulate(es.ask(state, params, c)) for c in range(es.num_chunks)])
+                grad, state, info = es.tell(state, params, fit)     # fit: float [64], member order
+                updates, opt_state = opt.update(grad, opt_state, params)
+                params = optax.apply_updates(params, updates)
+
+        ``ask`` runs in the calling process (no ``shard_map``): with a ``mesh``, ask each
+        process's chunks there and gather the fitness before ``tell``.
+        """
+        self._check_state(state)
+        perturbation = V.check_bool(perturbation, "perturbation")
+        plans = self._plans(params)
+        n = self.population_size
+        if members is not None:
+            if chunk is not None:
+                raise ValueError("give either chunk or members, not both")
+            if isinstance(members, (list, tuple)):
+                if not members or not all(isinstance(m, (int, np.integer)) and not isinstance(m, bool)
+                                          for m in members):
+                    raise TypeError(f"members must be a non-empty 1-D list/array of int member ids, got {members!r}")
+                members = np.asarray(members, np.int64)
+            ids = V.check_array(members, "members", ndim=1, kind="integer")
+            if ids.shape[0] == 0:
+                raise ValueError("members is empty: give at least one member id")
+            if V.is_concrete(ids):
+                lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+                if lo < 0 or hi >= n:
+                    raise ValueError(f"members must be ids in [0, {n}) (population_size={n}), got min {lo}, max {hi}")
+            ids = jnp.asarray(ids, jnp.int32)
+        elif chunk is None:
+            ids = jnp.arange(n, dtype=jnp.int32)
+        else:
+            c = V.check_int(chunk, "chunk", low=0, high=self.num_chunks - 1)
+            ids = c * self.member_chunk + jnp.arange(self.member_chunk, dtype=jnp.int32)
+        fn = self._ask_fn(plans, params, perturbation)
+        return fn(params, jax.random.key_data(state.key), jnp.asarray(state.generation, jnp.int32), ids)
+
+    def _ask_fn(self, plans, params, perturbation):
+        treedef = jax.tree_util.tree_structure(params)
+        ck = ("ask", perturbation, treedef, tuple((pl.shape, str(pl.dtype)) for pl in plans))
+        if ck in self._cache:
+            return self._cache[ck]
+        impl = jax.random.key_impl(jax.random.key(0))
+
+        def run(params, kd, generation, ids):
+            key = jax.random.wrap_key_data(kd, impl=impl)
+
+            def one(m):
+                nz = self._member_noise_flat(plans, key, generation, m)
+                if perturbation:
+                    return {pl.path: z for pl, z in zip(plans, nz) if z is not None}
+                return self._materialize(plans, params, nz)
+            return jax.vmap(one)(ids)
+
+        fn = jax.jit(run)
+        self._cache[ck] = fn
+        return fn
+
     # ------------------------------------------------------------------ fitness
+    def _check_call(self, state, params, fitness_fn, args, pass_noise, stats=None):
+        """Every check of estimate/fitness/lower, before anything is traced."""
+        self._check_state(state)
+        pass_noise = V.check_bool(pass_noise, "pass_noise")
+        if stats is not None and not isinstance(stats, FactoredStats):
+            raise TypeError(f"stats must be a lrjax.es.FactoredStats or None, got {type(stats).__name__}")
+        self._plans(params)
+        self._check_fitness_fn(params, fitness_fn, args, pass_noise)
+        return pass_noise
+
     def _check_fitness_fn(self, params, fitness_fn, args, pass_noise):
         if not callable(fitness_fn):
             raise TypeError(f"fitness_fn must be callable, got {type(fitness_fn).__name__}")
@@ -327,8 +552,9 @@ class Eggroll:
             raise TypeError(f"fitness_fn cannot take these params/args (param shapes {shapes}): "
                             f"{type(e).__name__}: {e}") from e
         if not hasattr(out, "shape") or out.shape not in ((), (1,)):
-            raise ValueError(f"fitness_fn must return one scalar per member, got "
-                             f"{getattr(out, 'shape', type(out).__name__)}")
+            raise ValueError(f"fitness_fn must return one scalar per member (shape () or (1,)), got "
+                             f"{getattr(out, 'shape', type(out).__name__)}; reduce it (e.g. jnp.mean) "
+                             f"inside fitness_fn")
         if not (jnp.issubdtype(out.dtype, jnp.floating) or jnp.issubdtype(out.dtype, jnp.integer)):
             raise TypeError(f"fitness_fn must return a real number, got dtype {out.dtype}")
         self._cache[sig] = True
@@ -483,8 +709,7 @@ class Eggroll:
         return multihost_utils.global_array_to_host_local_array(tree, self.mesh, P())
 
     def _inputs(self, state, params, args):
-        if not isinstance(state, EggrollState):
-            raise TypeError(f"state must be an EggrollState from Eggroll.init, got {type(state).__name__}")
+        self._check_state(state)
         kd = jax.random.key_data(state.key)
         gen = jnp.asarray(state.generation, jnp.int32)
         return self._to_global((params, kd, gen, args))
@@ -493,7 +718,7 @@ class Eggroll:
               pass_noise: bool = False):
         """The ``jax.stages.Lowered`` generation program of :meth:`estimate` (for
         ``.compile().memory_analysis()`` / ``cost_analysis()``)."""
-        self._check_fitness_fn(params, fitness_fn, args, pass_noise)
+        pass_noise = self._check_call(state, params, fitness_fn, args, pass_noise)
         self._stats = FactoredStats()
         return self._compiled("estimate", fitness_fn, pass_noise, params).lower(*self._inputs(state, params, args))
 
@@ -501,16 +726,25 @@ class Eggroll:
                 pass_noise: bool = False, stats: FactoredStats | None = None):
         """Raw fitness ``[N]`` of this generation's members (global order), each member evaluated
         with :func:`perturbed_call` (or ``fitness_fn(params, noise, *args)`` with ``pass_noise``)."""
-        self._check_fitness_fn(params, fitness_fn, args, pass_noise)
+        pass_noise = self._check_call(state, params, fitness_fn, args, pass_noise, stats)
         self._stats = stats if stats is not None else FactoredStats()
         out = self._compiled("fitness", fitness_fn, pass_noise, params)(*self._inputs(state, params, args))
         return self._to_local(out)
 
     def tell(self, state: EggrollState, params, fitness):
-        """``(grad, next_state, info)`` from raw fitness ``[N]`` in global member order."""
-        fitness = jnp.asarray(fitness)
-        if fitness.shape != (self.population_size,):
-            raise ValueError(f"fitness must have shape ({self.population_size},), got {fitness.shape}")
+        """``(grad, next_state, info)`` from raw fitness ``[N]`` in global member order.
+
+        ``fitness``: a 1-D real vector of length ``population_size`` (NumPy, JAX or a list; any
+        float or int dtype, computed inside or outside JAX), entry ``i`` the fitness of member
+        ``i`` as given by :meth:`ask` / :meth:`member_params` / :meth:`fitness`. Shaping,
+        antithetic pairing and the non-finite rule (:mod:`lrjax.es.shaping`) are those of
+        :meth:`estimate`, which equals ``tell(state, params, fitness(state, params, ...))``. The
+        fitness is shaped in float32 (float64 with x64 enabled); finite values beyond that range
+        are refused. ``grad`` has the sign of :meth:`estimate`'s (see the class docstring).
+        """
+        self._check_state(state)
+        self._plans(params)
+        fitness = jnp.asarray(check_fitness(fitness, "fitness", self.population_size))
         p, kd, gen, _ = self._inputs(state, params, ())
         grad, info = self._compiled("tell", None, False, params)(p, kd, gen, fitness)
         return grad, EggrollState(state.key, state.generation + 1), info
@@ -528,7 +762,7 @@ class Eggroll:
         ``grad`` is shaped like ``params``: the ES gradient of the smoothed loss (see the class
         docstring), ready for ``optax``.
         """
-        self._check_fitness_fn(params, fitness_fn, args, pass_noise)
+        pass_noise = self._check_call(state, params, fitness_fn, args, pass_noise, stats)
         self._stats = stats if stats is not None else FactoredStats()
         grad, info = self._compiled("estimate", fitness_fn, pass_noise, params)(*self._inputs(state, params, args))
         grad, info = self._to_local((grad, info))
