@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrjax._validation import check_array, check_choice, check_finite, check_float, check_int, check_rank
+
 __all__ = ["SVD", "svd", "gram_svd", "randomized_svd", "subspace_iteration", "orthonormalize", "select_rank",
            "energy_rank"]
 
@@ -32,24 +34,37 @@ class SVD(NamedTuple):
     vt: jax.Array
 
 
-def _f32(x):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+def _f32(x, name="x", *, ndim_min=2):
+    """Validate a floating matrix argument (array or list of numbers) and return it in float32 or wider.
+
+    Refuses strings and other non-arrays (TypeError), non-floating dtypes (TypeError), fewer than
+    ``ndim_min`` axes or an empty matrix view (ValueError), and NaN/Inf in a concrete array (ValueError).
+    """
+    x = check_array(x, name, kind="floating", convert=True)
+    if ndim_min and x.ndim < ndim_min:
+        raise ValueError(f"{name} must have ndim >= 2 ([*batch, m, n]); got shape {tuple(x.shape)}. "
+                         f"Reshape a vector v to a column v[:, None] or a row v[None, :]")
+    if ndim_min and (x.shape[-2] == 0 or x.shape[-1] == 0):
+        raise ValueError(f"{name} has an empty matrix view [{x.shape[-2]}, {x.shape[-1]}] (shape "
+                         f"{tuple(x.shape)}); a factorization needs m >= 1 and n >= 1 (lrjax refuses "
+                         f"empty matrices instead of returning empty factors)")
+    check_finite(x, name)
     return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
 
 
-def _check_matrix(x, name="x"):
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have ndim >= 2 ([*batch, m, n]); got shape {x.shape}")
-
-
 def _check_rank(rank, m, n, name="rank"):
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int, got {rank!r}")
-    if rank <= 0 or rank > min(m, n):
-        raise ValueError(f"{name}={rank} must satisfy 1 <= {name} <= min(m, n) = {min(m, n)} "
-                         f"for a [{m}, {n}] matrix")
+    return check_rank(rank, m, n, name)
+
+
+def _check_key(key, name="key"):
+    if isinstance(key, jax.core.Tracer):
+        return key
+    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 0:
+        return key
+    if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,):
+        return key
+    raise TypeError(f"{name} must be a single PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
+                    f"got {type(key).__name__}" + (f" of shape {tuple(key.shape)}" if hasattr(key, "shape") else ""))
 
 
 def _fix_signs(u, vt):
@@ -60,12 +75,17 @@ def _fix_signs(u, vt):
 
 
 def svd(x, rank: int | None = None) -> SVD:
-    """Exact thin SVD truncated to ``rank`` (all ``min(m, n)`` components if ``None``), signs pinned."""
+    """Exact thin SVD truncated to ``rank`` (all ``min(m, n)`` components if ``None``), signs pinned.
+
+    ``x: [*batch, m, n]`` floating (a nested list of numbers is converted), ``m, n >= 1``: an empty
+    matrix view ``[0, n]`` is refused with a ``ValueError`` (no empty factors are returned).
+    ``1 <= rank <= min(m, n)`` (:func:`lrjax._validation.check_rank`). A zero or rank-deficient
+    ``x`` is valid: its zero singular values come with orthonormal (arbitrary but pinned) vectors.
+    """
     x = _f32(x)
-    _check_matrix(x)
     m, n = x.shape[-2:]
     if rank is not None:
-        _check_rank(rank, m, n)
+        rank = _check_rank(rank, m, n)
     u, s, vt = jnp.linalg.svd(x, full_matrices=False)
     if rank is not None:
         u, s, vt = u[..., :rank], s[..., :rank], vt[..., :rank, :]
@@ -89,15 +109,13 @@ def gram_svd(x, rank: int | None = None, *, side: str = "left") -> tuple[jax.Arr
     ``rank`` vectors is accurate to about ``eps * s_1^2 / (s_r^2 - s_{r+1}^2)`` radians, against
     ``eps * s_1 / (s_r - s_{r+1})`` for :func:`svd`, and values below ``sqrt(eps) s_1`` are not
     resolved. Ample for a projector (GaLore's ``refresh="eigh"``), not for a pseudo-inverse.
+    Rounding can make a zero eigenvalue slightly negative; it is clipped to 0 before the square
+    root, so ``s >= 0`` and finite for zero or rank-deficient ``x``.
     """
     x = _f32(x)
-    _check_matrix(x)
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    check_choice(side, "side", ("left", "right"))
     m, n = x.shape[-2:]
-    if rank is None:
-        rank = min(m, n)
-    _check_rank(rank, m, n)
+    rank = min(m, n) if rank is None else _check_rank(rank, m, n)
     xt = jnp.swapaxes(x, -1, -2)
     w, v = jnp.linalg.eigh(x @ xt if side == "left" else xt @ x)      # ascending
     vec = v[..., ::-1][..., :rank]
@@ -111,9 +129,16 @@ def gram_svd(x, rank: int | None = None, *, side: str = "left") -> tuple[jax.Arr
 
 
 def orthonormalize(x):
-    """Orthonormal basis of the column space of ``x: [..., m, k]`` (thin QR, ``diag(R) >= 0``)."""
+    """Orthonormal basis of the column space of ``x: [..., m, k]`` (thin QR, ``diag(R) >= 0``).
+
+    Needs ``1 <= k <= m`` (``k > m`` columns cannot be orthonormal: ``ValueError``). For a
+    rank-deficient (or zero) ``x`` the result still has ``k`` orthonormal columns: Householder QR
+    completes the span with directions orthogonal to it (``diag(R) = 0`` there, sign taken +1).
+    """
     x = _f32(x)
-    _check_matrix(x)
+    if x.shape[-1] > x.shape[-2]:
+        raise ValueError(f"x: [..., m, k] needs k <= m to have k orthonormal columns, got shape {tuple(x.shape)}; "
+                         f"orthonormalize the transpose or drop columns")
     q, r = jnp.linalg.qr(x, mode="reduced")
     d = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
     d = jnp.where(d == 0, 1, d)
@@ -123,9 +148,21 @@ def orthonormalize(x):
 def subspace_iteration(x, q, n_iter: int = 1):
     """Refine an orthonormal basis ``q: [..., m, k]`` of the dominant left singular subspace of
     ``x: [..., m, n]`` by ``n_iter`` steps of ``q <- orth(x x^T q)`` (a warm start for GaLore-style
-    periodic projector refreshes)."""
+    periodic projector refreshes).
+
+    ``n_iter >= 0`` (``0`` returns ``q`` unchanged, in float32); ``1 <= k <= min(m, n)`` (the rank
+    rule of lrjax); ``q``'s batch axes must equal ``x``'s. If ``x x^T q`` loses rank (a zero or
+    rank-deficient ``x``), :func:`orthonormalize` completes the basis, so the result stays
+    orthonormal and finite.
+    """
     x = _f32(x)
-    q = _f32(q)
+    q = _f32(q, "q")
+    n_iter = check_int(n_iter, "n_iter", low=0)
+    m, n = x.shape[-2:]
+    if q.ndim != x.ndim or q.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"q must have shape [*batch, m, k] = {tuple(x.shape[:-1]) + ('k',)} to match x of shape "
+                         f"{tuple(x.shape)}, got {tuple(q.shape)}")
+    check_rank(q.shape[-1], m, n, "q.shape[-1] (k)")
     for _ in range(n_iter):
         q = orthonormalize(x @ (jnp.swapaxes(x, -1, -2) @ q))
     return q
@@ -137,12 +174,12 @@ def randomized_svd(key, x, rank: int, *, oversample: int = 8, n_iter: int = 2) -
     Cost ``O((n_iter + 2) m n (rank + oversample))`` instead of the exact ``O(m n min(m, n))``.
     The sketch width is ``min(rank + oversample, m, n)``. Signs pinned as in :func:`svd`.
     """
+    key = _check_key(key)
     x = _f32(x)
-    _check_matrix(x)
     m, n = x.shape[-2:]
-    _check_rank(rank, m, n)
-    if oversample < 0 or n_iter < 0:
-        raise ValueError(f"oversample and n_iter must be >= 0, got {oversample}, {n_iter}")
+    rank = _check_rank(rank, m, n)
+    oversample = check_int(oversample, "oversample", low=0)
+    n_iter = check_int(n_iter, "n_iter", low=0)
     k = min(rank + oversample, m, n)
     omega = jax.random.normal(key, x.shape[:-2] + (n, k), jnp.float32)
     xt = jnp.swapaxes(x, -1, -2)
@@ -157,9 +194,15 @@ def randomized_svd(key, x, rank: int, *, oversample: int = 8, n_iter: int = 2) -
 
 
 def energy_rank(s, energy: float):
-    """Smallest ``k`` with ``sum(s[:k]**2) >= energy * sum(s**2)`` (jittable; batched -> array)."""
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    """Smallest ``k`` with ``sum(s[:k]**2) >= energy * sum(s**2)`` (jittable; batched -> array).
+
+    ``s: [..., k]`` (at least one value), ``0 < energy <= 1``. All-zero ``s`` gives ``k = 1``.
+    """
+    energy = check_float(energy, "energy", low=0.0, high=1.0, low_open=True)
+    s = check_array(s, "s", kind="numeric", convert=True, min_ndim=1)
+    if s.shape[-1] == 0:
+        raise ValueError(f"s must hold at least one singular value, got shape {tuple(s.shape)}")
+    check_finite(s, "s")
     s2 = jnp.asarray(s, jnp.float32) ** 2
     c = jnp.cumsum(s2, axis=-1)
     k = jnp.sum(c < energy * c[..., -1:], axis=-1) + 1
@@ -174,12 +217,21 @@ def select_rank(x_or_s, *, rank: int | None = None, energy: float | None = None,
     (a shape), so call it outside ``jit``."""
     if (rank is None) == (energy is None):
         raise ValueError("select_rank: pass exactly one of rank= (fixed) or energy= (fraction in (0, 1])")
-    a = jnp.asarray(x_or_s)
+    max_rank = check_int(max_rank, "max_rank", low=1, allow_none=True)
+    a = check_array(x_or_s, "x_or_s", kind="numeric", convert=True, min_ndim=1)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        a = a.astype(jnp.float32)
+    if 0 in a.shape[-2:] if a.ndim >= 2 else a.shape[-1] == 0:
+        raise ValueError(f"x_or_s is empty (shape {tuple(a.shape)}); pass a matrix with m, n >= 1 or at least "
+                         "one singular value")
     if rank is not None:
-        full = min(a.shape[-2:]) if a.ndim >= 2 else a.shape[-1]
-        _check_rank(rank, full, full)
+        if a.ndim >= 2:
+            rank = _check_rank(rank, *a.shape[-2:])
+        else:
+            rank = _check_rank(rank, a.shape[-1], a.shape[-1])
         k = rank
     else:
+        energy = check_float(energy, "energy", low=0.0, high=1.0, low_open=True)
         s = svd(a).s if a.ndim >= 2 else a
         k = int(jnp.max(energy_rank(s, energy)))
     if max_rank is not None:

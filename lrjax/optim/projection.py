@@ -25,7 +25,28 @@ What the protocol fixes, once for every method:
   dimension, ``P: [M, r]`` on the left if ``M <= N`` else ``P: [N, r]`` on the right.
   ``"reverse_std"``: the larger one (left if ``M >= N``; this is ``optax.contrib.galore``'s rule,
   which keeps the inner moments at ``r x min(M, N)``). ``"left"``/``"right"`` force a side.
-  Square matrices go left under both rules.
+  Square matrices go left under both rules. Agreement with galore-torch holds because JAX/Flax
+  kernels are stored ``[in, out]`` while torch's ``nn.Linear.weight`` is ``[out, in]``: galore-torch
+  sees ``W^T`` and, for a square matrix, projects *its* right side, which is the left side of the
+  JAX kernel. For a kernel stored ``[out, in]`` (or a square torch weight ported as is), pass
+  ``side="right"`` to reproduce galore-torch.
+* **Which dtypes.** Only floating leaves are projected. With the default ``targets`` integer and
+  boolean leaves are left out (they go through the inner transformation unprojected); a leaf of
+  another dtype chosen explicitly by ``targets`` is refused with a ``TypeError`` naming it (an
+  integer basis would silently give zero updates).
+* **Which precision.** Everything of a projected leaf is computed in
+  ``promote_types(leaf dtype, float32)`` (:func:`lrjax._validation.compute_dtype`) and rounded
+  once to the gradient's dtype at the end: the refresh, the projection ``R``, the inner
+  transformation on ``R`` (so its moments are float32 for bfloat16/float16 leaves), the variant,
+  the back-projection and the weight decay. The basis is stored in that dtype too. Hence the
+  update of a float16/bfloat16 leaf equals the float32 computation on the same gradient rounded
+  once, and rank-deficient or zero low-precision gradients (a batch-1 ``x.T @ dy``) give finite
+  updates. Leaves that are not projected run through the inner transformation at their own
+  dtype, as with the inner transformation alone.
+* **Degenerate gradients.** A zero or rank-deficient gradient is valid: every refresh returns an
+  orthonormal, finite ``P`` (directions outside the gradient's span are completed by the
+  factorization), and the update is the inner transformation's on ``R`` (zero for a zero
+  gradient and zero moments with Adam).
 * **When.** The basis is refreshed from the current gradient at steps
   ``count % update_proj_gap == 0`` (so at the first step) and otherwise reused; the inner
   moments are *not* reset at a refresh (as in the paper, galore-torch and optax).
@@ -65,6 +86,7 @@ import optax
 
 from lrjax import axes as _axes
 from lrjax import tree as _tree
+from lrjax._validation import check_choice, check_float, check_int, check_rank, compute_dtype
 
 __all__ = ["ProjectionState", "Basis", "Variant", "LeafPlan", "project", "plan", "nbytes",
            "theoretical_state_bytes", "check_inner"]
@@ -162,11 +184,32 @@ class Variant:
 
 # ----------------------------------------------------------------------------- validation
 def _check_int(value, name, low=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
+    """``check_int`` with a lower bound (kept for the modules of this package)."""
+    return check_int(value, name, low=low)
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer))
+
+
+def _check_leaves(tree, argname: str) -> None:
+    """Every leaf of ``tree`` must be an array (not a list, number or string)."""
+    for p, x in _tree.flatten(tree).items():
+        if not _is_array(x):
+            raise TypeError(f"{argname}: leaf {p!r} must be an array (jax.Array or np.ndarray), got "
+                            f"{type(x).__name__}; wrap it with jnp.asarray(...)")
+
+
+def _check_same_tree(a, b, aname: str, bname: str) -> None:
+    """``a`` and ``b`` must have the same structure and leaf shapes."""
+    da, db = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)
+    if da != db:
+        raise ValueError(f"{aname} and {bname} must have the same tree structure, got {da} and {db}; pass the "
+                         f"gradients of the params given to init")
+    for (p, x), y in zip(_tree.flatten(a).items(), jax.tree_util.tree_leaves(b)):
+        if tuple(np.shape(x)) != tuple(np.shape(y)):
+            raise ValueError(f"{aname}: leaf {p!r} has shape {tuple(np.shape(x))} but {bname} has "
+                             f"{tuple(np.shape(y))}; they must match")
 
 
 def check_inner(inner, argname: str = "inner") -> None:
@@ -224,22 +267,27 @@ def plan(tree, *, rank: int, targets=None, axes=None, side: str = "std",
     """
     flat = _tree.flatten(tree)
     if targets is None:
-        chosen = [p for p, x in flat.items() if getattr(x, "ndim", 0) >= 2 and not _EMBED.search(p)]
+        chosen = [p for p, x in flat.items() if getattr(x, "ndim", 0) >= 2 and not _EMBED.search(p)
+                  and jnp.issubdtype(x.dtype, jnp.floating)]
     else:
         chosen = _tree.select(tree, targets, argname="targets")
     out = {}
     for p in chosen:
+        if not jnp.issubdtype(flat[p].dtype, jnp.floating):
+            raise TypeError(f"targets selects leaf {p!r} of dtype {flat[p].dtype}, but only floating leaves can be "
+                            f"projected (an integer or boolean basis would give zero updates); leave it out "
+                            f"of `targets` or cast the parameter to a floating dtype")
         shape = tuple(flat[p].shape)
         ax = _axes.resolve(p, shape, axes)
         b, m, n = _axes.matrix_shape(shape, ax)
         left = _side_is_left(side, m, n)
         lp = LeafPlan(p, shape, ax, b, m, n, left, rank)
         limit = rank_fits(lp) if rank_fits else min(m, n)
+        check_rank(rank, m, n, "rank", where=f"leaf {p!r} (shape {shape})")
         if rank > limit:
-            raise ValueError(
-                f"rank={rank} is larger than the matrix {p!r} allows: its matrix view is "
-                f"[{m}, {n}] (shape {shape}), so rank must be <= {limit}. Lower `rank` or leave "
-                f"this leaf out with `targets=`")
+            raise ValueError(f"rank={rank} exceeds {limit}, the largest rank this basis supports for leaf {p!r} "
+                             f"(shape {shape}, matrix view [{m}, {n}]); lower `rank` or leave this leaf out "
+                             f"with `targets=`")
         out[p] = lp
     return out
 
@@ -289,15 +337,16 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
     variant = Variant() if variant is None else variant
     if not isinstance(variant, Variant):
         raise TypeError(f"variant must be an lrjax.optim.projection.Variant, got {variant!r}")
-    rank = _check_int(rank, "rank")
-    gap = _check_int(update_proj_gap, "update_proj_gap")
-    seed = _check_int(seed, "seed", low=0)
-    if side not in _SIDES:
-        raise ValueError(f"side must be one of {_SIDES}, got {side!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float, got {scale!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
+    rank = check_int(rank, "rank", low=1)
+    gap = check_int(update_proj_gap, "update_proj_gap", low=1)
+    seed = check_int(seed, "seed", low=0, high=2**31 - 1)
+    check_choice(side, "side", _SIDES)
+    scale = check_float(scale, "scale")
+    weight_decay = check_float(weight_decay, "weight_decay", low=0.0)
+    if weight_decay_mask is not None and not callable(weight_decay_mask) and \
+            not isinstance(weight_decay_mask, (dict, list, tuple)) and not hasattr(weight_decay_mask, "_fields"):
+        raise TypeError(f"weight_decay_mask must be None, a pytree of bools or a callable params -> mask, got "
+                        f"{type(weight_decay_mask).__name__}")
     if targets is not None:
         _tree._matcher(targets)  # type/regex errors now, not at init
     _check_axes_spec(axes)
@@ -307,6 +356,7 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
         return plan(tree, rank=rank, targets=targets, axes=axes, side=side, rank_fits=rank_fits)
 
     def init_fn(params):
+        _check_leaves(params, "params")
         flat = _tree.flatten(params)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         plans = _plans(params)
@@ -317,25 +367,62 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
                 bases.append(_placeholder()), pend.append(_placeholder()), extra.append(_placeholder())
                 proxies.append(x)
             else:
-                bases.append(basis.init(lp, x.dtype))
+                cdt = compute_dtype(x.dtype)
+                bases.append(basis.init(lp, cdt))
                 pend.append(jnp.zeros(lp.batch, bool))
                 extra.append(variant.init_extra(lp))
-                proxies.append(jnp.zeros(lp.proj_shape, x.dtype))
+                proxies.append(jnp.zeros(lp.proj_shape, cdt))
         un = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         return ProjectionState(jnp.zeros([], jnp.int32), un(bases), un(pend), inner.init(un(proxies)),
                                un(extra))
 
+    def _check_state(updates, state, params, plans):
+        if not isinstance(state, ProjectionState):
+            raise TypeError(f"state must be the ProjectionState returned by this optimizer's init, got "
+                            f"{type(state).__name__}")
+        s_def = jax.tree_util.tree_structure(state.pending, is_leaf=lambda x: x is None)
+        u_def = jax.tree_util.tree_structure(updates)
+        if s_def != u_def:
+            raise ValueError(f"updates must have the tree structure of the params given to init: the state has "
+                             f"{s_def}, the updates {u_def}")
+        if params is not None:
+            _check_leaves(params, "params")
+            _check_same_tree(updates, params, "updates", "params")
+        for p, pend in zip(_tree.paths(updates), _leaves(state.pending)):
+            lp = plans.get(p)
+            if (pend is None) != (lp is None):
+                what = "projected" if pend is not None else "not projected"
+                raise ValueError(f"updates: leaf {p!r} (shape {tuple(_tree.flatten(updates)[p].shape)}) was {what} "
+                                 f"at init but not now; the gradients must have the params' shapes and dtypes")
+            if lp is not None and tuple(pend.shape) != lp.batch:
+                raise ValueError(f"updates: leaf {p!r} has shape {lp.shape} but the optimizer state was "
+                                 f"initialized for a leaf with {len(pend.shape)} batch axes {tuple(pend.shape)}; "
+                                 f"pass gradients with the params' shapes")
+        for p, b in zip(_tree.paths(updates), _leaves(state.basis)):
+            lp = plans.get(p)
+            if lp is not None:
+                want = jax.eval_shape(lambda lp=lp: basis.init(lp, jnp.float32)).shape
+                if tuple(b.shape) != tuple(want):
+                    raise ValueError(f"updates: leaf {p!r} has shape {lp.shape} (matrix view [{lp.m}, {lp.n}]) but "
+                                     f"the optimizer state's basis has shape {tuple(b.shape)}, for another shape; "
+                                     f"pass gradients with the params' shapes")
+
     def update_fn(updates, state, params=None):
+        if weight_decay and params is None:
+            raise ValueError("params: weight_decay=... needs the parameters; call update(grads, state, params)")
+        _check_leaves(updates, "updates")
         flat = _tree.flatten(updates)
         paths = list(flat)
         treedef = jax.tree_util.tree_structure(updates)
         plans = _plans(updates)
+        _check_state(updates, state, params, plans)
         idx = [i for i, p in enumerate(paths) if p in plans]
         b_leaves = _leaves(state.basis)
         pend_leaves = _leaves(state.pending)
         x_leaves = _leaves(state.extra)
         count = state.count
-        gs = {i: _axes.to_matrix(flat[paths[i]], plans[paths[i]].ax) for i in idx}
+        gs = {i: _axes.to_matrix(flat[paths[i]], plans[paths[i]].ax).astype(compute_dtype(flat[paths[i]].dtype))
+              for i in idx}
 
         # 1. refresh the bases where due (one cond for all leaves: no SVD on other steps)
         due = count % gap == 0
@@ -348,7 +435,7 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
             groups: dict = {}
             for j, i in enumerate(idx):
                 lp = plans[paths[i]]
-                gk = (lp.m, lp.n, lp.left, b_leaves[i].dtype, b_leaves[i].shape[len(lp.batch):])
+                gk = (lp.m, lp.n, lp.left, b_leaves[i].dtype, gs[i].dtype, b_leaves[i].shape[len(lp.batch):])
                 groups.setdefault(gk, []).append(j)
 
             def do_refresh(operands):
@@ -357,9 +444,9 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
                 key = jax.random.fold_in(jax.random.key(seed, impl="rbg"), count)
                 new_b, new_p = [None] * len(idx), [None] * len(idx)
                 prev = None
-                for k, ((m, n, left, _, tail), members) in enumerate(groups.items()):
+                for k, ((m, n, left, _, _, tail), members) in enumerate(groups.items()):
                     sizes = [math.prod(plans[paths[idx[j]]].batch) for j in members]
-                    g = jnp.concatenate([g_in[j].reshape(-1, m, n) for j in members]).astype(jnp.float32)
+                    g = jnp.concatenate([g_in[j].reshape(-1, m, n) for j in members])
                     old = jnp.concatenate([olds[j].reshape((-1,) + tail) for j in members])
                     if prev is not None:
                         # Run the groups one after another. jaxlib's batched CPU LAPACK kernels
@@ -398,7 +485,7 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
             for j, i in enumerate(idx):
                 b_leaves[i], pend_leaves[i] = new_b[j], new_p[j]
 
-        # 2. project, 3. inner transformation on the projected tree
+        # 2. project, 3. inner transformation on the projected tree (compute dtype: float32 or wider)
         leaves = [flat[p] for p in paths]
         Ps, low = {}, list(leaves)
         for i in idx:
@@ -407,10 +494,16 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
             Ps[i] = P
             low[i] = (jnp.einsum("...dr,...dn->...rn", P, gs[i]) if lp.left
                       else jnp.einsum("...md,...dr->...mr", gs[i], P))
-        inner_out, inner_state = inner.update(jax.tree_util.tree_unflatten(treedef, low), state.inner, None)
+        try:
+            inner_out, inner_state = inner.update(jax.tree_util.tree_unflatten(treedef, low), state.inner, None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"updates: the inner transformation failed on the (projected) gradients; the usual "
+                             f"cause is gradients whose shapes differ from the params given to init "
+                             f"({type(e).__name__}: {e})") from e
         inner_out = _leaves(inner_out)
+        _check_inner_shapes(paths, low, inner_out, state.inner, inner_state)
 
-        # 4. map back
+        # 4. map back (compute dtype), weight decay, then one rounding to the gradient's dtype
         out = list(inner_out)
         x_leaves = list(x_leaves)
         for i in idx:
@@ -420,16 +513,31 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
                     else jnp.einsum("...mr,...dr->...md", coef, Ps[i]))
             if w is not None:
                 full = full + w * gs[i]
-            out[i] = _axes.from_matrix(full, lp.ax, lp.shape).astype(leaves[i].dtype)
+            out[i] = _axes.from_matrix(full, lp.ax, lp.shape)
         out = jax.tree_util.tree_unflatten(treedef, out)
         if weight_decay:
             out, _ = optax.add_decayed_weights(weight_decay, weight_decay_mask).update(out, optax.EmptyState(), params)
+        out = jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype), out, updates)
         un = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         new_state = ProjectionState(optax.safe_int32_increment(count), un(b_leaves), un(pend_leaves),
                                     inner_state, un(x_leaves))
         return out, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_inner_shapes(paths, low, inner_out, old_state, new_state):
+    """The inner transformation must keep shapes: a broadcast means the gradients do not fit the state."""
+    for p, a, b in zip(paths, low, inner_out):
+        if tuple(np.shape(a)) != tuple(np.shape(b)):
+            raise ValueError(f"updates: leaf {p!r} (inner input shape {tuple(np.shape(a))}) came back from the inner "
+                             f"transformation with shape {tuple(np.shape(b))}: the gradients do not match the "
+                             f"optimizer state; pass gradients with the params' shapes")
+    old_l, new_l = jax.tree_util.tree_leaves(old_state), jax.tree_util.tree_leaves(new_state)
+    if len(old_l) != len(new_l) or any(tuple(np.shape(a)) != tuple(np.shape(b)) for a, b in zip(old_l, new_l)):
+        raise ValueError("updates: the inner transformation's state changed shape on these gradients (e.g. a moment "
+                         "of shape (5,) broadcast against a gradient of shape (6, 5)); the gradients must have the "
+                         "shapes of the params given to init")
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -445,7 +553,8 @@ def theoretical_state_bytes(params, *, rank: int, basis: Basis, moments: int = 2
     transformation (Adam: 2), as ``{"projected": ..., "basis": ..., "full": ..., "total": ...}``.
 
     A projected leaf ``[*batch, M, N]`` holds ``moments * |batch| * r * N`` (left) or
-    ``moments * |batch| * M * r`` (right) moment entries plus its basis; a leaf that is not projected
+    ``moments * |batch| * M * r`` (right) moment entries plus its basis, both in
+    ``promote_types(dtype, float32)`` (the compute dtype of projected leaves); a leaf that is not projected
     holds ``moments * size``. Bookkeeping scalars (step counts, flags) are excluded.
     """
     plans = plan(params, rank=rank, targets=targets, axes=axes, side=side)
@@ -454,8 +563,9 @@ def theoretical_state_bytes(params, *, rank: int, basis: Basis, moments: int = 2
         isz = np.dtype(x.dtype).itemsize
         if p in plans:
             lp = plans[p]
-            proj += moments * math.prod(lp.proj_shape) * isz
-            bas += basis.state_bytes(lp, isz) + extra_per_matrix * math.prod(lp.batch)
+            csz = np.dtype(compute_dtype(x.dtype)).itemsize   # projected moments and basis: float32 or wider
+            proj += moments * math.prod(lp.proj_shape) * csz
+            bas += basis.state_bytes(lp, csz) + extra_per_matrix * math.prod(lp.batch)
         else:
             full += moments * math.prod(x.shape) * isz
     return {"projected": proj, "basis": bas, "full": full, "total": proj + bas + full}
