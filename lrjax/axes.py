@@ -26,12 +26,63 @@ Anything else, or any leaf where the default is wrong, takes a per-leaf override
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Callable, Mapping, NamedTuple, Union
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["Axes", "AxesSpec", "default_axes", "resolve", "to_matrix", "from_matrix", "matrix_shape"]
+__all__ = ["Axes", "AxesSpec", "default_axes", "resolve", "to_matrix", "from_matrix", "matrix_shape",
+           "check_axes_value"]
+
+
+def _is_int(i) -> bool:
+    return isinstance(i, (numbers.Integral, np.integer)) and not isinstance(i, (bool, np.bool_))
+
+
+def check_axes_value(ax, argname: str = "axes") -> "Axes":
+    """``ax`` must be an :class:`Axes` whose ``batch``/``inp``/``out`` are tuples of distinct
+    non-negative ints, with at least one ``inp`` and one ``out`` axis."""
+    if not isinstance(ax, Axes):
+        raise TypeError(f"{argname} must be an lrjax.axes.Axes(batch=..., inp=..., out=...), got "
+                        f"{type(ax).__name__} {ax!r:.60}")
+    for role in ("batch", "inp", "out"):
+        t = getattr(ax, role)
+        if not isinstance(t, tuple) or not all(_is_int(i) for i in t):
+            raise TypeError(f"{argname}.{role} must be a tuple of ints (axis numbers), got {t!r:.60}")
+        if any(i < 0 for i in t):
+            raise ValueError(f"{argname}.{role} must hold non-negative axis numbers, got {t}")
+    allax = ax.batch + ax.inp + ax.out
+    if len(set(allax)) != len(allax):
+        raise ValueError(f"{argname}: {ax} uses an axis twice; each axis must be used exactly once")
+    if not ax.inp or not ax.out:
+        raise ValueError(f"{argname}: both `inp` and `out` need at least one axis, got {ax}")
+    return ax
+
+
+def _check_path(path, argname="path") -> str:
+    if not isinstance(path, str):
+        raise TypeError(f"{argname} must be a leaf path string such as 'Dense_0/kernel', got "
+                        f"{type(path).__name__} {path!r:.60}")
+    return path
+
+
+def _check_shape(shape, argname="shape") -> tuple:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list)) or \
+            not all(_is_int(d) for d in shape):
+        raise TypeError(f"{argname} must be a tuple of ints (an array's .shape), got {shape!r:.60}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{argname} must have non-negative sizes, got {tuple(shape)}")
+    return tuple(int(d) for d in shape)
+
+
+def _check_x(x, argname="x"):
+    if not isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)):
+        raise TypeError(f"{argname} must be an array (jax.Array or np.ndarray), got {type(x).__name__}; "
+                        "wrap it with jnp.asarray")
+    return x
 
 
 class Axes(NamedTuple):
@@ -42,6 +93,8 @@ class Axes(NamedTuple):
     out: tuple[int, ...]
 
     def check(self, shape, path: str = "<leaf>") -> "Axes":
+        shape = _check_shape(shape)
+        check_axes_value(self, f"axes for {path!r}")
         n = len(shape)
         allax = self.batch + self.inp + self.out
         if sorted(allax) != list(range(n)):
@@ -62,7 +115,8 @@ _OUT = re.compile(r"(^|.*/)(out|o|o_proj|out_proj)/kernel$")
 
 def default_axes(path: str, shape) -> Axes:
     """The default matrix view of a leaf (see the module docstring)."""
-    n = len(shape)
+    _check_path(path)
+    n = len(_check_shape(shape))
     if n < 2:
         raise ValueError(
             f"leaf {path!r} has shape {tuple(shape)}: a low-rank method needs a matrix (ndim >= 2). "
@@ -82,6 +136,8 @@ def default_axes(path: str, shape) -> Axes:
 
 def resolve(path: str, shape, spec: AxesSpec = None) -> Axes:
     """The :class:`Axes` for one leaf under a user ``spec`` (override) or the defaults."""
+    _check_path(path)
+    shape = _check_shape(shape)
     if spec is None:
         ax = default_axes(path, shape)
     elif isinstance(spec, Axes):
@@ -93,6 +149,12 @@ def resolve(path: str, shape, spec: AxesSpec = None) -> Axes:
     elif isinstance(spec, Mapping):
         ax = None
         for pat, a in spec.items():
+            if not isinstance(pat, str):
+                raise TypeError(f"axes: keys must be regex strings matching leaf paths, got {pat!r:.60}")
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ValueError(f"axes: {pat!r} is not a valid regular expression ({e})") from None
             if re.fullmatch(pat, path) or any(re.fullmatch(pat, "/".join(path.split("/")[i:]))
                                               for i in range(1, path.count("/") + 1)):
                 ax = a
@@ -108,12 +170,15 @@ def resolve(path: str, shape, spec: AxesSpec = None) -> Axes:
 
 def matrix_shape(shape, ax: Axes) -> tuple[tuple[int, ...], int, int]:
     """``(batch_shape, M, N)`` of the matrix view."""
+    shape = _check_shape(shape)
+    check_axes_value(ax, "ax").check(shape)
     return (tuple(shape[i] for i in ax.batch), math.prod(shape[i] for i in ax.inp),
             math.prod(shape[i] for i in ax.out))
 
 
 def to_matrix(x, ax: Axes):
     """View a leaf as ``[*batch, M, N]`` (a transpose only when the axes are not in order)."""
+    _check_x(x)
     b, m, n = matrix_shape(x.shape, ax)
     perm = ax.batch + ax.inp + ax.out
     if perm != tuple(range(x.ndim)):
@@ -123,6 +188,12 @@ def to_matrix(x, ax: Axes):
 
 def from_matrix(m, ax: Axes, shape):
     """Inverse of :func:`to_matrix`: ``[*batch, M, N]`` back to a leaf of ``shape``."""
+    _check_x(m, "m")
+    shape = _check_shape(shape)
+    b, mm, nn = matrix_shape(shape, ax)
+    if tuple(m.shape) != b + (mm, nn):
+        raise ValueError(f"m has shape {tuple(m.shape)}, but the matrix view of a leaf of shape {shape} "
+                         f"under {ax} is {b + (mm, nn)}")
     perm = ax.batch + ax.inp + ax.out
     x = m.reshape(tuple(shape[i] for i in perm))
     if perm != tuple(range(len(shape))):

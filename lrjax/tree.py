@@ -18,13 +18,34 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import jax
 
 Targets = Union[str, Sequence[str], Callable[[str, Any], bool]]
 
-__all__ = ["Targets", "path_str", "flatten", "paths", "select", "get", "replace"]
+__all__ = ["Targets", "PathNotFound", "path_str", "flatten", "paths", "select", "get", "replace"]
+
+
+class PathNotFound(KeyError, ValueError):
+    """No leaf at a path: a ``KeyError`` (a failed lookup) and a ``ValueError`` (a wrong value),
+    whose message lists the nearest existing paths."""
+
+    def __str__(self):  # KeyError would print the message with quotes
+        return str(self.args[0]) if self.args else ""
+
+
+def _check_tree(tree, argname="tree"):
+    if isinstance(tree, (str, bytes)):
+        raise TypeError(f"{argname} must be a pytree (dict, Flax params, nnx.State), got a str {tree!r:.60}")
+    return tree
+
+
+def _check_path_arg(path, argname="path"):
+    if not isinstance(path, str):
+        raise TypeError(f"{argname} must be a leaf path string such as 'Dense_0/kernel', got "
+                        f"{type(path).__name__} {path!r:.60}")
+    return path
 
 
 def _key_str(k) -> str | None:
@@ -41,6 +62,8 @@ def _key_str(k) -> str | None:
 
 def path_str(path) -> str:
     """Turn a ``jax.tree_util`` key path into a ``/``-joined string (NNX ``.value`` dropped)."""
+    if not isinstance(path, (tuple, list)):
+        raise TypeError(f"path must be a jax.tree_util key path (a tuple of keys), got {type(path).__name__}")
     parts = [_key_str(k) for k in path]
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
         parts = parts[:-1]
@@ -53,6 +76,7 @@ def _is_leaf(x):
 
 def flatten(tree) -> dict[str, Any]:
     """All leaves as an insertion-ordered ``{path: leaf}`` dict."""
+    _check_tree(tree)
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     out: dict[str, Any] = {}
     for p, leaf in leaves:
@@ -69,7 +93,7 @@ def paths(tree) -> list[str]:
 
 
 def _matcher(targets: Targets) -> Callable[[str, Any], bool]:
-    if callable(targets):
+    if callable(targets) and not isinstance(targets, (str, list, tuple)):
         return targets
     if isinstance(targets, str):
         targets = [targets]
@@ -117,6 +141,10 @@ def select(tree, targets: Targets, *, where: Callable[[str, Any], bool] | None =
     Raises ``ValueError`` naming ``argname`` and listing the nearest existing paths if a
     pattern (or the whole selection) matches nothing.
     """
+    if not isinstance(argname, str):
+        raise TypeError(f"argname must be a str, got {type(argname).__name__}")
+    if where is not None and not callable(where):
+        raise TypeError(f"where must be None or a callable (path, leaf) -> bool, got {type(where).__name__}")
     flat = flatten(tree)
     if not flat:
         raise ValueError(f"{argname}: the pytree has no leaves to select from")
@@ -138,19 +166,28 @@ def select(tree, targets: Targets, *, where: Callable[[str, Any], bool] | None =
 
 
 def get(tree, path: str):
-    """The leaf at ``path``; ``KeyError`` listing the nearest paths if it does not exist."""
+    """The leaf at ``path``; :class:`PathNotFound` (a ``KeyError`` and ``ValueError``) listing the
+    nearest paths if it does not exist."""
+    _check_path_arg(path)
     flat = flatten(tree)
     if path not in flat:
-        raise KeyError(f"no leaf at path {path!r}; nearest: {_nearest(path, flat)}")
+        raise PathNotFound(f"path: no leaf at path {path!r}; nearest: {_nearest(path, flat)}")
     return flat[path]
 
 
 def replace(tree, new_leaves: dict[str, Any]):
-    """A copy of ``tree`` with the leaves at the given paths replaced (structure unchanged)."""
+    """A copy of ``tree`` with the leaves at the given paths replaced (structure unchanged).
+
+    ``new_leaves`` is a dict ``{path: leaf}``; an unknown path raises :class:`PathNotFound`."""
+    _check_tree(tree)
+    if not isinstance(new_leaves, Mapping):
+        raise TypeError(f"new_leaves must be a dict {{path: leaf}}, got {type(new_leaves).__name__}")
+    for k in new_leaves:
+        _check_path_arg(k, "new_leaves keys")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     keys = [path_str(p) for p, _ in leaves]
     missing = set(new_leaves) - set(keys)
     if missing:
         m = sorted(missing)[0]
-        raise KeyError(f"no leaf at path {m!r}; nearest: {_nearest(m, keys)}")
+        raise PathNotFound(f"new_leaves: no leaf at path {m!r}; nearest: {_nearest(m, keys)}")
     return jax.tree_util.tree_unflatten(treedef, [new_leaves.get(k, l) for k, (_, l) in zip(keys, leaves)])

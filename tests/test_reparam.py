@@ -286,9 +286,9 @@ def test_factored_nnx_and_scan_fallback():
 # --------------------------------------------------------------------------- bad input
 def test_errors_name_the_argument():
     p = _params()
-    with pytest.raises(ValueError, match="rank must be >= 1"):
+    with pytest.raises(ValueError, match="rank must be an int >= 1"):
         lrjax.LoRA(rank=0)
-    with pytest.raises(TypeError, match="rank must be a positive int"):
+    with pytest.raises(TypeError, match="rank must be an int >= 1"):
         lrjax.LoRA(rank=2.5)
     with pytest.raises(ValueError, match=r"rank=5 exceeds min\(M, N\) = 4 for leaf 'conv/kernel'"):
         lrjax.LoRA(rank=5).init(jax.random.key(0), p)

@@ -16,6 +16,12 @@ transposed 2-D kernel stays low-rank. Any other use of the kernel (a conv, a ker
 an einsum, a DoRA stack inside a scan)
 falls back to the materialized weight for that use only -- always correct, never silently wrong.
 
+Precision: the fallback's materialized weight follows lrjax's one-rounding rule (computed in
+``promote_types(w, factors, float32)``, rounded once to the kernel's dtype), so it equals
+:meth:`Reparam.materialize` bit for bit. The factored product itself runs in the kernel's dtype
+(factors cast to it), as the dense product it replaces would; its values equal the materialized
+path's to the output dtype's rounding.
+
 Why this instead of module surgery or method interception: it needs no knowledge of the model
 code or the Flax API generation (linen, NNX and plain JAX all lower to ``dot_general``), and the
 adapters stay the same flat pytree the rest of lrjax uses. The payoff is in the backward pass:
@@ -35,6 +41,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from lrjax import _validation as V
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 
@@ -50,11 +57,13 @@ class _LowRank:
         self.w, self.a, self.b, self.scale, self.c, self.ax = w, a, b, scale, c, ax
 
     def materialize(self):
+        """``(W + s A B) * c`` in ``promote_types(w, a, b, c, float32)``, rounded once to ``w.dtype``."""
         wm = axes_lib.to_matrix(self.w, self.ax)
-        dt = self.a.dtype
-        v = wm.astype(dt) + self.scale * (self.a @ self.b)
+        cd = V.compute_dtype(self.w.dtype, self.a.dtype, self.b.dtype,
+                             *(() if self.c is None else (self.c.dtype,)))
+        v = wm.astype(cd) + self.scale * (self.a.astype(cd) @ self.b.astype(cd))
         if self.c is not None:
-            v = v * self.c[..., None, :]
+            v = v * self.c[..., None, :].astype(cd)
         return axes_lib.from_matrix(v.astype(self.w.dtype), self.ax, self.w.shape)
 
     def astype(self, dtype):
@@ -251,12 +260,26 @@ def factored(fn: Callable[..., Any], rp, *, mode: str = "auto", stats: FactoredS
     Pass a :class:`FactoredStats` to see how many kernel uses were factored vs fell back; it
     accumulates over every trace of ``g`` (one jitted train step and one eval step count twice).
     """
-    if mode not in ("auto", "factored", "fused"):
-        raise ValueError(f"mode must be 'auto', 'factored' or 'fused', got {mode!r}")
+    from lrjax.reparam.base import Reparam
+
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable fn(params, *args) such as a linen model.apply, got "
+                        f"{type(fn).__name__} {fn!r:.60}")
+    if not isinstance(rp, Reparam):
+        raise TypeError(f"rp must be a reparameterization config such as lrjax.LoRA(rank=8), got "
+                        f"{type(rp).__name__} {rp!r:.60}" + ("; build it with lrjax.LoRA(...) rather than "
+                                                              "naming it" if isinstance(rp, str) else ""))
+    if isinstance(mode, str):
+        V.check_choice(mode, "mode", ("auto", "factored", "fused"))
+    else:
+        raise TypeError(f"mode must be one of ['auto', 'factored', 'fused'], got {type(mode).__name__} {mode!r:.40}")
+    if stats is not None and not isinstance(stats, FactoredStats):
+        raise TypeError(f"stats must be None or an lrjax.reparam.FactoredStats(), got {type(stats).__name__}")
 
     @functools.wraps(fn)
     def g(base, adapters, *args):
-        flat = rp._check(base, adapters)
+        flat = rp._check(base, adapters, basename="base")
+        _check_args(args)
         lowrank = {}
         for k, f in adapters.items():
             v = flat[k]
@@ -266,6 +289,17 @@ def factored(fn: Callable[..., Any], rp, *, mode: str = "auto", stats: FactoredS
         return interpret(fn, base, lowrank, args, stats=stats, mode=mode)
 
     return g
+
+
+def _check_args(args):
+    """``args`` of a factored function: pytrees of arrays or numbers (no strings/objects)."""
+    for i, a in enumerate(args):
+        for p, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
+            if isinstance(leaf, (jax.Array, np.ndarray, jax.core.Tracer, bool, int, float, complex, np.generic)):
+                continue
+            where = f"args[{i}]" + (f" at {tree_lib.path_str(p)!r}" if p else "")
+            raise TypeError(f"{where} must be a pytree of arrays (close over static options instead of "
+                            f"passing them), got {type(leaf).__name__} {leaf!r:.40}")
 
 
 def interpret(fn, params, lowrank: dict, args, *, stats: FactoredStats | None = None, mode: str = "auto"):

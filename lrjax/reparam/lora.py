@@ -9,6 +9,9 @@ arXiv:2312.03732): ``s = alpha / sqrt(r)``, which keeps the update's scale rank-
 
 Orientation against PEFT: PEFT's ``lora_A.weight`` is ``A^T`` (``[r, in]``) and
 ``lora_B.weight`` is ``B^T`` (``[out, r]``) for a Dense kernel ``[in, out]``.
+
+Precision: ``W + s A B`` is computed in ``promote_types(w, A, B, float32)`` and rounded once to
+``w.dtype`` (so a float32 base with bfloat16 factors materializes to exactly ``W`` at init).
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ class LoRA(Reparam):
     """LoRA: ``W_eff = W + (alpha / r) A B``; ``alpha=None`` means ``alpha = r`` (scale 1).
 
     Args:
-      rank: ``r``. Must be ``<= min(M, N)`` of every targeted leaf's matrix view.
-      alpha: scaling numerator (PEFT's ``lora_alpha``).
+      rank: ``r``, an int ``>= 1``. Must be ``<= min(M, N)`` of every targeted leaf's matrix view
+        (checked by ``init``, naming the leaf).
+      alpha: scaling numerator (PEFT's ``lora_alpha``): a finite real ``> 0`` or ``None``.
       targets: which leaves (see :mod:`lrjax.tree`); default every ``kernel``.
       axes: per-leaf matrix-view override (see :mod:`lrjax.axes`).
-      dtype: factor dtype (default: the base leaf's).
+      dtype: factor dtype (default: the base leaf's), e.g. ``jnp.bfloat16`` or ``"bfloat16"``.
     """
 
 

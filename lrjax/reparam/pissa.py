@@ -9,13 +9,28 @@ singular triplets of ``W`` and the frozen base is the residual:
 
 (matrix view ``[M, N] = [in, out]``; PEFT's ``lora_A.weight = A^T``, ``lora_B.weight = B^T``,
 and its SVD is of ``W^T``, which swaps the roles of ``U`` and ``V``). So ``W_res + s A B``
-reconstructs ``W`` up to rounding and training starts from the original model.
+reconstructs ``W`` and training starts from the original model.
 
 Free choices, pinned: the SVD is exact (``lrjax.linalg.svd``, float32) unless ``n_iter`` is set,
 which uses :func:`lrjax.linalg.randomized_svd` with that many power iterations (PEFT's
 ``pissa_niter_k``); singular-vector signs follow :mod:`lrjax.linalg` (largest-magnitude entry of
 each left vector positive). Sign flips of a (u_i, v_i) pair leave ``A B`` and the residual
 unchanged, so outputs are comparable with PEFT whatever its SVD backend picks.
+
+Exact start: the residual is chosen entry by entry so that ``materialize(base, adapters)``
+(``W_res + s A B`` computed in ``promote_types(w, A, B, float32)`` and rounded once to
+``w.dtype``) returns ``W`` itself: ``W_res = round(W - s A B)``, then up to two correction steps
+keep, per entry, the candidate whose materialized value is closest to ``W``. In practice the
+initial model is reproduced bit for bit (a residual entry that no representable value maps back
+to ``W`` exactly stays within one ulp of it).
+
+Degenerate weights: a rank-deficient ``W`` (rank below ``r``) or an all-zero ``W`` is valid.
+Singular values that are 0 (or rounding noise, clamped at 0 before the square root) give
+zero factor columns ``A[:, i] = 0``, ``B[i] = 0`` (up to the SVD's rounding noise), never NaN;
+for an all-zero ``W`` the factors and the residual are exactly 0 and ``materialize`` returns
+``W`` exactly. Note that a component with both factors zero is a saddle of gradient descent
+(``dA_i = s G B_i^T = 0``, ``dB_i = s A_i^T G = 0``): it stays zero, so only the weight's
+non-zero singular directions train. Use a rank ``<= rank(W)``, or LoRA, on such weights.
 """
 from __future__ import annotations
 
@@ -23,6 +38,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from lrjax import _validation as V
 from lrjax import linalg
 from lrjax.reparam.lora import LoRA
 
@@ -32,18 +48,33 @@ __all__ = ["PiSSA"]
 @dataclasses.dataclass(frozen=True)
 class PiSSA(LoRA):
     """PiSSA init over LoRA scaling; ``init`` returns the residual base. Same args as :class:`LoRA`
-    plus ``n_iter`` (``None``: exact SVD; an int: randomized SVD with that many power steps)."""
+    plus ``n_iter`` (``None``: exact SVD; an int ``>= 0``: randomized SVD with that many power
+    steps). Rank-deficient and all-zero weights are valid (see the module docstring)."""
 
     n_iter: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        V.check_int(self.n_iter, "n_iter", low=0, allow_none=True)
 
     def init_leaf(self, key, w, path):
         if self.n_iter is None:
             u, s, vt = linalg.svd(w, self.rank)
         else:
             u, s, vt = linalg.randomized_svd(key, w, self.rank, n_iter=self.n_iter)
-        root = jnp.sqrt(s / self.scale)
+        root = jnp.sqrt(jnp.maximum(s, 0) / self.scale)
         dt = self.factor_dtype(w)
         a = (u * root[..., None, :]).astype(dt)
         b = (root[..., :, None] * vt).astype(dt)
-        w_res = w.astype(jnp.float32) - self.scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
-        return w_res.astype(w.dtype), {"a": a, "b": b}
+        f = {"a": a, "b": b}
+        cd = self.compute_dtype(w, f)
+        wc = w.astype(cd)
+        w_res = (wc - self.scale * (a.astype(cd) @ b.astype(cd))).astype(w.dtype)
+        err = jnp.abs(self.apply_leaf(w_res, f).astype(cd) - wc)
+        for _ in range(2):  # entrywise correction: materialize(w_res) is elementwise in w_res
+            cand = (w_res.astype(cd) + (wc - self.apply_leaf(w_res, f).astype(cd))).astype(w.dtype)
+            cerr = jnp.abs(self.apply_leaf(cand, f).astype(cd) - wc)
+            better = cerr < err
+            w_res = jnp.where(better, cand, w_res)
+            err = jnp.where(better, cerr, err)
+        return w_res, f
