@@ -93,7 +93,7 @@ def test_scene_and_metrics():
     x = jnp.array([[-0.35, 0.0, 0.0], [0.9, 0.9, 0.9]])
     out = s(x)
     assert float(out.sigma[0]) > 49 and float(out.sigma[1]) < 1e-3
-    np.testing.assert_allclose(float(L.psnr(img, img * 0 + img)), 200.0, atol=1e-3)
+    assert float(L.psnr(img, img * 0 + img)) == float("inf")   # identical images: infinite PSNR
     np.testing.assert_allclose(float(L.psnr(jnp.zeros(4), jnp.full(4, 0.1))), 20.0, atol=1e-4)
     assert abs(float(L.ssim(data.images, data.images)) - 1.0) < 1e-6
     noisy = np.clip(data.images + 0.1 * np.random.default_rng(0).normal(size=data.images.shape), 0, 1)
@@ -108,7 +108,7 @@ def test_render_errors():
     fn = lambda x, d: f.apply(p, x, d)  # noqa: E731
     with pytest.raises(ValueError, match="empty ray batch"):
         L.render_rays(fn, L.Rays(jnp.zeros((0, 3)), jnp.zeros((0, 3))))
-    with pytest.raises(ValueError, match="rays must be"):
+    with pytest.raises(ValueError, match=r"rays\.origins must have a trailing axis of size 3"):
         L.render_rays(fn, L.Rays(jnp.zeros((4, 2)), jnp.zeros((4, 2))))
     with pytest.raises(ValueError, match="key is required"):
         L.render_rays(fn, L.pinhole_rays(L.look_at((3.0, 0, 0)), 2, 2, 2.0), perturb=True)

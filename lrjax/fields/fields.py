@@ -32,13 +32,18 @@ the renderer's samples always are.
 """
 from __future__ import annotations
 
-import math
+import functools
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
+
+from lrjax._validation import (check_array, check_bool, check_finite, check_float, check_int,
+                               is_concrete)
 
 __all__ = ["FieldOutput", "Field", "MLPField", "GridField", "positional_encoding", "sh_encoding",
            "interp_line", "interp_plane", "interp_grid", "init_field", "count_params", "param_bytes",
@@ -61,18 +66,104 @@ class FieldOutput(NamedTuple):
 
 # --------------------------------------------------------------------------- validation helpers
 def _pos_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    """An int ``>= minimum`` (``TypeError`` for a non-int, ``ValueError`` below the minimum)."""
+    return check_int(value, name, low=minimum)
 
 
 def _pos_float(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    """A finite real number ``> 0`` (``TypeError`` for a non-number, ``ValueError`` otherwise)."""
+    return check_float(value, name, low=0.0, low_open=True)
 
 
 def _is_tracer(x):
     return isinstance(x, jax.core.Tracer)
+
+
+def _array(x, name, *, ndim=None, min_ndim=None, last=None, kind="floating", convert=False, finite=True):
+    """``check_array`` plus (on concrete input) ``check_finite``; returns a ``jnp`` array."""
+    x = check_array(x, name, ndim=ndim, min_ndim=min_ndim, last=last, kind=kind, convert=convert)
+    if finite:
+        check_finite(x, name)
+    return jnp.asarray(x)
+
+
+def _concrete(*xs):
+    return all(is_concrete(x) for x in xs)
+
+
+def _unit(d, name, axis=-1):
+    """``d / ||d||`` along ``axis``; a zero-length vector is refused on concrete input (under
+    ``jit`` it stays zero instead of becoming NaN)."""
+    norm = jnp.linalg.norm(d, axis=axis, keepdims=True)
+    if is_concrete(norm) and norm.size:
+        with jax.ensure_compile_time_eval():
+            bad = int(jnp.sum(norm <= 1e-12))
+        if bad:
+            raise ValueError(f"{name} has {bad} zero-length direction(s); every direction must be a "
+                             f"non-zero 3-vector (it is normalised to unit length)")
+    tiny = jnp.asarray(1e-30, norm.dtype) if jnp.issubdtype(norm.dtype, jnp.floating) else 1e-30
+    return d / jnp.maximum(norm, tiny)
+
+
+def _check_variables(module, variables, name="params"):
+    """Refuse a params tree that does not belong to ``module`` (wrong structure, shapes or kind).
+
+    Flax would otherwise raise deep inside ``apply`` (or, for unused extra entries, not at all)."""
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError(f"{name} must be the dict {{'params': ...}} returned by {type(module).__name__}.init "
+                        f"(or init_field), got {type(variables).__name__}"
+                        + (f" with keys {list(variables)}" if isinstance(variables, Mapping) else ""))
+    try:
+        expected = _expected_params(module)
+    except Exception:  # noqa: BLE001 - modules whose init needs other inputs are checked by flax
+        return
+    got = variables["params"]
+    if not isinstance(got, Mapping):
+        raise TypeError(f"{name}['params'] must be a dict of arrays, got {type(got).__name__}")
+    exp_flat = flatten_dict(dict(expected))
+    got_flat = flatten_dict(_plain(got))
+    missing = sorted("/".join(k) for k in exp_flat.keys() - got_flat.keys())
+    extra = sorted("/".join(k) for k in got_flat.keys() - exp_flat.keys())
+    if missing or extra:
+        raise ValueError(f"{name} do not match {type(module).__name__}: missing {missing[:6]}, unexpected "
+                         f"{extra[:6]}; pass the parameters returned by init_field(field, key) for this "
+                         f"field (a batch from init_field(..., num=n) needs jax.vmap)")
+    for k, e in exp_flat.items():
+        v = got_flat[k]
+        if not isinstance(v, (jax.Array, np.ndarray, jax.core.Tracer)):
+            raise TypeError(f"{name}: entry {'/'.join(k)} must be an array, got {type(v).__name__}")
+        if tuple(v.shape) != tuple(e.shape):
+            raise ValueError(f"{name} do not match {type(module).__name__}: {'/'.join(k)} has shape "
+                             f"{tuple(v.shape)}, expected {tuple(e.shape)} (a batch from "
+                             f"init_field(..., num=n) needs jax.vmap)")
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            raise TypeError(f"{name}: entry {'/'.join(k)} must be a floating-point array, got {v.dtype}")
+
+
+def _plain(tree):
+    return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+@functools.lru_cache(maxsize=128)
+def _expected_params(module):
+    example = getattr(module, "_example_inputs", None)
+    args = example() if example is not None else _field_example(module)
+    shapes = jax.eval_shape(lambda k: module.init(k, *args), jax.random.key(0))
+    return _plain(shapes["params"])
+
+
+def _field_example(field):
+    x = jnp.zeros((1, 3))
+    d = jnp.zeros((1, 3)).at[:, 2].set(1.0) if field.view_dependent else None
+    return (x, d)
+
+
+class CheckedApply:
+    """Mixin for linen modules: ``apply`` first checks that ``variables`` belong to the module."""
+
+    def apply(self, variables, *args, **kwargs):
+        _check_variables(self, variables, "params")
+        return super().apply(variables, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- encodings
@@ -80,7 +171,12 @@ def positional_encoding(u, n_freqs: int, include_input: bool = True):
     """NeRF encoding ``[u, sin(2^k pi u), cos(2^k pi u)]_{k < n_freqs}`` over the last axis.
 
     Output size ``3 * (include_input + 2 n_freqs)`` for ``u: [..., 3]`` (Mildenhall et al. 2020, Eq. 4).
+    ``u`` must be a floating array ``[..., 3]`` (finite when concrete); ``0 <= n_freqs <= 30``
+    (``2^30 pi`` is already far beyond float32 resolution of ``sin``).
     """
+    u = _array(u, "u", min_ndim=1, last=3)
+    n_freqs = check_int(n_freqs, "n_freqs", low=0, high=30)
+    include_input = check_bool(include_input, "include_input")
     freqs = (2.0 ** jnp.arange(n_freqs)) * jnp.pi
     ang = u[..., None, :] * freqs[:, None]                               # [..., F, 3]
     enc = [jnp.sin(ang).reshape(*u.shape[:-1], -1), jnp.cos(ang).reshape(*u.shape[:-1], -1)]
@@ -91,9 +187,12 @@ def sh_encoding(d, degree: int = 4):
     """Real spherical harmonics of unit directions ``d: [..., 3]``, bands ``0..degree-1``.
 
     ``degree**2`` outputs (degree in 1..4), with the constants of tiny-cuda-nn / torch-ngp.
+    ``d`` is normalised to unit length first (SH are only defined on the sphere), so any non-zero
+    length gives the same values; a zero-length direction is refused on concrete input.
     """
-    if degree not in (1, 2, 3, 4):
-        raise ValueError(f"degree must be 1, 2, 3 or 4, got {degree!r}")
+    d = _array(d, "d", min_ndim=1, last=3)
+    degree = check_int(degree, "degree", low=1, high=4)
+    d = _unit(d, "d")
     x, y, z = d[..., 0], d[..., 1], d[..., 2]
     out = [jnp.full_like(x, 0.28209479177387814)]
     if degree > 1:
@@ -121,6 +220,10 @@ def _cell(t, n):
 
 def interp_line(line, t):
     """Linear interpolation of ``line: [C, N]`` at ``t: [...]`` in [-1, 1] -> ``[..., C]``."""
+    line = _array(line, "line", ndim=2, finite=False)
+    t = _array(t, "t")
+    if line.shape[-1] < 2:
+        raise ValueError(f"line must have >= 2 vertices on its last axis, got shape {line.shape}")
     i0, w = _cell(t, line.shape[-1])
     v = line[:, i0] * (1 - w) + line[:, i0 + 1] * w                     # [C, ...]
     return jnp.moveaxis(v, 0, -1)
@@ -128,6 +231,12 @@ def interp_line(line, t):
 
 def interp_plane(plane, a, b):
     """Bilinear interpolation of ``plane: [C, N, M]`` at ``(a, b)`` -> ``[..., C]``."""
+    plane = _array(plane, "plane", ndim=3, finite=False)
+    a, b = _array(a, "a"), _array(b, "b")
+    if min(plane.shape[-2:]) < 2:
+        raise ValueError(f"plane must have >= 2 vertices per side, got shape {plane.shape}")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}")
     ia, wa = _cell(a, plane.shape[-2])
     ib, wb = _cell(b, plane.shape[-1])
     v = (plane[:, ia, ib] * (1 - wa) * (1 - wb) + plane[:, ia + 1, ib] * wa * (1 - wb)
@@ -137,6 +246,10 @@ def interp_plane(plane, a, b):
 
 def interp_grid(grid, u):
     """Trilinear interpolation of ``grid: [N, N, N, C]`` (axis i = coordinate i) at ``u: [..., 3]``."""
+    grid = _array(grid, "grid", ndim=4, finite=False)
+    u = _array(u, "u", min_ndim=1, last=3)
+    if min(grid.shape[:3]) < 2:
+        raise ValueError(f"grid must have >= 2 vertices per side, got shape {grid.shape}")
     idx, ws = zip(*(_cell(u[..., k], grid.shape[k]) for k in range(3)))
     out = 0.0
     for cx in (0, 1):
@@ -181,16 +294,29 @@ class Field(nn.Module):
     def __post_init__(self):
         _pos_float(self.bound, "bound")
         _pos_int(self.geo_dim, "geo_dim")
+        check_bool(self.view_dependent, "view_dependent")
         _pos_int(self.color_hidden, "color_hidden")
         _pos_int(self.color_layers, "color_layers", 0)
         _pos_float(self.density_scale, "density_scale")
-        if self.sh_degree not in (1, 2, 3, 4):
-            raise ValueError(f"sh_degree must be 1, 2, 3 or 4, got {self.sh_degree!r}")
-        lo, hi = self.density_clip
+        check_float(self.density_shift, "density_shift")
+        check_int(self.sh_degree, "sh_degree", low=1, high=4)
+        if not isinstance(self.density_clip, (tuple, list)) or len(self.density_clip) != 2:
+            raise TypeError(f"density_clip must be a pair (min, max) of numbers, got {self.density_clip!r}")
+        lo = check_float(self.density_clip[0], "density_clip[0]")
+        hi = check_float(self.density_clip[1], "density_clip[1]")
         if not lo < hi:
             raise ValueError(f"density_clip must be (min, max) with min < max, got {self.density_clip!r}")
+        if hi > 80.0:
+            raise ValueError(f"density_clip max must be <= 80 (exp(80) overflows float32 rendering), "
+                             f"got {hi}")
         self.validate()
         super().__post_init__()
+
+    def apply(self, variables, *args, **kwargs):
+        """``flax`` ``apply`` after checking that ``variables`` are this field's parameters
+        (structure, shapes and kind; ``TypeError``/``ValueError`` naming ``params`` otherwise)."""
+        _check_variables(self, variables, "params")
+        return super().apply(variables, *args, **kwargs)
 
     def validate(self):
         """Eager checks of subclass attributes (raise ``ValueError`` naming the attribute)."""
@@ -218,10 +344,18 @@ class Field(nn.Module):
         return nn.sigmoid(nn.Dense(3, name="color_out")(h))
 
     def _normalise(self, x, d):
+        if not isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)):
+            raise TypeError(f"x must be an array of points [..., 3], got {type(x).__name__}; "
+                            f"wrap it with jnp.asarray(...)")
         x = jnp.asarray(x)
         if x.ndim < 1 or x.shape[-1] != 3:
             raise ValueError(f"x must have shape [..., 3], got {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
         if not _is_tracer(x) and x.size:
+            if not bool(np.all(np.isfinite(np.asarray(x)))):
+                raise ValueError("x contains NaN or Inf coordinates; points must be finite and lie in "
+                                 "the box [-bound, bound]^3")
             m = float(np.max(np.abs(np.asarray(x))))
             if not m <= self.bound * (1 + 1e-5):
                 raise ValueError(f"x: coordinates must lie in the box [-bound, bound]^3 with "
@@ -229,10 +363,11 @@ class Field(nn.Module):
         if self.view_dependent:
             if d is None:
                 raise ValueError("d (view directions) is required: this field is view_dependent")
-            d = jnp.asarray(d)
-            if d.shape[-1:] != (3,):
-                raise ValueError(f"d must have shape [..., 3], got {d.shape}")
-            d = jnp.broadcast_to(d, x.shape)
+            d = _array(d, "d", min_ndim=1, last=3)
+            try:
+                d = jnp.broadcast_to(d, x.shape)
+            except ValueError:
+                raise ValueError(f"d of shape {d.shape} does not broadcast to x's shape {x.shape}") from None
         return jnp.clip(x / self.bound, -1.0, 1.0), d
 
     @nn.compact
@@ -262,9 +397,10 @@ class MLPField(Field):
     skip: int | None = 2
 
     def validate(self):
-        _pos_int(self.n_freqs, "n_freqs", 0)
+        check_int(self.n_freqs, "n_freqs", low=0, high=30)
         _pos_int(self.width, "width")
         _pos_int(self.depth, "depth")
+        check_int(self.skip, "skip", allow_none=True)
         if self.skip is not None and not 0 < self.skip < self.depth:
             raise ValueError(f"skip must be None or in 1..depth-1={self.depth - 1}, got {self.skip!r}")
 
@@ -303,6 +439,9 @@ class GridField(Field):
 # --------------------------------------------------------------------------- utilities
 def init_field(field: Field, key, num: int | None = None):
     """Parameters of ``field`` (``num`` independent fields stacked on a leading axis if given)."""
+    if not isinstance(field, Field):
+        raise TypeError(f"field must be an lrjax.fields Field (e.g. GridField()), got {type(field).__name__}")
+    _check_key(key)
     x = jnp.zeros((1, 3))
     d = jnp.zeros((1, 3)).at[:, 2].set(1.0) if field.view_dependent else None
     if num is None:
@@ -311,12 +450,34 @@ def init_field(field: Field, key, num: int | None = None):
     return jax.vmap(lambda k: field.init(k, x, d))(jax.random.split(key, num))
 
 
+def _check_tree(params, name="params"):
+    if not isinstance(params, (Mapping, list, tuple)):
+        raise TypeError(f"{name} must be a pytree (dict) of arrays, got {type(params).__name__}")
+    for leaf in jax.tree.leaves(params):
+        if not isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+            raise TypeError(f"{name} must contain only arrays, found a {type(leaf).__name__}")
+    return params
+
+
+def _check_key(key, name="key"):
+    """A JAX PRNG key (``jax.random.key(s)`` or a legacy ``uint32[2]`` ``PRNGKey``)."""
+    if not isinstance(key, (jax.Array, jax.core.Tracer)):
+        raise TypeError(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got {type(key).__name__}")
+    if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+            or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))):
+        raise TypeError(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got an array of dtype "
+                        f"{key.dtype} and shape {key.shape}")
+    return key
+
+
 def count_params(params) -> int:
-    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+    """Number of scalars in a params pytree."""
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(_check_tree(params))))
 
 
 def param_bytes(params) -> int:
-    return int(sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params)))
+    """Bytes of a params pytree (sum of ``size * itemsize``)."""
+    return int(sum(p.size * np.dtype(p.dtype).itemsize for p in jax.tree.leaves(_check_tree(params))))
 
 
 _SHARED = ("bound", "density_clip")
@@ -330,9 +491,9 @@ def check_compatible(teacher: Field, student: Field):
     both fields have an MLP colour head (:attr:`Field.has_color_head`), also ``geo_dim`` (so the
     features have the same size), ``view_dependent`` and ``sh_degree`` (so the head can be copied).
     """
-    for f in (teacher, student):
+    for f, nm in ((teacher, "teacher"), (student, "student")):
         if not isinstance(f, Field):
-            raise TypeError(f"expected lrjax.fields Field instances, got {type(f).__name__}")
+            raise TypeError(f"{nm} must be an lrjax.fields Field instance, got {type(f).__name__}")
     names = _SHARED + (_SHARED_HEAD if teacher.has_color_head and student.has_color_head else ())
     bad = [f"{a}: teacher {getattr(teacher, a)!r} vs student {getattr(student, a)!r}"
            for a in names if tuple(np.atleast_1d(getattr(teacher, a))) != tuple(np.atleast_1d(getattr(student, a)))]

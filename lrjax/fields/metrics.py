@@ -1,38 +1,55 @@
 """Image quality metrics: PSNR and SSIM (Wang et al. 2004, *Image quality assessment: from error
 visibility to structural similarity*, IEEE TIP).
 
-``psnr = -10 log10(mean (a - b)^2)`` for images in ``[0, 1]``.
+``psnr = -10 log10(mean (a - b)^2)`` for images in ``[0, 1]``; identical images give ``+inf``
+(the correct limit; no clamping), with a zero (not NaN) gradient.
 ``ssim``: Gaussian window (size 11, sigma 1.5), ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``, ``L = 1``,
 valid filtering, per channel, averaged over pixels and channels (the convention of the NeRF /
 TensoRF evaluation code)::
 
     SSIM = (2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2))
+
+The local variances ``s_a^2, s_b^2`` are clamped at 0 (float cancellation of ``E[a^2] - mu^2`` can
+make them slightly negative), so with ``k1, k2 > 0`` the denominator is ``>= C1 C2 > 0`` and SSIM
+never is NaN (identical images give exactly 1). Inputs must be real arrays (not lists) of the same
+shape; NaN/Inf in concrete images raise ``ValueError``.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from lrjax._validation import check_array, check_finite, check_float, check_int
+
 __all__ = ["mse", "psnr", "ssim"]
 
 
 def _check(a, b):
+    check_array(a, "a", kind="numeric")
+    check_array(b, "b", kind="numeric")
+    check_finite(a, "a")
+    check_finite(b, "b")
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     if a.shape != b.shape:
         raise ValueError(f"images must have the same shape, got {a.shape} and {b.shape}")
     if a.size == 0:
-        raise ValueError("images are empty")
+        raise ValueError(f"images a and b are empty (shape {a.shape})")
     return a, b
 
 
 def mse(a, b):
+    """Mean squared difference of two same-shaped arrays."""
     a, b = _check(a, b)
     return jnp.mean((a - b) ** 2)
 
 
 def psnr(a, b):
-    """Peak signal-to-noise ratio in dB of images in ``[0, 1]`` (any matching shapes)."""
-    return -10.0 * jnp.log10(jnp.maximum(mse(a, b), 1e-20))
+    """Peak signal-to-noise ratio in dB of images in ``[0, 1]`` (any matching shapes).
+
+    Identical images give ``+inf`` (``mse = 0``; documented, not clamped) with a zero gradient."""
+    m = mse(a, b)
+    pos = m > 0
+    return jnp.where(pos, -10.0 * jnp.log10(jnp.where(pos, m, 1.0)), jnp.inf)
 
 
 def _gauss(size, sigma):
@@ -42,7 +59,13 @@ def _gauss(size, sigma):
 
 
 def ssim(a, b, *, window: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03):
-    """Mean SSIM of ``[..., H, W, C]`` images in ``[0, 1]`` (leading axes averaged too)."""
+    """Mean SSIM of ``[..., H, W, C]`` images in ``[0, 1]`` (leading axes averaged too).
+
+    ``window``: odd-or-even int >= 1 (Gaussian window size); ``sigma``, ``k1``, ``k2``: finite > 0."""
+    window = check_int(window, "window", low=1)
+    sigma = check_float(sigma, "sigma", low=0.0, low_open=True)
+    k1 = check_float(k1, "k1", low=0.0, low_open=True)
+    k2 = check_float(k2, "k2", low=0.0, low_open=True)
     a, b = _check(a, b)
     if a.ndim < 3:
         raise ValueError(f"images must have shape [..., H, W, C], got {a.shape}")
@@ -61,8 +84,8 @@ def ssim(a, b, *, window: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: fl
 
     c1, c2 = k1 ** 2, k2 ** 2
     mu_a, mu_b = filt(a), filt(b)
-    s_aa = filt(a * a) - mu_a ** 2
-    s_bb = filt(b * b) - mu_b ** 2
+    s_aa = jnp.maximum(filt(a * a) - mu_a ** 2, 0.0)
+    s_bb = jnp.maximum(filt(b * b) - mu_b ** 2, 0.0)
     s_ab = filt(a * b) - mu_a * mu_b
     num = (2 * mu_a * mu_b + c1) * (2 * s_ab + c2)
     den = (mu_a ** 2 + mu_b ** 2 + c1) * (s_aa + s_bb + c2)

@@ -22,11 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax.fields.fields import FieldOutput, _pos_float, _pos_int
+from lrjax._validation import check_bool, check_choice, check_float, check_int
+from lrjax.fields.fields import FieldOutput, _array, _pos_float, _pos_int
 from lrjax.fields.render import Rays, look_at, pinhole_rays, render_rays
 
 __all__ = ["Shape", "Scene", "default_scene", "random_scene", "fibonacci_poses", "random_poses",
            "SceneData", "make_dataset", "dataset_rays"]
+
+
+def _triple(v, name):
+    if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list, np.ndarray, jax.Array)) or len(v) != 3:
+        raise TypeError(f"{name} must be a tuple of 3 numbers, got {v!r}")
+    return tuple(check_float(x, f"{name}[{i}]") for i, x in enumerate(v))
 
 
 @dataclass(frozen=True)
@@ -39,11 +46,11 @@ class Shape:
     albedo: tuple
 
     def __post_init__(self):
-        if self.kind not in ("sphere", "box"):
-            raise ValueError(f"kind must be 'sphere' or 'box', got {self.kind!r}")
+        check_choice(self.kind, "kind", ("sphere", "box"))
         _pos_float(self.size, "size")
-        if len(self.center) != 3 or len(self.albedo) != 3:
-            raise ValueError("center and albedo must have 3 entries")
+        _triple(self.center, "center")
+        for i, v in enumerate(_triple(self.albedo, "albedo")):
+            check_float(v, f"albedo[{i}]", low=0.0, high=1.0)
 
     def sdf(self, x):
         q = x - jnp.asarray(self.center, x.dtype)
@@ -66,16 +73,28 @@ class Scene:
     geo_dim: int = 15
 
     def __post_init__(self):
+        if not isinstance(self.shapes, (tuple, list)):
+            raise TypeError(f"shapes must be a non-empty tuple of Shape, got {type(self.shapes).__name__}")
         if not self.shapes:
             raise ValueError("shapes must be a non-empty tuple of Shape")
+        for i, sh in enumerate(self.shapes):
+            if not isinstance(sh, Shape):
+                raise TypeError(f"shapes[{i}] must be a Shape, got {type(sh).__name__}")
         _pos_float(self.peak, "peak")
         _pos_float(self.sharpness, "sharpness")
+        light = _triple(self.light, "light")
+        if not np.linalg.norm(light) > 0:
+            raise ValueError("light must be a non-zero 3-vector (the light direction)")
+        check_float(self.ambient, "ambient", low=0.0, high=1.0)
+        _pos_float(self.bound, "bound")
+        check_int(self.geo_dim, "geo_dim", low=0)
 
     def sdfs(self, x):
         return jnp.stack([s.sdf(x) for s in self.shapes], axis=-1)
 
     def __call__(self, x, d=None) -> FieldOutput:
-        x = jnp.asarray(x, jnp.float32)
+        """Analytic field outputs at points ``x: [..., 3]`` (``d`` is ignored: view-independent)."""
+        x = _array(x, "x", min_ndim=1, last=3, kind="numeric").astype(jnp.float32)
         sd = self.sdfs(x)
         k = jnp.argmin(sd, axis=-1)
         sdf = jnp.min(sd, axis=-1)
@@ -103,6 +122,7 @@ def default_scene() -> Scene:
 
 def random_scene(seed: int, n_shapes: int = 4) -> Scene:
     """Random spheres and boxes inside ``[-0.7, 0.7]^3`` with random albedos."""
+    check_int(seed, "seed", low=0)
     _pos_int(n_shapes, "n_shapes")
     rng = np.random.default_rng(seed)
     shapes = []
@@ -120,9 +140,21 @@ def _pose_at(azimuth, elevation, radius):
     return np.asarray(look_at(eye))
 
 
+def _check_orbit(radius, min_elev_deg, max_elev_deg):
+    _pos_float(radius, "radius")
+    lo = check_float(min_elev_deg, "min_elev_deg", low=-90.0, high=90.0, low_open=True, high_open=True)
+    hi = check_float(max_elev_deg, "max_elev_deg", low=-90.0, high=90.0, low_open=True, high_open=True)
+    if hi < lo:
+        raise ValueError(f"max_elev_deg={hi} must be >= min_elev_deg={lo}")
+
+
 def fibonacci_poses(n: int, radius: float = 3.0, min_elev_deg: float = 5.0, max_elev_deg: float = 75.0):
-    """``[n, 4, 4]`` cameras on a Fibonacci spiral of the upper hemisphere, looking at the origin."""
+    """``[n, 4, 4]`` cameras on a Fibonacci spiral of the upper hemisphere, looking at the origin.
+
+    Elevations must lie in the open interval (-90, 90) degrees (at the pole the z-up camera is
+    undefined)."""
     _pos_int(n, "n")
+    _check_orbit(radius, min_elev_deg, max_elev_deg)
     golden = np.pi * (3 - np.sqrt(5))
     lo, hi = np.sin(np.deg2rad(min_elev_deg)), np.sin(np.deg2rad(max_elev_deg))
     return np.stack([_pose_at(i * golden, np.arcsin(lo + (hi - lo) * (i + 0.5) / n), radius)
@@ -132,7 +164,9 @@ def fibonacci_poses(n: int, radius: float = 3.0, min_elev_deg: float = 5.0, max_
 def random_poses(seed: int, n: int, radius: float = 3.0, min_elev_deg: float = 5.0,
                  max_elev_deg: float = 75.0):
     """``[n, 4, 4]`` random cameras (uniform azimuth, elevation uniform in degrees)."""
+    check_int(seed, "seed", low=0)
     _pos_int(n, "n")
+    _check_orbit(radius, min_elev_deg, max_elev_deg)
     rng = np.random.default_rng(seed)
     az = rng.uniform(-np.pi, np.pi, n)
     el = np.deg2rad(rng.uniform(min_elev_deg, max_elev_deg, n))
@@ -157,8 +191,16 @@ def make_dataset(scene: Scene | None = None, *, n_train: int = 40, n_test: int =
                  test_seed: int = 1234) -> SceneData:
     """Render ground-truth train views (Fibonacci) and test views (random, ``test_seed``)."""
     scene = default_scene() if scene is None else scene
+    if not isinstance(scene, Scene):
+        raise TypeError(f"scene must be a Scene or None, got {type(scene).__name__}")
     _pos_int(n_train, "n_train")
     _pos_int(n_test, "n_test")
+    _pos_int(height, "height")
+    _pos_int(width, "width")
+    check_float(fov_deg, "fov_deg", low=0.0, high=180.0, low_open=True, high_open=True)
+    _pos_float(radius, "radius")
+    _pos_int(gt_samples, "gt_samples")
+    check_int(test_seed, "test_seed", low=0)
     focal = 0.5 * width / np.tan(np.deg2rad(fov_deg) / 2)
     train_poses = fibonacci_poses(n_train, radius)
     test_poses = random_poses(test_seed, n_test, radius)
@@ -177,6 +219,9 @@ def make_dataset(scene: Scene | None = None, *, n_train: int = 40, n_test: int =
 
 def dataset_rays(data: SceneData, test: bool = False):
     """All rays of the train (or test) views and their target colours: ``(Rays [V*H*W], rgb)``."""
+    if not isinstance(data, SceneData):
+        raise TypeError(f"data must be a SceneData (from make_dataset), got {type(data).__name__}")
+    check_bool(test, "test")
     poses, imgs = (data.test_poses, data.test_images) if test else (data.poses, data.images)
     rays = [pinhole_rays(p, data.height, data.width, data.focal) for p in poses]
     return (Rays(jnp.concatenate([r.origins for r in rays]), jnp.concatenate([r.directions for r in rays])),
