@@ -330,31 +330,54 @@ def test_import_selects_exact_paths_under_suffix_ambiguity(tmp_path):
 
 
 # --------------------------------------------------------------------------- PiSSA interop
-def test_pissa_export_and_conversion(tmp_path):
+def _trained_pissa(seed=9):
     base = make_base()
     params = jax_params(base)
     rp = lrjax.PiSSA(rank=R, alpha=ALPHA)
     res, ad0 = rp.init(jax.random.key(0), params)
-    delta = random_adapters(lrjax.LoRA(rank=R, alpha=ALPHA), params, seed=9)
+    delta = random_adapters(lrjax.LoRA(rank=R, alpha=ALPHA), params, seed=seed)
     ad = {p: {"a": ad0[p]["a"] + delta[p]["a"], "b": ad0[p]["b"] + delta[p]["b"]} for p in ad0}
+    return base, params, rp, res, ad0, ad
+
+
+def test_pissa_export_and_conversion(tmp_path):
+    base, params, rp, res, ad0, ad = _trained_pissa()
     x = xin()
     want = jax_mlp(rp.materialize(res, ad), x)
 
-    # plain export: correct on the residual base only
+    # default: the rank-2r LoRA conversion, which PEFT applies to the ORIGINAL model
+    with pytest.raises(ValueError, match="init_adapters"):
+        export_peft(tmp_path / "missing", rp, ad)
+    cfg = export_peft(tmp_path / "default", rp, ad, init_adapters=ad0)
+    assert cfg["r"] == 2 * R and cfg["lora_alpha"] == 2 * ALPHA and cfg["init_lora_weights"] is True
+    close(torch_out(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "default"), x), want,
+          rtol=1e-5, atol=1e-5)
+
+    # PEFT's own PiSSA form: PEFT re-runs the SVD on the original model when it loads it
+    cfg = export_peft(tmp_path / "native", rp, ad, pissa="pissa")
+    assert cfg["r"] == R and cfg["init_lora_weights"] == "pissa"
+    close(torch_out(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "native"), x), want,
+          rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="randomized SVD"):
+        export_peft(tmp_path / "x", lrjax.PiSSA(rank=R, alpha=ALPHA, n_iter=2), ad, pissa="pissa")
+
+    # the bare factors: correct on the residual base only (warned)
     with pytest.warns(UserWarning, match="residual"):
-        export_peft(tmp_path / "pissa", rp, ad)
+        export_peft(tmp_path / "pissa", rp, ad, pissa="residual")
     res_torch = copy.deepcopy(base)
     with torch.no_grad():
         for n in MODULES:
             getattr(res_torch, n).weight.copy_(torch.from_numpy(np.asarray(res[n]["kernel"]).T.copy()))
     close(torch_out(PeftModel.from_pretrained(res_torch, tmp_path / "pissa"), x), want)
 
-    # converted: a rank-2r LoRA on the original weights
+    # converted by hand: a rank-2r LoRA on the original weights
     rp_l, ad_l = pissa_to_lora(rp, ad, ad0)
     assert type(rp_l) is lrjax.LoRA and rp_l.rank == 2 * R and rp_l.scale == rp.scale
     close(jax_mlp(rp_l.materialize(params, ad_l), x), want, rtol=1e-5, atol=1e-5)
     export_peft(tmp_path / "lora", rp_l, ad_l)
     close(torch_out(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora"), x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="init_adapters is only used"):
+        export_peft(tmp_path / "lora2", rp_l, ad_l, init_adapters=ad0)
 
 
 def test_import_peft_pissa_adapter(tmp_path):
@@ -363,11 +386,23 @@ def test_import_peft_pissa_adapter(tmp_path):
     pm = peft_of(base, "lora", init_lora_weights="pissa")
     randomize(pm)  # "trained" factors on PEFT's residual base
     pm.save_pretrained(tmp_path)
-    rp, ad = import_peft(tmp_path, params)
-    assert isinstance(rp, lrjax.PiSSA)
-    res, _ = rp.init(jax.random.key(0), params)  # PEFT re-runs the SVD on load; so do we
     x = xin()
-    close(jax_mlp(rp.materialize(res, ad), x), torch_out(pm, x), rtol=1e-5, atol=1e-5)
+    loaded = torch_out(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path), x)  # PEFT on the original
+    close(loaded, torch_out(pm, x), rtol=1e-6, atol=1e-6)
+
+    # default: one call gives PEFT's outputs on the ORIGINAL params (the issue: 1.48 off before)
+    rp, ad = import_peft(tmp_path, params)
+    assert type(rp) is lrjax.LoRA and rp.rank == 2 * R and rp.scale == ALPHA / R
+    close(jax_mlp(rp.materialize(params, ad), x), loaded, rtol=1e-5, atol=1e-5)
+
+    # residual mode: the PiSSA config, its factors and the residual base PEFT uses
+    rp, ad, res = import_peft(tmp_path, params, pissa="residual")
+    assert isinstance(rp, lrjax.PiSSA) and rp.rank == R
+    close(jax_mlp(rp.materialize(res, ad), x), loaded, rtol=1e-5, atol=1e-5)
+    for n in MODULES:
+        close(res[n]["kernel"], t2n(layer(pm, n).base_layer.weight).T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pissa must be one of"):
+        import_peft(tmp_path, params, pissa="pissa")
 
 
 # --------------------------------------------------------------------------- errors
@@ -473,3 +508,196 @@ def test_export_rejects_stacked_and_conv(tmp_path):
         export_peft(tmp_path, lrjax.LoRA(rank=2), random_adapters(rp, jax_params(make_base())))
     with pytest.raises(ValueError, match="entries \\['m'\\]"):
         export_peft(tmp_path, rp, random_adapters(lrjax.DoRA(rank=R), jax_params(make_base())))
+
+
+# --------------------------------------------------------------------------- file checks (issue 10)
+def _tensors(d):
+    with safe_open(str(d / "adapter_model.safetensors"), framework="numpy") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def _write_tensors(d, tensors):
+    save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_inf_refused_both_ways(saved, tmp_path, bad):
+    d, params = saved
+    t = _tensors(d)
+    key = "base_model.model.fc2.lora_B.weight"
+    t[key] = t[key].copy()
+    t[key][1, 2] = bad
+    _write_tensors(d, t)
+    with pytest.raises(ValueError, match=r"tensor 'base_model\.model\.fc2\.lora_B\.weight' contains 1 NaN/Inf"):
+        import_peft(d, params)
+    rp = lrjax.DoRA(rank=R, alpha=ALPHA)
+    ad = random_adapters(rp, params)
+    ad["fc1/kernel"]["m"] = ad["fc1/kernel"]["m"].at[0].set(bad)
+    with pytest.raises(ValueError, match=r"adapters\['fc1/kernel'\]\['m'\] contains 1 NaN/Inf"):
+        export_peft(tmp_path / "out", rp, ad)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target_modules, exclude, match", [
+    (["fc1"], None, r"modules \['fc2'\] have tensors but are not matched by target_modules"),
+    (["fc1", "fc2", "fc3"], None, r"target_modules entries \['fc3'\] match no module with tensors"),
+    ("fc1", None, r"target_modules='fc1' disagrees.*\['fc2'\]"),
+    (["fc1", "fc2"], ["fc2"], r"exclude_modules=\['fc2'\] excludes modules \['fc2'\]"),
+])
+def test_target_modules_must_agree_with_tensors(saved, target_modules, exclude, match):
+    d, params = saved
+    _edit_config(d, target_modules=target_modules, exclude_modules=exclude)
+    with pytest.raises(ValueError, match=match):
+        import_peft(d, params)
+
+
+def test_target_modules_forms_that_agree(saved):
+    d, params = saved
+    for tm in (["fc2", "fc1"], "fc[12]", "all-linear"):
+        _edit_config(d, target_modules=tm)
+        import_peft(d, params)
+
+
+def test_keys_with_adapter_name_are_accepted(saved):
+    d, params = saved
+    x = xin()
+    rp0, ad0 = import_peft(d, params)
+    want = jax_mlp(rp0.materialize(params, ad0), x)
+    t = _tensors(d)
+
+    def named(k, name="default"):
+        for suf in (".lora_A.weight", ".lora_B.weight"):
+            if k.endswith(suf):
+                return k[: -len(".weight")] + f".{name}.weight"
+        return k + f".{name}.weight" if k.endswith("lora_magnitude_vector") else k
+
+    _write_tensors(d, {named(k): v for k, v in t.items()})
+    rp, ad = import_peft(d, params)
+    close(jax_mlp(rp.materialize(params, ad), x), want, rtol=0, atol=0)
+    # PEFT loads the same file with the same outputs
+    close(torch_out(PeftModel.from_pretrained(make_base(), d), x), want)
+    _write_tensors(d, {named(k, "other"): v for k, v in t.items()})
+    with pytest.raises(ValueError, match=r"adapter name 'other'.*adapter_name='other'"):
+        import_peft(d, params)
+    rp, ad = import_peft(d, params, adapter_name="other")
+    close(jax_mlp(rp.materialize(params, ad), x), want, rtol=0, atol=0)
+    _write_tensors(d, {**t, named("base_model.model.fc1.lora_A.weight"): t["base_model.model.fc1.lora_A.weight"]})
+    with pytest.raises(ValueError, match="same tensor"):
+        import_peft(d, params)
+
+
+@pytest.mark.parametrize("which, match", [
+    ("lora_A", r"lora_A\.weight has shape \(16, 4\) = \[in, r\], the transposed orientation; PEFT stores "
+               r"lora_A\.weight as \[r, in\] = \(4, 16\)"),
+    ("lora_B", r"lora_B\.weight has shape \(4, 12\) = \[r, out\], the transposed orientation; PEFT stores "
+               r"lora_B\.weight as \[out, r\] = \(12, 4\)"),
+])
+def test_transposed_factor_named(saved, which, match):
+    d, params = saved
+    t = _tensors(d)
+    key = f"base_model.model.fc1.{which}.weight"
+    t[key] = np.ascontiguousarray(t[key].T)
+    _write_tensors(d, t)
+    with pytest.raises(ValueError, match=match):
+        import_peft(d, params)
+
+
+def test_wrong_rank_names_axes(saved):
+    d, params = saved
+    _edit_config(d, r=5)
+    with pytest.raises(ValueError, match=r"lora_A\.weight \(4, 16\) \(expected \[r, in\] = \(5, 16\)\).*r=5"):
+        import_peft(d, params)
+
+
+# --------------------------------------------------------------------------- params_from_torch
+class Tiny(nn.Module):
+    """Embedding -> LayerNorm -> single-head attention (q/k/v/o Linear) -> MLP, all torch.nn."""
+
+    def __init__(self, vocab=11, d=8, hidden=12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.Module()
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.attn, n, nn.Linear(d, d))
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d))
+
+    def forward(self, ids):
+        h = self.norm(self.embed(ids))
+        a = self.attn
+        q, k, v = a.q_proj(h), a.k_proj(h), a.v_proj(h)
+        w = torch.softmax(q @ k.transpose(-1, -2) / np.sqrt(q.shape[-1]), dim=-1)
+        h = h + a.o_proj(w @ v)
+        return h + self.mlp(h)
+
+
+def tiny_jax(p, ids):
+    h = p["embed"]["embedding"][ids]
+    mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    h = (h - mu) / jnp.sqrt(var + 1e-5) * p["norm"]["scale"] + p["norm"]["bias"]
+    lin = lambda q, x: x @ q["kernel"] + q["bias"]  # noqa: E731
+    a = p["attn"]
+    q, k, v = lin(a["q_proj"], h), lin(a["k_proj"], h), lin(a["v_proj"], h)
+    w = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]), axis=-1)
+    h = h + lin(a["o_proj"], w @ v)
+    return h + lin(p["mlp"]["2"], jnp.tanh(lin(p["mlp"]["0"], h)))
+
+
+def test_params_from_torch_then_import_peft(tmp_path):
+    from lrjax.interop import params_from_torch
+
+    torch.manual_seed(0)
+    model = Tiny()
+    ids = np.array([[1, 4, 7, 2, 9], [0, 3, 3, 10, 5]])
+    want = t2n(model(torch.from_numpy(ids)))
+    params = params_from_torch(model)
+    assert params["attn"]["q_proj"]["kernel"].shape == (8, 8) and params["embed"]["embedding"].shape == (11, 8)
+    assert set(params["norm"]) == {"scale", "bias"} and params["mlp"]["0"]["kernel"].shape == (8, 12)
+    close(tiny_jax(params, ids), want)
+    # a plain state dict (torch tensors or numpy) converts the same way ("embed" is an embedding by name)
+    for sd in (model.state_dict(), {k: t2n(v) for k, v in model.state_dict().items()}):
+        p2 = params_from_torch(sd)
+        assert jax.tree.structure(p2) == jax.tree.structure(params)
+        for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # a PEFT adapter on q/v/mlp.0, loaded with no glue
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "mlp.0"])
+    pm = get_peft_model(copy.deepcopy(model), cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, prm in pm.named_parameters():
+            if "lora_" in n:
+                prm.copy_(0.3 * torch.randn(prm.shape, generator=g))
+    pm.save_pretrained(tmp_path)
+    pm.eval()
+    with torch.no_grad():
+        peft_out = t2n(pm(torch.from_numpy(ids)))
+    rp, ad = import_peft(tmp_path, params)
+    assert set(ad) == {"attn/q_proj/kernel", "attn/v_proj/kernel", "mlp/0/kernel"}
+    close(tiny_jax(rp.materialize(params, ad), ids), peft_out)
+    # the PEFT model's own state dict gives the base params back (LoRA tensors refused unless skipped)
+    with pytest.raises(ValueError, match="LoRA tensors.*skip_lora=True"):
+        params_from_torch(pm)
+    p3 = params_from_torch(pm, skip_lora=True)
+    assert jax.tree.structure(p3) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(p3), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_params_from_torch_errors():
+    from lrjax.interop import params_from_torch
+
+    with pytest.raises(TypeError, match="model_or_state_dict"):
+        params_from_torch([1, 2])
+    with pytest.raises(ValueError, match="no tensors"):
+        params_from_torch({})
+    with pytest.raises(ValueError, match=r"model_or_state_dict\['fc\.weight'\] contains NaN"):
+        params_from_torch({"fc.weight": np.full((2, 3), np.nan, np.float32)})
+    with pytest.raises(TypeError, match="embeddings"):
+        params_from_torch({"fc.weight": np.ones((2, 3), np.float32)}, embeddings=3)
+    with pytest.raises(TypeError, match="skip_lora must be True or False"):
+        params_from_torch({"fc.weight": np.ones((2, 3), np.float32)}, skip_lora="yes")
+    p = params_from_torch({"tok.weight": np.ones((5, 3), np.float32), "fc.weight": np.ones((2, 3), np.float32)},
+                          embeddings=["tok"])
+    assert p["tok"]["embedding"].shape == (5, 3) and p["fc"]["kernel"].shape == (3, 2)

@@ -39,12 +39,31 @@ convolution kernels use PEFT's Conv LoRA layout; both are rejected with a ``Valu
 
 PiSSA
 -----
-PEFT's ``init_lora_weights="pissa"`` re-runs the SVD on whatever base it is loaded onto and
-overwrites that base with the residual. :func:`export_peft` therefore writes PiSSA factors with
-``init_lora_weights: true`` (plain LoRA semantics): the exported adapter is correct only on the
-*residual* base returned by ``PiSSA.init`` (save that base too). To get an adapter that applies
-to the original weights, convert first with :func:`pissa_to_lora` (rank doubles, alpha
-doubles; the same conversion as PEFT's ``path_initial_model_for_weight_conversion``).
+PEFT saves a PiSSA adapter (``init_lora_weights="pissa"``) as its trained ``A, B`` only; when
+it loads one it re-runs the PiSSA SVD on the *original* base it is given and replaces that base
+with the residual ``W - s A0 B0``. The factors alone therefore never reproduce the model:
+
+* :func:`import_peft` of such a file returns, by default (``pissa="lora"``), the equivalent
+  rank-``2r`` LoRA on the original weights (``W + s [A | A0] [B ; -B0]``, the SVD re-run by
+  lrjax), so ``rp.materialize(params, adapters)`` equals PEFT's model in one call;
+  ``pissa="residual"`` returns ``(PiSSA rp, adapters, residual_params)`` to keep training
+  PiSSA-style.
+* :func:`export_peft` of a :class:`~lrjax.PiSSA` writes, by default (``pissa="lora"``), the
+  same rank-``2r`` conversion (:func:`pissa_to_lora`; needs ``init_adapters``, the factors
+  ``PiSSA.init`` returned), which PEFT loads onto the unmodified model with lrjax's outputs.
+  ``pissa="pissa"`` writes PEFT's own form (``init_lora_weights: "pissa"``; PEFT re-runs the SVD
+  on load), ``pissa="residual"`` the bare factors for the residual base only.
+
+Checks
+------
+Both directions refuse (``ValueError`` naming the tensor key or adapter entry) NaN/Inf
+factors, a config whose ``target_modules``/``exclude_modules`` disagree with the modules that
+have tensors, transposed ``lora_A``/``lora_B`` (the message gives each tensor's shape, its
+orientation and the expected one) and keys of another adapter name. Keys holding the adapter
+name, as in a PEFT model's own ``state_dict()`` (``...q_proj.lora_A.default.weight``,
+``...lora_magnitude_vector.default.weight``), are accepted like PEFT does.
+:func:`lrjax.interop.params_from_torch` turns the torch model's ``state_dict()`` into the lrjax
+params these functions take.
 """
 from __future__ import annotations
 
@@ -56,11 +75,13 @@ import warnings
 from collections.abc import Mapping
 from typing import Callable, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
+from lrjax._validation import check_choice
 from lrjax.reparam.base import Reparam
 from lrjax.reparam.dora import DoRA
 from lrjax.reparam.lora import LoRA, RSLoRA
@@ -76,6 +97,9 @@ _SUFFIX_A = ".lora_A.weight"
 _SUFFIX_B = ".lora_B.weight"
 _SUFFIX_M = ".lora_magnitude_vector"
 
+_PISSA_MODES = ("lora", "pissa", "residual")
+_KEY_AB = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
+_KEY_M = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<name>[^.]+))?(?:\.weight)?$")
 _CONV = re.compile(r"conv", re.IGNORECASE)  # as lrjax.axes: 3-D leaves named *conv* are 1-D convolutions
 
 ModuleNames = Union[None, Mapping[str, str], Callable[[str], Union[str, None]]]
@@ -95,6 +119,10 @@ _UNSUPPORTED_FIELDS = (
 # --------------------------------------------------------------------------- names
 def default_module_name(leaf_path: str) -> str:
     """``"layers/0/fc1/kernel" -> "layers.0.fc1"``: drop a trailing ``kernel``/``weight``, ``/`` -> ``.``."""
+    if not isinstance(leaf_path, str):
+        raise TypeError(f"leaf_path must be a str such as 'layers/0/fc1/kernel', got {type(leaf_path).__name__}")
+    if not leaf_path:
+        raise ValueError("leaf_path must be a non-empty leaf path such as 'layers/0/fc1/kernel'")
     parts = leaf_path.split("/")
     if len(parts) > 1 and parts[-1] in ("kernel", "weight"):
         parts = parts[:-1]
@@ -178,42 +206,151 @@ def _leaf_matrix_shape(path: str, shape, ax: axes_lib.Axes, argname: str) -> tup
     return m, n
 
 
+def _check_path(path_dir, name: str = "path_dir", *, for_write: bool = False) -> str:
+    """``path_dir`` as a str: a str/PathLike; for writing, not a file and not under a file."""
+    if isinstance(path_dir, bool) or not isinstance(path_dir, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a directory path (str or os.PathLike), got {path_dir!r:.80} "
+                        f"({type(path_dir).__name__})")
+    path = os.fspath(path_dir)
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a str path, got {type(path).__name__}; decode it first")
+    if not path or "\x00" in path:
+        raise ValueError(f"{name} must be a non-empty path without NUL characters, got {path!r:.80}")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name}={path!r} is a regular file; a PEFT adapter is a directory "
+                         f"({CONFIG_NAME} + {WEIGHTS_NAME}) -- pass its directory")
+    if for_write:
+        p = os.path.dirname(os.path.abspath(path))
+        while p and not os.path.lexists(p):
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        if os.path.lexists(p) and not os.path.isdir(p):
+            raise ValueError(f"{name}={path!r} lies under {p!r}, which is a regular file; choose a path whose "
+                             "parents are directories")
+    return path
+
+
+def _check_params(params, name: str = "params") -> None:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{name} must be the model's params (a nested dict of arrays, e.g. from "
+                        f"params_from_torch), got {type(params).__name__}")
+    if not params:
+        raise ValueError(f"{name} is empty; pass the model's params (a nested dict of arrays)")
+
+
+def _finite_or_raise(x: np.ndarray, what: str) -> None:
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+        n = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise ValueError(f"{what} contains {n} NaN/Inf value(s); lrjax neither writes nor reads non-finite "
+                         "adapter weights (PEFT would load them and every output would be NaN): fix or "
+                         "re-train the adapter")
+
+
+def _factor_np(x, what: str) -> np.ndarray:
+    if isinstance(x, jax.core.Tracer) or isinstance(x, jax.ShapeDtypeStruct):
+        raise TypeError(f"{what} is abstract (a tracer or ShapeDtypeStruct); export concrete arrays, outside jit")
+    if not isinstance(x, (jax.Array, np.ndarray)):
+        raise TypeError(f"{what} must be an array (jax.Array or np.ndarray), got {type(x).__name__}")
+    if not (jnp.issubdtype(x.dtype, jnp.floating)):
+        raise TypeError(f"{what} must be a floating-point array, got dtype {x.dtype}")
+    a = np.asarray(x, np.float32)
+    _finite_or_raise(a, what)
+    return a
+
+
+def _check_adapters(adapters, name: str = "adapters") -> None:
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise TypeError(f"{name} must be the non-empty dict {{leaf_path: {{'a': A, 'b': B}}}} returned by "
+                        f"rp.init(), got {type(adapters).__name__}"
+                        + (" (empty)" if isinstance(adapters, Mapping) else ""))
+    for path, f in adapters.items():
+        if not isinstance(path, str):
+            raise TypeError(f"{name}: keys must be leaf path strings such as 'fc1/kernel', got {path!r:.60}")
+        if not isinstance(f, Mapping) or "a" not in f or "b" not in f:
+            raise TypeError(f"{name}[{path!r}] must be a dict with 'a' and 'b' factors, got {f!r:.60}")
+
+
 # ---------------------------------------------------------------------------- export
 def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNames = None,
-                base_model_name_or_path: str | None = None, params=None) -> dict:
+                base_model_name_or_path: str | None = None, params=None, init_adapters: dict | None = None,
+                pissa: str = "lora") -> dict:
     """Write ``adapters`` as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained`` loads.
 
     Args:
-      path_dir: output directory (created if needed); receives ``adapter_config.json`` and
-        ``adapter_model.safetensors`` (float32, metadata ``{"format": "pt"}``, keys
-        ``base_model.model.<module>.lora_A.weight`` = ``A^T`` ``[r, in]``,
-        ``...lora_B.weight`` = ``B^T`` ``[out, r]``, DoRA ``...lora_magnitude_vector`` = ``m``).
+      path_dir: output directory (created if needed; a ``str`` or ``os.PathLike``, not a file nor
+        under one); receives ``adapter_config.json`` and ``adapter_model.safetensors`` (float32,
+        metadata ``{"format": "pt"}``, keys ``base_model.model.<module>.lora_A.weight`` = ``A^T``
+        ``[r, in]``, ``...lora_B.weight`` = ``B^T`` ``[out, r]``, DoRA
+        ``...lora_magnitude_vector`` = ``m``).
       rp: the :class:`~lrjax.LoRA`, :class:`~lrjax.RSLoRA`, :class:`~lrjax.DoRA` or
         :class:`~lrjax.PiSSA` that made ``adapters`` (sets ``r``, ``lora_alpha``, ``use_rslora``,
-        ``use_dora``). PiSSA is written as plain LoRA (``init_lora_weights: true``): load it onto
-        the residual base, or convert with :func:`pissa_to_lora` first (a warning says so).
-      adapters: ``{leaf_path: {"a": [M, r], "b": [r, N](, "m": [N])}}`` without batch axes.
+        ``use_dora``).
+      adapters: ``{leaf_path: {"a": [M, r], "b": [r, N](, "m": [N])}}`` without batch axes; NaN or
+        Inf factors raise ``ValueError`` naming the entry.
       module_names: leaf path -> torch module name override (see the module docstring); the default
         drops ``/kernel`` and joins with dots.
       base_model_name_or_path: written to the config (e.g. a Hub id); ``None`` by default.
       params: optional base params; when given, every adapted leaf is checked to be a Dense or
         attention kernel (convolutions and stacked leaves raise ``ValueError``) and the factors are
         validated against it. Without it only the factor shapes are checked.
+      init_adapters: PiSSA only: the factors ``rp.init`` returned before training; needed by the
+        default ``pissa="lora"``.
+      pissa: PiSSA only, how to write it so that PEFT reproduces lrjax's model:
+        ``"lora"`` (default): the rank-``2r`` LoRA of :func:`pissa_to_lora`, exact on the
+        *original* (unmodified) torch model; ``"pissa"``: PEFT's own PiSSA form
+        (``init_lora_weights: "pissa"`` with the trained factors; PEFT re-runs the SVD on the
+        original model at load, equal to lrjax's up to float rounding; refused for a randomized
+        ``n_iter`` PiSSA whose SVD PEFT cannot repeat); ``"residual"``: the bare factors as plain
+        LoRA, correct only on the residual base ``PiSSA.init`` returned (a warning says so).
 
     Returns:
       the config dict written to ``adapter_config.json``.
     """
     from safetensors.numpy import save_file
 
+    path_dir = _check_path(path_dir, for_write=True)
     use_dora, use_rslora = _variant(rp)
-    if not isinstance(adapters, dict) or not adapters:
-        raise TypeError(f"adapters must be the non-empty dict returned by rp.init(), got {type(adapters).__name__}")
+    _check_adapters(adapters)
+    pissa = check_choice(pissa, "pissa", _PISSA_MODES)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
+    if params is not None:
+        _check_params(params)
+    init_lora_weights: object = True
     if isinstance(rp, PiSSA):
-        warnings.warn(
-            "export_peft: PiSSA factors are written as a plain LoRA adapter (init_lora_weights=true). It is "
-            "only correct on the residual base returned by PiSSA.init, not on the original weights; use "
-            "lrjax.interop.pissa_to_lora(rp, adapters, init_adapters) for an adapter on the original model.",
-            UserWarning, stacklevel=2)
+        if pissa == "lora":
+            if init_adapters is None:
+                raise ValueError(
+                    "init_adapters: exporting a PiSSA adapter needs the factors PiSSA.init returned "
+                    "(`base, init_adapters = rp.init(key, params)`): it is written as the equivalent rank-2r "
+                    "LoRA on the original weights, which PEFT loads with lrjax's outputs. Pass "
+                    "init_adapters=..., or pissa='pissa' (PEFT's own PiSSA form; PEFT re-runs the SVD on load)")
+            _check_adapters(init_adapters, "init_adapters")
+            rp, adapters = pissa_to_lora(rp, adapters, init_adapters)
+            use_dora, use_rslora = _variant(rp)
+        elif pissa == "pissa":
+            if init_adapters is not None:
+                raise ValueError("init_adapters is only used with pissa='lora'; drop it for pissa='pissa'")
+            if rp.n_iter is not None:
+                raise ValueError(
+                    f"pissa='pissa': this PiSSA uses a randomized SVD (n_iter={rp.n_iter}), which PEFT's "
+                    "torch.svd_lowrank cannot repeat, so PEFT would load a different residual. Export with "
+                    "pissa='lora' and init_adapters=... instead")
+            init_lora_weights = "pissa"
+        else:
+            if init_adapters is not None:
+                raise ValueError("init_adapters is only used with pissa='lora'; drop it for pissa='residual'")
+            warnings.warn(
+                "export_peft(pissa='residual'): the PiSSA factors are written as a plain LoRA adapter "
+                "(init_lora_weights=true), correct only on the residual base returned by PiSSA.init, not on "
+                "the original weights; pissa='lora' (the default) writes an adapter for the original model.",
+                UserWarning, stacklevel=2)
+    elif init_adapters is not None:
+        raise ValueError(f"init_adapters is only used to export a PiSSA adapter; rp is {type(rp).__name__}, "
+                         "drop init_adapters")
     if params is not None:
         flat = rp._check(params, adapters)
         for path in adapters:
@@ -222,20 +359,20 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, str] = {}
     for path, f in adapters.items():
-        if not isinstance(f, dict) or "a" not in f or "b" not in f:
-            raise TypeError(f"adapters[{path!r}] must be a dict with 'a' and 'b' factors")
         extra = set(f) - ({"a", "b", "m"} if use_dora else {"a", "b"})
         if extra:
             raise ValueError(f"adapters[{path!r}] has entries {sorted(extra)} that a "
                              f"{type(rp).__name__} adapter does not have; wrong `rp` for these adapters?")
-        a, b = np.asarray(f["a"], np.float32), np.asarray(f["b"], np.float32)
+        a = _factor_np(f["a"], f"adapters[{path!r}]['a']")
+        b = _factor_np(f["b"], f"adapters[{path!r}]['b']")
         if a.ndim != 2 or b.ndim != 2:
             raise ValueError(
                 f"export_peft: adapters[{path!r}] has factors a{a.shape} b{b.shape} with batch axes (a "
                 "stacked / nn.scan leaf); PEFT stores one adapter per torch Linear, so unstack first")
         if a.shape[1] != rp.rank or b.shape[0] != rp.rank:
             raise ValueError(f"export_peft: adapters[{path!r}] has rank {a.shape[1]}/{b.shape[0]} but "
-                             f"rp.rank = {rp.rank}; PEFT's `r` must match every factor")
+                             f"rp.rank = {rp.rank} (lrjax factors are a [in, r], b [r, out]; got a{a.shape}, "
+                             f"b{b.shape}); PEFT's `r` must match every factor")
         name = namer(path)
         if name in modules:
             raise ValueError(f"module_names: leaves {modules[name]!r} and {path!r} both map to module {name!r}")
@@ -246,7 +383,7 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
         if use_dora:
             if "m" not in f:
                 raise ValueError(f"adapters[{path!r}] has no DoRA magnitude 'm'")
-            m = np.asarray(f["m"], np.float32)
+            m = _factor_np(f["m"], f"adapters[{path!r}]['m']")
             if m.shape != (b.shape[1],):
                 raise ValueError(f"adapters[{path!r}]['m'] has shape {m.shape}, expected {(b.shape[1],)}")
             tensors[key + _SUFFIX_M] = np.ascontiguousarray(m)
@@ -268,7 +405,7 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
         "use_rslora": use_rslora,
         "use_dora": use_dora,
         "modules_to_save": None,
-        "init_lora_weights": True,
+        "init_lora_weights": init_lora_weights,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -348,28 +485,107 @@ def _read_tensors(path_dir) -> dict[str, np.ndarray]:
     for k, v in tensors.items():
         if not np.issubdtype(v.dtype, np.floating) and v.dtype.name != "bfloat16":
             raise ValueError(f"{st_path}: tensor {k!r} has dtype {v.dtype}; expected floating point")
+        _finite_or_raise(np.asarray(v, np.float32), f"{st_path}: tensor {k!r}")
     return tensors
 
 
-def _group_by_module(tensors: dict, st_path: str) -> dict[str, dict[str, np.ndarray]]:
+def _target_matches(module: str, target: str) -> bool:
+    """PEFT's rule for a list entry: the full module path, or a suffix after a dot."""
+    return module == target or module.endswith("." + target)
+
+
+def _check_config_modules(cfg: dict, modules: list[str], cfg_path: str) -> None:
+    """``target_modules`` / ``exclude_modules`` of the config must agree with the saved tensors."""
+    tm = cfg.get("target_modules")
+    if tm is not None and tm != "all-linear":
+        if isinstance(tm, str):
+            missed = [m for m in modules if not re.fullmatch(tm, m)]
+            unused = []
+        elif isinstance(tm, list) and all(isinstance(t, str) for t in tm):
+            missed = [m for m in modules if not any(_target_matches(m, t) for t in tm)]
+            unused = [t for t in tm if not any(_target_matches(m, t) for m in modules)]
+        else:
+            raise ValueError(f"{cfg_path}: target_modules must be a list of module names or a regex string, "
+                             f"got {tm!r:.80}")
+        if missed or unused:
+            parts = []
+            if missed:
+                parts.append(f"modules {missed[:5]} have tensors but are not matched by target_modules")
+            if unused:
+                parts.append(f"target_modules entries {unused[:5]} match no module with tensors")
+            raise ValueError(
+                f"{cfg_path}: target_modules={tm!r} disagrees with the tensors' modules {sorted(modules)[:8]}: "
+                + "; ".join(parts) + ". PEFT would skip or leave at init what does not match, so the adapter "
+                "would not be what was saved: fix target_modules in the config or re-save the adapter")
+    ex = cfg.get("exclude_modules")
+    if ex:
+        if isinstance(ex, str):
+            hit = [m for m in modules if re.fullmatch(ex, m)]
+        elif isinstance(ex, list):
+            hit = [m for m in modules if any(_target_matches(m, t) for t in ex if isinstance(t, str))]
+        else:
+            raise ValueError(f"{cfg_path}: exclude_modules must be a list or a regex string, got {ex!r:.80}")
+        if hit:
+            raise ValueError(f"{cfg_path}: exclude_modules={ex!r} excludes modules {hit[:5]} that have tensors "
+                             f"(tensors' modules: {sorted(modules)[:8]}); PEFT would not load them")
+
+
+def _parse_key(key: str, adapter_name: str):
+    """``(module, kind)`` of a saved key, ``kind`` in ``A``/``B``/``m``; ``None`` if not an adapter key.
+
+    Accepts PEFT's saved form (``<module>.lora_A.weight``, ``<module>.lora_magnitude_vector``)
+    and the in-memory form holding the adapter name (``<module>.lora_A.default.weight``,
+    ``<module>.lora_magnitude_vector.default.weight``), as ``PeftModel.load_adapter`` does.
+    Raises for another adapter name.
+    """
+    if not key.startswith(KEY_PREFIX):
+        return None
+    rest = key[len(KEY_PREFIX):]
+    m = _KEY_AB.match(rest)
+    if m:
+        name = m.group("name")
+        kind = "A" if m.group("kind") == "lora_A" else "B"
+        module = m.group("module")
+    else:
+        if rest.endswith(".lora_magnitude_vector") or rest.endswith(".lora_magnitude_vector.weight"):
+            module, name = rest[: rest.rindex(".lora_magnitude_vector")], None
+        else:
+            mm = re.match(r"^(?P<module>.+)\.lora_magnitude_vector\.(?P<name>[^.]+)\.weight$", rest)
+            if not mm:
+                return None
+            module, name = mm.group("module"), mm.group("name")
+        kind = "m"
+    if name is not None and name != adapter_name:
+        raise ValueError(f"key {key!r} holds adapter name {name!r}, not adapter_name={adapter_name!r}; pass "
+                         f"adapter_name={name!r} to import that adapter")
+    if not module or any(not p for p in module.split(".")):
+        return None
+    return module, kind
+
+
+def _group_by_module(tensors: dict, st_path: str, adapter_name: str) -> dict[str, dict[str, np.ndarray]]:
     groups: dict[str, dict[str, np.ndarray]] = {}
+    keys: dict[tuple, str] = {}
     unexpected = []
     for key, v in tensors.items():
-        rest = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
-        kind = None
-        if rest is not None:
-            for suffix, k in ((_SUFFIX_A, "A"), (_SUFFIX_B, "B"), (_SUFFIX_M, "m")):
-                if rest.endswith(suffix) and len(rest) > len(suffix):
-                    kind, module = k, rest[: -len(suffix)]
-                    break
-        if kind is None:
+        try:
+            parsed = _parse_key(key, adapter_name)
+        except ValueError as e:
+            raise ValueError(f"{st_path}: {e}") from None
+        if parsed is None:
             unexpected.append(key)
             continue
+        module, kind = parsed
+        if (module, kind) in keys:
+            raise ValueError(f"{st_path}: keys {keys[(module, kind)]!r} and {key!r} are the same tensor (with and "
+                             "without the adapter name); keep one")
+        keys[(module, kind)] = key
         groups.setdefault(module, {})[kind] = v
     if unexpected:
         raise ValueError(
             f"{st_path}: unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; expected only "
-            f"'{KEY_PREFIX}<module>.lora_A.weight', '.lora_B.weight' and (DoRA) '.lora_magnitude_vector'")
+            f"'{KEY_PREFIX}<module>.lora_A.weight', '.lora_B.weight' and (DoRA) '.lora_magnitude_vector' "
+            f"(optionally with the adapter name, as in '.lora_A.{adapter_name}.weight')")
     for module, g in groups.items():
         missing = [k for k in ("A", "B") if k not in g]
         if missing:
@@ -406,8 +622,9 @@ class _ExactPaths:
         return f"ExactPaths({list(self._order)!r})"
 
 
-def import_peft(path_dir, params, *, module_names: ModuleNames = None) -> tuple[Reparam, dict]:
-    """Load a PEFT LoRA / rsLoRA / DoRA adapter directory as ``(rp, adapters)`` for ``params``.
+def import_peft(path_dir, params, *, module_names: ModuleNames = None, pissa: str = "lora",
+                adapter_name: str = "default"):
+    """Load a PEFT LoRA / rsLoRA / DoRA / PiSSA adapter directory as ``(rp, adapters)`` for ``params``.
 
     ``rp`` is :class:`~lrjax.LoRA`, :class:`~lrjax.RSLoRA` or :class:`~lrjax.DoRA` (``rslora`` set
     from ``use_rslora``) with ``rank = r``, ``alpha = lora_alpha`` and ``targets`` selecting exactly
@@ -415,25 +632,51 @@ def import_peft(path_dir, params, *, module_names: ModuleNames = None) -> tuple[
     (and DoRA's ``m = lora_magnitude_vector``), cast to each base leaf's dtype, so
     ``rp.materialize(params, adapters)`` is the PEFT model's effective weights.
 
-    The saved keys (not ``target_modules`` / ``layers_to_transform`` / ``exclude_modules``) decide
-    which modules are adapted. A module ``<module>`` is matched with the params leaf whose module name
-    (see :func:`default_module_name` and ``module_names``) equals it.
+    ``params`` are the *original* base model's params (e.g. ``params_from_torch(model)``). The saved
+    keys decide which modules are adapted; a module ``<module>`` is matched with the params leaf
+    whose module name (see :func:`default_module_name` and ``module_names``) equals it. The config's
+    ``target_modules`` / ``exclude_modules`` must agree with those modules (else ``ValueError``
+    naming both). Keys may hold the adapter name (``...lora_A.default.weight``) as PEFT allows.
 
-    ``init_lora_weights="pissa"`` adapters are returned with a :class:`~lrjax.PiSSA` ``rp``: PEFT
-    re-runs the PiSSA SVD on the base when it loads them, so use ``base = rp.init(key, params)[0]``
-    (the residual of the *original* weights) with the returned adapters.
+    PiSSA adapters (``init_lora_weights="pissa"``): PEFT re-runs the PiSSA SVD on the original
+    base when it loads them and uses the residual as base, so the factors alone are not the model.
+
+    * ``pissa="lora"`` (default): returns ``(LoRA, adapters)``, the equivalent rank-``2r`` LoRA
+      (``alpha`` doubled) on the *original* ``params`` (lrjax re-runs the SVD):
+      ``rp.materialize(params, adapters)`` equals PEFT's model.
+    * ``pissa="residual"``: returns ``(PiSSA rp, adapters, residual_params)``; use
+      ``rp.materialize(residual_params, adapters)`` (and keep training PiSSA-style).
+
+    ``pissa`` is not used for other adapters. ``"pissa_niter_k"`` adapters warn: PEFT's
+    ``torch.svd_lowrank`` residual differs from lrjax's randomized SVD by a few percent.
 
     Raises:
       FileNotFoundError: no ``adapter_config.json`` / ``adapter_model.safetensors``.
+      TypeError: ``path_dir`` not a path, ``params`` not a dict, bad ``module_names``.
       ValueError: invalid config or unsupported option (``peft_type`` other than ``LORA``,
         ``rank_pattern``/``alpha_pattern``, trained biases, ``modules_to_save``, base-modifying
-        inits other than PiSSA); a malformed or truncated safetensors file; a module with no
-        matching leaf (the nearest leaf paths are listed); a shape that does not fit the base leaf;
-        a DoRA config without magnitude vectors (PEFT only warns and keeps its init; lrjax refuses).
+        inits other than PiSSA); a malformed or truncated safetensors file; a tensor with NaN/Inf
+        (the key is named); ``target_modules`` disagreeing with the tensors; a module with no
+        matching leaf (the nearest leaf paths are listed); a transposed ``lora_A``/``lora_B`` (its
+        shape, orientation and the expected shape are named); a rank other than ``r``; a shape that
+        does not fit the base leaf; a DoRA config without magnitude vectors (PEFT only warns and
+        keeps its init; lrjax refuses).
     """
+    path_dir = _check_path(path_dir)
+    _check_params(params)
+    pissa = check_choice(pissa, "pissa", ("lora", "residual"))
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a str such as 'default', got {type(adapter_name).__name__}")
+    if not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty name without dots such as 'default', got {adapter_name!r}")
+    if module_names is not None and not isinstance(module_names, Mapping) and not callable(module_names):
+        raise TypeError("module_names must be None, a dict {leaf_path: module_name} or a callable "
+                        f"leaf_path -> module_name; got {type(module_names).__name__}")
     cfg = _read_config(path_dir)
+    cfg_path = os.path.join(path_dir, CONFIG_NAME)
     st_path = os.path.join(path_dir, WEIGHTS_NAME)
-    groups = _group_by_module(_read_tensors(path_dir), st_path)
+    groups = _group_by_module(_read_tensors(path_dir), st_path, adapter_name)
+    _check_config_modules(cfg, list(groups), cfg_path)
     rank, alpha = cfg["r"], cfg.get("lora_alpha", 8)
     use_dora, use_rslora = cfg.get("use_dora", False), cfg.get("use_rslora", False)
     init = cfg.get("init_lora_weights", True)
@@ -484,23 +727,36 @@ def import_peft(path_dir, params, *, module_names: ModuleNames = None) -> tuple[
         leaf = flat[path]
         m_dim, n_dim = _leaf_matrix_shape(path, leaf.shape, axes_lib.default_axes(path, leaf.shape), "import_peft")
         at, bt = g["A"], g["B"]
+        where = f"{st_path}: module {module!r}"
+        torch_shape = f"torch Linear weight [out, in] = [{n_dim}, {m_dim}] for leaf {path!r} {tuple(leaf.shape)}"
         if at.ndim != 2 or bt.ndim != 2:
-            raise ValueError(f"{st_path}: module {module!r} has lora_A {at.shape} / lora_B {bt.shape}; only "
+            raise ValueError(f"{where} has lora_A {at.shape} / lora_B {bt.shape}; only "
                              "Linear adapters (2-D) are supported")
+        want_a, want_b = (rank, m_dim), (n_dim, rank)
+        if at.shape != want_a and at.shape == (m_dim, rank):
+            raise ValueError(f"{where}: lora_A.weight has shape {at.shape} = [in, r], the transposed orientation; "
+                             f"PEFT stores lora_A.weight as [r, in] = {want_a} ({torch_shape}, r={rank}). "
+                             "Transpose it (lora_A.weight.T) when writing the file")
+        if bt.shape != want_b and bt.shape == (rank, n_dim):
+            raise ValueError(f"{where}: lora_B.weight has shape {bt.shape} = [r, out], the transposed orientation; "
+                             f"PEFT stores lora_B.weight as [out, r] = {want_b} ({torch_shape}, r={rank}). "
+                             "Transpose it (lora_B.weight.T) when writing the file")
         if at.shape[0] != rank or bt.shape[1] != rank:
-            raise ValueError(f"{st_path}: module {module!r} has rank {at.shape[0]}/{bt.shape[1]} but the config "
-                             f"says r={rank}")
-        if at.shape != (rank, m_dim) or bt.shape != (n_dim, rank):
             raise ValueError(
-                f"{st_path}: module {module!r} has lora_A {at.shape} and lora_B {bt.shape}, which do not fit leaf "
+                f"{where}: lora_A.weight {at.shape} (expected [r, in] = {want_a}) and lora_B.weight {bt.shape} "
+                f"(expected [out, r] = {want_b}) do not have the config's rank r={rank} on their rank axes "
+                f"(lora_A axis 0 = {at.shape[0]}, lora_B axis 1 = {bt.shape[1]}); wrong 'r' in the config?")
+        if at.shape != want_a or bt.shape != want_b:
+            raise ValueError(
+                f"{where} has lora_A {at.shape} and lora_B {bt.shape}, which do not fit leaf "
                 f"{path!r} of shape {tuple(leaf.shape)} (torch Linear [out, in] = [{n_dim}, {m_dim}]: expected "
-                f"lora_A {(rank, m_dim)}, lora_B {(n_dim, rank)}); wrong base model or module mapping?")
+                f"lora_A {want_a}, lora_B {want_b}); wrong base model or module mapping?")
         dt = leaf.dtype
         f = {"a": jnp.asarray(at.T, dtype=dt), "b": jnp.asarray(bt.T, dtype=dt)}
         if use_dora:
             mv = g["m"]
             if mv.shape != (n_dim,):
-                raise ValueError(f"{st_path}: module {module!r} has lora_magnitude_vector {mv.shape}, expected "
+                raise ValueError(f"{where} has lora_magnitude_vector {mv.shape}, expected "
                                  f"({n_dim},) for leaf {path!r}")
             f["m"] = jnp.asarray(mv, dtype=dt)
         adapters[path] = f
@@ -511,9 +767,14 @@ def import_peft(path_dir, params, *, module_names: ModuleNames = None) -> tuple[
         if niter is not None:
             warnings.warn(f"{st_path}: {init!r} uses torch.svd_lowrank; lrjax's randomized SVD gives a different "
                           "residual. Prefer an adapter converted to plain LoRA.", UserWarning, stacklevel=2)
-        rp: Reparam = PiSSA(rank=rank, alpha=alpha, targets=targets, n_iter=niter)
-    elif use_dora:
-        rp = DoRA(rank=rank, alpha=alpha, targets=targets, rslora=use_rslora)
+        prp = PiSSA(rank=rank, alpha=alpha, targets=targets, n_iter=niter)
+        prp._check(params, adapters)
+        residual, init_adapters = prp.init(jax.random.key(0), params)
+        if pissa == "residual":
+            return prp, adapters, residual
+        return pissa_to_lora(prp, adapters, init_adapters)
+    if use_dora:
+        rp: Reparam = DoRA(rank=rank, alpha=alpha, targets=targets, rslora=use_rslora)
     elif use_rslora:
         rp = RSLoRA(rank=rank, alpha=alpha, targets=targets)
     else:
@@ -541,7 +802,13 @@ def pissa_to_lora(rp: Reparam, adapters: dict, init_adapters: dict) -> tuple[Rep
       with :func:`export_peft` and load it on the unmodified torch model).
     """
     if isinstance(rp, DoRA) or not isinstance(rp, LoRA):
-        raise TypeError(f"pissa_to_lora needs a PiSSA/LoRA/RSLoRA config, got {type(rp).__name__}")
+        raise TypeError(f"rp: pissa_to_lora needs a PiSSA/LoRA/RSLoRA config, got {type(rp).__name__}")
+    _check_adapters(adapters, "adapters")
+    _check_adapters(init_adapters, "init_adapters")
+    for name, ad in (("adapters", adapters), ("init_adapters", init_adapters)):
+        for path, f in ad.items():
+            for k in ("a", "b"):
+                _factor_np(f[k], f"{name}[{path!r}][{k!r}]")
     if set(adapters) != set(init_adapters):
         raise ValueError(f"adapters and init_adapters cover different leaves: "
                          f"{sorted(set(adapters) ^ set(init_adapters))[:5]}")
