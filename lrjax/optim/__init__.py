@@ -6,7 +6,9 @@ One projection protocol (:mod:`lrjax.optim.projection`) and one short file per m
 * :func:`fira` -- Fira (Chen et al. 2024): GaLore + norm-scaled residual, norm-growth limiter;
 * :func:`dct` -- SVD-free projection onto the best-aligned DCT columns (Modoranu et al. 2025);
 * :func:`owlore` -- OwLore (Li et al. 2024): outlier-weighted layer sampling with GaLore inside;
-* :func:`scale_by_adam_8bit` -- Adam with 8-bit block-wise quantized moments (an inner optimizer).
+* :func:`scale_by_adam_8bit` -- Adam with 8-bit block-wise quantized moments (an inner optimizer);
+* :func:`scale_by_adam_torch` -- Adam with PyTorch's ``eps`` placement (to reproduce galore-torch
+  for any ``eps``; ``optax.scale_by_adam`` agrees with it only where ``eps`` is negligible).
 
 Each wraps an inner params-free optax transformation and is itself a
 ``GradientTransformation``::
@@ -18,10 +20,10 @@ Each wraps an inner params-free optax transformation and is itself a
 from lrjax.optim import projection, quant
 from lrjax.optim.dct import dct
 from lrjax.optim.fira import fira
-from lrjax.optim.galore import galore
+from lrjax.optim.galore import galore, scale_by_adam_torch
 from lrjax.optim.owlore import OwLoreState, outlier_ratios, owlore
 from lrjax.optim.projection import ProjectionState, nbytes, theoretical_state_bytes
 from lrjax.optim.quant import scale_by_adam_8bit
 
-__all__ = ["projection", "quant", "scale_by_adam_8bit", "galore", "fira", "dct", "owlore", "outlier_ratios",
+__all__ = ["projection", "quant", "scale_by_adam_8bit", "scale_by_adam_torch", "galore", "fira", "dct", "owlore", "outlier_ratios",
            "ProjectionState", "OwLoreState", "nbytes", "theoretical_state_bytes"]

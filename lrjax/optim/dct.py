@@ -17,6 +17,9 @@ are the ``ell``-norms of the rows of ``Q^T G`` -- one ``d x d x N`` matmul -- an
 indices ``S: [*batch, r]``; ``Q`` is built once per dimension (NumPy, float64, cached) and is a
 constant of the compiled step, never saved.
 
+A zero gradient scores every column 0; ``top_k`` then keeps the lowest indices (ties go to the
+lower index), so the basis is the ``r`` lowest frequencies, orthonormal as always.
+
 Like GaLore the inner moments are carried across refreshes unchanged (the official code's
 optional state rotation between old and new indices is not done).
 """
@@ -29,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrjax._validation import check_dtype, check_int
 from lrjax.optim.projection import Basis, LeafPlan, project
 
 __all__ = ["dct", "DCTBasis", "dct_matrix"]
@@ -45,8 +49,9 @@ def _dct_np(d: int) -> np.ndarray:
 
 
 def dct_matrix(d: int, dtype=jnp.float32):
-    """The orthonormal DCT-III matrix ``Q: [d, d]`` (columns are the DCT basis vectors)."""
-    return jnp.asarray(_dct_np(int(d)), dtype)
+    """The orthonormal DCT-III matrix ``Q: [d, d]`` (columns are the DCT basis vectors), ``d >= 1``."""
+    d = check_int(d, "d", low=1)
+    return jnp.asarray(_dct_np(d), check_dtype(dtype, "dtype"))
 
 
 class DCTBasis(Basis):
@@ -55,9 +60,7 @@ class DCTBasis(Basis):
     name = "dct"
 
     def __init__(self, ell: int = 1):
-        if ell not in (1, 2):
-            raise ValueError(f"ell (score norm) must be 1 or 2, got {ell!r}")
-        self.ell = ell
+        self.ell = check_int(ell, "ell (score norm)", low=1, high=2)
 
     def init(self, lp: LeafPlan, dtype):
         # the r lowest frequencies: orthonormal even before the first refresh

@@ -28,6 +28,15 @@ Cost: no extra ``M N r`` matmul over GaLore. Because ``diag(phi)`` acts on the u
 commutes with ``P``: ``alpha P N + (G - P R) diag(phi) = P (alpha N - R diag(phi)) + G diag(phi)``;
 and since ``P`` is orthonormal, ``||(G - P R)_{:, j}||^2 = ||G_{:, j}||^2 - ||R_{:, j}||^2``.
 
+Degenerate gradients (all computed in float32 or wider, :mod:`lrjax.optim.projection`): a zero
+gradient gives ``R = 0``, ``N = 0`` (Adam), ``phi = 0`` and a zero update; a column ``j`` whose
+projected gradient vanishes (``R_{:, j} = 0``, e.g. a rank-deficient ``G`` whose column lies outside
+``P``) gets ``phi_j = ||N_{:, j}|| / 10^{-8}`` exactly as in the paper and the official code: large but
+finite, and bounded from the second step on by the limiter. ``||G_{:, j}||^2 - ||R_{:, j}||^2`` is
+clipped at 0 against rounding. After a step whose residual is exactly 0 the limiter lets
+``||S||`` grow again from ``gamma * 10^{-8}`` (``||S_{t-1}|| + 10^{-8}`` in the denominator), as in the
+official code. Every norm and quotient here is finite for finite gradients.
+
 Defaults from the paper's pretraining scripts: rank 128 (60M) .. 256, ``update_proj_gap = 200``,
 ``alpha = 0.25``, lr 0.01. ``residual=False`` switches the residual off and gives GaLore exactly.
 """
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from lrjax._validation import check_bool, check_float
 from lrjax.optim.galore import make_basis
 from lrjax.optim.projection import LeafPlan, Variant, project
 
@@ -47,11 +57,9 @@ class FiraResidual(Variant):
     name = "fira"
 
     def __init__(self, gamma: float = 1.01, residual: bool = True, eps: float = 1e-8):
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 1.0:
-            raise ValueError(f"gamma (norm-growth limit) must be a float >= 1, got {gamma!r}")
-        if not isinstance(residual, bool):
-            raise TypeError(f"residual must be a bool, got {residual!r}")
-        self.gamma, self.residual, self.eps = float(gamma), residual, float(eps)
+        self.gamma = check_float(gamma, "gamma (norm-growth limit)", low=1.0)
+        self.residual = check_bool(residual, "residual")
+        self.eps = check_float(eps, "eps", low=0.0, low_open=True)
 
     def init_extra(self, lp: LeafPlan):
         return jnp.zeros(lp.batch, jnp.float32)          # ||S_{t-1}|| per matrix
@@ -73,7 +81,8 @@ class FiraResidual(Variant):
 
 
 def fira(inner, rank: int = 128, *, gamma: float = 1.01, residual: bool = True, refresh: str = "svd",
-         oversample: int = 8, n_iter: int = 1, update_proj_gap: int = 200, scale: float = 1.0, **kwargs):
+         oversample: int = 8, n_iter: int = 1, update_proj_gap: int = 200, scale: float = 1.0, eps: float = 1e-8,
+         **kwargs):
     """Fira around an inner optax transformation (GaLore projection + scaled residual).
 
     Args:
@@ -81,9 +90,10 @@ def fira(inner, rank: int = 128, *, gamma: float = 1.01, residual: bool = True, 
       rank, refresh, oversample, n_iter, update_proj_gap, scale: as in :func:`lrjax.optim.galore`.
       gamma: norm-growth limit (default 1.01).
       residual: ``False`` drops the residual term (then this is GaLore).
+      eps: the ``10^{-8}`` of the norm ratios (``> 0``).
       **kwargs: ``side``, ``targets``, ``axes``, ``seed``, ``weight_decay``, ``weight_decay_mask``
         (:func:`lrjax.optim.projection.project`).
     """
     return project(inner, make_basis(refresh, oversample=oversample, n_iter=n_iter),
-                   FiraResidual(gamma, residual), rank=rank, update_proj_gap=update_proj_gap,
+                   FiraResidual(gamma, residual, eps), rank=rank, update_proj_gap=update_proj_gap,
                    scale=scale, **kwargs)

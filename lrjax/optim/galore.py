@@ -43,18 +43,31 @@ Signs: every refresh pins the sign ambiguity of the singular vectors
 carried across refreshes, so a peer whose SVD returns other signs follows the same trajectory
 only up to the first refresh after ``t = 0`` (the cross-check tests pin the peers' signs too).
 
+Adam's ``eps`` and galore-torch: ``optax.scale_by_adam`` adds ``eps`` to ``sqrt(v_hat)`` (after
+bias correction); galore-torch's ``AdamW`` (like ``torch.optim.AdamW``) adds it to ``sqrt(v)``
+before the bias correction, which is ``m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t))``, a
+step-dependent ``eps`` that no setting of ``optax.scale_by_adam(eps=, eps_root=)`` reproduces. With
+``optax.scale_by_adam()`` inside, lrjax equals galore-torch only where ``eps`` is negligible next
+to ``sqrt(v_hat)``; :func:`scale_by_adam_torch` is the torch placement, with which the two agree
+for any ``eps`` (tested with ``eps = 1e-3``).
+
 8-bit GaLore (the paper's "8-bit GaLore"): ``galore(lrjax.optim.scale_by_adam_8bit(), rank)`` keeps
 the projected Adam moments in 8-bit block-wise quantized form (:mod:`lrjax.optim.quant`).
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import optax
 
 from lrjax import linalg
+from lrjax._validation import check_choice, check_float
 from lrjax.optim.projection import Basis, LeafPlan, _check_int, project
 
-__all__ = ["galore", "ExactSVD", "GramEigh", "RandomizedSVD", "SubspaceIteration", "make_basis", "REFRESHES"]
+__all__ = ["galore", "ExactSVD", "GramEigh", "RandomizedSVD", "SubspaceIteration", "make_basis", "REFRESHES",
+           "scale_by_adam_torch", "ScaleByAdamTorchState"]
 
 REFRESHES = ("svd", "eigh", "randomized", "subspace")
 
@@ -117,6 +130,9 @@ class SubspaceIteration(RandomizedSVD):
 
 def make_basis(refresh: str = "svd", *, oversample: int = 8, n_iter: int = 1) -> Basis:
     """The :class:`~lrjax.optim.projection.Basis` named by ``refresh``."""
+    check_choice(refresh, "refresh", REFRESHES)
+    oversample = _check_int(oversample, "oversample", low=0)
+    n_iter = _check_int(n_iter, "n_iter", low=0)
     if refresh == "svd":
         return ExactSVD()
     if refresh == "eigh":
@@ -151,8 +167,15 @@ def galore(inner, rank: int = 128, *, update_proj_gap: int = 200, scale: float =
         ``"randomized"`` or ``"subspace"`` (module doc).
       oversample, n_iter: sketch width ``r + oversample`` and power / subspace iterations of the
         randomized refreshes (defaults 8 and 1).
-      side, targets, axes, seed, weight_decay, weight_decay_mask: see
+      side: ``"std"`` (default: the smaller dimension; a square matrix goes left, i.e. ``P``
+        spans the input rows of a JAX ``[in, out]`` kernel, which is galore-torch's choice only
+        because torch stores the same weight transposed, ``[out, in]``), ``"reverse_std"``,
+        ``"left"``, ``"right"`` (:mod:`lrjax.optim.projection`).
+      targets, axes, seed, weight_decay, weight_decay_mask: see
         :func:`lrjax.optim.projection.project`.
+
+    Every projected leaf is computed in float32 or wider and rounded once to the gradient's
+    dtype (:mod:`lrjax.optim.projection`); integer leaves are never projected.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`~lrjax.optim.projection.ProjectionState`.
@@ -161,3 +184,47 @@ def galore(inner, rank: int = 128, *, update_proj_gap: int = 200, scale: float =
     return project(inner, basis, rank=rank, update_proj_gap=update_proj_gap, scale=scale, side=side,
                    targets=targets, axes=axes, seed=seed, weight_decay=weight_decay,
                    weight_decay_mask=weight_decay_mask)
+
+
+class ScaleByAdamTorchState(NamedTuple):
+    """State of :func:`scale_by_adam_torch` (the same fields as optax's ``ScaleByAdamState``)."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def scale_by_adam_torch(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam with ``eps`` placed as PyTorch and galore-torch place it (params-free inner transformation).
+
+    ``u_t = m_hat_t / (sqrt(v_hat_t) + eps / sqrt(1 - b2^t))``, i.e. torch's
+    ``(m_t / (1 - b1^t)) / ((sqrt(v_t) + eps) / sqrt(1 - b2^t))``: ``eps`` is added to ``sqrt(v)``
+    *before* bias correction. ``optax.scale_by_adam`` adds it after; the two agree only when ``eps``
+    is negligible. Use this as the inner transformation to reproduce galore-torch's ``GaLoreAdamW``
+    (or ``torch.optim.AdamW``) for any ``eps``::
+
+        lrjax.optim.galore(lrjax.optim.scale_by_adam_torch(eps=1e-6), rank=128)
+
+    Moments are kept in ``promote_types(dtype, float32)``. ``0 <= b1, b2 < 1``, ``eps > 0``.
+    """
+    b1 = check_float(b1, "b1", low=0.0, high=1.0, high_open=True)
+    b2 = check_float(b2, "b2", low=0.0, high=1.0, high_open=True)
+    eps = check_float(eps, "eps", low=0.0, low_open=True)
+
+    def init_fn(params):
+        z = lambda x: jnp.zeros(jnp.shape(x), jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))  # noqa: E731
+        return ScaleByAdamTorchState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map(z, params),
+                                     jax.tree_util.tree_map(z, params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_int32_increment(state.count)
+        c = count.astype(jnp.float32)
+        mu = jax.tree_util.tree_map(lambda g, m: b1 * m + (1 - b1) * g.astype(m.dtype), updates, state.mu)
+        nu = jax.tree_util.tree_map(lambda g, v: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)), updates, state.nu)
+        bc1, sbc2 = 1 - b1 ** c, jnp.sqrt(1 - b2 ** c)
+        out = jax.tree_util.tree_map(lambda g, m, v: ((m / bc1) * sbc2 / (jnp.sqrt(v) + eps)).astype(g.dtype),
+                                     updates, mu, nu)
+        return out, ScaleByAdamTorchState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -53,7 +53,9 @@ import optax
 from lrjax import axes as _axes
 from lrjax import tree as _tree
 from lrjax.optim.galore import galore
-from lrjax.optim.projection import _EMBED, _check_int, check_inner
+from lrjax._validation import check_array, check_bool, check_finite, check_float, check_int
+from lrjax.optim.projection import (_EMBED, _check_inner_shapes, _check_int, _check_leaves, _check_same_tree,
+                                   check_inner)
 
 __all__ = ["owlore", "OwLoreState", "outlier_ratios", "active_layers", "DEFAULT_LAYERS"]
 
@@ -192,8 +194,11 @@ def outlier_ratios(params, layers: str = DEFAULT_LAYERS, *, m: float = 13.0, inp
     (optional): ``{path: [M]}`` (``[L, M]`` for a stacked leaf) input-feature norms per leaf, in
     the matrix view of :mod:`lrjax.axes`. ``scan_layers``: stacked layer leaves (module doc).
     """
-    if not m > 0:
-        raise ValueError(f"m (outlier multiple of the mean) must be > 0, got {m!r}")
+    m = check_float(m, "m (outlier multiple of the mean)", low=0.0, low_open=True)
+    _check_layers(layers)
+    _check_leaves(params, "params")
+    if input_norms is not None and not isinstance(input_norms, dict):
+        raise TypeError(f"input_norms must be None or a dict {{path: [M] array}}, got {type(input_norms).__name__}")
     lay = _layout(params, layers, scan_layers)
     flat = _tree.flatten(params)
     per_layer = [[] for _ in range(lay.n_layers)]
@@ -218,6 +223,18 @@ def outlier_ratios(params, layers: str = DEFAULT_LAYERS, *, m: float = 13.0, inp
         v = jnp.concatenate(vals)
         out.append(100.0 * jnp.mean(v > m * jnp.mean(v)))
     return jnp.stack(out)
+
+
+def _check_layers(layers):
+    if not isinstance(layers, str):
+        raise TypeError(f"layers must be a regular expression (str) with one capture group, got "
+                        f"{type(layers).__name__}")
+    try:
+        rx = re.compile(layers)
+    except re.error as e:
+        raise ValueError(f"layers must be a regular expression with one capture group, got {layers!r} ({e})") from None
+    if rx.groups < 1:
+        raise ValueError(f"layers={layers!r} needs a capture group for the layer index, e.g. r'blocks/(\\d+)/'")
 
 
 def active_layers(state: OwLoreState) -> jax.Array:
@@ -303,6 +320,7 @@ def owlore(inner, rank: int = 256, *, gamma: int = 5, period: int = 50, update_p
             treedef, [None if p in layer_paths else x for p, x in zip(paths, leaves)])
 
     def init_fn(params):
+        _check_leaves(params, "params")
         lay, tx, flat = _setup(params)
         L = lay.n_layers
         if ratios is None:
@@ -321,9 +339,18 @@ def owlore(inner, rank: int = 256, *, gamma: int = 5, period: int = 50, update_p
 
     def update_fn(updates, state, params=None):
         if weight_decay and params is None:
-            raise ValueError("owlore(weight_decay=...) needs the parameters: call update(grads, state, params)")
+            raise ValueError("params: owlore(weight_decay=...) needs the parameters: call update(grads, state, params)")
+        _check_leaves(updates, "updates")
+        if not isinstance(state, OwLoreState):
+            raise TypeError(f"state must be the OwLoreState returned by this optimizer's init, got {type(state).__name__}")
+        if params is not None:
+            _check_leaves(params, "params")
+            _check_same_tree(updates, params, "updates", "params")
         lay, tx, flat = _setup(updates)
         L = lay.n_layers
+        if state.probs.shape != (L,):
+            raise ValueError(f"updates have {L} layers but the optimizer state was initialized for "
+                             f"{state.probs.shape[0]}; pass gradients with the params' structure")
         count = state.count
         new_period = count % period == 0
         key = jax.random.fold_in(jax.random.key(seed, impl="rbg"), count // period)
@@ -341,7 +368,15 @@ def owlore(inner, rank: int = 256, *, gamma: int = 5, period: int = 50, update_p
         for r in lay.members:
             out.update(lay.unstack(r, jnp.zeros_like(stacks[r]).at[active].set(slot_u[r])))
         if train_rest:
-            rest_u, rest_state = inner.update(_rest_tree(updates, lay), state.rest, None)
+            rest_in = _rest_tree(updates, lay)
+            try:
+                rest_u, rest_state = inner.update(rest_in, state.rest, None)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"updates: the inner transformation failed on the leaves outside the layers; the "
+                                 f"usual cause is gradients whose structure or shapes differ from the params given "
+                                 f"to init ({type(e).__name__}: {e})") from e
+            _check_inner_shapes(_tree.paths(rest_in), jax.tree_util.tree_leaves(rest_in),
+                                jax.tree_util.tree_leaves(rest_u), state.rest, rest_state)
             rest_flat = _tree.flatten(rest_u)
             for p in lay.rest:
                 out[p] = rest_flat[p]

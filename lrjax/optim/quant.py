@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lrjax._validation import check_array, check_bool, check_float, check_int
 from lrjax.optim.projection import _check_int
 
 __all__ = ["scale_by_adam_8bit", "ScaleByAdam8bitState", "Quantized", "quantize", "dequantize"]
@@ -51,7 +52,13 @@ class ScaleByAdam8bitState(NamedTuple):
 
 
 def quantize(x, *, signed: bool, block_size: int = 256) -> Quantized:
-    """Block-wise logarithmic 8-bit quantization of ``x`` (module doc)."""
+    """Block-wise logarithmic 8-bit quantization of ``x`` (module doc).
+
+    An all-zero block gets scale 0 and codes 0 (it dequantizes to exact zeros; no division by 0).
+    """
+    x = check_array(x, "x", kind="numeric")
+    signed = check_bool(signed, "signed")
+    block_size = check_int(block_size, "block_size", low=1)
     flat = x.reshape(-1).astype(jnp.float32)
     pad = (-flat.size) % block_size
     blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
@@ -68,6 +75,15 @@ def quantize(x, *, signed: bool, block_size: int = 256) -> Quantized:
 
 def dequantize(q: Quantized, shape, *, signed: bool):
     """Inverse of :func:`quantize` (float32, ``shape``)."""
+    if not isinstance(q, Quantized):
+        raise TypeError(f"q must be a Quantized (from quantize), got {type(q).__name__}")
+    signed = check_bool(signed, "signed")
+    try:
+        shape = tuple(check_int(d, "shape entry", low=0) for d in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a tuple of ints, got {shape!r}") from None
+    if math.prod(shape) > q.codes.size:
+        raise ValueError(f"shape {shape} has {math.prod(shape)} entries but q holds only {q.codes.size}")
     d, top = (_D_SIGNED, 126) if signed else (_D_UNSIGNED, 254)
     c = q.codes.astype(jnp.float32)
     mag = jnp.where(c == 0, 0.0, 10.0 ** (-d * (1.0 - (jnp.abs(c) - 1.0) / top)))
@@ -78,11 +94,10 @@ def dequantize(q: Quantized, shape, *, signed: bool):
 def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, block_size: int = 256,
                        min_size: int = 4096) -> optax.GradientTransformation:
     """``optax.scale_by_adam`` with 8-bit block-wise quantized moments (module doc)."""
-    for name, b in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {b!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    b1 = check_float(b1, "b1", low=0.0, high=1.0, high_open=True)
+    b2 = check_float(b2, "b2", low=0.0, high=1.0, high_open=True)
+    # eps = 0 would divide 0 by 0 on a zero gradient (and on moments quantized to 0)
+    eps = check_float(eps, "eps", low=0.0, low_open=True)
     block_size = _check_int(block_size, "block_size")
     min_size = _check_int(min_size, "min_size", low=0)
 
