@@ -386,3 +386,136 @@ def test_resume_in_new_process_is_bit_identical(tmp_path):
         # the run actually trained: the adapters' B factors moved away from zero
         b_idx = [i for i, n in enumerate(names) if "adapters" in n and "'b'" in n]
         assert b_idx and all(np.abs(za[f"{i:03d}"]).max() > 0 for i in b_idx)
+
+
+# ------------------------------------------------------------------------------ corrupt steps (issue 10)
+def _step_state(v):
+    rng = np.random.default_rng(v)
+    return {"w": jnp.asarray(rng.normal(size=(3, 5)).astype(np.float32)),
+            "bf": jnp.asarray(rng.normal(size=(4,)), jnp.bfloat16),
+            "key": jax.random.key(v), "n": v, "np": np.arange(3, dtype=np.int32) + v}
+
+
+def _corrupt(step_dir, how) -> str:
+    """Damage one step as a crash / disk fault would; returns the file the error must name."""
+    if how == "truncate":
+        d = os.path.join(step_dir, "default", "ocdbt.process_0", "d")
+        f = max((os.path.join(d, n) for n in os.listdir(d)), key=os.path.getsize)
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+        return f
+    if how in ("zero_json", "zero_ckpt_meta"):
+        f = os.path.join(step_dir, "default/_METADATA" if how == "zero_json" else "_CHECKPOINT_METADATA")
+        n = os.path.getsize(f)
+        with open(f, "wb") as fh:
+            fh.write(b"\0" * n)
+        return f
+    if how == "delete_item":
+        import shutil
+        shutil.rmtree(os.path.join(step_dir, "default"))
+        return os.path.join(step_dir, "default") + os.sep
+    if how == "delete_file":
+        f = os.path.join(step_dir, "default", "manifest.ocdbt")
+        os.remove(f)
+        return f
+    raise AssertionError(how)
+
+
+CORRUPTIONS = ["truncate", "zero_json", "zero_ckpt_meta", "delete_item", "delete_file"]
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_corrupt_latest_step_is_named_and_fallback_restores_previous(tmp_path, how):
+    import re
+    import warnings
+
+    d = str(tmp_path / "run")
+    s0, s4 = _step_state(0), _step_state(4)
+    ck.save_state(d, 0, s0)
+    ck.save_state(d, 4, s4)
+    fname = _corrupt(os.path.join(d, "4"), how)
+    pat = rf"step 4 in {re.escape(d)}.*{re.escape(fname)}"
+    with pytest.raises(ck.CheckpointCorruptError, match=pat):
+        ck.restore_state(d)
+    with pytest.raises(ck.CheckpointCorruptError, match=pat):
+        ck.restore_state(d, 4, like=s4)
+    assert issubclass(ck.CheckpointCorruptError, ValueError)
+    assert ck.latest_step(d) == 4 and ck.latest_intact_step(d) == 0
+    with pytest.warns(UserWarning, match=r"skipping step 4 in .*" + re.escape(fname)):
+        out = ck.restore_state(d, like=s0, fallback=True)
+    _assert_same(out, s0)  # bit-identical, leaf types and weak types included
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = ck.restore_state(d, fallback=True)
+    _assert_same(raw["w"], s0["w"]) and _assert_same(raw["key"], s0["key"])
+    _assert_same(ck.restore_state(d, 0, like=s0), s0)  # the intact step stays readable directly
+
+
+@pytest.mark.parametrize("how", ["zero_json", "zero_ckpt_meta", "delete_item", "delete_file"])
+def test_corrupt_step_without_manifest(tmp_path, how):
+    """Steps written before the manifest existed: still a clear error naming the step, and the fallback."""
+    import warnings
+
+    d = str(tmp_path / "run")
+    s0, s4 = _step_state(0), _step_state(4)
+    ck.save_state(d, 0, s0)
+    ck.save_state(d, 4, s4)
+    for s in ("0", "4"):
+        os.remove(os.path.join(d, s, "lrjax_manifest.json"))
+    _corrupt(os.path.join(d, "4"), how)
+    with pytest.raises(ck.CheckpointCorruptError, match=rf"step 4 in {d}"):
+        ck.restore_state(d, like=s4)
+    assert ck.latest_intact_step(d) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _assert_same(ck.restore_state(d, like=s0, fallback=True), s0)
+
+
+def test_every_step_corrupt_and_adapters_corrupt(tmp_path):
+    import warnings
+
+    d = str(tmp_path / "run")
+    ck.save_state(d, 1, _step_state(1))
+    _corrupt(os.path.join(d, "1"), "truncate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ck.CheckpointCorruptError, match=r"no intact step .*\[1\]"):
+            ck.restore_state(d, fallback=True)
+    assert ck.latest_intact_step(d) is None
+    _, adapters = lrjax.LoRA(rank=2).init(jax.random.key(0), _params())
+    ck.save_adapters(tmp_path / "ad", adapters)
+    f = _corrupt(str(tmp_path / "ad"), "zero_ckpt_meta")
+    with pytest.raises(ck.CheckpointCorruptError, match=rf"adapters checkpoint .*{f}"):
+        ck.load_adapters(tmp_path / "ad")
+
+
+def test_directory_and_step_arguments(tmp_path):
+    state = {"w": np.ones(2, np.float32)}
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(ValueError, match=r"directory=.*file\.txt/ckpt.*lies under .*file\.txt.*regular file"):
+        ck.save_state(f / "ckpt", 0, state)
+    with pytest.raises(ValueError, match=r"directory=.*file\.txt.*is a regular file"):
+        ck.save_state(f, 0, state)
+    with pytest.raises(ValueError, match=r"directory=.*lies under"):
+        ck.save_adapters(f / "ad", {"x/kernel": {"a": np.ones((2, 1), np.float32)}})
+    with pytest.raises(TypeError, match="directory must be a path"):
+        ck.restore_state(3)
+    d = tmp_path / "run"
+    ck.save_state(d, 0, state)
+    ck.save_state(d, 4, state)
+    with pytest.raises(TypeError, match=r"step must be an int >= 0, got the string '4'; pass int\('4'\)"):
+        ck.restore_state(d, "4")
+    with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
+        ck.restore_state(d, -1)
+    with pytest.raises(TypeError, match="step must be an int"):
+        ck.save_state(d, 5.0, state)
+    with pytest.raises(ValueError, match="fallback=True .* needs step=None"):
+        ck.restore_state(d, 4, fallback=True)
+    with pytest.raises(TypeError, match="fallback must be True or False"):
+        ck.restore_state(d, fallback="yes")
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        ck.save_state(d, 5, state, overwrite=1)
+    with pytest.raises(ValueError, match="max_to_keep must be an int >= 1"):
+        ck.save_state(d, 5, state, max_to_keep=0)
+    assert ck.all_steps(d) == [0, 4]
