@@ -4,6 +4,8 @@ PELA (:mod:`~lrjax.compress.pela`)."""
 from lrjax.compress.core import (METHODS, Compressed, LayerReport, LowRankParams, Report, collect_activations,
                                  compress, energy_keep, factorize, pela_rank, tree_bytes, welore_keep, welore_tau,
                                  whitened_svd)
+from lrjax.compress import pela, welore
 
 __all__ = ["METHODS", "Compressed", "LayerReport", "LowRankParams", "Report", "collect_activations", "compress",
-           "energy_keep", "factorize", "pela_rank", "tree_bytes", "welore_keep", "welore_tau", "whitened_svd"]
+           "energy_keep", "factorize", "pela_rank", "tree_bytes", "welore_keep", "welore_tau", "whitened_svd",
+           "welore", "pela"]
