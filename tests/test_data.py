@@ -62,7 +62,7 @@ def test_encode_decode_errors():
         data.decode([-1])
     with pytest.raises(ValueError, match="1-D"):
         data.decode(np.zeros((2, 2), np.int32))
-    with pytest.raises(ValueError, match="integers"):
+    with pytest.raises(TypeError, match="ids must be integers"):  # wrong kind: TypeError (issue 10)
         data.decode([1.0])
     assert data.decode([]) == ""
 
@@ -162,7 +162,7 @@ def test_as_arrays_keys(built):
     with pytest.raises(ValueError, match="keys.*'pixels'"):
         data.as_arrays(built["digits_test"], keys=["pixels"])
     assert list(data.as_arrays(arrays, keys=["label"])) == ["label"]
-    with pytest.raises(ValueError, match="source"):
+    with pytest.raises(TypeError, match="source"):  # wrong kind: TypeError (issue 10)
         data.as_arrays(42)
 
 
@@ -322,21 +322,23 @@ def test_batches_deterministic_by_seed(built):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, exc, match",
     [
-        ({"batch_size": 0}, "batch_size"),
-        ({"batch_size": -2}, "batch_size"),
-        ({"batch_size": 2.0}, "batch_size"),
-        ({"batch_size": True}, "batch_size"),
-        ({"batch_size": 11}, "batch_size=11"),
-        ({"batch_size": 2, "epochs": -1}, "epochs"),
-        ({"batch_size": 2, "num_steps": 1.5}, "num_steps"),
-        ({"batch_size": 2, "seed": -1}, "seed"),
-        ({"batch_size": 2, "seed": "abc"}, "seed"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"batch_size": -2}, ValueError, "batch_size"),
+        ({"batch_size": 2.0}, TypeError, "batch_size"),  # wrong kinds are TypeErrors (issue 10)
+        ({"batch_size": True}, TypeError, "batch_size"),
+        ({"batch_size": 11}, ValueError, "batch_size=11"),
+        ({"batch_size": 2, "epochs": -1}, ValueError, "epochs"),
+        ({"batch_size": 2, "num_steps": 1.5}, TypeError, "num_steps"),
+        ({"batch_size": 2, "seed": -1}, ValueError, "seed"),
+        ({"batch_size": 2, "seed": "abc"}, TypeError, "seed"),
+        ({"batch_size": 2, "shuffle": "no"}, TypeError, "shuffle must be True or False"),
+        ({"batch_size": 2, "drop_remainder": 0}, TypeError, "drop_remainder must be True or False"),
     ],
 )
-def test_batches_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_batches_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
         data.batches(_toy(), **kwargs)  # Raised eagerly, before iterating.
 
 

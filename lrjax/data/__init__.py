@@ -33,6 +33,12 @@ Example::
 
     chars = data.load("stdlib_chars", split="train")
     print(data.decode(chars[0]["tokens"]))
+
+Every public function checks its arguments before reading or writing anything: counts
+(``batch_size``, ``epochs``, ``num_steps``, ``seq_len``, ``max_chars``) must be ints in range,
+flags (``shuffle``, ``drop_remainder``) real bools, ``seed`` an int >= 0 or a JAX key, ``split``
+a str (or list of str, or None), ``data_dir`` a path that is not a file. A value of the wrong
+kind raises ``TypeError``, a value out of range ``ValueError``; the message names the argument.
 """
 
 from lrjax.data.builders import (

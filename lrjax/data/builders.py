@@ -50,6 +50,8 @@ import sysconfig
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lrjax._validation import check_choice, check_int
+
 __all__ = [
     "VOCAB",
     "VOCAB_SIZE",
@@ -94,10 +96,7 @@ def encode(text: str, *, errors: str = "strict") -> np.ndarray:
     """
     if not isinstance(text, str):
         raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
-    if errors not in ("strict", "ignore"):
-        raise ValueError(
-            f"encode: errors must be 'strict' or 'ignore', got {errors!r}"
-        )
+    check_choice(errors, "errors", ("strict", "ignore"))
     codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
     ids = np.where(codes < 128, _CHAR_TO_ID[np.minimum(codes, 127)], -1)
     bad = ids < 0
@@ -114,14 +113,24 @@ def encode(text: str, *, errors: str = "strict") -> np.ndarray:
 
 
 def decode(ids) -> str:
-    """Maps a 1-D sequence of ids in ``[0, VOCAB_SIZE)`` back to a string."""
-    arr = np.asarray(ids)
+    """Maps a 1-D sequence of ids in ``[0, VOCAB_SIZE)`` back to a string.
+
+    ``ids``: a 1-D integer array (NumPy or JAX) or a list/tuple of ints; anything else raises
+    ``TypeError``, ids outside ``[0, VOCAB_SIZE)`` or another rank ``ValueError``.
+    """
+    if isinstance(ids, (str, bytes, dict, set)) or ids is None or np.isscalar(ids):
+        raise TypeError(f"decode: ids must be a 1-D array or list of ints, got {type(ids).__name__}")
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError):
+        raise TypeError(f"decode: ids must be a 1-D array or list of ints, got {type(ids).__name__} "
+                        "that is not a regular array") from None
     if arr.ndim != 1:
         raise ValueError(f"decode: ids must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
         return ""
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"decode: ids must be integers, got dtype {arr.dtype}")
+        raise TypeError(f"decode: ids must be integers, got dtype {arr.dtype}")
     if arr.min() < 0 or arr.max() >= VOCAB_SIZE:
         raise ValueError(
             f"decode: ids must lie in [0, {VOCAB_SIZE}), got values in "
@@ -185,10 +194,7 @@ def stdlib_text(max_chars: int | None = None) -> str:
     :data:`VOCAB` are dropped, and the files are concatenated (each ending in
     ``'\\n'``). The result is cut to ``max_chars`` characters when given.
     """
-    if max_chars is not None and (
-        isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1
-    ):
-        raise ValueError(f"max_chars must be a positive int or None, got {max_chars!r}")
+    max_chars = check_int(max_chars, "max_chars", low=1, allow_none=True)
     root = sysconfig.get_paths()["stdlib"]
     parts: list[str] = []
     total = 0
@@ -239,9 +245,7 @@ class StdlibCharsConfig(tfds.core.BuilderConfig):
 
     def __post_init__(self):
         for field in ("seq_len", "max_chars"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive int, got {value!r}")
+            object.__setattr__(self, field, check_int(getattr(self, field), field, low=1))
         # 10% of the characters go to the test split, which needs a window.
         min_chars = 10 * (self.seq_len + 1) + 10
         if self.max_chars < min_chars:

@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.registered import DatasetNotFoundError
 
+from lrjax._validation import check_bool, check_int
 from lrjax.data.builders import Digits, StdlibChars, StdlibCharsConfig
 
 __all__ = ["BUILDERS", "default_data_dir", "load", "as_arrays", "batches"]
@@ -59,8 +60,62 @@ def _as_source(builder, name: str, split):
         ) from e
 
 
+def _check_data_dir(data_dir) -> str | None:
+    """``data_dir``: None or a str/PathLike path that is not a regular file nor under one."""
+    if data_dir is None:
+        return None
+    if isinstance(data_dir, bool) or not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir must be a directory path (str or os.PathLike) or None, got "
+                        f"{type(data_dir).__name__}")
+    path = os.fspath(data_dir)
+    if not isinstance(path, str):
+        raise TypeError(f"data_dir must be a str path, got {type(path).__name__}; decode it first")
+    if not path or "\x00" in path:
+        raise ValueError(f"data_dir must be a non-empty path without NUL characters, got {path!r}")
+    path = os.path.expanduser(path)
+    p = os.path.abspath(path)
+    while True:
+        if os.path.lexists(p):
+            if not os.path.isdir(p):
+                where = "is" if p == os.path.abspath(path) else f"lies under {p!r}, which is"
+                raise ValueError(f"data_dir={path!r} {where} a regular file, not a directory; pass a "
+                                 "directory for the dataset cache")
+            break
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return path
+
+
+def _check_split(split):
+    if split is None or isinstance(split, str):
+        if isinstance(split, str) and not split:
+            raise ValueError("split must be a split name such as 'train', a slice such as 'train[:80%]', "
+                             "or None for all splits; got ''")
+        return split
+    if isinstance(split, (list, tuple)) and split and all(isinstance(x, str) and x for x in split):
+        return list(split)
+    if isinstance(split, tfds.core.ReadInstruction):
+        return split
+    raise TypeError(f"split must be a split name such as 'train' (a str, a TFDS slice such as "
+                    f"'train[:80%]', a list of them) or None, got {split!r:.60} ({type(split).__name__})")
+
+
+_OUR_KWARGS = {StdlibChars: ("config", "seq_len", "max_chars"), Digits: ("config",)}
+
+
 def _load_ours(cls, name, config, split, data_dir, builder_kwargs):
+    unknown = sorted(set(builder_kwargs) - set(_OUR_KWARGS[cls]))
+    if unknown:
+        raise TypeError(f"load({name!r}): unexpected keyword argument(s) {unknown}; this builder takes "
+                        f"{list(_OUR_KWARGS[cls])}")
+    if config is not None and not isinstance(config, (str, tfds.core.BuilderConfig)):
+        raise TypeError(f"config must be a config name (str) or a {cls.__name__} config, got {type(config).__name__}")
     if cls is StdlibChars:
+        for k in ("seq_len", "max_chars"):
+            if k in builder_kwargs:
+                builder_kwargs[k] = check_int(builder_kwargs[k], k, low=1)
         custom = {k: builder_kwargs.pop(k) for k in ("seq_len", "max_chars") if k in builder_kwargs}
         if custom:
             if config is not None:
@@ -118,10 +173,14 @@ def load(
     downloaded or built here: when absent, a ``FileNotFoundError`` says how
     to prepare them.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a dataset name (str) such as 'digits', got {type(name).__name__}")
+    if not name:
+        raise ValueError(f"name must be a non-empty str such as 'digits', got {name!r}")
+    split = _check_split(split)
+    data_dir = _check_data_dir(data_dir)
     given_dir = data_dir
-    data_dir = os.fspath(os.path.expanduser(data_dir)) if data_dir is not None else default_data_dir()
+    data_dir = data_dir if data_dir is not None else default_data_dir()
 
     base, _, config = name.partition("/")
     if base in _BY_NAME:
@@ -191,7 +250,12 @@ def as_arrays(source, keys=None) -> dict[str, np.ndarray]:
     if isinstance(keys, str):
         keys = [keys]
     elif keys is not None:
+        if not isinstance(keys, (list, tuple, set, frozenset)) or not all(isinstance(k, str) for k in keys):
+            raise TypeError(f"keys must be a feature name (str), a list of names or None, got {keys!r:.60}")
         keys = list(keys)
+    if isinstance(source, (str, bytes)) or source is None:
+        raise TypeError(f"as_arrays: source must be a data source (len + indexing) or a dict of arrays, got "
+                        f"{type(source).__name__}")
     if isinstance(source, Mapping):
         arrays = {k: np.asarray(v) for k, v in source.items()}
         available = list(arrays)
@@ -199,7 +263,7 @@ def as_arrays(source, keys=None) -> dict[str, np.ndarray]:
         try:
             n = len(source)
         except TypeError:
-            raise ValueError(
+            raise TypeError(
                 "as_arrays: source must be a data source (len + indexing) or a "
                 f"dict of arrays, got {type(source).__name__}"
             ) from None
@@ -235,30 +299,27 @@ def _check_keys(keys, available) -> None:
 
 def _entropy(seed) -> list[int]:
     """Turns an int seed or a JAX PRNG key into entropy for NumPy's RNG."""
-    if isinstance(seed, bool):
-        raise ValueError(f"seed must be an int or a JAX PRNG key, got {seed!r}")
+    if isinstance(seed, (bool, np.bool_)) or seed is None:
+        raise TypeError(f"seed must be an int >= 0 or a JAX PRNG key, got {seed!r}")
     if isinstance(seed, (int, np.integer)):
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
-        return [int(seed)]
+        return [check_int(seed, "seed", low=0)]
     dtype = getattr(seed, "dtype", None)
-    if dtype is not None and "key<" in str(dtype):  # Typed JAX key.
+    if dtype is None:
+        raise TypeError(f"seed must be an int >= 0 or a JAX PRNG key, got {seed!r:.60} ({type(seed).__name__})")
+    if "key<" in str(dtype):  # Typed JAX key.
         import jax
 
         seed = jax.random.key_data(seed)
     arr = np.asarray(seed)
-    if arr.size == 0 or not np.issubdtype(arr.dtype, np.integer) or (arr < 0).any():
-        raise ValueError(
-            f"seed must be a non-negative int or a JAX PRNG key, got {seed!r}"
-        )
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"seed must be an int >= 0 or a JAX PRNG key, got an array of dtype {arr.dtype}")
+    if arr.size == 0 or (arr < 0).any():
+        raise ValueError(f"seed must be a non-negative int or a JAX PRNG key, got {seed!r}")
     return [int(x) for x in arr.ravel()]
 
 
-def _check_count(value, arg: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{arg} must be a non-negative int or None, got {value!r}")
+def _check_count(value, arg: str) -> int | None:
+    return check_int(value, arg, low=0, allow_none=True)
 
 
 def batches(
@@ -293,11 +354,14 @@ def batches(
     Returns:
       An iterator of ``{feature: array}`` batches.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    _check_count(epochs, "epochs")
-    _check_count(num_steps, "num_steps")
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    epochs = _check_count(epochs, "epochs")
+    num_steps = _check_count(num_steps, "num_steps")
+    shuffle = check_bool(shuffle, "shuffle")
+    drop_remainder = check_bool(drop_remainder, "drop_remainder")
     entropy = _entropy(seed)
+    if isinstance(data, (str, bytes)) or data is None:
+        raise TypeError(f"data must be a dict of arrays or a data source, got {type(data).__name__}")
     arrays = as_arrays(data)
     if not arrays:
         raise ValueError("data has no features")
