@@ -50,7 +50,7 @@ def _dct_np(d: int) -> np.ndarray:
 
 def dct_matrix(d: int, dtype=jnp.float32):
     """The orthonormal DCT-III matrix ``Q: [d, d]`` (columns are the DCT basis vectors), ``d >= 1``."""
-    d = check_int(d, "d", low=1)
+    d = check_int(d, "d (the matrix size)", low=1)
     return jnp.asarray(_dct_np(d), check_dtype(dtype, "dtype"))
 
 

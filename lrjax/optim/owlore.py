@@ -273,18 +273,21 @@ def owlore(inner, rank: int = 256, *, gamma: int = 5, period: int = 50, update_p
     check_inner(inner)
     gamma = _check_int(gamma, "gamma")
     period = _check_int(period, "period")
-    seed = _check_int(seed, "seed", low=0)
+    seed = check_int(seed, "seed", low=0, high=2**31 - 1)
     _check_int(rank, "rank")
-    if not isinstance(m, (int, float)) or isinstance(m, bool) or not m > 0:
-        raise ValueError(f"m must be a float > 0, got {m!r}")
-    try:
-        rx = re.compile(layers)
-    except (re.error, TypeError) as e:
-        raise ValueError(f"layers must be a regular expression with one capture group, got {layers!r} ({e})") from None
-    if rx.groups < 1:
-        raise ValueError(f"layers={layers!r} needs a capture group for the layer index, e.g. r'blocks/(\\d+)/'")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
+    m = check_float(m, "m (outlier multiple of the mean)", low=0.0, low_open=True)
+    _check_layers(layers)
+    train_rest = check_bool(train_rest, "train_rest")
+    weight_decay = check_float(weight_decay, "weight_decay", low=0.0)
+    if ratios is not None:
+        ratios = check_array(ratios, "ratios", kind="numeric", convert=True, ndim=1)
+        check_finite(ratios, "ratios")
+        if bool(jnp.any(ratios < 0)):
+            raise ValueError("ratios must be >= 0 (outlier ratios in percent)")
+    if weight_decay_mask is not None and not callable(weight_decay_mask) and \
+            not isinstance(weight_decay_mask, (dict, list, tuple)):
+        raise TypeError(f"weight_decay_mask must be None, a pytree of bools or a callable params -> mask, got "
+                        f"{type(weight_decay_mask).__name__}")
     galore(inner, rank, update_proj_gap=update_proj_gap, scale=scale, refresh=refresh, seed=seed,
            **galore_kwargs)   # validates the shared arguments now
 
@@ -346,7 +349,10 @@ def owlore(inner, rank: int = 256, *, gamma: int = 5, period: int = 50, update_p
         if params is not None:
             _check_leaves(params, "params")
             _check_same_tree(updates, params, "updates", "params")
-        lay, tx, flat = _setup(updates)
+        try:
+            lay, tx, flat = _setup(updates)
+        except ValueError as e:
+            raise ValueError(f"updates do not have the layer structure of the params given to init: {e}") from e
         L = lay.n_layers
         if state.probs.shape != (L,):
             raise ValueError(f"updates have {L} layers but the optimizer state was initialized for "

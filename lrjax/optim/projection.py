@@ -265,6 +265,10 @@ def plan(tree, *, rank: int, targets=None, axes=None, side: str = "std",
     ``rank_fits(lp)`` (optional) returns the largest rank a basis supports for the leaf; by
     default ``min(M, N)``.
     """
+    rank = check_int(rank, "rank", low=1)
+    check_choice(side, "side", _SIDES)
+    _check_axes_spec(axes)
+    _check_leaves(tree, "tree")
     flat = _tree.flatten(tree)
     if targets is None:
         chosen = [p for p, x in flat.items() if getattr(x, "ndim", 0) >= 2 and not _EMBED.search(p)
@@ -557,6 +561,11 @@ def theoretical_state_bytes(params, *, rank: int, basis: Basis, moments: int = 2
     ``promote_types(dtype, float32)`` (the compute dtype of projected leaves); a leaf that is not projected
     holds ``moments * size``. Bookkeeping scalars (step counts, flags) are excluded.
     """
+    if not isinstance(basis, Basis):
+        raise TypeError(f"basis must be an lrjax.optim.projection.Basis (e.g. lrjax.optim.galore.ExactSVD()), "
+                        f"got {type(basis).__name__}")
+    moments = check_int(moments, "moments", low=0)
+    extra_per_matrix = check_int(extra_per_matrix, "extra_per_matrix", low=0)
     plans = plan(params, rank=rank, targets=targets, axes=axes, side=side)
     proj = bas = full = 0
     for p, x in _tree.flatten(params).items():
