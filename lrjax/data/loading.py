@@ -360,8 +360,11 @@ def batches(
     shuffle = check_bool(shuffle, "shuffle")
     drop_remainder = check_bool(drop_remainder, "drop_remainder")
     entropy = _entropy(seed)
-    if isinstance(data, (str, bytes)) or data is None:
-        raise TypeError(f"data must be a dict of arrays or a data source, got {type(data).__name__}")
+    if isinstance(data, (str, bytes)) or not (
+        isinstance(data, Mapping) or (hasattr(data, "__len__") and hasattr(data, "__getitem__"))
+    ):
+        raise TypeError(f"data must be a dict of arrays or a data source (len + indexing), got "
+                        f"{type(data).__name__}")
     arrays = as_arrays(data)
     if not arrays:
         raise ValueError("data has no features")

@@ -206,8 +206,8 @@ def _leaf_matrix_shape(path: str, shape, ax: axes_lib.Axes, argname: str) -> tup
     return m, n
 
 
-def _check_path(path_dir, name: str = "path_dir", *, for_write: bool = False) -> str:
-    """``path_dir`` as a str: a str/PathLike; for writing, not a file and not under a file."""
+def _check_path(path_dir, name: str = "path_dir") -> str:
+    """``path_dir`` as a str: a str/PathLike that is not a regular file and not under one."""
     if isinstance(path_dir, bool) or not isinstance(path_dir, (str, os.PathLike)):
         raise TypeError(f"{name} must be a directory path (str or os.PathLike), got {path_dir!r:.80} "
                         f"({type(path_dir).__name__})")
@@ -219,16 +219,16 @@ def _check_path(path_dir, name: str = "path_dir", *, for_write: bool = False) ->
     if os.path.lexists(path) and not os.path.isdir(path):
         raise ValueError(f"{name}={path!r} is a regular file; a PEFT adapter is a directory "
                          f"({CONFIG_NAME} + {WEIGHTS_NAME}) -- pass its directory")
-    if for_write:
-        p = os.path.dirname(os.path.abspath(path))
-        while p and not os.path.lexists(p):
-            parent = os.path.dirname(p)
-            if parent == p:
-                break
-            p = parent
-        if os.path.lexists(p) and not os.path.isdir(p):
-            raise ValueError(f"{name}={path!r} lies under {p!r}, which is a regular file; choose a path whose "
-                             "parents are directories")
+    # reading or writing: a path under a regular file can hold no adapter
+    p = os.path.dirname(os.path.abspath(path))
+    while p and not os.path.lexists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    if os.path.lexists(p) and not os.path.isdir(p):
+        raise ValueError(f"{name}={path!r} lies under {p!r}, which is a regular file; choose a path whose "
+                         "parents are directories")
     return path
 
 
@@ -311,7 +311,7 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
     """
     from safetensors.numpy import save_file
 
-    path_dir = _check_path(path_dir, for_write=True)
+    path_dir = _check_path(path_dir)
     use_dora, use_rslora = _variant(rp)
     _check_adapters(adapters)
     pissa = check_choice(pissa, "pissa", _PISSA_MODES)

@@ -78,7 +78,7 @@ def _to_numpy(v, key: str) -> np.ndarray:
         return np.asarray(t.numpy())
     if isinstance(v, np.ndarray) or hasattr(v, "__array__"):
         return np.asarray(v)
-    raise TypeError(f"state_dict[{key!r}] must be a torch tensor or an array, got {type(v).__name__}")
+    raise TypeError(f"model_or_state_dict[{key!r}] must be a torch tensor or an array, got {type(v).__name__}")
 
 
 def params_from_torch(model_or_state_dict, *, embeddings="auto", skip_lora: bool = False,
