@@ -41,6 +41,7 @@ import numpy as np
 from jax import lax
 from jax.extend.random import threefry_2x32
 
+from lrjax import _validation as V
 from lrjax import axes as axes_lib
 
 __all__ = ["LeafPlan", "LowRankNoise", "noise_key", "sign_and_index", "draw", "draw_flat", "split", "noise_size"]
@@ -76,12 +77,14 @@ class LowRankNoise(NamedTuple):
 
 def noise_key(key, generation, index, noise_reuse: int = 1):
     """Key of noise index ``index`` in ``generation``."""
+    noise_reuse = V.check_int(noise_reuse, "noise_reuse", low=1)
     epoch = jnp.asarray(generation, jnp.uint32) // jnp.uint32(noise_reuse)
     return jax.random.fold_in(jax.random.fold_in(key, epoch), jnp.asarray(index, jnp.uint32))
 
 
 def sign_and_index(member, antithetic: bool):
     """``(sign, noise_index)`` of a member id (see the module docstring)."""
+    antithetic = V.check_bool(antithetic, "antithetic")
     member = jnp.asarray(member, jnp.int32)
     if antithetic:
         return 1.0 - 2.0 * (member % 2).astype(jnp.float32), member // 2
@@ -143,6 +146,8 @@ def draw_flat(plans, key, generation, index, rank: int | None, noise_reuse: int 
     """The flat unit-scale vector of noise index ``index`` (length :func:`noise_size`, float32 or
     wider), or ``None`` when every leaf is frozen. :func:`split` cuts it into the leaves' blocks;
     keeping it lets one draw serve both the member forwards and the update."""
+    V.check_choice(distribution, "distribution", DISTRIBUTIONS)
+    rank = V.check_int(rank, "rank", low=1, allow_none=True)
     active = [p for p in plans if p.kind != FROZEN]
     if not active:
         return None

@@ -41,24 +41,36 @@ __all__ = ["SHAPINGS", "centered_rank", "z_score", "identity", "shape_fitness", 
 Z_SCORE_EPS = 1e-5
 
 
-def centered_rank(l):
-    """Centered ranks in ``[-1/2, 1/2]``; ties share the mean of their ranks."""
+def _check_loss(loss):
+    loss = V.check_array(loss, "loss", ndim=1, kind="floating")
+    if loss.shape[0] == 0:
+        raise ValueError("loss is empty: give one value per member")
+    return loss
+
+
+def centered_rank(loss):
+    """Centered ranks in ``[-1/2, 1/2]`` of a finite 1-D ``loss``; ties share the mean of their ranks."""
+    l = _check_loss(loss)  # noqa: E741
     n = l.shape[0]
     s = jnp.sort(l)
     lo = jnp.searchsorted(s, l, side="left")
     hi = jnp.searchsorted(s, l, side="right") - 1
-    ranks = (lo + hi).astype(jnp.float32) * 0.5
-    return ranks / max(n - 1, 1) - 0.5
+    # rank - (n - 1) / 2 with rank = (lo + hi) / 2, from an exact integer numerator: a tie shared
+    # by the whole generation is exactly 0 (however XLA rewrites the division)
+    return (lo + hi - (n - 1)).astype(jnp.float32) * np.float32(0.5 / max(n - 1, 1))
 
 
-def z_score(l):
-    """``(l - mean) / sqrt(var + 1e-5)``; exactly 0 everywhere when every entry is equal."""
+def z_score(loss):
+    """``(l - mean) / sqrt(var + 1e-5)`` of a finite 1-D ``loss``; exactly 0 everywhere when every
+    entry is equal."""
+    l = _check_loss(loss)  # noqa: E741
     z = (l - jnp.mean(l)) / jnp.sqrt(jnp.var(l) + Z_SCORE_EPS)
     return jnp.where(jnp.max(l) == jnp.min(l), jnp.zeros_like(z), z)
 
 
-def identity(l):
-    return l
+def identity(loss):
+    """``loss`` itself (the raw estimator's weights)."""
+    return _check_loss(loss)
 
 
 SHAPINGS = {"centered_rank": centered_rank, "z_score": z_score, "none": identity}
@@ -67,6 +79,8 @@ SHAPINGS = {"centered_rank": centered_rank, "z_score": z_score, "none": identity
 def sanitize(fitness, maximize: bool):
     """``(loss, any_finite)``: the loss ``-f`` (maximize) or ``f``, with non-finite entries set to
     the worst finite loss (see the module docstring)."""
+    maximize = V.check_bool(maximize, "maximize")
+    fitness = jnp.asarray(check_fitness(fitness, "fitness"))
     f = jnp.asarray(fitness, jnp.promote_types(fitness.dtype, jnp.float32))
     loss = -f if maximize else f
     finite = jnp.isfinite(loss)
