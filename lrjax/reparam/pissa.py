@@ -17,12 +17,11 @@ which uses :func:`lrjax.linalg.randomized_svd` with that many power iterations (
 each left vector positive). Sign flips of a (u_i, v_i) pair leave ``A B`` and the residual
 unchanged, so outputs are comparable with PEFT whatever its SVD backend picks.
 
-Exact start: the residual is chosen entry by entry so that ``materialize(base, adapters)``
-(``W_res + s A B`` computed in ``promote_types(w, A, B, float32)`` and rounded once to
-``w.dtype``) returns ``W`` itself: ``W_res = round(W - s A B)``, then up to two correction steps
-keep, per entry, the candidate whose materialized value is closest to ``W``. In practice the
-initial model is reproduced bit for bit (a residual entry that no representable value maps back
-to ``W`` exactly stays within one ulp of it).
+Start: the residual is ``W_res = round(W - s A B)`` computed in ``promote_types(w, A, B, float32)``
+and rounded once to ``w.dtype``; ``materialize`` then returns ``round(W_res + s A B)``. That is
+``W`` up to the rounding of the stored residual: exact wherever ``|s A B|`` does not exceed
+``|W|`` by much, and otherwise within one ulp (in ``w.dtype``) of ``max(|W|, |W_res|)``
+per entry. The same holds for PEFT, which also stores the residual in the base's dtype.
 
 Degenerate weights: a rank-deficient ``W`` (rank below ``r``) or an all-zero ``W`` is valid.
 Singular values that are 0 (or rounding noise, clamped at 0 before the square root) give
@@ -68,13 +67,5 @@ class PiSSA(LoRA):
         b = (root[..., :, None] * vt).astype(dt)
         f = {"a": a, "b": b}
         cd = self.compute_dtype(w, f)
-        wc = w.astype(cd)
-        w_res = (wc - self.scale * (a.astype(cd) @ b.astype(cd))).astype(w.dtype)
-        err = jnp.abs(self.apply_leaf(w_res, f).astype(cd) - wc)
-        for _ in range(2):  # entrywise correction: materialize(w_res) is elementwise in w_res
-            cand = (w_res.astype(cd) + (wc - self.apply_leaf(w_res, f).astype(cd))).astype(w.dtype)
-            cerr = jnp.abs(self.apply_leaf(cand, f).astype(cd) - wc)
-            better = cerr < err
-            w_res = jnp.where(better, cand, w_res)
-            err = jnp.where(better, cerr, err)
+        w_res = (w.astype(cd) - self.scale * (a.astype(cd) @ b.astype(cd))).astype(w.dtype)
         return w_res, f
