@@ -27,7 +27,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax.fields.fields import Field, _pos_int
+from lrjax._validation import check_int, is_concrete
+from lrjax.fields.fields import Field, _array, _pos_int
 
 __all__ = ["HashGridField", "hash_encode", "fast_hash", "level_layout", "PRIMES"]
 
@@ -35,14 +36,23 @@ PRIMES = (1, 2654435761, 805459861)
 
 
 def fast_hash(ijk):
-    """``XOR_i ijk_i * pi_i`` in uint32 (wrapping) for integer ``ijk: [..., 3]``."""
-    ijk = jnp.asarray(ijk).astype(jnp.uint32)
+    """``XOR_i ijk_i * pi_i`` in uint32 (wrapping) for non-negative integer ``ijk: [..., 3]``."""
+    ijk = _array(ijk, "ijk", min_ndim=1, last=3, kind="integer", finite=False)
+    if is_concrete(ijk) and ijk.size and bool(jnp.any(ijk < 0)):
+        raise ValueError("ijk must be non-negative integer grid coordinates (got a negative entry)")
+    ijk = ijk.astype(jnp.uint32)
     return (ijk[..., 0] * jnp.uint32(PRIMES[0])) ^ (ijk[..., 1] * jnp.uint32(PRIMES[1])) \
         ^ (ijk[..., 2] * jnp.uint32(PRIMES[2]))
 
 
 def level_layout(levels, min_res, max_res, log2_table_size):
     """Per level ``(scale, vertices_per_side, rows, hashed)`` (pure Python, static)."""
+    levels = _pos_int(levels, "levels")
+    min_res = _pos_int(min_res, "min_res", 2)
+    max_res = _pos_int(max_res, "max_res", 2)
+    log2_table_size = check_int(log2_table_size, "log2_table_size", low=1, high=30)
+    if max_res < min_res:
+        raise ValueError(f"max_res={max_res} must be >= min_res={min_res}")
     b = 1.0 if levels == 1 else math.exp((math.log(max_res) - math.log(min_res)) / (levels - 1))
     table = 2 ** log2_table_size
     out = []
@@ -58,6 +68,17 @@ def hash_encode(tables, u, layout):
     """Multiresolution hash encoding of ``u: [..., 3]`` in ``[-1, 1]^3`` -> ``[..., L * F]``.
 
     ``tables[l]: [rows_l, F]``; ``layout`` from :func:`level_layout`."""
+    if not isinstance(layout, (tuple, list)) or not all(isinstance(v, tuple) and len(v) == 4 for v in layout):
+        raise TypeError("layout must be the tuple returned by level_layout(levels, min_res, max_res, "
+                        f"log2_table_size), got {type(layout).__name__}")
+    if not isinstance(tables, (tuple, list)) or len(tables) != len(layout):
+        raise TypeError(f"tables must be a list of {len(layout)} arrays [rows_l, F] (one per level of layout), "
+                        f"got {type(tables).__name__}")
+    for lvl, (t, (_, _, rows, _)) in enumerate(zip(tables, layout)):
+        t = _array(t, f"tables[{lvl}]", ndim=2, finite=False)
+        if t.shape[0] != rows:
+            raise ValueError(f"tables[{lvl}] must have {rows} rows for this layout, got shape {t.shape}")
+    u = _array(u, "u", min_ndim=1, last=3)
     v = (u + 1.0) * 0.5
     feats = []
     for table, (scale, side, rows, hashed) in zip(tables, layout):
@@ -92,9 +113,7 @@ class HashGridField(Field):
     def validate(self):
         _pos_int(self.levels, "levels")
         _pos_int(self.features_per_level, "features_per_level")
-        _pos_int(self.log2_table_size, "log2_table_size")
-        if self.log2_table_size > 30:
-            raise ValueError(f"log2_table_size must be <= 30, got {self.log2_table_size}")
+        check_int(self.log2_table_size, "log2_table_size", low=1, high=30)
         _pos_int(self.min_res, "min_res", 2)
         _pos_int(self.max_res, "max_res", 2)
         if self.max_res < self.min_res:

@@ -50,7 +50,7 @@ class SHGridField(GridField):
     def validate(self):
         super().validate()
         _pos_float(self.color_scale, "color_scale")
-        if self.sh_degree not in (1, 2, 3):
+        if self.sh_degree > 3:
             raise ValueError(f"sh_degree must be 1, 2 or 3 SH bands (SH degree <= 2, Plenoxels: 3 bands "
                              f"= 9 coefficients) for SHGridField, got {self.sh_degree!r}")
         if not self.view_dependent:

@@ -74,7 +74,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lrjax.fields.fields import Field, _pos_float, _pos_int, check_compatible, init_field
+from lrjax._validation import check_bool, check_choice, check_float, check_int
+from lrjax.fields.fields import (Field, _array, _check_key, _check_variables, _pos_float, _pos_int,
+                                 check_compatible, init_field)
 from lrjax.fields.render import Rays, composite, near_far, stratified_samples
 
 __all__ = ["ActiveConfig", "PVDConfig", "ALState", "PVDState", "PVD", "inherit_head", "stage_of"]
@@ -94,10 +96,10 @@ class ActiveConfig:
     pose_ema: float = 0.9
 
     def __post_init__(self):
-        for n in ("ray_ratio", "point_ratio", "pose_ratio"):
-            v = getattr(self, n)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{n} must be in [0, 1], got {v!r}")
+        for n in ("ray_ratio", "point_ratio", "pose_ratio", "point_min_acc"):
+            check_float(getattr(self, n), n, low=0.0, high=1.0)
+        check_float(self.pose_jitter, "pose_jitter", low=0.0, high=float(np.pi))
+        check_float(self.pose_ema, "pose_ema", low=0.0, high=1.0, high_open=True)
         _pos_int(self.pool_size, "pool_size")
         _pos_int(self.min_pool, "min_pool")
         if self.min_pool > self.pool_size:
@@ -147,28 +149,38 @@ class PVDConfig:
     active: ActiveConfig | None = dc_field(default=None)
 
     def __post_init__(self):
-        s1, s2 = self.stage_steps
-        if not (isinstance(s1, (int, np.integer)) and isinstance(s2, (int, np.integer)) and 0 <= s1 <= s2):
-            raise ValueError(f"stage_steps must be two ints 0 <= s1 <= s2, got {self.stage_steps!r}")
-        if self.loss not in ("mse", "norm"):
-            raise ValueError(f"loss must be 'mse' or 'norm', got {self.loss!r}")
-        if self.point_mask not in ("weight", "all"):
-            raise ValueError(f"point_mask must be 'weight' or 'all', got {self.point_mask!r}")
-        if self.density_mask not in ("floor", "points"):
-            raise ValueError(f"density_mask must be 'floor' or 'points', got {self.density_mask!r}")
-        if self.density_space not in ("log", "alpha"):
-            raise ValueError(f"density_space must be 'log' or 'alpha', got {self.density_space!r}")
+        _check_stage_steps(self.stage_steps)
+        check_choice(self.loss, "loss", ("mse", "norm"))
+        check_choice(self.point_mask, "point_mask", ("weight", "all"))
+        check_choice(self.density_mask, "density_mask", ("floor", "points"))
+        check_choice(self.density_space, "density_space", ("log", "alpha"))
         _pos_int(self.batch_rays, "batch_rays")
         _pos_int(self.n_samples, "n_samples")
         for n in ("w_feature", "w_sigma", "w_color", "w_rgb"):
-            if getattr(self, n) < 0:
-                raise ValueError(f"{n} must be >= 0, got {getattr(self, n)!r}")
+            check_float(getattr(self, n), n, low=0.0)
+        check_float(self.feature_decay, "feature_decay", low=0.0, high=1.0, low_open=True)
+        check_float(self.weight_threshold, "weight_threshold", low=0.0)
+        check_float(self.density_floor, "density_floor")
+        check_float(self.bg, "bg", low=0.0, high=1.0)
+        check_bool(self.inherit_head, "inherit_head")
         if self.active is not None and not isinstance(self.active, ActiveConfig):
             raise TypeError(f"active must be an ActiveConfig or None, got {type(self.active).__name__}")
 
 
+def _check_stage_steps(stage_steps):
+    if isinstance(stage_steps, (str, bytes)) or not isinstance(stage_steps, (tuple, list)) or len(stage_steps) != 2:
+        raise TypeError(f"stage_steps must be a pair (s1, s2) of ints, got {stage_steps!r}")
+    s1 = check_int(stage_steps[0], "stage_steps[0]", low=0)
+    s2 = check_int(stage_steps[1], "stage_steps[1]", low=0)
+    if s1 > s2:
+        raise ValueError(f"stage_steps must be two ints 0 <= s1 <= s2, got {tuple(stage_steps)!r}")
+    return s1, s2
+
+
 def stage_of(step: int, stage_steps) -> int:
     """1, 2 or 3 for a (Python int) step."""
+    step = check_int(step, "step", low=0)
+    stage_steps = _check_stage_steps(stage_steps)
     return 1 if step < stage_steps[0] else 2 if step < stage_steps[1] else 3
 
 
@@ -192,6 +204,9 @@ class PVDState(NamedTuple):
 
 def inherit_head(teacher_params, student_params):
     """Copy every teacher colour-head tensor (``color_*``) whose shape matches into the student."""
+    for v, nm in ((teacher_params, "teacher_params"), (student_params, "student_params")):
+        if not isinstance(v, dict) or not isinstance(v.get("params"), dict):
+            raise TypeError(f"{nm} must be a field's parameters {{'params': {{...}}}}, got {type(v).__name__}")
     tp, sp = teacher_params["params"], dict(student_params["params"])
     for k, v in tp.items():
         if k.startswith("color") and k in sp and jax.tree.map(jnp.shape, sp[k]) == jax.tree.map(jnp.shape, v):
@@ -232,22 +247,19 @@ class PVD:
         if regularizer is not None and not callable(regularizer):
             raise TypeError(f"regularizer must be a callable reg(student_params) -> scalar or None, "
                             f"got {type(regularizer).__name__}")
+        if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+            raise TypeError(f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
         self.regularizer = regularizer
+        _check_variables(teacher, teacher_params, "teacher_params")
         teacher_params = jax.tree.map(jnp.asarray, teacher_params)
         if not isinstance(config, PVDConfig):
             raise TypeError(f"config must be a PVDConfig, got {type(config).__name__}")
-        poses = jnp.asarray(poses, jnp.float32)
-        if poses.ndim != 3 or poses.shape[1:] not in ((4, 4), (3, 4)) or poses.shape[0] == 0:
+        poses = _array(poses, "poses", ndim=3, kind="numeric").astype(jnp.float32)
+        if poses.shape[1:] not in ((4, 4), (3, 4)) or poses.shape[0] == 0:
             raise ValueError(f"poses must have shape [P>0, 4, 4], got {poses.shape}")
         _pos_int(height, "height")
         _pos_int(width, "width")
         _pos_float(focal, "focal")
-        try:
-            d = jnp.array([[0.0, 0.0, 1.0]]) if teacher.view_dependent else None
-            teacher.apply(teacher_params, jnp.zeros((1, 3)), d)
-        except Exception as e:  # noqa: BLE001 -- re-raised with context
-            raise ValueError(f"teacher_params do not match the teacher field "
-                             f"{type(teacher).__name__}: {e}") from e
         self.teacher, self.student, self.tparams = teacher, student, teacher_params
         self.optimizer, self.config = optimizer, config
         self.poses, self.height, self.width, self.focal = poses, height, width, float(focal)
@@ -256,8 +268,11 @@ class PVD:
     # ------------------------------------------------------------------ state
     def init(self, key, student_params=None) -> PVDState:
         """Initial state; the student is freshly initialised unless ``student_params`` are given."""
+        _check_key(key)
         if student_params is None:
             student_params = init_field(self.student, key)
+        else:
+            _check_variables(self.student, student_params, "student_params")
         if self.config.inherit_head:
             student_params = inherit_head(self.tparams, student_params)
         ac = self.config.active
@@ -319,6 +334,7 @@ class PVD:
 
     def losses(self, params, rays: Rays, key, stage: int, step):
         """Per-term losses (dict) and auxiliary outputs for the given rays and stage."""
+        check_int(stage, "stage", low=1, high=3)
         cfg = self.config
         near, far, _ = near_far(rays, self.teacher.bound)
         z, delta = stratified_samples(key, near, far, cfg.n_samples, perturb=True)
@@ -394,12 +410,19 @@ class PVD:
             al = al._replace(pose_err=new)
         return al
 
+    def _check_state(self, state, key):
+        if not isinstance(state, PVDState):
+            raise TypeError(f"state must be the PVDState returned by PVD.init / PVD.step, got {type(state).__name__}")
+        _check_key(key)
+
     def compile(self, state: PVDState, key):
         """Compile (and discard one run of) every stage's step, so that timing excludes compilation."""
+        self._check_state(state, key)
         for s in (1, 2, 3):
             jax.block_until_ready(self._steps[s](state, key))
 
     def step(self, state: PVDState, key):
         """One jitted distillation step at the stage of ``state.step``: ``(state, metrics)``."""
+        self._check_state(state, key)
         stage = stage_of(int(state.step), self.config.stage_steps)
         return self._steps[stage](state, key)

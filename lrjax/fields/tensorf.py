@@ -33,7 +33,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax.fields.fields import Field, GridField, _pos_float, _pos_int, interp_line, interp_plane
+from lrjax._validation import check_choice, check_int
+from lrjax.fields.fields import (Field, GridField, _array, _check_variables, _pos_float, _pos_int,
+                                 interp_line, interp_plane)
 
 __all__ = ["CPField", "VMField", "cp_dense", "vm_dense", "MAT_MODE", "VEC_MODE", "l1_density", "tv_loss",
            "total_variation", "upsample", "resolution_schedule"]
@@ -104,6 +106,9 @@ def cp_dense(field: CPField, params):
 
     ``T[i,j,k] = [sum_{r<R_s} A_r, B^T A_{R_s:}]`` with ``A_r[i,j,k] = L^X_r[i] L^Y_r[j] L^Z_r[k]``.
     """
+    if not isinstance(field, CPField):
+        raise TypeError(f"field must be a CPField for cp_dense, got {type(field).__name__}")
+    _check_variables(field, params, "params")
     lines, basis = params["params"]["lines"], params["params"]["basis"]
     a = jnp.einsum("ri,rj,rk->ijkr", lines[0], lines[1], lines[2])
     s = jnp.sum(a[..., :field.rank_sigma], axis=-1, keepdims=True)
@@ -112,6 +117,9 @@ def cp_dense(field: CPField, params):
 
 def vm_dense(field: VMField, params):
     """Parameters of the :class:`GridField` equal to a VM field (see :func:`cp_dense`)."""
+    if not isinstance(field, VMField):
+        raise TypeError(f"field must be a VMField for vm_dense, got {type(field).__name__}")
+    _check_variables(field, params, "params")
     planes, lines, basis = (params["params"][k] for k in ("planes", "lines", "basis"))
     comps = [jnp.einsum("rij,rk->ijkr", planes[0], lines[0]),        # XY plane, Z line
              jnp.einsum("rik,rj->ijkr", planes[1], lines[1]),        # XZ plane, Y line
@@ -130,13 +138,13 @@ def _factors(field, params, what):
     if not isinstance(params, dict) or "params" not in params or "lines" not in params["params"]:
         raise ValueError(f"params must be the {type(field).__name__}'s parameters ({{'params': {{'lines', ...}}}}, "
                          f"as returned by init_field(field, key)) for {what}")
+    _check_variables(field, params, "params")
     return params["params"]
 
 
 def _split(x, field, part):
     """Density (``r < rank_sigma``) or appearance components of a ``[3, R, ...]`` factor stack."""
-    if part not in ("sigma", "app", "all"):
-        raise ValueError(f"part must be 'sigma', 'app' or 'all', got {part!r}")
+    check_choice(part, "part", ("sigma", "app", "all"))
     rs = field.rank_sigma
     return x[:, :rs] if part == "sigma" else x[:, rs:] if part == "app" else x
 
@@ -158,7 +166,17 @@ def l1_density(field, params):
 
 def total_variation(x, axes):
     """``2 sum_{a in axes} mean((x[.., i+1, ..] - x[.., i, ..])^2)`` over the given spatial axes
-    (TensoRF's ``TVLoss`` for a batch of one: ``2 (h_tv / count_h + w_tv / count_w)``)."""
+    (TensoRF's ``TVLoss`` for a batch of one: ``2 (h_tv / count_h + w_tv / count_w)``).
+
+    ``x``: floating array; ``axes``: a non-empty tuple of distinct valid axes of ``x``."""
+    x = _array(x, "x", min_ndim=1, finite=False)
+    if isinstance(axes, (int, np.integer)) and not isinstance(axes, bool):
+        axes = (axes,)
+    if not isinstance(axes, (tuple, list)) or not axes:
+        raise TypeError(f"axes must be a non-empty tuple of ints, got {axes!r}")
+    axes = [check_int(a, "axes", low=-x.ndim, high=x.ndim - 1) for a in axes]
+    if len({a % x.ndim for a in axes}) != len(axes):
+        raise ValueError(f"axes must be distinct, got {axes}")
     total = 0.0
     for a in axes:
         if x.shape[a] < 2:
@@ -175,15 +193,18 @@ def tv_loss(field, params, part: str = "sigma"):
     it with weight 1e-2 on planes / 1e-3 on lines (LLFF; 0 for synthetic scenes); the weight is the
     caller's, e.g. ``loss + 1e-2 * tv_loss(field, params)``.
     """
+    check_choice(part, "part", ("sigma", "app", "all"))
     if isinstance(field, GridField):
         g = params["params"]["grid"] if isinstance(params, dict) and "grid" in params.get("params", {}) else None
         if g is None:
             raise ValueError("params must be the GridField's parameters ({'params': {'grid': ...}})")
-        if part not in ("sigma", "app", "all"):
-            raise ValueError(f"part must be 'sigma', 'app' or 'all', got {part!r}")
+        _check_variables(field, params, "params")
         g = g[..., :1] if part == "sigma" else g[..., 1:] if part == "app" else g
         return total_variation(g, (0, 1, 2))
     p = _factors(field, params, "tv_loss")
+    if not isinstance(field, (CPField, VMField)):
+        raise TypeError(f"field must be a GridField, SHGridField, CPField or VMField for tv_loss, "
+                        f"got {type(field).__name__}")
     if isinstance(field, VMField):
         planes = _split(p["planes"], field, part)
         return sum(total_variation(planes[m], (-2, -1)) for m in range(3))
@@ -213,6 +234,8 @@ def upsample(field, params, new_res: int):
     if not isinstance(field, (GridField, CPField, VMField)):
         raise TypeError(f"field must be a GridField, SHGridField, CPField or VMField to upsample, "
                         f"got {type(field).__name__}")
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be the field's parameters dict {{'params': ...}}, got {type(params).__name__}")
     _pos_int(new_res, "new_res", 2)
     if new_res < field.resolution:
         raise ValueError(f"new_res={new_res} must be >= the field's resolution {field.resolution} "
@@ -221,6 +244,7 @@ def upsample(field, params, new_res: int):
     if isinstance(field, GridField):
         if p is None or "grid" not in p:
             raise ValueError("params must be the GridField's parameters ({'params': {'grid': ...}})")
+        _check_variables(field, params, "params")
         for a in range(3):
             p["grid"] = _resample(p["grid"], new_res, a)
     else:

@@ -16,29 +16,61 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from lrjax.fields.fields import Field, _pos_float, _pos_int
+from lrjax._validation import check_bool, check_float
+from lrjax.fields.fields import Field, _array, _check_key, _pos_float, _pos_int
 from lrjax.fields.metrics import psnr, ssim
 from lrjax.fields.render import Rays, pinhole_rays, render_rays
 from lrjax.fields.scenes import SceneData, dataset_rays
 
 __all__ = ["make_optimizer", "default_lr", "make_photometric_step", "render_views", "make_evaluator",
-           "LoopResult", "train_loop"]
+           "LoopResult", "train_loop", "photometric_state_step"]
 
 
 def make_optimizer(lr: float, steps: int, final_ratio: float = 0.1):
     """Adam(0.9, 0.99, eps 1e-15) with ``lr`` decayed exponentially to ``final_ratio * lr``."""
     _pos_float(lr, "lr")
     _pos_int(steps, "steps")
+    check_float(final_ratio, "final_ratio", low=0.0, high=1.0, low_open=True)
     sched = optax.exponential_decay(lr, transition_steps=steps, decay_rate=final_ratio)
     return optax.adam(sched, b1=0.9, b2=0.99, eps=1e-15)
+
+
+def _check_field(field, name="field"):
+    if not isinstance(field, Field):
+        raise TypeError(f"{name} must be an lrjax.fields Field (e.g. GridField()), got {type(field).__name__}")
+    return field
+
+
+def _check_optimizer(optimizer, name="optimizer"):
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise TypeError(f"{name} must be an optax GradientTransformation (e.g. make_optimizer(lr, steps)), "
+                        f"got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _check_bg(bg):
+    if isinstance(bg, (bool, np.bool_, str)) or bg is None:
+        raise TypeError(f"bg must be a number in [0, 1] or an RGB triple, got {bg!r}")
+    b = _array(bg, "bg", convert=True, kind="numeric")
+    if b.shape not in ((), (3,)):
+        raise ValueError(f"bg must be a scalar or a [3] colour, got shape {tuple(b.shape)}")
+    return bg
+
+
+def _check_callable(fn, name, what):
+    if not callable(fn):
+        raise TypeError(f"{name} must be a callable {what}, got {type(fn).__name__}")
+    return fn
 
 
 def default_lr(field: Field) -> float:
     """Per-type learning rates: grids/tensors 2e-2, hash 1e-2, MLP 2e-3 (PVD scales MLP by 0.1)."""
     from lrjax.fields.fields import MLPField
     from lrjax.fields.hashgrid import HashGridField
+    _check_field(field)
     if isinstance(field, MLPField):
         return 2e-3
     if isinstance(field, HashGridField):
@@ -53,8 +85,11 @@ def make_photometric_step(field: Field, optimizer, *, batch: int = 1024, n_sampl
     ``regularizer``: optional ``reg(params) -> scalar`` added to the loss, e.g. TensoRF's
     ``lambda p: 8e-5 * l1_density(field, p) + 1e-2 * tv_loss(field, p)``.
     """
+    _check_field(field)
+    _check_optimizer(optimizer)
     _pos_int(batch, "batch")
     _pos_int(n_samples, "n_samples")
+    _check_bg(bg)
     if regularizer is not None and not callable(regularizer):
         raise TypeError(f"regularizer must be a callable reg(params) -> scalar or None, "
                         f"got {type(regularizer).__name__}")
@@ -80,7 +115,17 @@ def make_photometric_step(field: Field, optimizer, *, batch: int = 1024, n_sampl
 
 def render_views(apply_fn: Callable, poses, height: int, width: int, focal: float, *, bound: float = 1.0,
                  n_samples: int = 64, bg=1.0):
-    """Render ``[V, H, W, 3]`` images (midpoint samples) of ``apply_fn`` (traceable; one view at a time)."""
+    """Render ``[V, H, W, 3]`` images (midpoint samples) of ``apply_fn`` (traceable; one view at a time).
+
+    ``poses``: ``[V, 4, 4]`` (or ``[V, 3, 4]``) camera-to-world matrices."""
+    _check_callable(apply_fn, "apply_fn", "(x, d) -> FieldOutput")
+    poses = _array(poses, "poses", ndim=3)
+    if poses.shape[1:] not in ((4, 4), (3, 4)) or poses.shape[0] == 0:
+        raise ValueError(f"poses must have shape [V>0, 4, 4], got {tuple(poses.shape)}")
+    _pos_int(height, "height")
+    _pos_int(width, "width")
+    _pos_float(bound, "bound")
+    _pos_int(n_samples, "n_samples")
     def one(c2w):
         rays = pinhole_rays(c2w, height, width, focal)
         return render_rays(apply_fn, rays, bound=bound, n_samples=n_samples, bg=bg).rgb.reshape(height, width, 3)
@@ -89,12 +134,18 @@ def render_views(apply_fn: Callable, poses, height: int, width: int, focal: floa
 
 def make_evaluator(field: Field, data: SceneData, *, n_samples: int = 64, with_ssim: bool = False):
     """``evaluate(params) -> {'psnr': float[, 'ssim': float]}`` on the test views of ``data``."""
+    _check_field(field)
+    if not isinstance(data, SceneData):
+        raise TypeError(f"data must be a SceneData (from make_dataset), got {type(data).__name__}")
+    _pos_int(n_samples, "n_samples")
+    check_bool(with_ssim, "with_ssim")
     @jax.jit
     def render(params):
         return render_views(lambda x, d: field.apply(params, x, d), data.test_poses, data.height,
                             data.width, data.focal, bound=data.bound, n_samples=n_samples)
 
     def evaluate(params, return_images=False):
+        check_bool(return_images, "return_images")
         imgs = render(params)
         res = {"psnr": float(psnr(imgs, data.test_images))}
         if with_ssim:
@@ -122,8 +173,18 @@ def train_loop(step: Callable, state: tuple, *, steps: int, key, evaluate: Calla
                desc: str = "train") -> LoopResult:
     """Run ``state = step(*state, key_i)`` for up to ``steps`` steps (the first call is a warm-up
     compile, excluded from timing); evaluate ``evaluate(params_of(state))`` every ``eval_every``."""
+    _check_callable(step, "step", "(*state, key) -> state")
+    if not isinstance(state, tuple):
+        raise TypeError(f"state must be a tuple (the arguments of step before the key), got {type(state).__name__}")
     _pos_int(steps, "steps")
+    _check_key(key)
+    _check_callable(evaluate, "evaluate", "(params) -> {'psnr': ...}")
+    _check_callable(params_of, "params_of", "(state) -> params")
     _pos_int(eval_every, "eval_every")
+    check_float(target_psnr, "target_psnr", allow_none=True)
+    check_bool(progress, "progress")
+    if not isinstance(desc, str):
+        raise TypeError(f"desc must be a str, got {type(desc).__name__}")
     keys = jax.random.split(key, steps + 1)
     jax.block_until_ready(step(*state, keys[-1]))                        # compile / warm-up
     history, times, total = [], [], 0.0
@@ -150,6 +211,8 @@ def train_loop(step: Callable, state: tuple, *, steps: int, key, evaluate: Calla
 
 def photometric_state_step(field, optimizer, data: SceneData, **kw):
     """Adapter for :func:`train_loop`: ``(params, opt_state, key) -> (params, opt_state)``."""
+    if not isinstance(data, SceneData):
+        raise TypeError(f"data must be a SceneData (from make_dataset), got {type(data).__name__}")
     rays, target = dataset_rays(data)
     inner = make_photometric_step(field, optimizer, **kw)
 

@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax.fields.fields import Field, _is_tracer, _pos_int
+from lrjax._validation import check_bool, check_choice, check_float, check_int
+from lrjax.fields.fields import CheckedApply, Field, _array, _is_tracer, _pos_int
 
 __all__ = ["SNA", "SNAField", "bspline_basis", "elementary_symmetric", "spline_coefficients", "KINDS"]
 
@@ -53,7 +54,12 @@ def bspline_basis(x, num_basis: int):
     """Quadratic B-splines on ``num_basis`` uniform nodes of ``[0, 1]``: ``[..., num_basis]``.
 
     ``B_g(x) = B((x - c_g)(G - 1))`` with the cardinal quadratic B-spline ``B(t) = 3/4 - t^2``
-    (``|t| < 1/2``), ``(3/2 - |t|)^2 / 2`` (``1/2 <= |t| < 3/2``), else 0 (as in KHRONOS)."""
+    (``|t| < 1/2``), ``(3/2 - |t|)^2 / 2`` (``1/2 <= |t| < 3/2``), else 0 (as in KHRONOS).
+
+    ``x``: floating array (finite when concrete; values outside ``[0, 1]`` fall off the nodes and
+    give a partial or zero basis); ``num_basis >= 2``."""
+    x = _array(x, "x")
+    num_basis = _pos_int(num_basis, "num_basis", 2)
     nodes = jnp.linspace(0.0, 1.0, num_basis)
     t = jnp.abs(x[..., None] - nodes) * (num_basis - 1)
     return jnp.where(t < 0.5, 0.75 - t ** 2, jnp.where(t < 1.5, 0.5 * (1.5 - t) ** 2, 0.0))
@@ -63,6 +69,10 @@ def spline_coefficients(poly, num_basis: int):
     """Coefficients ``w[g]`` with ``sum_g w_g B_g(x) = a + b x + c x^2`` on ``[h/2, 1 - h/2]``.
 
     ``poly = (a, b, c)`` (each possibly an array; the output gains a trailing ``num_basis`` axis)."""
+    if isinstance(poly, (str, bytes)) or not isinstance(poly, (tuple, list)) or len(poly) != 3:
+        raise TypeError(f"poly must be a triple (a, b, c) of numbers or arrays, got {poly!r}")
+    num_basis = _pos_int(num_basis, "num_basis", 2)
+    poly = tuple(_array(v, f"poly[{i}]", convert=True, kind="numeric") for i, v in enumerate(poly))
     a, b, c = (jnp.asarray(v, jnp.float32)[..., None] for v in poly)
     nodes = jnp.linspace(0.0, 1.0, num_basis)
     h = 1.0 / (num_basis - 1)
@@ -70,7 +80,9 @@ def spline_coefficients(poly, num_basis: int):
 
 
 def elementary_symmetric(a, max_order: int):
-    """``[e_1, ..., e_K](a)`` over axis -2 of ``a: [..., d, R]`` -> ``[..., K, R]``."""
+    """``[e_1, ..., e_K](a)`` over axis -2 of ``a: [..., d, R]`` -> ``[..., K, R]`` (``K >= 1``)."""
+    a = _array(a, "a", min_ndim=2, kind="numeric")
+    max_order = _pos_int(max_order, "max_order")
     d = a.shape[-2]
     e = [jnp.ones_like(a[..., 0, :])] + [jnp.zeros_like(a[..., 0, :])] * max_order
     for p in range(d):
@@ -80,7 +92,7 @@ def elementary_symmetric(a, max_order: int):
     return jnp.stack(e[1:], axis=-2)
 
 
-class SNA(nn.Module):
+class SNA(CheckedApply, nn.Module):
     """Separable map ``[..., in_dim] -> [..., out_dim]`` (see module docstring).
 
     in_dim: number of coordinates ``d``; out_dim: outputs; rank: ``R`` modes per order;
@@ -106,8 +118,11 @@ class SNA(nn.Module):
         _pos_int(self.out_dim, "out_dim")
         _pos_int(self.rank, "rank")
         _pos_int(self.num_basis, "num_basis", 2)
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        check_choice(self.kind, "kind", KINDS)
+        check_int(self.order, "order", allow_none=True)
+        check_float(self.init_scale, "init_scale", low=0.0)
+        check_float(self.mode_mean, "mode_mean")
+        check_bool(self.use_bias, "use_bias")
         if self.kind == "bounded":
             _pos_int(self.order, "order")
             if self.order > self.in_dim:
@@ -116,9 +131,12 @@ class SNA(nn.Module):
             raise ValueError(f"order is only used with kind='bounded' (kind={self.kind!r})")
         if self.kind == "quadratic" and self.in_dim < 2:
             raise ValueError("kind='quadratic' needs in_dim >= 2")
-        if self.basis not in ("bspline", "categorical"):
-            raise ValueError(f"basis must be 'bspline' or 'categorical', got {self.basis!r}")
+        check_choice(self.basis, "basis", ("bspline", "categorical"))
         super().__post_init__()
+
+    def _example_inputs(self):
+        dt = jnp.int32 if self.basis == "categorical" else jnp.float32
+        return (jnp.zeros((self.in_dim,), dt),)
 
     @property
     def orders(self) -> tuple:
@@ -138,11 +156,20 @@ class SNA(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if not isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)):
+            raise TypeError(f"x must be an array [..., in_dim={self.in_dim}], got {type(x).__name__}; "
+                            f"wrap it with jnp.asarray(...)")
         x = jnp.asarray(x)
         if x.ndim < 1 or x.shape[-1] != self.in_dim:
             raise ValueError(f"x must have shape [..., in_dim={self.in_dim}], got {x.shape}")
+        if self.basis == "categorical" and not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"x must be an integer array of category ids for basis='categorical', got {x.dtype}")
+        if self.basis == "bspline" and not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"x must be a floating-point array for basis='bspline', got {x.dtype}")
         if not _is_tracer(x) and x.size:
             xn = np.asarray(x)
+            if not np.all(np.isfinite(xn)):
+                raise ValueError("x contains NaN or Inf; SNA inputs must be finite")
             lo, hi = float(xn.min()), float(xn.max())
             if self.basis == "bspline" and not (lo >= -1e-6 and hi <= 1 + 1e-6):
                 raise ValueError(f"x: bspline inputs must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
@@ -173,6 +200,9 @@ class SNAField(Field):
     def validate(self):
         _pos_int(self.rank, "rank")
         _pos_int(self.num_basis, "num_basis", 2)
+        check_choice(self.kind, "kind", KINDS)
+        if self.kind == "bounded":
+            check_int(self.order, "order", low=1, high=3)
 
     def encode(self, u):
         sna = SNA(in_dim=3, out_dim=self.feature_dim, rank=self.rank, kind=self.kind,
