@@ -411,3 +411,156 @@ def test_integer_leaves_are_refused_or_left_out(make):
             make((leaf,)).init(params)
     state = make(None).init(params)         # default targets: only floating leaves are projected
     assert state.basis["i"] is None and state.basis["m"] is None and state.basis["w"] is not None
+
+
+# ============================================================================= degenerate but valid inputs
+def _rank_k(m, n, k, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    a = np.linalg.qr(rng.standard_normal((m, k)))[0]
+    b = np.linalg.qr(rng.standard_normal((n, k)))[0].T
+    return scale * (a * np.arange(k, 0, -1.0)) @ b            # singular values k, k-1, ..., 1
+
+
+DEGENERATE = {
+    "zero": np.zeros((6, 8)),
+    "rank1": _rank_k(6, 8, 1, 1),
+    "rank2_tall": _rank_k(8, 5, 2, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(DEGENERATE))
+def test_linalg_on_zero_and_rank_deficient_matrices(name):
+    """Finite, orthonormal factors; singular values and the nonzero singular subspace equal float64."""
+    x64 = DEGENERATE[name]
+    x = jnp.asarray(x64, jnp.float32)
+    m, n = x64.shape
+    r = 3
+    u64, s64, vt64 = np.linalg.svd(x64, full_matrices=False)
+    k = int((s64 > 1e-9).sum())                              # the true rank
+
+    def orthonormal(q):
+        q = np.asarray(q, np.float64)
+        assert np.isfinite(q).all()
+        np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), atol=2e-5)
+
+    def same_span(q, ref):                                   # projectors onto the nonzero part agree
+        q = np.asarray(q, np.float64)[:, :k]
+        np.testing.assert_allclose(q @ q.T, ref[:, :k] @ ref[:, :k].T, atol=2e-5)
+
+    f = linalg.svd(x, r)
+    orthonormal(f.u), orthonormal(f.vt.T)
+    np.testing.assert_allclose(f.s, s64[:r], atol=1e-5)
+    same_span(f.u, u64)
+    for side, ref in (("left", u64), ("right", vt64.T)):
+        vec, s = linalg.gram_svd(x, r, side=side)
+        orthonormal(vec)
+        assert np.isfinite(np.asarray(s)).all() and (np.asarray(s) >= 0).all()
+        np.testing.assert_allclose(s, s64[:r], atol=1e-3 * max(1.0, s64[0]))
+        same_span(vec, ref)
+    rs = linalg.randomized_svd(KEY, x, r)
+    orthonormal(rs.u)
+    np.testing.assert_allclose(rs.s, s64[:r], atol=1e-5)
+    same_span(rs.u, u64)
+    q = linalg.subspace_iteration(x, linalg.orthonormalize(jax.random.normal(KEY, (m, r))), 2)
+    orthonormal(q)
+    same_span(q, u64)
+    orthonormal(linalg.orthonormalize(x[:, :r]))
+    assert linalg.select_rank(x, energy=0.99) == max(k, 1)
+
+
+METHODS = [
+    ("galore-svd", lambda: galore(ADAM, 3, update_proj_gap=1)),
+    ("galore-eigh", lambda: galore(ADAM, 3, update_proj_gap=1, refresh="eigh")),
+    ("galore-randomized", lambda: galore(ADAM, 3, update_proj_gap=1, refresh="randomized")),
+    ("galore-subspace", lambda: galore(ADAM, 3, update_proj_gap=1, refresh="subspace")),
+    ("fira", lambda: fira(ADAM, 3, update_proj_gap=1, scale=0.5)),
+    ("dct", lambda: dct(ADAM, 3, update_proj_gap=1)),
+]
+
+
+def _degenerate_grads(t, dtype):
+    """A zero gradient, a batch-1 ``x.T @ dy`` (rank 1) and a rank-2 right-side one."""
+    rng = np.random.default_rng(t)
+    x, dy = rng.standard_normal((1, 6)), rng.standard_normal((1, 8))
+    g = {"z": np.zeros((6, 8)), "r1": 1e-2 * x.T @ dy, "r2": _rank_k(8, 5, 2, t, 1e-2)}
+    return {k: jnp.asarray(v, dtype) for k, v in g.items()}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", METHODS, ids=_ids(METHODS))
+def test_low_precision_rank_deficient_gradients_equal_float32_rounded(case, dtype):
+    """Refresh, projection, inner and back-projection run in float32 and are rounded once."""
+    _, make = case
+    opt = make()
+    low = {k: v.astype(dtype) for k, v in _degenerate_grads(0, jnp.float32).items()}
+    s_low, s_32 = opt.init(low), opt.init({k: v.astype(jnp.float32) for k, v in low.items()})
+    upd = jax.jit(opt.update)
+    for t in range(3):
+        g = _degenerate_grads(t, dtype)
+        u_low, s_low = upd(g, s_low)
+        u_32, s_32 = upd({k: v.astype(jnp.float32) for k, v in g.items()}, s_32)
+        for k in g:
+            assert u_low[k].dtype == dtype
+            assert np.isfinite(np.asarray(u_low[k], np.float32)).all(), k
+            np.testing.assert_array_equal(np.asarray(u_low[k], np.float32),
+                                          np.asarray(u_32[k].astype(dtype), np.float32), err_msg=k)
+        np.testing.assert_array_equal(u_low["z"].astype(np.float32), 0.0)     # zero gradient: zero update
+        for k, b in s_low.basis.items():
+            p = b if b.dtype != jnp.int32 else None
+            if p is not None:
+                assert p.dtype == jnp.float32
+                np.testing.assert_allclose(np.asarray(p).T @ np.asarray(p), np.eye(3), atol=2e-5, err_msg=k)
+
+
+def _fira_reference64(gs, rank, scale, gamma=1.01, b1=0.9, b2=0.999, eps=1e-8):
+    """The paper's equations in float64 for one [M, N] matrix (left side), basis from the first G."""
+    P = np.linalg.svd(gs[0], full_matrices=False)[0][:, :rank]
+    m = v = np.zeros((rank, gs[0].shape[1]))
+    prev, out = None, []
+    for t, g in enumerate(gs, 1):
+        R = P.T @ g
+        m = b1 * m + (1 - b1) * R
+        v = b2 * v + (1 - b2) * R * R
+        N = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        phi = np.linalg.norm(N, axis=0) / (np.linalg.norm(R, axis=0) + 1e-8)
+        S = (g - P @ R) * phi[None, :]
+        ns = np.linalg.norm(S)
+        if prev is not None:
+            lam = max(ns / (prev + 1e-8), gamma) / gamma
+            S, ns = S / lam, ns / lam
+        prev = ns
+        out.append(scale * P @ N + S)
+    return out
+
+
+def test_fira_norms_on_degenerate_gradients_match_float64():
+    """Rank-deficient G, columns whose projected gradient is exactly 0 (with Adam momentum left),
+    an all-zero gradient (zero residual, limiter restarts from eps), then a normal step."""
+    g1 = _rank_k(6, 10, 3, 0)                                       # rank 3 < 6, r = 2
+    g2 = g1 * 1.3
+    g2[:, [3, 7]] = 0.0                                             # R_{:, j} = 0, N_{:, j} != 0
+    gs = [g1, g2, np.zeros((6, 10)), _rank_k(6, 10, 3, 0) * 0.7]
+    ref = _fira_reference64(gs, 2, 0.25)
+    opt = fira(ADAM, 2, update_proj_gap=100, scale=0.25)
+    s = opt.init({"w": jnp.zeros((6, 10))})
+    for t, (g, r) in enumerate(zip(gs, ref)):
+        u, s = opt.update({"w": jnp.asarray(g, jnp.float32)}, s)
+        assert np.isfinite(np.asarray(u["w"])).all() and np.isfinite(float(s.extra["w"]))
+        np.testing.assert_allclose(u["w"], r, rtol=1e-4, atol=1e-5, err_msg=f"step {t}")
+
+
+def test_quantized_moments_of_all_zero_blocks():
+    x = jnp.zeros((5, 64)).at[2, :].set(jnp.linspace(-1.0, 1.0, 64))
+    for signed in (True, False):
+        q = quant.quantize(x if signed else jnp.abs(x), signed=signed, block_size=64)
+        zero = np.array([0, 1, 3, 4])
+        np.testing.assert_array_equal(np.asarray(q.scale)[zero], 0.0)
+        np.testing.assert_array_equal(np.asarray(q.codes)[zero], 0)
+        back = np.asarray(quant.dequantize(q, x.shape, signed=signed))
+        assert np.isfinite(back).all()
+        np.testing.assert_array_equal(back[zero], 0.0)
+    opt = scale_by_adam_8bit(block_size=64, min_size=16)
+    p = {"w": jnp.zeros((8, 32))}
+    u, s = opt.update(p, opt.init(p))                               # a zero gradient: 0 / (0 + eps)
+    np.testing.assert_array_equal(u["w"], 0.0)
+    assert all(np.isfinite(np.asarray(a, np.float32)).all() for a in jax.tree_util.tree_leaves(s))
