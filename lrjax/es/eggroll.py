@@ -547,7 +547,7 @@ class Eggroll:
                     params, jax.random.key(0), jnp.zeros((), jnp.int32), args)
             else:
                 out = jax.eval_shape(lambda p, a: fitness_fn(p, *a), params, args)
-        except (TypeError, ValueError, IndexError) as e:
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
             shapes = {k: tuple(getattr(v, "shape", ())) for k, v in list(tree_lib.flatten(params).items())[:8]}
             raise TypeError(f"fitness_fn cannot take these params/args (param shapes {shapes}): "
                             f"{type(e).__name__}: {e}") from e
