@@ -82,13 +82,13 @@ def test_matches_optax_contrib_galore(monkeypatch, refresh):
     assert l_our[-1] < l_our[0]
 
 
-def test_matches_galore_torch():
+def _run_galore_torch(eps):
+    """25 steps of galore-torch's GaLoreAdamW on the MLP (SVD signs pinned); (losses, torch params)."""
     torch = pytest.importorskip("torch")
     gt = pytest.importorskip("galore_torch")
     torch.manual_seed(0)
     params = _mlp_params()
     x, y = _data()
-    eps = 1e-10  # torch adds eps to sqrt(v), optax to sqrt(v_hat): negligible when tiny
 
     tp = {k: torch.nn.Parameter(torch.tensor(np.asarray(v if v.ndim == 1 else v.T))) for k, v in params.items()}
     groups = [{"params": [tp["b1"], tp["b2"]]},
@@ -121,14 +121,35 @@ def test_matches_galore_torch():
             t_losses.append(float(loss.detach()))
     finally:
         torch.linalg.svd = orig_svd
+    return t_losses, {k: v.detach().numpy() for k, v in tp.items()}
 
+
+def test_matches_galore_torch():
+    eps = 1e-10  # torch adds eps to sqrt(v), optax to sqrt(v_hat): negligible when tiny
+    t_losses, tp = _run_galore_torch(eps)
+    params = _mlp_params()
     ours = optax.chain(galore(optax.scale_by_adam(eps=eps), RANK, update_proj_gap=GAP, scale=0.5,
                               targets=("w1", "w2")), optax.scale(-LR))
     p_our, _, l_our = _train(ours, params)
     np.testing.assert_allclose(l_our, t_losses, rtol=2e-5, atol=1e-6)
-    for k, v in tp.items():
-        t = v.detach().numpy()
+    for k, t in tp.items():
         np.testing.assert_allclose(p_our[k], t if t.ndim == 1 else t.T, rtol=1e-4, atol=2e-6)
+
+
+def test_torch_eps_placement_matches_galore_torch_with_large_eps():
+    """scale_by_adam_torch puts eps where torch does (before bias correction): equal for any eps;
+    optax.scale_by_adam(eps) visibly differs at eps = 1e-3 (the equality needs a negligible eps)."""
+    eps = 1e-3
+    t_losses, tp = _run_galore_torch(eps)
+    params = _mlp_params()
+    kw = dict(update_proj_gap=GAP, scale=0.5, targets=("w1", "w2"))
+    ours = optax.chain(galore(lrjax.optim.scale_by_adam_torch(eps=eps), RANK, **kw), optax.scale(-LR))
+    p_our, _, l_our = _train(ours, params)
+    np.testing.assert_allclose(l_our, t_losses, rtol=2e-5, atol=1e-6)
+    for k, t in tp.items():
+        np.testing.assert_allclose(p_our[k], t if t.ndim == 1 else t.T, rtol=1e-4, atol=2e-6)
+    p_optax, _, _ = _train(optax.chain(galore(optax.scale_by_adam(eps=eps), RANK, **kw), optax.scale(-LR)), params)
+    assert max(float(np.max(np.abs(np.asarray(p_optax[k]) - (t if t.ndim == 1 else t.T)))) for k, t in tp.items()) > 1e-4
 
 
 # ----------------------------------------------------------------------------- protocol
