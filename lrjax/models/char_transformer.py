@@ -35,11 +35,25 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from lrjax._validation import check_array, check_finite, check_int, is_concrete
+
 __all__ = ["CharTransformer", "CausalSelfAttention", "MLP", "Block", "ADAPTER_TARGETS",
            "loss_fn", "apply_fn", "split"]
+
+def _check_rngs(rngs):
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(f"rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)), got {type(rngs).__name__}")
+
+
+def _check_x(x, d_model):
+    x = check_array(x, "x", ndim=3, last=d_model, kind="floating")
+    check_finite(x, "x")
+    return x
+
 
 #: lrjax ``targets`` selecting every attention projection and MLP kernel (not embeddings,
 #: LayerNorms, biases or the output head).
@@ -50,6 +64,9 @@ class CausalSelfAttention(nnx.Module):
     """Multi-head causal self-attention; ``q, k, v, o`` are bias-free ``nnx.Linear`` layers."""
 
     def __init__(self, d_model: int, n_heads: int, *, rngs: nnx.Rngs):
+        d_model = check_int(d_model, "d_model", low=1)
+        n_heads = check_int(n_heads, "n_heads", low=1)
+        _check_rngs(rngs)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.n_heads = n_heads
@@ -61,6 +78,8 @@ class CausalSelfAttention(nnx.Module):
         self.o = nnx.Linear(d_model, d_model, use_bias=False, kernel_init=init, rngs=rngs)
 
     def __call__(self, x):
+        """``x: [B, T, d_model]`` floating -> ``[B, T, d_model]``."""
+        x = _check_x(x, self.n_heads * self.head_dim)
         b, t, d = x.shape
         h, hd = self.n_heads, self.head_dim
         q = self.q(x).reshape(b, t, h, hd)
@@ -78,6 +97,9 @@ class MLP(nnx.Module):
     """``fc2(gelu(fc1(x)))``."""
 
     def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs):
+        d_model = check_int(d_model, "d_model", low=1)
+        d_ff = check_int(d_ff, "d_ff", low=1)
+        _check_rngs(rngs)
         init = nnx.initializers.normal(0.02)
         self.fc1 = nnx.Linear(d_model, d_ff, kernel_init=init, rngs=rngs)
         self.fc2 = nnx.Linear(d_ff, d_model, kernel_init=init, rngs=rngs)
@@ -90,6 +112,10 @@ class Block(nnx.Module):
     """Pre-LN transformer block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, *, rngs: nnx.Rngs):
+        d_model = check_int(d_model, "d_model", low=1)
+        check_int(n_heads, "n_heads", low=1)
+        check_int(d_ff, "d_ff", low=1)
+        _check_rngs(rngs)
         self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
         self.attn = CausalSelfAttention(d_model, n_heads, rngs=rngs)
         self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
@@ -118,6 +144,15 @@ class CharTransformer(nnx.Module):
 
     def __init__(self, vocab_size: int, d_model: int = 128, n_layers: int = 2, n_heads: int = 4,
                  d_ff: int = 512, max_len: int = 128, *, rngs: nnx.Rngs):
+        vocab_size = check_int(vocab_size, "vocab_size", low=1)
+        d_model = check_int(d_model, "d_model", low=1)
+        n_layers = check_int(n_layers, "n_layers", low=1)
+        n_heads = check_int(n_heads, "n_heads", low=1)
+        d_ff = check_int(d_ff, "d_ff", low=1)
+        max_len = check_int(max_len, "max_len", low=1)
+        _check_rngs(rngs)
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.vocab_size, self.max_len = vocab_size, max_len
         self.tok_embed = nnx.Embed(vocab_size, d_model, embedding_init=nnx.initializers.normal(0.02),
                                    rngs=rngs)
@@ -127,17 +162,35 @@ class CharTransformer(nnx.Module):
         self.head = nnx.Linear(d_model, vocab_size, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
     def __call__(self, ids):
+        """``ids``: integer array ``[B, T]`` with ``1 <= T <= max_len`` and (checked on concrete
+        input) every id in ``[0, vocab_size)``; returns logits ``[B, T, vocab_size]``."""
+        ids = _check_ids(ids, "ids", self.vocab_size)
+        if ids.ndim != 2:
+            raise ValueError(f"ids must have shape [B, T], got {tuple(ids.shape)}; add a batch axis with ids[None]")
         t = ids.shape[-1]
+        if t == 0:
+            raise ValueError("ids: empty sequence (T = 0); pass at least one token")
         if t > self.max_len:
-            raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}")
+            raise ValueError(f"ids: sequence length {t} exceeds max_len={self.max_len}")
         h = self.tok_embed(ids) + self.pos_embed[...][:t]
         for blk in self.blocks:
             h = blk(h)
         return self.head(self.ln_f(h))
 
 
+def _check_ids(ids, name, vocab_size=None, min_ndim=1):
+    ids = check_array(ids, name, min_ndim=min_ndim, kind="integer")
+    if vocab_size is not None and is_concrete(ids) and ids.size:
+        lo, hi = int(np.min(np.asarray(ids))), int(np.max(np.asarray(ids)))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must lie in [0, vocab_size={vocab_size}), got range [{lo}, {hi}]")
+    return ids
+
+
 def split(model: CharTransformer):
     """``(graphdef, state, apply)`` with ``apply(state, ids) -> logits`` a pure function."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be an nnx.Module such as CharTransformer, got {type(model).__name__}")
     graphdef, state = nnx.split(model)
 
     def apply(state, ids):
@@ -148,6 +201,9 @@ def split(model: CharTransformer):
 
 def apply_fn(graphdef):
     """The pure forward ``(state, ids) -> logits`` for a split model's ``graphdef``."""
+    if not isinstance(graphdef, nnx.GraphDef):
+        raise TypeError(f"graphdef must be the nnx.GraphDef from nnx.split(model) / split(model), "
+                        f"got {type(graphdef).__name__}")
     return lambda state, ids: nnx.merge(graphdef, state)(ids)
 
 
@@ -155,8 +211,21 @@ def loss_fn(logits, targets, mask=None):
     """Mean next-token cross-entropy (nats) of ``logits [..., V]`` against int ``targets [...]``.
 
     ``mask`` (same shape as ``targets``, optional) weights positions; the mean is over the
-    weighted positions.
+    weighted positions (an all-zero mask gives 0, not NaN). Targets must lie in ``[0, V)``
+    (checked on concrete input).
     """
+    logits = check_array(logits, "logits", min_ndim=1, kind="floating")
+    check_finite(logits, "logits")
+    targets = _check_ids(targets, "targets", logits.shape[-1], min_ndim=0)
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    if mask is not None:
+        mask = check_array(mask, "mask", kind="any")
+        if tuple(mask.shape) != tuple(targets.shape):
+            raise ValueError(f"mask must have the shape of targets {tuple(targets.shape)}, got {tuple(mask.shape)}")
+        if is_concrete(mask) and mask.size and bool(jnp.any(jnp.asarray(mask, jnp.float32) < 0)):
+            raise ValueError("mask must be >= 0 (a weight per position)")
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     if mask is None:
         return jnp.mean(ce)
