@@ -1,0 +1,349 @@
+"""Post-training low-rank compression study (``lrjax.compress``): accuracy / perplexity vs bytes.
+
+    python experiments/bench_compress.py            # a few minutes on 2 CPU cores
+    python experiments/bench_compress.py --quick    # smoke test, seconds
+
+Two trained models are compressed with every method of :mod:`lrjax.compress` at several budgets
+(PELA's compression ratio ``c``; the WeLore runs target the same parameter reduction ``1 - 1/c``):
+
+1. **digits MLP** (``lrjax.data.load('digits')``, 8x8 images, 64-256-256-10 tanh MLP (quick: 64-64-64-10) trained here
+   with Adam); the three kernels are compressed (the 256x10 output layer too).
+2. **char transformer** (:class:`lrjax.models.CharTransformer`, the quickstart model, pretrained
+   here on the first 60% of ``stdlib_chars``), the attention ``q,k,v,o`` and MLP kernels
+   (``lrjax.models.ADAPTER_TARGETS``); the metric is held-out perplexity.
+
+Methods (rows): ``svd`` (truncated SVD, PELA's rank rule), ``randomized`` (randomized SVD, same
+ranks), ``whitened`` (Palu's whitened SVD, calibration activations collected with
+:func:`lrjax.compress.collect_activations` on training inputs, same ranks), ``welore`` (one global
+tau, non-uniform ranks), ``uniform`` (the same fraction of rank cut everywhere, same parameter
+reduction as WeLore). Recovery rows (after ``--recover-steps`` of training, factors only, the rest
+frozen): ``svd+ft`` (cross-entropy only), ``pela`` (PELA: SVD init + CE + per-layer feature MSE to
+the frozen teacher with the paper code's defaults; for the transformer, whose hidden states are not
+exposed, logit KD with weight 1 replaces the feature term), ``welore+ft`` (WeLore's LRC-only
+fine-tuning with CE). Bytes are those a deployed model stores (float32): the factors plus every
+untouched leaf.
+
+Timing: each rule's compression of the transformer (``compress`` end to end: SVDs in jitted
+calls, rank selection on the host), ``--time-repeats`` calls after a warm-up call that includes
+compilation, ``block_until_ready``, medians (``lrjax.benchmark.time_round_robin``).
+
+Writes ``<out>/bench_compress.json``, ``<out>/bench_compress.md`` and ``<out>/bench_compress.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import lrjax
+import lrjax.compress as C
+from lrjax.benchmark import blocking, device_info, summarize, time_round_robin
+from lrjax.compress import pela, welore
+
+LOWRANK = ("svd", "randomized", "whitened", "welore", "uniform")
+RECOVER = ("svd+ft", "pela", "welore+ft")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke-test settings")
+    p.add_argument("--out", default="runs/bench_compress")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--digits-steps", type=int, default=None, help="MLP training steps, default 400 (quick: 40)")
+    p.add_argument("--lm-steps", type=int, default=None, help="transformer pretraining steps, default 300 (quick: 6)")
+    p.add_argument("--recover-steps", type=int, default=None, help="recovery steps, default 100 (quick: 3)")
+    p.add_argument("--recover-lr", type=float, default=3e-3)
+    p.add_argument("--time-repeats", type=int, default=None, help="default 5 (quick: 1)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    for k, (q, full) in dict(digits_steps=(40, 400), lm_steps=(6, 300), recover_steps=(3, 100),
+                             time_repeats=(1, 5)).items():
+        if getattr(a, k) is None:
+            setattr(a, k, q if a.quick else full)
+    a.ratios = [3.0] if a.quick else [1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
+    a.lm_ratios = [2.0] if a.quick else [1.5, 2.0, 3.0, 4.0]
+    return a
+
+
+# ----------------------------------------------------------------------------- methods
+def compress_all(params, targets, c, calib, key):
+    """{method: Compressed} at compression ratio ``c`` (WeLore/uniform: parameter reduction 1 - 1/c)."""
+    out = {"svd": C.compress(params, targets, ratio=c),
+           "randomized": C.compress(params, targets, ratio=c, method="randomized", key=key),
+           "whitened": C.compress(params, targets, ratio=c, method="whitened", calib=calib)}
+    try:
+        out["welore"] = welore.compress(params, 1 - 1 / c, targets)
+        out["uniform"] = welore.uniform(params, 1 - 1 / c, targets)
+    except ValueError as e:  # a budget WeLore cannot reach on these shapes
+        print(f"  welore/uniform skipped at c={c}: {e}")
+    return out
+
+
+def recover(comp, loss_fn, data_iter, steps, lr):
+    """Train ``comp.factors`` only (Adam) on ``loss_fn(base, factors, batch)``; returns the new factors."""
+    opt = optax.adam(lr)
+    f = comp.factors
+    st = opt.init(f)
+
+    @jax.jit
+    def step(base, f, st, batch):
+        g = jax.grad(lambda f: loss_fn(base, f, batch))(f)
+        u, st = opt.update(g, st, f)
+        return optax.apply_updates(f, u), st
+
+    for _ in range(steps):
+        f, st = step(comp.base, f, st, next(data_iter))
+    return f
+
+
+# ------------------------------------------------------------------------------ digits
+def digits_study(args):
+    from lrjax import data
+    tr = data.as_arrays(data.load("digits", split="train"))
+    te = data.as_arrays(data.load("digits", split="test"))
+    xtr = jnp.asarray(tr["image"].reshape(-1, 64) / 16.0, jnp.float32)
+    ytr = jnp.asarray(tr["label"], jnp.int32)
+    xte = jnp.asarray(te["image"].reshape(-1, 64) / 16.0, jnp.float32)
+    yte = jnp.asarray(te["label"], jnp.int32)
+    k = jax.random.split(jax.random.key(args.seed), 3)
+    dims = [64, 64, 64, 10] if args.quick else [64, 256, 256, 10]
+    names = ["fc1", "fc2", "out"]
+    params = {n: {"kernel": jax.random.normal(kk, (a, b)) / np.sqrt(a), "bias": jnp.zeros(b)}
+              for n, kk, a, b in zip(names, k, dims[:-1], dims[1:])}
+    targets = tuple(f"{n}/kernel" for n in names)
+
+    def forward(p, x):
+        feats = []
+        h = x
+        for n in names[:-1]:
+            h = jnp.tanh(h @ p[n]["kernel"] + p[n]["bias"])
+            feats.append(h)
+        return h @ p["out"]["kernel"] + p["out"]["bias"], feats
+
+    def ce(logits, y):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    opt = optax.adam(3e-3)
+    st = opt.init(params)
+
+    @jax.jit
+    def train_step(p, st, x, y):
+        g = jax.grad(lambda p: ce(forward(p, x)[0], y))(p)
+        u, st = opt.update(g, st, p)
+        return optax.apply_updates(p, u), st
+
+    rng = np.random.default_rng(args.seed)
+
+    def batches():
+        while True:
+            idx = rng.choice(xtr.shape[0], 128, replace=False)
+            yield xtr[idx], ytr[idx]
+
+    it = batches()
+    for _ in range(args.digits_steps):
+        params, st = train_step(params, st, *next(it))
+    acc = jax.jit(lambda p: jnp.mean(jnp.argmax(forward(p, xte)[0], -1) == yte))
+    teacher_acc = float(acc(params))
+    total = C.tree_bytes(params)
+    calib = C.collect_activations(lambda p, x: forward(p, x)[0], params, targets, xtr)
+
+    def fact_acc(comp, f):
+        gg = lrjax.factored(forward, comp.rp)
+        return float(jnp.mean(jnp.argmax(gg(comp.base, f, xte)[0], -1) == yte))
+
+    rows = []
+    for c in args.ratios:
+        comps = compress_all(params, targets, c, calib, jax.random.key(args.seed + 1))
+        for m, comp in comps.items():
+            rows.append({"model": "digits", "method": m, "c": c, "bytes": comp.report.model_bytes_after,
+                         "metric": float(acc(comp.materialize())), "rank_ratio": comp.report.ratio,
+                         "ranks": {r.path: r.rank for r in comp.report.layers}})
+        # recoveries
+        variants = {"svd+ft": (comps["svd"], "ce"), "pela": (pela.compress(params, c, targets, skip=()), "pela")}
+        if "welore" in comps:
+            variants["welore+ft"] = (comps["welore"], "ce")
+        for m, (comp, kind) in variants.items():
+            gg = lrjax.factored(forward, comp.rp)
+
+            def loss(base, f, batch, gg=gg, kind=kind):
+                x, y = batch
+                logits, feats = gg(base, f, x)
+                l = ce(logits, y)
+                if kind == "pela":
+                    t_logits, t_feats = forward(params, x)
+                    l, _ = pela.distill_loss(l, feats, t_feats, logits, t_logits)
+                return l
+
+            f = recover(comp, loss, it, args.recover_steps, args.recover_lr)
+            rows.append({"model": "digits", "method": m, "c": c, "bytes": comp.report.model_bytes_after,
+                         "metric": fact_acc(comp, f), "before": fact_acc(comp, comp.factors)})
+    return {"teacher": teacher_acc, "bytes": total, "metric": "test accuracy", "rows": rows,
+            "config": {"dims": dims, "train_steps": args.digits_steps, "optimizer": "adam(3e-3)", "batch": 128}}
+
+
+# -------------------------------------------------------------------------- transformer
+def lm_study(args):
+    from lrjax import data
+    from lrjax.models import ADAPTER_TARGETS, CharTransformer, apply_fn, loss_fn
+    kw = {"config": "small"} if args.quick else {}
+    toks = data.as_arrays(data.load("stdlib_chars", split="train[:60%]", **kw), keys="tokens")["tokens"]
+    held = np.arange(len(toks)) % 10 == 9
+    train, ev = toks[~held], jnp.asarray(toks[held][:64])
+    dm, nl, dff = (32, 1, 64) if args.quick else (128, 2, 512)
+    model = CharTransformer(96, d_model=dm, n_layers=nl, n_heads=4, d_ff=dff, max_len=train.shape[1],
+                            rngs=nnx.Rngs(args.seed))
+    graphdef, state = nnx.split(model)
+    apply = apply_fn(graphdef)
+
+    def lm_loss(logits, ids):
+        return loss_fn(logits[:, :-1], ids[:, 1:])
+
+    opt = optax.adamw(3e-3)
+    st = opt.init(state)
+
+    @jax.jit
+    def step(s, st, ids):
+        g = jax.grad(lambda s: lm_loss(apply(s, ids), ids))(s)
+        u, st = opt.update(g, st, s)
+        return optax.apply_updates(s, u), st
+
+    def batches(seed):
+        for b in data.batches({"tokens": train}, 16, seed=seed):
+            yield jnp.asarray(b["tokens"])
+
+    it = batches(args.seed)
+    for _ in range(args.lm_steps):
+        state, st = step(state, st, next(it))
+    ppl = jax.jit(lambda s: jnp.exp(lm_loss(apply(s, ev), ev)))
+    teacher = float(ppl(state))
+    calib_ids = next(it)[:8]
+    calib = C.collect_activations(apply, state, ADAPTER_TARGETS, calib_ids)
+    rows = []
+
+    def fppl(comp, f):
+        g = lrjax.factored(apply, comp.rp)
+        return float(jnp.exp(lm_loss(g(comp.base, f, ev), ev)))
+
+    for c in args.lm_ratios:
+        comps = compress_all(state, ADAPTER_TARGETS, c, calib, jax.random.key(args.seed + 1))
+        for m, comp in comps.items():
+            rows.append({"model": "char transformer", "method": m, "c": c, "bytes": comp.report.model_bytes_after,
+                         "metric": float(ppl(comp.materialize())), "rank_ratio": comp.report.ratio})
+        variants = {"svd+ft": (comps["svd"], "ce"), "pela": (comps["svd"], "pela")}
+        if "welore" in comps:
+            variants["welore+ft"] = (comps["welore"], "ce")
+        for m, (comp, kind) in variants.items():
+            g = lrjax.factored(apply, comp.rp)
+
+            def loss(base, f, ids, g=g, kind=kind):
+                logits = g(base, f, ids)
+                l = lm_loss(logits, ids)
+                if kind == "pela":  # hidden states are not exposed: logit KD (kd_beta=1) instead of features
+                    l, _ = pela.distill_loss(l, logits_s=logits, logits_t=apply(state, ids), kd_alpha=0.0,
+                                             kd_beta=1.0)
+                return l
+
+            f = recover(comp, loss, it, args.recover_steps, args.recover_lr)
+            rows.append({"model": "char transformer", "method": m, "c": c, "bytes": comp.report.model_bytes_after,
+                         "metric": fppl(comp, f), "before": fppl(comp, comp.factors)})
+    # timing of each rule's compression
+    key = jax.random.key(args.seed + 2)
+    calls = {
+        "svd rank=16": lambda: C.compress(state, ADAPTER_TARGETS, rank=min(16, dm)).factors,
+        "svd energy=0.9": lambda: C.compress(state, ADAPTER_TARGETS, energy=0.9).factors,
+        "svd ratio=2 (PELA)": lambda: C.compress(state, ADAPTER_TARGETS, ratio=2.0).factors,
+        "svd reduction=0.5 (WeLore)": lambda: C.compress(state, ADAPTER_TARGETS, reduction=0.5).factors,
+        "whitened ratio=2": lambda: C.compress(state, ADAPTER_TARGETS, ratio=2.0, method="whitened",
+                                               calib=calib).factors,
+        "randomized ratio=2": lambda: C.compress(state, ADAPTER_TARGETS, ratio=2.0, method="randomized",
+                                                 key=key).factors,
+    }
+    times = time_round_robin({k: blocking(f) for k, f in calls.items()}, args.time_repeats, warmup=1,
+                             desc="compress timing", progress=not args.no_progress)
+    timing = {k: summarize(v) for k, v in times.items()}
+    return {"teacher": teacher, "bytes": C.tree_bytes(state), "metric": "held-out perplexity", "rows": rows,
+            "timing": timing,
+            "config": {"d_model": dm, "n_layers": nl, "d_ff": dff, "pretrain_steps": args.lm_steps,
+                       "targets": list(ADAPTER_TARGETS), "calib_tokens": int(calib_ids.size)}}
+
+
+# ------------------------------------------------------------------------------ report
+def table(res) -> str:
+    lines = []
+    for key in ("digits", "lm"):
+        r = res[key]
+        up = key == "digits"
+        lines.append(f"\n**{'digits MLP' if up else 'char transformer'}** ({r['metric']}; uncompressed "
+                     f"{r['teacher']:.4g} at {r['bytes']} bytes)\n")
+        lines.append("| c | " + " | ".join(LOWRANK + RECOVER) + " |")
+        lines.append("|---:|" + "---:|" * (len(LOWRANK) + len(RECOVER)))
+        for c in sorted({x["c"] for x in r["rows"]}):
+            cells = []
+            for m in LOWRANK + RECOVER:
+                hit = [x for x in r["rows"] if x["c"] == c and x["method"] == m]
+                cells.append(f"{hit[0]['metric']:.4g} ({hit[0]['bytes'] / r['bytes']:.2f}x)" if hit else "-")
+            lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
+    t = res["lm"]["timing"]
+    lines.append("\n**compression time** (char transformer, median ms over repeats after a warm-up)\n")
+    lines.append("| rule | median ms | IQR ms |\n|---|---:|---:|")
+    for k, v in t.items():
+        lines.append(f"| {k} | {v['median_ms']:.1f} | {v['iqr_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axs, ("digits", "lm")):
+        r = res[key]
+        for i, m in enumerate(LOWRANK + RECOVER):
+            pts = sorted((x["bytes"] / r["bytes"], x["metric"]) for x in r["rows"] if x["method"] == m)
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, "o-" if m in LOWRANK else "s--", label=m, color=f"C{i}")
+        ax.axhline(r["teacher"], color="k", lw=0.8, ls=":", label="uncompressed")
+        ax.set_xlabel("stored bytes / uncompressed")
+        ax.set_ylabel(r["metric"])
+        ax.set_title("digits MLP" if key == "digits" else "char transformer")
+        if key == "lm":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    res = {"command": "python experiments/bench_compress.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "device": device_info(), "config": {k: v for k, v in vars(args).items() if k != "out"}}
+    res["digits"] = digits_study(args)
+    res["lm"] = lm_study(args)
+    res["wall_s"] = time.perf_counter() - t0
+    md = table(res)
+    res["table_markdown"] = md
+    with open(os.path.join(args.out, "bench_compress.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    with open(os.path.join(args.out, "bench_compress.md"), "w") as f:
+        f.write(md + "\n")
+    plot(res, os.path.join(args.out, "bench_compress.png"))
+    print(md)
+    print(f"\nreproduce: {res['command']}  ({res['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Smoke test of experiments/bench_compress.py in --quick mode."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_compress_quick(tmp_path):
+    out = tmp_path / "res"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", LRJAX_DATA_DIR=str(tmp_path / "data"),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_compress.py"), "--quick", "--out",
+                           str(out), "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| c | svd | randomized | whitened | welore | uniform |" in proc.stdout and "reproduce:" in proc.stdout
+    res = json.loads((out / "bench_compress.json").read_text())
+    assert (out / "bench_compress.png").stat().st_size > 0 and (out / "bench_compress.md").stat().st_size > 0
+    for key in ("digits", "lm"):
+        methods = {r["method"] for r in res[key]["rows"]}
+        assert {"svd", "randomized", "whitened", "welore", "uniform", "svd+ft", "pela", "welore+ft"} <= methods
+        for r in res[key]["rows"]:
+            assert 0 < r["bytes"] < res[key]["bytes"] and np_finite(r["metric"]), r
+    assert all(v["median_ms"] > 0 for v in res["lm"]["timing"].values())
+    assert len(res["lm"]["timing"]) == 6
+
+
+def np_finite(x):
+    return x == x and abs(x) != float("inf")
