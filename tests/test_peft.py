@@ -701,3 +701,35 @@ def test_params_from_torch_errors():
     p = params_from_torch({"tok.weight": np.ones((5, 3), np.float32), "fc.weight": np.ones((2, 3), np.float32)},
                           embeddings=["tok"])
     assert p["tok"]["embedding"].shape == (5, 3) and p["fc"]["kernel"].shape == (3, 2)
+
+
+def test_layers_to_transform_checked_like_peft(tmp_path):
+    """A 2-layer model adapted only in layer 1: the file agrees; claiming layer 0 only does not."""
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(6, 6)) for _ in range(2)])
+
+        def forward(self, x):
+            for lay in self.layers:
+                x = torch.tanh(lay(x))
+            return x
+
+    from lrjax.interop import params_from_torch
+
+    torch.manual_seed(0)
+    model = Stack()
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=["0"],
+                                                         layers_to_transform=[1], layers_pattern="layers"))
+    randomize_all = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, prm in pm.named_parameters():
+            if "lora_" in n:
+                prm.copy_(0.3 * torch.randn(prm.shape, generator=randomize_all))
+    pm.save_pretrained(tmp_path)
+    params = params_from_torch(model)
+    rp, ad = import_peft(tmp_path, params)
+    assert list(ad) == ["layers/1/0/kernel"]
+    _edit_config(tmp_path, layers_to_transform=[0])
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[0\].*excludes modules \['layers\.1\.0'\]"):
+        import_peft(tmp_path, params)

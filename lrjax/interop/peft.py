@@ -494,40 +494,67 @@ def _target_matches(module: str, target: str) -> bool:
     return module == target or module.endswith("." + target)
 
 
+def _layer_index(module: str, layers_pattern) -> int | None:
+    """The layer index PEFT reads from a module name for ``layers_to_transform`` (first numbered level)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        m = None
+        for pat in ([layers_pattern] if isinstance(layers_pattern, str) else layers_pattern):
+            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", module)
+            if m is not None:
+                break
+    return int(m.group("idx")) if m else None
+
+
 def _check_config_modules(cfg: dict, modules: list[str], cfg_path: str) -> None:
-    """``target_modules`` / ``exclude_modules`` of the config must agree with the saved tensors."""
+    """The config's ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` must select
+    exactly the modules that have tensors (PEFT's matching rule), else PEFT would skip tensors or
+    leave modules at their init while lrjax loads them."""
     tm = cfg.get("target_modules")
-    if tm is not None and tm != "all-linear":
-        if isinstance(tm, str):
-            missed = [m for m in modules if not re.fullmatch(tm, m)]
-            unused = []
-        elif isinstance(tm, list) and all(isinstance(t, str) for t in tm):
-            missed = [m for m in modules if not any(_target_matches(m, t) for t in tm)]
-            unused = [t for t in tm if not any(_target_matches(m, t) for m in modules)]
-        else:
-            raise ValueError(f"{cfg_path}: target_modules must be a list of module names or a regex string, "
-                             f"got {tm!r:.80}")
-        if missed or unused:
-            parts = []
-            if missed:
-                parts.append(f"modules {missed[:5]} have tensors but are not matched by target_modules")
-            if unused:
-                parts.append(f"target_modules entries {unused[:5]} match no module with tensors")
-            raise ValueError(
-                f"{cfg_path}: target_modules={tm!r} disagrees with the tensors' modules {sorted(modules)[:8]}: "
-                + "; ".join(parts) + ". PEFT would skip or leave at init what does not match, so the adapter "
-                "would not be what was saved: fix target_modules in the config or re-save the adapter")
     ex = cfg.get("exclude_modules")
+    ltt = cfg.get("layers_to_transform")
+    if ex is not None and not isinstance(ex, (str, list)):
+        raise ValueError(f"{cfg_path}: exclude_modules must be a list or a regex string, got {ex!r:.80}")
+    if ltt is not None and not (isinstance(ltt, int) and not isinstance(ltt, bool)) and not (
+            isinstance(ltt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ltt)):
+        raise ValueError(f"{cfg_path}: layers_to_transform must be an int or a list of ints, got {ltt!r:.80}")
     if ex:
-        if isinstance(ex, str):
-            hit = [m for m in modules if re.fullmatch(ex, m)]
-        elif isinstance(ex, list):
-            hit = [m for m in modules if any(_target_matches(m, t) for t in ex if isinstance(t, str))]
-        else:
-            raise ValueError(f"{cfg_path}: exclude_modules must be a list or a regex string, got {ex!r:.80}")
+        hit = [m for m in modules if (re.fullmatch(ex, m) if isinstance(ex, str)
+                                      else any(isinstance(t, str) and _target_matches(m, t) for t in ex))]
         if hit:
             raise ValueError(f"{cfg_path}: exclude_modules={ex!r} excludes modules {hit[:5]} that have tensors "
                              f"(tensors' modules: {sorted(modules)[:8]}); PEFT would not load them")
+    if tm is None or tm == "all-linear":
+        return  # resolved by PEFT against the torch model; nothing to compare here
+    if isinstance(tm, str):
+        missed, unused = [m for m in modules if not re.fullmatch(tm, m)], []
+    elif isinstance(tm, list) and all(isinstance(t, str) for t in tm):
+        missed = [m for m in modules if not any(_target_matches(m, t) for t in tm)]
+        unused = [t for t in tm if not any(_target_matches(m, t) for m in modules)]
+        using_layers = ltt is not None and (ltt != [] if isinstance(ltt, list) else True)
+        if using_layers:
+            wanted = [ltt] if isinstance(ltt, int) else ltt
+            outside = [m for m in modules if m not in missed
+                       and m not in tm and _layer_index(m, cfg.get("layers_pattern")) not in wanted]
+            if outside:
+                raise ValueError(
+                    f"{cfg_path}: layers_to_transform={ltt!r} (layers_pattern={cfg.get('layers_pattern')!r}) "
+                    f"excludes modules {outside[:5]} that have tensors; PEFT would not load them: fix the config "
+                    "or re-save the adapter")
+    else:
+        raise ValueError(f"{cfg_path}: target_modules must be a list of module names or a regex string, "
+                         f"got {tm!r:.80}")
+    if missed or unused:
+        parts = []
+        if missed:
+            parts.append(f"modules {missed[:5]} have tensors but are not matched by target_modules")
+        if unused:
+            parts.append(f"target_modules entries {unused[:5]} match no module with tensors")
+        raise ValueError(
+            f"{cfg_path}: target_modules={tm!r} disagrees with the tensors' modules {sorted(modules)[:8]}: "
+            + "; ".join(parts) + ". PEFT would skip or leave at init what does not match, so the adapter "
+            "would not be what was saved: fix target_modules in the config or re-save the adapter")
 
 
 def _parse_key(key: str, adapter_name: str):
