@@ -835,7 +835,8 @@ def pissa_to_lora(rp: Reparam, adapters: dict, init_adapters: dict) -> tuple[Rep
     for name, ad in (("adapters", adapters), ("init_adapters", init_adapters)):
         for path, f in ad.items():
             for k in ("a", "b"):
-                _factor_np(f[k], f"{name}[{path!r}][{k!r}]")
+                if not isinstance(f[k], jax.core.Tracer):  # values are checked only when known (not under jit)
+                    _factor_np(f[k], f"{name}[{path!r}][{k!r}]")
     if set(adapters) != set(init_adapters):
         raise ValueError(f"adapters and init_adapters cover different leaves: "
                          f"{sorted(set(adapters) ^ set(init_adapters))[:5]}")
