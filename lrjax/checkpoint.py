@@ -37,6 +37,9 @@ Arguments are checked before anything is read or written: ``directory`` must be 
 ``os.PathLike`` that is not a regular file nor under one; ``step`` an ``int >= 0`` (not a
 string); ``max_to_keep`` an ``int >= 1`` or ``None``; flags real ``bool`` s.
 
+NaN/Inf values are stored and restored bit-exactly (a checkpoint is a faithful copy, e.g. of a
+diverged run to debug); they are not refused.
+
 Keys of the pytree may contain any characters. Orbax names each array by joining the key path
 with ``"."``, so ``{"a.b": x, "a": {"b": y}}`` would silently share one array (observed with
 orbax-checkpoint 0.12); ``"/"`` (as in adapter paths like ``"Dense_0/kernel"``) happens to work

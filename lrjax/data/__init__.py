@@ -39,6 +39,7 @@ Every public function checks its arguments before reading or writing anything: c
 flags (``shuffle``, ``drop_remainder``) real bools, ``seed`` an int >= 0 or a JAX key, ``split``
 a str (or list of str, or None), ``data_dir`` a path that is not a file. A value of the wrong
 kind raises ``TypeError``, a value out of range ``ValueError``; the message names the argument.
+Record values (NaN included) pass through :func:`as_arrays` and :func:`batches` unchanged.
 """
 
 from lrjax.data.builders import (
