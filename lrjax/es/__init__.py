@@ -2,7 +2,10 @@
 "Evolution Strategies at the Hyperscale").
 
 * :class:`Eggroll` -- the estimator: ``init`` / ``estimate`` (or ``fitness`` + ``tell``) for any
-  params pytree and fitness function; sharded over a mesh axis with ``jax.shard_map``.
+  params pytree and fitness function; sharded over a mesh axis with ``jax.shard_map``. For
+  fitness computed outside JAX: ``ask`` (a chunk of members' perturbed params or noise, batched)
+  and ``tell`` (the fitness vector). The returned gradient is a descent gradient of the smoothed
+  loss (``-fitness`` when maximizing), for ``params - lr * grad`` (optax).
 * :func:`perturbed_call` -- run an unmodified model with one member's perturbation, low-rank
   kernels factored (``x W + s (x A) B^T``); vmap it over members.
 * :func:`lowrank_dense`, :func:`lowrank_einsum`, :class:`PerturbedLinear` -- explicit layers for

@@ -370,12 +370,17 @@ class Eggroll:
 
     def _plans(self, params) -> list[LeafPlan]:
         """:meth:`plan` for a generation: refuses params with nothing to perturb or (concrete)
-        NaN/Inf values."""
-        plans = self.plan(params)
+        NaN/Inf values. The plan is cached per tree structure, shapes and dtypes."""
+        flat = _check_params(params)
+        sig = ("plan", jax.tree_util.tree_structure(params),
+               tuple((tuple(np.shape(v)), str(v.dtype)) for v in flat.values()))
+        plans = self._cache.get(sig)
+        if plans is None:
+            plans = self._cache[sig] = self.plan(params)
         if all(pl.kind == FROZEN for pl in plans):
             raise ValueError("params: no leaf is perturbed (every leaf is frozen or not floating), so the "
                              "ES update would be identically zero; pass floating params or loosen `frozen`")
-        _check_params_finite(tree_lib.flatten(params))
+        _check_params_finite(flat)
         return plans
 
     def _check_state(self, state, name="state"):
