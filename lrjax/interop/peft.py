@@ -545,10 +545,14 @@ def _check_config_modules(cfg: dict, modules: list[str], cfg_path: str) -> None:
     else:
         raise ValueError(f"{cfg_path}: target_modules must be a list of module names or a regex string, "
                          f"got {tm!r:.80}")
-    if missed or unused:
-        parts = []
-        if missed:
-            parts.append(f"modules {missed[:5]} have tensors but are not matched by target_modules")
+    if unused and not missed:
+        # a generic recipe list (["q_proj", "v_proj", "query", "value"]) names modules of other
+        # architectures too; PEFT accepts that, so it is reported, not refused
+        warnings.warn(f"{cfg_path}: target_modules entries {unused[:5]} match no module with tensors "
+                      f"(tensors' modules: {sorted(modules)[:8]}); loading the tensors that are there",
+                      stacklevel=3)
+    if missed:
+        parts = [f"modules {missed[:5]} have tensors but are not matched by target_modules"]
         if unused:
             parts.append(f"target_modules entries {unused[:5]} match no module with tensors")
         raise ValueError(
