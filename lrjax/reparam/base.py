@@ -345,7 +345,10 @@ class Reparam:
             leaf = flat[path]
             if not jnp.issubdtype(leaf.dtype, jnp.floating):
                 raise TypeError(f"{basename} leaf {path!r} has dtype {leaf.dtype}; expected floating")
-            ax = self.leaf_axes(path, leaf.shape)
+            try:
+                ax = self.leaf_axes(path, leaf.shape)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{argname}[{path!r}]: {e}") from None
             bshape, m, n = axes_lib.matrix_shape(leaf.shape, ax)
             a, b = f["a"], f["b"]
             if a.ndim != len(bshape) + 2 or b.ndim != len(bshape) + 2 or \
