@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any, Iterable
 
 import jax
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["check_bool", "check_int", "check_float", "check_choice", "check_dtype", "check_array",
-           "check_finite", "check_rank", "is_concrete", "compute_dtype", "RANK_RULE"]
+           "check_finite", "check_rank", "check_dir", "is_concrete", "compute_dtype", "RANK_RULE"]
 
 RANK_RULE = ("1 <= rank <= min(M, N) of every targeted matrix view; a larger rank is refused "
              "everywhere in lrjax (it adds no expressivity and admits no orthonormal basis)")
@@ -175,6 +176,35 @@ def check_finite(x, name: str):
         raise ValueError(f"{name} contains NaN or Inf; lrjax does not propagate non-finite inputs "
                          "silently: clean the input first")
     return x
+
+
+def check_dir(path, name: str, what: str = "a directory", *, expanduser: bool = False) -> str:
+    """``path`` must be a str/PathLike naming a directory that exists or can be created.
+
+    Refused: non-paths (``TypeError``); empty paths or NUL characters; a regular file; a path under
+    a regular file (nothing can be created there) (``ValueError``). ``what`` names the directory in
+    the message (e.g. ``"a checkpoint directory"``). Returns the path as a str (``~`` expanded when
+    ``expanduser``), not made absolute.
+    """
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike) to {what}, got {_fmt(path)} "
+                        f"({type(path).__name__})")
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a str path, got {type(path).__name__} {_fmt(path)}; decode it first")
+    if not path or "\x00" in path:
+        raise ValueError(f"{name} must be a non-empty path without NUL characters, got {_fmt(path)}")
+    if expanduser:
+        path = os.path.expanduser(path)
+    full = p = os.path.abspath(path)
+    while not os.path.lexists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    if os.path.lexists(p) and not os.path.isdir(p):
+        if p == full:
+            raise ValueError(f"{name}={path!r} is a regular file, not {what}; pass a directory path")
+        raise ValueError(f"{name}={path!r} lies under {p!r}, which is a regular file, so {what} cannot be "
+                         "there; choose a path whose parents are directories")
+    return path
 
 
 def check_rank(rank, m: int, n: int, name: str = "rank", where: str = "") -> int:

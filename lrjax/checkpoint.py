@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax import tree as tree_lib
-from lrjax._validation import check_bool, check_int
+from lrjax._validation import check_bool, check_dir, check_int
 
 __all__ = ["save_adapters", "load_adapters", "save_state", "restore_state", "latest_step",
            "latest_intact_step", "all_steps", "reparam_to_json", "reparam_from_json",
@@ -151,29 +151,7 @@ class CheckpointCorruptError(ValueError):
 # --------------------------------------------------------------------------- arguments
 def _check_directory(directory, name: str = "directory") -> str:
     """Absolute path of ``directory``: a str/PathLike that is not a file and not under a file."""
-    if isinstance(directory, bool) or not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a path (str or os.PathLike), got {directory!r:.80} "
-                        f"({type(directory).__name__})")
-    path = os.fspath(directory)
-    if not isinstance(path, str):
-        raise TypeError(f"{name} must be a str path, got {type(path).__name__} {path!r:.80}; decode it first")
-    if not path or "\x00" in path:
-        raise ValueError(f"{name} must be a non-empty path without NUL characters, got {path!r:.80}")
-    path = os.path.abspath(path)
-    p = path
-    while True:
-        if os.path.lexists(p):
-            if not os.path.isdir(p):
-                if p == path:
-                    raise ValueError(f"{name}={path!r} is a regular file, not a checkpoint directory; "
-                                     "pass a directory path")
-                raise ValueError(f"{name}={path!r} lies under {p!r}, which is a regular file, so no "
-                                 "checkpoint can be there; choose a path whose parents are directories")
-            return path
-        parent = os.path.dirname(p)
-        if parent == p:
-            return path
-        p = parent
+    return os.path.abspath(check_dir(directory, name, "a checkpoint directory"))
 
 
 def _check_step(step, name: str = "step") -> int:

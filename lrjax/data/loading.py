@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.registered import DatasetNotFoundError
 
-from lrjax._validation import check_bool, check_int
+from lrjax._validation import check_bool, check_dir, check_int
 from lrjax.data.builders import Digits, StdlibChars, StdlibCharsConfig
 
 __all__ = ["BUILDERS", "default_data_dir", "load", "as_arrays", "batches"]
@@ -22,7 +22,6 @@ BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
 }
 _BY_NAME = {**BUILDERS, **{cls.name: cls for cls in BUILDERS.values()}}
 
-
 def default_data_dir() -> str:
     """``$LRJAX_DATA_DIR`` if set, else ``~/.cache/lrjax/tfds``."""
     env = os.environ.get("LRJAX_DATA_DIR")
@@ -30,16 +29,13 @@ def default_data_dir() -> str:
         return os.path.expanduser(env)
     return os.path.join(os.path.expanduser("~"), ".cache", "lrjax", "tfds")
 
-
 def _tfds_default_data_dir() -> str:
     return os.environ.get(
         "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
     )
 
-
 def _our_names() -> str:
     return ", ".join(repr(n) for n in _BY_NAME)
-
 
 def _as_source(builder, name: str, split):
     try:
@@ -59,35 +55,6 @@ def _as_source(builder, name: str, split):
             f"{splits}; slices such as 'train[:80%]' are allowed): {e}"
         ) from e
 
-
-def _check_data_dir(data_dir) -> str | None:
-    """``data_dir``: None or a str/PathLike path that is not a regular file nor under one."""
-    if data_dir is None:
-        return None
-    if isinstance(data_dir, bool) or not isinstance(data_dir, (str, os.PathLike)):
-        raise TypeError(f"data_dir must be a directory path (str or os.PathLike) or None, got "
-                        f"{type(data_dir).__name__}")
-    path = os.fspath(data_dir)
-    if not isinstance(path, str):
-        raise TypeError(f"data_dir must be a str path, got {type(path).__name__}; decode it first")
-    if not path or "\x00" in path:
-        raise ValueError(f"data_dir must be a non-empty path without NUL characters, got {path!r}")
-    path = os.path.expanduser(path)
-    p = os.path.abspath(path)
-    while True:
-        if os.path.lexists(p):
-            if not os.path.isdir(p):
-                where = "is" if p == os.path.abspath(path) else f"lies under {p!r}, which is"
-                raise ValueError(f"data_dir={path!r} {where} a regular file, not a directory; pass a "
-                                 "directory for the dataset cache")
-            break
-        parent = os.path.dirname(p)
-        if parent == p:
-            break
-        p = parent
-    return path
-
-
 def _check_split(split):
     if split is None or isinstance(split, str):
         if isinstance(split, str) and not split:
@@ -101,9 +68,7 @@ def _check_split(split):
     raise TypeError(f"split must be a split name such as 'train' (a str, a TFDS slice such as "
                     f"'train[:80%]', a list of them) or None, got {split!r:.60} ({type(split).__name__})")
 
-
 _OUR_KWARGS = {StdlibChars: ("config", "seq_len", "max_chars"), Digits: ("config",)}
-
 
 def _load_ours(cls, name, config, split, data_dir, builder_kwargs):
     unknown = sorted(set(builder_kwargs) - set(_OUR_KWARGS[cls]))
@@ -136,7 +101,6 @@ def _load_ours(cls, name, config, split, data_dir, builder_kwargs):
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
         )
     return _as_source(builder, name, split)
-
 
 def load(
     name: str,
@@ -178,7 +142,7 @@ def load(
     if not name:
         raise ValueError(f"name must be a non-empty str such as 'digits', got {name!r}")
     split = _check_split(split)
-    data_dir = _check_data_dir(data_dir)
+    data_dir = None if data_dir is None else check_dir(data_dir, "data_dir", "a dataset cache directory", expanduser=True)
     given_dir = data_dir
     data_dir = data_dir if data_dir is not None else default_data_dir()
 
@@ -217,10 +181,8 @@ def load(
         "passing that data_dir."
     )
 
-
 # ---------------------------------------------------------------------------
 # NumPy helpers.
-
 
 def _stack(records: list, path: str):
     first = records[0]
@@ -233,7 +195,6 @@ def _stack(records: list, path: str):
             f"as_arrays: cannot stack feature {path.lstrip('/')!r} (records "
             f"differ in shape?): {e}"
         ) from e
-
 
 def as_arrays(source, keys=None) -> dict[str, np.ndarray]:
     """Reads every record of ``source`` into a dict of stacked NumPy arrays.
@@ -286,7 +247,6 @@ def as_arrays(source, keys=None) -> dict[str, np.ndarray]:
     _check_keys(keys, available)
     return {k: arrays[k] for k in keys}
 
-
 def _check_keys(keys, available) -> None:
     if keys is None:
         return
@@ -295,7 +255,6 @@ def _check_keys(keys, available) -> None:
         raise ValueError(
             f"keys: unknown or no feature(s) {unknown or list(keys)}; available: {available}"
         )
-
 
 def _entropy(seed) -> list[int]:
     """Turns an int seed or a JAX PRNG key into entropy for NumPy's RNG."""
@@ -317,10 +276,8 @@ def _entropy(seed) -> list[int]:
         raise ValueError(f"seed must be a non-negative int or a JAX PRNG key, got {seed!r}")
     return [int(x) for x in arr.ravel()]
 
-
 def _check_count(value, arg: str) -> int | None:
     return check_int(value, arg, low=0, allow_none=True)
-
 
 def batches(
     data,

@@ -81,7 +81,7 @@ import numpy as np
 
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
-from lrjax._validation import check_choice
+from lrjax._validation import check_choice, check_dir
 from lrjax.reparam.base import Reparam
 from lrjax.reparam.dora import DoRA
 from lrjax.reparam.lora import LoRA, RSLoRA
@@ -207,29 +207,7 @@ def _leaf_matrix_shape(path: str, shape, ax: axes_lib.Axes, argname: str) -> tup
 
 
 def _check_path(path_dir, name: str = "path_dir") -> str:
-    """``path_dir`` as a str: a str/PathLike that is not a regular file and not under one."""
-    if isinstance(path_dir, bool) or not isinstance(path_dir, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a directory path (str or os.PathLike), got {path_dir!r:.80} "
-                        f"({type(path_dir).__name__})")
-    path = os.fspath(path_dir)
-    if not isinstance(path, str):
-        raise TypeError(f"{name} must be a str path, got {type(path).__name__}; decode it first")
-    if not path or "\x00" in path:
-        raise ValueError(f"{name} must be a non-empty path without NUL characters, got {path!r:.80}")
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise ValueError(f"{name}={path!r} is a regular file; a PEFT adapter is a directory "
-                         f"({CONFIG_NAME} + {WEIGHTS_NAME}) -- pass its directory")
-    # reading or writing: a path under a regular file can hold no adapter
-    p = os.path.dirname(os.path.abspath(path))
-    while p and not os.path.lexists(p):
-        parent = os.path.dirname(p)
-        if parent == p:
-            break
-        p = parent
-    if os.path.lexists(p) and not os.path.isdir(p):
-        raise ValueError(f"{name}={path!r} lies under {p!r}, which is a regular file; choose a path whose "
-                         "parents are directories")
-    return path
+    return check_dir(path_dir, name, f"a PEFT adapter directory ({CONFIG_NAME} + {WEIGHTS_NAME})")
 
 
 def _check_params(params, name: str = "params") -> None:
