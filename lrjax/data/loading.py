@@ -22,6 +22,7 @@ BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
 }
 _BY_NAME = {**BUILDERS, **{cls.name: cls for cls in BUILDERS.values()}}
 
+
 def default_data_dir() -> str:
     """``$LRJAX_DATA_DIR`` if set, else ``~/.cache/lrjax/tfds``."""
     env = os.environ.get("LRJAX_DATA_DIR")
@@ -29,13 +30,16 @@ def default_data_dir() -> str:
         return os.path.expanduser(env)
     return os.path.join(os.path.expanduser("~"), ".cache", "lrjax", "tfds")
 
+
 def _tfds_default_data_dir() -> str:
     return os.environ.get(
         "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
     )
 
+
 def _our_names() -> str:
     return ", ".join(repr(n) for n in _BY_NAME)
+
 
 def _as_source(builder, name: str, split):
     try:
@@ -55,6 +59,7 @@ def _as_source(builder, name: str, split):
             f"{splits}; slices such as 'train[:80%]' are allowed): {e}"
         ) from e
 
+
 def _check_split(split):
     if split is None or isinstance(split, str):
         if isinstance(split, str) and not split:
@@ -68,7 +73,9 @@ def _check_split(split):
     raise TypeError(f"split must be a split name such as 'train' (a str, a TFDS slice such as "
                     f"'train[:80%]', a list of them) or None, got {split!r:.60} ({type(split).__name__})")
 
+
 _OUR_KWARGS = {StdlibChars: ("config", "seq_len", "max_chars"), Digits: ("config",)}
+
 
 def _load_ours(cls, name, config, split, data_dir, builder_kwargs):
     unknown = sorted(set(builder_kwargs) - set(_OUR_KWARGS[cls]))
@@ -101,6 +108,7 @@ def _load_ours(cls, name, config, split, data_dir, builder_kwargs):
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
         )
     return _as_source(builder, name, split)
+
 
 def load(
     name: str,
@@ -181,8 +189,10 @@ def load(
         "passing that data_dir."
     )
 
+
 # ---------------------------------------------------------------------------
 # NumPy helpers.
+
 
 def _stack(records: list, path: str):
     first = records[0]
@@ -195,6 +205,7 @@ def _stack(records: list, path: str):
             f"as_arrays: cannot stack feature {path.lstrip('/')!r} (records "
             f"differ in shape?): {e}"
         ) from e
+
 
 def as_arrays(source, keys=None) -> dict[str, np.ndarray]:
     """Reads every record of ``source`` into a dict of stacked NumPy arrays.
@@ -247,6 +258,7 @@ def as_arrays(source, keys=None) -> dict[str, np.ndarray]:
     _check_keys(keys, available)
     return {k: arrays[k] for k in keys}
 
+
 def _check_keys(keys, available) -> None:
     if keys is None:
         return
@@ -255,6 +267,7 @@ def _check_keys(keys, available) -> None:
         raise ValueError(
             f"keys: unknown or no feature(s) {unknown or list(keys)}; available: {available}"
         )
+
 
 def _entropy(seed) -> list[int]:
     """Turns an int seed or a JAX PRNG key into entropy for NumPy's RNG."""
@@ -276,8 +289,10 @@ def _entropy(seed) -> list[int]:
         raise ValueError(f"seed must be a non-negative int or a JAX PRNG key, got {seed!r}")
     return [int(x) for x in arr.ravel()]
 
+
 def _check_count(value, arg: str) -> int | None:
     return check_int(value, arg, low=0, allow_none=True)
+
 
 def batches(
     data,
