@@ -20,7 +20,13 @@ reduction as WeLore). Recovery rows (after ``--recover-steps`` of training, fact
 frozen): ``svd+ft`` (cross-entropy only), ``pela`` (PELA: SVD init + CE + per-layer feature MSE to
 the frozen teacher with the paper code's defaults; for the transformer, whose hidden states are not
 exposed, logit KD with weight 1 replaces the feature term), ``welore+ft`` (WeLore's LRC-only
-fine-tuning with CE). Bytes are those a deployed model stores (float32): the factors plus every
+fine-tuning with CE). Other structures on the digits MLP's two hidden kernels (the 10-output layer
+stays dense): ``dsformer`` (dense basis ``k`` x coefficients with ``--ds-s`` nonzeros per output,
+alternating-least-squares init) and ``dsformer+stf`` (then trained with the straight-through
+factorizer, CE); ``pq`` (product quantization of size-``--vq-m`` subvectors, ``--vq-k`` codewords),
+``lr2vq`` (PCA codes of dimension ``d``, then k-means) and ``lr2vq+lr`` (the low-rank stage: ``P``
+and the codes trained with CE for ``--recover-steps``, then k-means; DKM fine-tuning is not run).
+Bytes are those a deployed model stores (float32): the factors plus every
 untouched leaf.
 
 Timing: each rule's compression of the transformer (``compress`` end to end: SVDs in jitted
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -47,10 +54,11 @@ from flax import nnx
 import lrjax
 import lrjax.compress as C
 from lrjax.benchmark import blocking, device_info, summarize, time_round_robin
-from lrjax.compress import pela, welore
+from lrjax.compress import dsformer, lr2vq, pela, welore
 
 LOWRANK = ("svd", "randomized", "whitened", "welore", "uniform")
 RECOVER = ("svd+ft", "pela", "welore+ft")
+OTHER = ("dsformer", "dsformer+stf", "pq", "lr2vq", "lr2vq+lr")
 
 
 def parse_args(argv=None):
@@ -63,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--lm-steps", type=int, default=None, help="transformer pretraining steps, default 300 (quick: 6)")
     p.add_argument("--recover-steps", type=int, default=None, help="recovery steps, default 100 (quick: 3)")
     p.add_argument("--recover-lr", type=float, default=3e-3)
+    p.add_argument("--ds-s", type=int, default=4, help="DSFormer nonzeros per output column")
+    p.add_argument("--vq-m", type=int, default=8, help="LR^2VQ subvector size")
+    p.add_argument("--vq-k", type=int, default=16, help="LR^2VQ / PQ codewords")
     p.add_argument("--time-repeats", type=int, default=None, help="default 5 (quick: 1)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -72,6 +83,8 @@ def parse_args(argv=None):
             setattr(a, k, q if a.quick else full)
     a.ratios = [3.0] if a.quick else [1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
     a.lm_ratios = [2.0] if a.quick else [1.5, 2.0, 3.0, 4.0]
+    a.ds_k = [8] if a.quick else [8, 16, 32, 48]
+    a.vq_d = [4, 8] if a.quick else [1, 2, 4, 6, 8]
     return a
 
 
@@ -187,8 +200,78 @@ def digits_study(args):
             f = recover(comp, loss, it, args.recover_steps, args.recover_lr)
             rows.append({"model": "digits", "method": m, "c": c, "bytes": comp.report.model_bytes_after,
                          "metric": fact_acc(comp, f), "before": fact_acc(comp, comp.factors)})
+    rows += digits_other(args, params, forward, ce, acc, it, total)
     return {"teacher": teacher_acc, "bytes": total, "metric": "test accuracy", "rows": rows,
             "config": {"dims": dims, "train_steps": args.digits_steps, "optimizer": "adam(3e-3)", "batch": 128}}
+
+
+def digits_other(args, params, forward, ce, acc, it, total):
+    """DSFormer (fc1, fc2; the 10-output layer stays dense) and LR^2VQ / PQ (fc1, fc2)."""
+    rows = []
+    t = ("fc1/kernel", "fc2/kernel")
+    s = args.ds_s
+    for kb in args.ds_k:
+        comp = dsformer.compress(params, kb, s, t)
+        rows.append({"model": "digits", "method": "dsformer", "setting": f"k={kb}, s={s}",
+                     "bytes": comp.report.model_bytes_after, "metric": float(acc(comp.materialize()))})
+        gg = lrjax.factored(forward, comp.rp)
+
+        def loss(base, f, batch, gg=gg):
+            return ce(gg(base, dsformer.ste_factors(f, s), batch[0])[0], batch[1])
+
+        f = recover(comp, loss, it, args.recover_steps, args.recover_lr)
+        f = {p: {**v, "b": v["b"] * dsformer.topk_mask(v["b"], s)} for p, v in f.items()}  # hard top-s
+        rows.append({"model": "digits", "method": "dsformer+stf", "setting": f"k={kb}, s={s}",
+                     "bytes": comp.report.model_bytes_after, "metric": float(acc(comp.rp.materialize(comp.base, f)))})
+    m, k = args.vq_m, args.vq_k
+    names = ("fc1", "fc2")
+    shapes = {n: params[n]["kernel"].shape for n in names}
+
+    def vq_bytes(d, with_p=True):
+        out = total
+        for n in names:
+            n_sub = int(np.prod(shapes[n])) // m
+            out += -int(np.prod(shapes[n])) * 4 + math.ceil(n_sub * math.log2(k) / 8) + 4 * (k * d + (m * d if with_p else 0))
+        return out
+
+    def with_kernels(kern):
+        return {n: ({**params[n], "kernel": kern[n]} if n in kern else params[n]) for n in params}
+
+    def quantized(lr_params, key):
+        kern = {}
+        for i, n in enumerate(names):
+            p, z = lr_params[n]
+            cb, a = lr2vq.kmeans(z, k, key=jax.random.fold_in(key, i))
+            kern[n] = lr2vq.from_subvectors(lr2vq.decode(p, cb[a]), shapes[n])
+        return kern
+
+    key = jax.random.key(args.seed + 3)
+    eye = {n: (jnp.eye(m), lr2vq.to_subvectors(params[n]["kernel"], m)) for n in names}
+    rows.append({"model": "digits", "method": "pq", "setting": f"m={m}, k={k}", "bytes": vq_bytes(m, with_p=False),
+                 "metric": float(acc(with_kernels(quantized(eye, key))))})
+    for d in args.vq_d:
+        lrp = {n: lr2vq.lowrank_init(params[n]["kernel"], m, d) for n in names}
+        rows.append({"model": "digits", "method": "lr2vq", "setting": f"m={m}, k={k}, d={d}", "bytes": vq_bytes(d),
+                     "metric": float(acc(with_kernels(quantized(lrp, key))))})
+        # the low-rank stage: train P and Z end to end (CE), then cluster the codes
+        opt = optax.adam(args.recover_lr)
+        st = opt.init(lrp)
+
+        def lr_loss(lrp, x, y):
+            kern = {n: lr2vq.from_subvectors(lr2vq.decode(*lrp[n]), shapes[n]) for n in names}
+            return ce(forward(with_kernels(kern), x)[0], y)
+
+        @jax.jit
+        def step(lrp, st, x, y):
+            g = jax.grad(lr_loss)(lrp, x, y)
+            u, st = opt.update(g, st, lrp)
+            return optax.apply_updates(lrp, u), st
+
+        for _ in range(args.recover_steps):
+            lrp, st = step(lrp, st, *next(it))
+        rows.append({"model": "digits", "method": "lr2vq+lr", "setting": f"m={m}, k={k}, d={d}",
+                     "bytes": vq_bytes(d), "metric": float(acc(with_kernels(quantized(lrp, key))))})
+    return rows
 
 
 # -------------------------------------------------------------------------- transformer
@@ -287,12 +370,18 @@ def table(res) -> str:
                      f"{r['teacher']:.4g} at {r['bytes']} bytes)\n")
         lines.append("| c | " + " | ".join(LOWRANK + RECOVER) + " |")
         lines.append("|---:|" + "---:|" * (len(LOWRANK) + len(RECOVER)))
-        for c in sorted({x["c"] for x in r["rows"]}):
+        for c in sorted({x["c"] for x in r["rows"] if "c" in x}):
             cells = []
             for m in LOWRANK + RECOVER:
-                hit = [x for x in r["rows"] if x["c"] == c and x["method"] == m]
+                hit = [x for x in r["rows"] if x.get("c") == c and x["method"] == m]
                 cells.append(f"{hit[0]['metric']:.4g} ({hit[0]['bytes'] / r['bytes']:.2f}x)" if hit else "-")
             lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
+    r = res["digits"]
+    lines.append("\n**digits MLP, other structures** (fc1, fc2 compressed; test accuracy)\n")
+    lines.append("| method | setting | bytes / uncompressed | accuracy |\n|---|---|---:|---:|")
+    for x in r["rows"]:
+        if x["method"] in OTHER:
+            lines.append(f"| {x['method']} | {x['setting']} | {x['bytes'] / r['bytes']:.3f} | {x['metric']:.4f} |")
     t = res["lm"]["timing"]
     lines.append("\n**compression time** (char transformer, median ms over repeats after a warm-up)\n")
     lines.append("| rule | median ms | IQR ms |\n|---|---:|---:|")
@@ -308,11 +397,12 @@ def plot(res, path):
     fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key in zip(axs, ("digits", "lm")):
         r = res[key]
-        for i, m in enumerate(LOWRANK + RECOVER):
+        for i, m in enumerate(LOWRANK + RECOVER + OTHER):
             pts = sorted((x["bytes"] / r["bytes"], x["metric"]) for x in r["rows"] if x["method"] == m)
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, "o-" if m in LOWRANK else "s--", label=m, color=f"C{i}")
+                ax.plot(xs, ys, "o-" if m in LOWRANK else ("s--" if m in RECOVER else "^-."), label=m,
+                        color=f"C{i % 10}")
         ax.axhline(r["teacher"], color="k", lw=0.8, ls=":", label="uncompressed")
         ax.set_xlabel("stored bytes / uncompressed")
         ax.set_ylabel(r["metric"])

@@ -23,6 +23,8 @@ def test_bench_compress_quick(tmp_path):
         assert {"svd", "randomized", "whitened", "welore", "uniform", "svd+ft", "pela", "welore+ft"} <= methods
         for r in res[key]["rows"]:
             assert 0 < r["bytes"] < res[key]["bytes"] and np_finite(r["metric"]), r
+    assert {"dsformer", "dsformer+stf", "pq", "lr2vq", "lr2vq+lr"} <= {r["method"] for r in res["digits"]["rows"]}
+    assert "| dsformer | k=8, s=4 |" in res["table_markdown"]
     assert all(v["median_ms"] > 0 for v in res["lm"]["timing"].values())
     assert len(res["lm"]["timing"]) == 6
 
