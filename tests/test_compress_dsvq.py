@@ -14,8 +14,8 @@ from lrjax.compress import lr2vq as VQ
 
 
 # ------------------------------------------------------------------------------ DSFormer
-@settings(max_examples=10, deadline=None)
-@given(k=st.integers(1, 9), n=st.integers(1, 7), s=st.integers(1, 9), seed=st.integers(0, 5))
+@settings(max_examples=8, deadline=None)
+@given(k=st.sampled_from([1, 3, 7]), n=st.sampled_from([1, 5]), s=st.integers(1, 7), seed=st.integers(0, 5))
 def test_topk_mask_exactly_s_per_column(k, n, s, seed):
     s = min(s, k)
     c = jax.random.normal(jax.random.key(seed), (k, n))

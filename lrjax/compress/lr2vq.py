@@ -23,6 +23,7 @@ this is tested. Compression ratio (float32 weights, ``log2 k``-bit indices, floa
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -95,12 +96,20 @@ def kmeans(z, k: int, *, key, iters: int = 25):
     iters = check_int(iters, "iters", low=0)
     check_finite(z, "z")
     c = z[jax.random.choice(key, z.shape[0], (k,), replace=False)]
-    for _ in range(iters):
-        a = assign(z, c)
-        oh = jax.nn.one_hot(a, k, dtype=z.dtype)
-        cnt = oh.sum(0)
-        c = jnp.where(cnt[:, None] > 0, (oh.T @ z) / jnp.maximum(cnt, 1)[:, None], c)
+    c = _lloyd(z, c, iters)
     return c, assign(z, c)
+
+
+@functools.partial(jax.jit, static_argnames=("iters",))
+def _lloyd(z, c, iters):
+    k = c.shape[0]
+
+    def body(_, c):
+        oh = jax.nn.one_hot(assign(z, c), k, dtype=z.dtype)
+        cnt = oh.sum(0)
+        return jnp.where(cnt[:, None] > 0, (oh.T @ z) / jnp.maximum(cnt, 1)[:, None], c)
+
+    return jax.lax.fori_loop(0, iters, body, c)
 
 
 def dkm(z, codebook, *, temperature: float = 1e-2, iters: int = 5):
