@@ -53,7 +53,7 @@ import optax
 from lrjax import axes as _axes
 from lrjax import tree as _tree
 from lrjax.optim.galore import galore
-from lrjax._validation import check_array, check_bool, check_finite, check_float, check_int
+from lrjax._validation import check_array, check_bool, check_finite, check_float, check_int, is_concrete
 from lrjax.optim.projection import (_EMBED, _check_inner_shapes, _check_int, _check_leaves, _check_same_tree,
                                    check_inner)
 
@@ -282,7 +282,7 @@ def owlore(inner, rank: int = 256, *, gamma: int = 5, period: int = 50, update_p
     if ratios is not None:
         ratios = check_array(ratios, "ratios", kind="numeric", convert=True, ndim=1)
         check_finite(ratios, "ratios")
-        if bool(jnp.any(ratios < 0)):
+        if is_concrete(ratios) and bool(jnp.any(ratios < 0)):
             raise ValueError("ratios must be >= 0 (outlier ratios in percent)")
     if weight_decay_mask is not None and not callable(weight_decay_mask) and \
             not isinstance(weight_decay_mask, (dict, list, tuple)):

@@ -101,7 +101,8 @@ class ProjectionState(NamedTuple):
     Attributes:
       count: int32 ``[]``, updates taken so far.
       basis: per-leaf basis state (params structure; ``None`` where not projected):
-        ``P: [*batch, d, r]`` for SVD-type bases, int32 indices ``[*batch, r]`` for DCT.
+        ``P: [*batch, d, r]`` for SVD-type bases (float32, or float64 for float64 leaves), int32
+        indices ``[*batch, r]`` for DCT.
       pending: per-leaf bool ``[*batch]``: a refresh was due but skipped because the gradient
         was not finite; it is retried at the next step.
       inner: the inner transformation's state, on projected shapes ``[*batch, r, N]`` /
