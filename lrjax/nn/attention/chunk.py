@@ -6,7 +6,7 @@ log-decay ``G_r = g_1 + ... + g_r``, state ``S0`` at the chunk start, ``q`` alre
     Gam[r, i, :] = exp(G_r - G_i)                         for i <= r  (0 above the diagonal)
     Akk[r, i]    = beta_r sum_d k_r[d] k_i[d] Gam[r, i, d]  for i <  r
     Aqk[r, i]    =        sum_d q_r[d] k_i[d] Gam[r, i, d]  for i <= r
-    (I + Akk) [W | U] = Diag(beta) [exp(G) * K | V]         (one unit-lower triangular solve)
+    (I + Akk) [W | U] = Diag(beta) [exp(G) * K | V]         (one unit-lower triangular system)
     Vn  = U - W S0                                          (pseudo-values)
     O   = (exp(G) * Q) S0 + Aqk Vn
     S_C = Diag(exp(G_C)) S0 + (exp(G_C - G) * K)^T Vn
@@ -16,10 +16,14 @@ log-decay ``G_r = g_1 + ... + g_r``, state ``S0`` at the chunk start, ``q`` alre
 across chunks, so the sequential depth is ``T / C`` instead of ``T``.
 
 Float32 safety: the paper's kernels factor ``exp(G_r - G_i) = exp(G_r) exp(-G_i)``, and ``exp(-G_i)``
-overflows in float32 under strong decay (``g = -5`` per step over 64 tokens is ``exp(320)``). Here the
-pairwise differences are formed first and masked, ``exp(where(i <= r, G_r - G_i, -inf))``, so every
-exponent is ``<= 0``: any decay and any chunk size stay finite (costs ``O(C^2 K)`` per chunk; for the
-GDN scalar gate only ``O(C^2)``). ``exp(G)`` and ``exp(G_C - G)`` are ``<= 1`` as well.
+overflows in float32 under strong decay (``g = -5`` per step over 64 tokens is ``exp(320)``). Here
+every exponent is ``<= 0``: inside a 16-token sub-chunk the pairwise differences are formed first
+and masked, ``exp(where(i <= r, G_r - G_i, -inf))`` (``O(C 16 K)`` per chunk); across sub-chunks
+the decay factors through the cumulative decay ``G_p`` just before the query's sub-chunk,
+``exp(G_r - G_p) exp(G_p - G_i)`` with ``i <= p < r`` (both ``<= 1``; the products are matmuls).
+Any decay and any chunk size stay finite; ``exp(G)`` and ``exp(G_C - G)`` are ``<= 1`` as well.
+The unit-lower solve inverts the 16 x 16 diagonal blocks by forward substitution and finishes by
+block substitution (matmuls): XLA's batched ``triangular_solve`` is slow on CPU.
 
 Variable lengths: ``T`` need not be a multiple of ``C`` (the last chunk is padded with
 ``g = 0, beta = 0, q = k = v = 0``, which is an exact no-op of the recurrence), and ``lengths``
@@ -63,27 +67,13 @@ def _chunk_core(p, C, q, k, v, g, beta, state, lengths):
     q, k, v, g = (split(x) for x in (q, k, v, g))
     beta = split(beta)                                          # [N, B, HV, C]
     G = jnp.cumsum(g, axis=-2)                                  # [N, B, HV, C, K or 1]
-    r = jnp.arange(C)
-    incl = r[:, None] >= r[None, :]                             # i <= r
-    strict = r[:, None] > r[None, :]
-    if p.scalar_gate:
-        Gs = G[..., 0]
-        D = jnp.where(incl, Gs[..., :, None] - Gs[..., None, :], -jnp.inf)
-        Gam = jnp.exp(D)                                        # [..., C, C]
-        kk = jnp.einsum("...rd,...id->...ri", k, k, precision=_HI)
-        qk = jnp.einsum("...rd,...id->...ri", q, k, precision=_HI)
-        Akk = kk * Gam
-        Aqk = qk * Gam
-    else:
-        D = jnp.where(incl[:, :, None], G[..., :, None, :] - G[..., None, :, :], -jnp.inf)
-        Gam = jnp.exp(D)                                        # [..., C, C, K]
-        Akk = jnp.einsum("...rd,...id,...rid->...ri", k, k, Gam, precision=_HI)
-        Aqk = jnp.einsum("...rd,...id,...rid->...ri", q, k, Gam, precision=_HI)
+    c = _sub_size(C)
+    Aqk, Akk = _pair_scores(q, k, G, C, c, p.scalar_gate)
+    strict = jnp.arange(C)[:, None] > jnp.arange(C)[None, :]
     Akk = jnp.where(strict, Akk * beta[..., :, None], 0)
     eG = jnp.exp(G)
     rhs = beta[..., None] * jnp.concatenate([eG * k, v], axis=-1)
-    L = Akk + jnp.eye(C, dtype=Akk.dtype)
-    WU = lax.linalg.triangular_solve(L, rhs, left_side=True, lower=True, unit_diagonal=True)
+    WU = _unit_lower_solve(Akk, rhs, c)                          # (I + Akk)^{-1} rhs
     W, U = WU[..., :K], WU[..., K:]
     qg = eG * q
     GC = G[..., -1:, :]                                         # [N, B, HV, 1, K or 1]
@@ -102,6 +92,76 @@ def _chunk_core(p, C, q, k, v, g, beta, state, lengths):
     o = jnp.moveaxis(o, 3, 2)                                   # [N, B, C, HV, V]
     o = jnp.moveaxis(o, 0, 1).reshape(B, N * C, HV, V)[:, :T]
     return o.astype(p.out_dtype), S
+
+
+def _sub_size(C: int) -> int:
+    """Sub-chunk size: 16 when it divides C (fla's sub-chunking), else the whole chunk."""
+    return 16 if C % 16 == 0 and C > 16 else C
+
+
+def _pair_scores(q, k, G, C, c, scalar):
+    """``Aqk[r, i] = sum_d q_r k_i exp(G_r - G_i)`` (i <= r) and the same for ``k, k`` (``[..., C, C]``),
+    with every exponent <= 0.
+
+    Pairs inside one sub-chunk of ``c`` tokens use the masked pairwise exponent (``O(C c K)``);
+    pairs across sub-chunks factor through the cumulative decay ``G_p`` just before the query's
+    sub-chunk ``a``: ``exp(G_r - G_i) = exp(G_r - G_p) exp(G_p - G_i)`` with ``i <= p < r``, so both
+    factors are <= 1 and the products are matmuls."""
+    n = C // c
+    sh = q.shape[:-2]
+    Kg = G.shape[-1]
+    Gs = G.reshape(*sh, n, c, Kg)
+    qs, ks = q.reshape(*sh, n, c, -1), k.reshape(*sh, n, c, -1)
+    ri = jnp.arange(c)
+    inc = ri[:, None] >= ri[None, :]
+    if scalar:
+        Ed = jnp.exp(jnp.where(inc, Gs[..., :, None, 0] - Gs[..., None, :, 0], -jnp.inf))
+        dqk = jnp.einsum("...rd,...id->...ri", qs, ks, precision=_HI) * Ed
+        dkk = jnp.einsum("...rd,...id->...ri", ks, ks, precision=_HI) * Ed
+    else:
+        Ed = jnp.exp(jnp.where(inc[:, :, None], Gs[..., :, None, :] - Gs[..., None, :, :], -jnp.inf))
+        dqk = jnp.einsum("...rd,...id,...rid->...ri", qs, ks, Ed, precision=_HI)
+        dkk = jnp.einsum("...rd,...id,...rid->...ri", ks, ks, Ed, precision=_HI)
+    eye_n = jnp.eye(n, dtype=dqk.dtype)
+
+    def blockdiag(d):  # [..., n, c, c] -> [..., C, C]
+        return jnp.einsum("...arj,ab->...arbj", d, eye_n).reshape(*sh, C, C)
+
+    if n == 1:
+        return blockdiag(dqk), blockdiag(dkk)
+    Gp = jnp.concatenate([jnp.zeros_like(Gs[..., :1, 0, :]), Gs[..., :-1, -1, :]], axis=-2)   # [..., n, Kg]
+    fq = jnp.exp(Gs - Gp[..., :, None, :])                                                   # <= 1
+    before = jnp.arange(C)[None, :] < (jnp.arange(n) * c)[:, None]                           # [n, C]: i < a c
+    Dk = jnp.where(before[:, :, None], Gp[..., :, None, :] - G[..., None, :, :], -jnp.inf)   # [..., n, C, Kg]
+    kf = jnp.exp(Dk) * k[..., None, :, :]                                                    # [..., n, C, K]
+    oqk = jnp.einsum("...ark,...aik->...ari", qs * fq, kf, precision=_HI).reshape(*sh, C, C)
+    okk = jnp.einsum("...ark,...aik->...ari", ks * fq, kf, precision=_HI).reshape(*sh, C, C)
+    return oqk + blockdiag(dqk), okk + blockdiag(dkk)
+
+
+def _unit_lower_solve(A, R, c):
+    """``(I + A)^{-1} R`` for strictly lower ``A [..., C, C]``: the diagonal ``c x c`` blocks are
+    inverted by forward substitution (``c`` vectorized steps), then block forward substitution
+    with matmuls (XLA's batched ``triangular_solve`` is slow on CPU)."""
+    C = A.shape[-1]
+    n = C // c
+    sh = A.shape[:-2]
+    Ab = A.reshape(*sh, n, c, n, c)
+    Ad = jnp.einsum("...aiaj->...aij", Ab)                                    # [..., n, c, c]
+    eye = jnp.eye(c, dtype=A.dtype)
+
+    def row(i, X):  # X = (I + Ad)^{-1}, rows < i final
+        return X.at[..., i, :].set(eye[i] - jnp.einsum("...j,...jc->...c", Ad[..., i, :], X, precision=_HI))
+
+    Xd = lax.fori_loop(1, c, row, jnp.broadcast_to(eye, Ad.shape))
+    Rb = R.reshape(*sh, n, c, R.shape[-1])
+    Y = []
+    for a in range(n):
+        acc = Rb[..., a, :, :]
+        for b in range(a):
+            acc = acc - jnp.einsum("...ij,...jf->...if", Ab[..., a, :, b, :], Y[b], precision=_HI)
+        Y.append(jnp.einsum("...ij,...jf->...if", Xd[..., a, :, :], acc, precision=_HI))
+    return jnp.concatenate(Y, axis=-2)
 
 
 def chunk_kda(q, k, v, g, beta, *, scale=None, initial_state=None, lengths=None,
