@@ -364,3 +364,9 @@ def test_every_public_function_is_swept():
     assert public - fields == SWEPT["Reparam methods"]
     assert {m for m in METHODS if "." not in m} | {"init", "num_params"} >= \
         {"init", "materialize", "merge", "unmerge", "delta", "column_norms", "unmerge_with_norms", "num_params"}
+
+
+@pytest.mark.parametrize("cls,value", [("DoRA", 4e4), ("PiSSA", 1e10)])
+def test_init_refuses_factors_that_overflow_their_dtype(cls, value):
+    with pytest.raises(V, match="dtype.*overflows float16"):
+        CONFIGS[cls](rank=1, dtype=jnp.float16).init(jax.random.key(0), {"kernel": jnp.full((4, 3), value)})

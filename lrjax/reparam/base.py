@@ -295,6 +295,10 @@ class Reparam:
                                  "before attaching an adapter")
             w = axes_lib.to_matrix(leaf, ax)
             w_base, f = self.init_leaf(self._leaf_key(key, path), w, path)
+            for nm, x in list(f.items()) + [("base", w_base)]:
+                if _is_concrete(x) and not _all_finite(x):
+                    raise ValueError(f"dtype: the initial {nm!r} of leaf {path!r} overflows {x.dtype} "
+                                     "(values too large for the factor or base dtype); use a wider `dtype`")
             adapters[path] = f
             if w_base is not w:
                 new_base[path] = axes_lib.from_matrix(w_base.astype(leaf.dtype), ax, leaf.shape)

@@ -14,9 +14,11 @@ paper's Sec. 4.3, the norm is **detached**: it is treated as a constant in the b
 Precision: the direction ``W + sAB`` and its norm are computed in the compute dtype
 ``promote_types(w, A, B, m, float32)``; the detached norm is then rounded to ``m``'s dtype
 before the division (``c = m / round_m(||W + sAB||_c)``). At init ``m`` *is* that rounded norm,
-so ``c = 1`` exactly and the initial model equals the base bit for bit in every precision
-(float32 base with bfloat16 factors included). ``W_eff = (W + sAB) * c`` is rounded once to
-the base's dtype.
+so ``c = 1`` exactly and the initial model equals the base bit for bit (float32 base with
+bfloat16 factors included). One caveat: under ``jit`` XLA may order the float32 sum of squares
+differently from the eager ``init``; a bfloat16/float16 ``m`` absorbs that, a float32 ``m`` can
+then give ``c = 1 +- 1 ulp``. ``W_eff = (W + sAB) * c`` is rounded once to the base's dtype.
+A column norm that overflows ``m``'s dtype (float16 above 65504) is refused at ``init``.
 
 Zero columns (a pruned output unit): PEFT divides ``m / ||W + sAB||_c`` with no epsilon, which
 gives NaN (``0/0``) in that output and in its gradients. lrjax defines the direction of a zero
@@ -99,6 +101,9 @@ class DoRA(LoRA):
         w, f = super().init_leaf(key, w, path)
         dt = f["a"].dtype
         f["m"] = column_norm(self._direction(w, f), dtype=dt)
+        if _is_concrete(f["m"]) and not _all_finite(f["m"]):
+            raise ValueError(f"dtype: a column norm of leaf {path!r} overflows {jnp.dtype(dt).name} (DoRA's "
+                             "magnitude m); use dtype=jnp.float32 or jnp.bfloat16 for the factors")
         return w, f
 
     def _direction(self, w, f):
