@@ -570,3 +570,31 @@ def test_quantized_moments_of_all_zero_blocks():
     u, s = opt.update(p, opt.init(p))                               # a zero gradient: 0 / (0 + eps)
     np.testing.assert_array_equal(u["w"], 0.0)
     assert all(np.isfinite(np.asarray(a, np.float32)).all() for a in jax.tree_util.tree_leaves(s))
+
+
+# ----------------------------------------------------------------------------- completeness
+def test_every_public_function_is_swept():
+    """A public function or factory of lrjax.optim / lrjax.linalg missing from the sweeps fails here."""
+    import importlib
+
+    import lrjax.optim as lo
+    from lrjax.optim.owlore import active_layers
+
+    mods = [importlib.import_module(f"lrjax.optim.{m}") for m in ("projection", "quant", "galore", "fira", "dct",
+                                                                    "owlore")]
+
+    with pytest.raises(TypeError, match="state"):
+        active_layers("state")
+    covered = set()
+    for table in (INT_ARGS, FLOAT_ARGS, ENUM_ARGS, BOOL_ARGS, MATRIX_ARGS, FACTORIES, RANK_ARGS, OPTS):
+        covered |= {t[0].split(".")[0].split("-")[0] for t in table}
+    covered |= {"energy_rank", "quantize", "dequantize", "active_layers", "outlier_ratios", "scale_by_adam_torch"}
+    # data containers, argument-free bases, constants and nbytes (any pytree is valid) take nothing to check
+    exempt = {"SVD", "ProjectionState", "OwLoreState", "ScaleByAdam8bitState", "ScaleByAdamTorchState", "Quantized",
+              "LeafPlan", "Basis", "Variant", "ExactSVD", "GramEigh", "REFRESHES", "DEFAULT_LAYERS", "nbytes",
+              "projection", "quant"}
+    public = set(linalg.__all__) | set(lo.__all__)
+    for mod in mods:
+        public |= set(mod.__all__)
+    missing = sorted(public - covered - exempt)
+    assert not missing, f"public names without a bad-input sweep: {missing}"

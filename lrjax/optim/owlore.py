@@ -239,6 +239,8 @@ def _check_layers(layers):
 
 def active_layers(state: OwLoreState) -> jax.Array:
     """The layer indices (positions in sorted layer-id order) trained in the current period."""
+    if not isinstance(state, OwLoreState):
+        raise TypeError(f"state must be the OwLoreState of an owlore optimizer, got {type(state).__name__}")
     return state.active
 
 
