@@ -269,10 +269,7 @@ def factored(fn: Callable[..., Any], rp, *, mode: str = "auto", stats: FactoredS
         raise TypeError(f"rp must be a reparameterization config such as lrjax.LoRA(rank=8), got "
                         f"{type(rp).__name__} {rp!r:.60}" + ("; build it with lrjax.LoRA(...) rather than "
                                                               "naming it" if isinstance(rp, str) else ""))
-    if isinstance(mode, str):
-        V.check_choice(mode, "mode", ("auto", "factored", "fused"))
-    else:
-        raise TypeError(f"mode must be one of ['auto', 'factored', 'fused'], got {type(mode).__name__} {mode!r:.40}")
+    V.check_choice(mode, "mode", ("auto", "factored", "fused"))
     if stats is not None and not isinstance(stats, FactoredStats):
         raise TypeError(f"stats must be None or an lrjax.reparam.FactoredStats(), got {type(stats).__name__}")
 
