@@ -85,6 +85,8 @@ def test_s_greater_than_k_refused(call):
     (lambda: DS.compress({"k": W8.at[0, 0].set(jnp.inf)}, 3, 2, "k"), ValueError, "params"),
     (lambda: DS.compress({"k": W8}, "3", 2, "k"), TypeError, "k"),
     (lambda: DS.ste_factors([], 2), TypeError, "factors"),
+    (lambda: DS.compress(None, 3, 2), TypeError, "params"),
+    (lambda: DS.compress("w", 3, 2), TypeError, "params"),
     (lambda: DS.num_bytes(0, 6, 3, 2), ValueError, "m"),
 ])
 def test_dsformer_bad_arguments_named(call, exc, name):
@@ -147,6 +149,7 @@ def test_compression_ratio_formula():
     (lambda: VQ.quantize(W8, 4, 2, 3, key=jax.random.key(0), p=jnp.eye(4)), ValueError, "p"),
     (lambda: VQ.reconstruct({"p": 1}), TypeError, "q"),
     (lambda: VQ.pq(W8, 4, 13, key=jax.random.key(0)), ValueError, "k"),
+    (lambda: VQ.kmeans(jnp.ones((5, 2)), 2, key=3), TypeError, "key"),
     (lambda: VQ.compression_ratio(10, 4, 1, 2), ValueError, "k"),
     (lambda: VQ.compression_ratio(10, 4, 16, 5), ValueError, "d"),
 ])

@@ -174,3 +174,24 @@ def test_welore_reduction_outside_unit_interval(call, v):
 def test_bad_arguments_named(call, exc, name):
     with pytest.raises(exc, match=name):
         call()
+
+
+BAD_PARAMS = [None, [1.0, 2.0], "w", jnp.ones((4, 4))]
+
+
+@pytest.mark.parametrize("bad", BAD_PARAMS, ids=["none", "list", "str", "array"])
+@pytest.mark.parametrize("fn", [lambda p: C.compress(p, rank=1), lambda p: welore.compress(p, 0.5),
+                                lambda p: welore.uniform(p, 0.5), lambda p: pela.compress(p, 2.0),
+                                lambda p: C.collect_activations(lambda q, x: x, p, "kernel", jnp.ones(2))],
+                         ids=["compress", "welore", "uniform", "pela", "collect"])
+def test_params_not_a_pytree_of_arrays(bad, fn):
+    with pytest.raises(TypeError, match="params"):
+        fn(bad)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: C.compress(PARAMS, T3, rank=1, method="randomized", key=0),
+    lambda: C.factorize(PARAMS["flat"]["kernel"], 2, method="randomized", key="k")])
+def test_bad_key_named(call):
+    with pytest.raises(TypeError, match="key"):
+        call()

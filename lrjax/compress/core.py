@@ -70,7 +70,7 @@ from lrjax import linalg
 from lrjax import tree as tree_lib
 from lrjax._validation import (check_array, check_bool, check_choice, check_finite, check_float, check_int,
                                check_rank)
-from lrjax.reparam.base import Reparam
+from lrjax.reparam.base import Reparam, check_key, check_params
 
 __all__ = ["Compressed", "LowRankParams", "LayerReport", "Report", "compress", "whitened_svd", "factorize",
            "pela_rank", "welore_keep", "welore_tau", "energy_keep", "collect_activations", "tree_bytes",
@@ -353,6 +353,7 @@ def factorize(w, rank: int, *, method: str = "svd", x=None, key=None, eps: float
     if method == "randomized":
         if key is None:
             raise ValueError("key is required for method='randomized' (a jax.random key)")
+        check_key(key)
         u, s, vt = linalg.randomized_svd(key, w, rank, oversample=check_int(oversample, "oversample", low=0),
                                          n_iter=check_int(n_iter, "n_iter", low=0))
     else:
@@ -376,6 +377,7 @@ def collect_activations(fn: Callable, params, targets, *args, axes=None, max_row
     if not callable(fn):
         raise TypeError(f"fn must be a callable fn(params, *args), got {type(fn).__name__}")
     max_rows = check_int(max_rows, "max_rows", low=1, allow_none=True)
+    check_params(params)
     paths = tree_lib.select(params, targets, where=lambda p, l: hasattr(l, "ndim") and l.ndim >= 2)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = [tree_lib.path_str(p) for p, _ in leaves]
@@ -453,6 +455,7 @@ def compress(params, targets="kernel", *, rank=None, energy: float | None = None
       by, min_ratio: WeLore's reduction measure and LRC threshold (``reduction=`` only).
       oversample, n_iter: randomized SVD settings.
     """
+    check_params(params)
     rules = {"rank": rank, "energy": energy, "ratio": ratio, "reduction": reduction}
     given = [k for k, v in rules.items() if v is not None]
     if len(given) != 1:
@@ -478,6 +481,7 @@ def compress(params, targets="kernel", *, rank=None, energy: float | None = None
                              "spectrum: use method='svd' or 'whitened', or a rank=/ratio= rule")
         if key is None:
             raise ValueError("key is required for method='randomized' (e.g. jax.random.key(0))")
+        check_key(key)
     if method == "whitened" and calib is None:
         raise ValueError("calib is required for method='whitened': {path: activations [n_samples, M]} "
                          "(see lrjax.compress.collect_activations)")

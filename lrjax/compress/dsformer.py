@@ -35,6 +35,7 @@ from lrjax import linalg
 from lrjax import tree as tree_lib
 from lrjax._validation import check_array, check_finite, check_float, check_int, check_rank
 from lrjax.compress import core
+from lrjax.reparam.base import check_params
 
 __all__ = ["topk_mask", "ste", "ste_factors", "init", "compress", "num_bytes", "svd_rank_at_equal_params"]
 
@@ -138,6 +139,7 @@ def svd_rank_at_equal_params(m: int, n: int, k: int, s: int) -> int:
 def compress(params, k: int, s: int, targets="kernel", *, iters: int = 100, axes=None) -> core.Compressed:
     """DSFormer factors of every selected leaf (see module docstring); basis size ``k`` and ``s``
     nonzeros per output column, the same for every leaf."""
+    check_params(params)
     k = check_int(k, "k", low=1)
     s = _check_s(s, k)
     flat = tree_lib.flatten(params)

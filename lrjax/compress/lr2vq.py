@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lrjax import linalg
+from lrjax.reparam.base import check_key
 from lrjax._validation import check_array, check_finite, check_float, check_int
 
 __all__ = ["to_subvectors", "from_subvectors", "lowrank_init", "decode", "kmeans", "dkm", "assign", "quantize",
@@ -95,6 +96,7 @@ def kmeans(z, k: int, *, key, iters: int = 25):
     k = check_int(k, "k", low=1, high=z.shape[0])
     iters = check_int(iters, "iters", low=0)
     check_finite(z, "z")
+    check_key(key)
     c = z[jax.random.choice(key, z.shape[0], (k,), replace=False)]
     c = _lloyd(z, c, iters)
     return c, assign(z, c)

@@ -31,6 +31,7 @@ from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 from lrjax._validation import check_array, check_float, check_int
 from lrjax.compress import core
+from lrjax.reparam.base import check_params
 
 __all__ = ["DEFAULTS", "SKIP", "compress", "feature_loss", "logit_loss", "weight_perturbation", "distill_loss"]
 
@@ -43,6 +44,7 @@ SKIP = ("norm", "head", "patch_embed", "downsample")
 def compress(params, ratio: float = DEFAULTS["ratio"], targets="kernel", *, skip=SKIP, min_out: int = 10,
              method: str = "svd", calib: dict | None = None, axes=None) -> core.Compressed:
     """SVD-initialized low-rank copy of ``params`` at compression ratio ``ratio`` (> 1)."""
+    check_params(params)
     ratio = check_float(ratio, "ratio", low=1.0, low_open=True)
     min_out = check_int(min_out, "min_out", low=1)
     if isinstance(skip, str) or not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):

@@ -28,6 +28,7 @@ from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 from lrjax._validation import check_array, check_choice, check_float
 from lrjax.compress import core
+from lrjax.reparam.base import check_params
 
 __all__ = ["compress", "uniform", "partition", "trainable_mask", "trainable", "labels", "optimizer", "combine"]
 
@@ -48,6 +49,7 @@ def uniform(params, reduction: float, targets="kernel", *, by: str = "params", m
     """The baseline WeLore is compared with: every selected matrix keeps the same fraction ``q`` of
     its rank (``k = max(1, round(q min(M, N)))``), ``q`` the largest on a 1/1024 grid whose total
     reduction (``by``, as in :func:`compress`) reaches ``reduction``."""
+    check_params(params)
     reduction = check_float(reduction, "reduction", low=0.0, high=1.0, low_open=True, high_open=True)
     by = check_choice(by, "by", ("rank", "params"))
     flat = tree_lib.flatten(params)
