@@ -114,7 +114,7 @@ def test_render_errors():
         L.render_rays(fn, L.pinhole_rays(L.look_at((3.0, 0, 0)), 2, 2, 2.0), perturb=True)
     with pytest.raises(ValueError, match="n_samples"):
         L.render_rays(fn, L.pinhole_rays(L.look_at((3.0, 0, 0)), 2, 2, 2.0), n_samples=0)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="a and b must have the same shape"):
         L.psnr(jnp.zeros(3), jnp.zeros(4))
     with pytest.raises(ValueError, match="smaller than the SSIM window"):
         L.ssim(jnp.zeros((8, 8, 3)), jnp.zeros((8, 8, 3)))

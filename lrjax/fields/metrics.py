@@ -31,7 +31,7 @@ def _check(a, b):
     check_finite(b, "b")
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     if a.shape != b.shape:
-        raise ValueError(f"images must have the same shape, got {a.shape} and {b.shape}")
+        raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}")
     if a.size == 0:
         raise ValueError(f"images a and b are empty (shape {a.shape})")
     return a, b
@@ -68,10 +68,10 @@ def ssim(a, b, *, window: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: fl
     k2 = check_float(k2, "k2", low=0.0, low_open=True)
     a, b = _check(a, b)
     if a.ndim < 3:
-        raise ValueError(f"images must have shape [..., H, W, C], got {a.shape}")
+        raise ValueError(f"a and b must be images of shape [..., H, W, C], got {a.shape}")
     h, w = a.shape[-3:-1]
     if min(h, w) < window:
-        raise ValueError(f"images of {h}x{w} are smaller than the SSIM window {window}")
+        raise ValueError(f"window={window}: images of {h}x{w} are smaller than the SSIM window {window}")
     g = _gauss(window, sigma)
 
     def filt(x):                                       # [..., H, W, C] -> valid separable blur

@@ -77,7 +77,7 @@ import optax
 from lrjax._validation import check_bool, check_choice, check_float, check_int
 from lrjax.fields.fields import (Field, _array, _check_key, _check_variables, _pos_float, _pos_int,
                                  check_compatible, init_field)
-from lrjax.fields.render import Rays, composite, near_far, stratified_samples
+from lrjax.fields.render import Rays, _check_poses, composite, near_far, stratified_samples
 
 __all__ = ["ActiveConfig", "PVDConfig", "ALState", "PVDState", "PVD", "inherit_head", "stage_of"]
 
@@ -254,9 +254,7 @@ class PVD:
         teacher_params = jax.tree.map(jnp.asarray, teacher_params)
         if not isinstance(config, PVDConfig):
             raise TypeError(f"config must be a PVDConfig, got {type(config).__name__}")
-        poses = _array(poses, "poses", ndim=3, kind="numeric").astype(jnp.float32)
-        if poses.shape[1:] not in ((4, 4), (3, 4)) or poses.shape[0] == 0:
-            raise ValueError(f"poses must have shape [P>0, 4, 4], got {poses.shape}")
+        poses = _check_poses(poses, "poses")
         _pos_int(height, "height")
         _pos_int(width, "width")
         _pos_float(focal, "focal")

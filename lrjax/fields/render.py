@@ -117,6 +117,20 @@ def _check_c2w(c2w, name="c2w"):
     return c2w
 
 
+def _check_poses(poses, name="poses"):
+    """``[P > 0, 4, 4]`` (or ``[P, 3, 4]``) finite camera-to-world poses with non-singular rotations."""
+    poses = _array(poses, name, ndim=3, kind="numeric").astype(jnp.float32)
+    if poses.shape[1:] not in ((4, 4), (3, 4)) or poses.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [P>0, 4, 4], got {tuple(poses.shape)}")
+    if is_concrete(poses):
+        det = np.abs(np.linalg.det(np.asarray(poses[:, :3, :3], np.float64)))
+        bad = np.flatnonzero(~(det > 1e-9))
+        if bad.size:
+            raise ValueError(f"{name}[{int(bad[0])}]: the rotation block [:3, :3] is singular; pass "
+                             f"camera-to-world poses such as look_at(eye)")
+    return poses
+
+
 def _check_focal(focal):
     if isinstance(focal, jax.core.Tracer):
         return focal

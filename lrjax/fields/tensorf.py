@@ -135,7 +135,10 @@ def _factors(field, params, what):
     """The ``params['params']`` dict of a CP/VM field, with a clear error for anything else."""
     if not isinstance(field, (CPField, VMField)):
         raise TypeError(f"field must be a CPField or VMField for {what}, got {type(field).__name__}")
-    if not isinstance(params, dict) or "params" not in params or "lines" not in params["params"]:
+    if not isinstance(params, dict) or not isinstance(params.get("params"), dict):
+        raise TypeError(f"params must be the {type(field).__name__}'s parameters dict {{'params': {{'lines', ...}}}} "
+                        f"(as returned by init_field(field, key)) for {what}, got {type(params).__name__}")
+    if "lines" not in params["params"]:
         raise ValueError(f"params must be the {type(field).__name__}'s parameters ({{'params': {{'lines', ...}}}}, "
                          f"as returned by init_field(field, key)) for {what}")
     _check_variables(field, params, "params")

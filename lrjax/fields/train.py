@@ -22,7 +22,7 @@ import optax
 from lrjax._validation import check_bool, check_float
 from lrjax.fields.fields import Field, _array, _check_key, _pos_float, _pos_int
 from lrjax.fields.metrics import psnr, ssim
-from lrjax.fields.render import Rays, pinhole_rays, render_rays
+from lrjax.fields.render import Rays, _check_poses, pinhole_rays, render_rays
 from lrjax.fields.scenes import SceneData, dataset_rays
 
 __all__ = ["make_optimizer", "default_lr", "make_photometric_step", "render_views", "make_evaluator",
@@ -119,9 +119,7 @@ def render_views(apply_fn: Callable, poses, height: int, width: int, focal: floa
 
     ``poses``: ``[V, 4, 4]`` (or ``[V, 3, 4]``) camera-to-world matrices."""
     _check_callable(apply_fn, "apply_fn", "(x, d) -> FieldOutput")
-    poses = _array(poses, "poses", ndim=3)
-    if poses.shape[1:] not in ((4, 4), (3, 4)) or poses.shape[0] == 0:
-        raise ValueError(f"poses must have shape [V>0, 4, 4], got {tuple(poses.shape)}")
+    poses = _check_poses(poses, "poses")
     _pos_int(height, "height")
     _pos_int(width, "width")
     _pos_float(bound, "bound")
