@@ -212,8 +212,16 @@ def digits_other(args, params, forward, ce, acc, it, total):
     s = args.ds_s
     for kb in args.ds_k:
         comp = dsformer.compress(params, kb, s, t)
+        err = {}
+        for lay in comp.report.layers:  # weight error against truncated SVD with as many stored values
+            w = params[lay.path.split("/")[0]]["kernel"]
+            r = dsformer.svd_rank_at_equal_params(lay.m, lay.n, kb, s)
+            u, sv, vt = lrjax.linalg.svd(w, r)
+            err[lay.path] = {"dsformer": lay.rel_error, "svd_rank": r,
+                             "svd": float(jnp.linalg.norm(w - (u * sv) @ vt) / jnp.linalg.norm(w))}
         rows.append({"model": "digits", "method": "dsformer", "setting": f"k={kb}, s={s}",
-                     "bytes": comp.report.model_bytes_after, "metric": float(acc(comp.materialize()))})
+                     "bytes": comp.report.model_bytes_after, "metric": float(acc(comp.materialize())),
+                     "rel_error": err})
         gg = lrjax.factored(forward, comp.rp)
 
         def loss(base, f, batch, gg=gg):
@@ -378,10 +386,13 @@ def table(res) -> str:
             lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
     r = res["digits"]
     lines.append("\n**digits MLP, other structures** (fc1, fc2 compressed; test accuracy)\n")
-    lines.append("| method | setting | bytes / uncompressed | accuracy |\n|---|---|---:|---:|")
+    lines.append("| method | setting | bytes / uncompressed | accuracy | weight rel. error fc1, fc2: dense-sparse "
+                 "vs SVD at equal values |\n|---|---|---:|---:|---|")
     for x in r["rows"]:
         if x["method"] in OTHER:
-            lines.append(f"| {x['method']} | {x['setting']} | {x['bytes'] / r['bytes']:.3f} | {x['metric']:.4f} |")
+            e = x.get("rel_error")
+            es = ", ".join(f"{v['dsformer']:.3f} vs {v['svd']:.3f} (r={v['svd_rank']})" for v in e.values()) if e else ""
+            lines.append(f"| {x['method']} | {x['setting']} | {x['bytes'] / r['bytes']:.3f} | {x['metric']:.4f} | {es} |")
     t = res["lm"]["timing"]
     lines.append("\n**compression time** (char transformer, median ms over repeats after a warm-up)\n")
     lines.append("| rule | median ms | IQR ms |\n|---|---:|---:|")
