@@ -309,7 +309,7 @@ def lm_study(args):
         return optax.apply_updates(s, u), st
 
     def batches(seed):
-        for b in data.batches({"tokens": train}, 16, seed=seed):
+        for b in data.batches({"tokens": train}, 16, seed=seed, num_steps=10 ** 9):
             yield jnp.asarray(b["tokens"])
 
     it = batches(args.seed)
