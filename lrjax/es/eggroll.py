@@ -167,9 +167,13 @@ class Eggroll:
 
     Args:
       population_size: members ``N`` per generation. Even with ``antithetic`` (default). Any
-        device count works (devices take whole chunks of ``member_chunk`` members).
+        device count works (devices take whole chunks of ``member_chunk`` members). ``N = 1``
+        (``antithetic=False``) only with ``shaping='none'``: one member has no spread to shape.
       rank: rank ``r >= 1`` of each matrix perturbation (default 1, the official default);
-        ``None`` gives full-rank Gaussian noise for every leaf (OpenAI-ES, same estimator).
+        ``None`` gives full-rank Gaussian noise for every leaf (OpenAI-ES, same estimator). lrjax's
+        one rank rule holds: ``r <= min(M, N)`` of every low-rank leaf's matrix view, else the
+        leaf is named in a ``ValueError`` (leave small leaves out of ``targets`` to give them
+        full-rank noise).
       sigma: perturbation scale (default ``1e-3``, the official default; small models trained from
         scratch usually want ``1e-2`` to ``1e-1``).
       shaping: ``'z_score'`` (default, as HyperscaleES), ``'centered_rank'`` or ``'none'``; see
