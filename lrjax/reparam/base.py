@@ -36,7 +36,9 @@ direction and norm, and the materialize fallback of :func:`lrjax.factored` -- is
 So a float32 base with bfloat16 factors materializes to exactly ``W`` at init (``B = 0``), a
 bfloat16 base with bfloat16 factors merges to ``W + s A B`` rounded once to bfloat16 (not twice),
 and merged weights keep the base's dtype, so merged inference runs at the base's precision and
-speed. Outputs always have the base leaf's dtype; factors keep their own dtype.
+speed. Outputs always have the base leaf's dtype; factors keep their own dtype. (Under ``jit``
+XLA may fuse the float32 arithmetic differently from eager execution, e.g. into an FMA; both are
+one rounding of a float32 computation and can differ by one ulp of a float32 result.)
 
 Degenerate but valid inputs
 ---------------------------
@@ -44,8 +46,10 @@ Degenerate but valid inputs
   as zero, so that column of ``W_eff`` is exactly 0 and its gradients are finite (zero through
   that column); see :mod:`lrjax.reparam.dora`.
 * PiSSA on a rank-deficient or all-zero weight: singular values that are 0 give zero factor
-  columns; ``init`` stays finite and ``materialize`` returns ``W`` (exactly for an all-zero
-  weight); see :mod:`lrjax.reparam.pissa`.
+  columns; ``init`` stays finite and ``materialize`` returns ``W`` up to the rounding of the
+  stored residual (exactly for an all-zero weight); see :mod:`lrjax.reparam.pissa`.
+* ``init`` refuses factors or a residual that overflow their dtype (e.g. DoRA's ``m`` in float16
+  for a column norm above 65504), naming ``dtype`` and the leaf.
 
 Validation and non-finite values
 --------------------------------
