@@ -426,7 +426,7 @@ def test_count_report():
     """Per module: bad inputs in this suite (every one must raise lrjax's clear error)."""
     per = collections.Counter(_group(c.values[0]) for c in CASES)
     print("\nbad inputs per module:", dict(per))
-    assert per["fields"] >= 300 and per["sna"] >= 30 and per["models"] >= 40 and per["benchmark"] >= 15
+    assert per["fields"] >= 1200 and per["sna"] >= 100 and per["models"] >= 110 and per["benchmark"] >= 30
 
 
 # ----------------------------------------------------------------------------- traced: no value checks, no NaN
