@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["check_bool", "check_int", "check_float", "check_choice", "check_dtype", "check_array",
-           "check_finite", "check_rank", "check_dir", "is_concrete", "compute_dtype", "RANK_RULE"]
+           "check_finite", "check_rank", "check_dir", "check_key", "is_concrete", "compute_dtype", "RANK_RULE"]
 
 RANK_RULE = ("1 <= rank <= min(M, N) of every targeted matrix view; a larger rank is refused "
              "everywhere in lrjax (it adds no expressivity and admits no orthonormal basis)")
@@ -176,6 +176,23 @@ def check_finite(x, name: str):
         raise ValueError(f"{name} contains NaN or Inf; lrjax does not propagate non-finite inputs "
                          "silently: clean the input first")
     return x
+
+
+def check_key(key, name: str = "key"):
+    """``key`` must be ONE JAX PRNG key: ``jax.random.key(seed)`` (a typed key of shape ``()``) or a
+    legacy ``jax.random.PRNGKey(seed)`` (``uint32[2]``). Tracers of those kinds pass. Returns ``key``."""
+    if isinstance(key, (jax.Array, np.ndarray, jax.core.Tracer)):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.shape == ():
+                return key
+            raise ValueError(f"{name} must be a single PRNG key (shape ()), got a batch of keys of shape "
+                             f"{tuple(key.shape)}; index one key or split differently")
+        if key.dtype == np.uint32 and tuple(key.shape) == (2,):
+            return key
+        raise TypeError(f"{name} must be a single JAX PRNG key such as jax.random.key(0), got an array "
+                        f"{key.dtype}{tuple(key.shape)}")
+    raise TypeError(f"{name} must be a single JAX PRNG key such as jax.random.key(0), got "
+                    f"{_fmt(key)} ({type(key).__name__})")
 
 
 def check_dir(path, name: str, what: str = "a directory", *, expanduser: bool = False) -> str:

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax._validation import check_array, check_choice, check_finite, check_float, check_int, check_rank
+from lrjax._validation import (check_array, check_choice, check_finite, check_float, check_int, check_key,
+                               check_rank)
 
 __all__ = ["SVD", "svd", "gram_svd", "randomized_svd", "subspace_iteration", "orthonormalize", "select_rank",
            "energy_rank"]
@@ -54,17 +55,6 @@ def _f32(x, name="x", *, ndim_min=2):
 
 def _check_rank(rank, m, n, name="rank"):
     return check_rank(rank, m, n, name)
-
-
-def _check_key(key, name="key"):
-    if isinstance(key, jax.core.Tracer):
-        return key
-    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 0:
-        return key
-    if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,):
-        return key
-    raise TypeError(f"{name} must be a single PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
-                    f"got {type(key).__name__}" + (f" of shape {tuple(key.shape)}" if hasattr(key, "shape") else ""))
 
 
 def _fix_signs(u, vt):
@@ -174,7 +164,7 @@ def randomized_svd(key, x, rank: int, *, oversample: int = 8, n_iter: int = 2) -
     Cost ``O((n_iter + 2) m n (rank + oversample))`` instead of the exact ``O(m n min(m, n))``.
     The sketch width is ``min(rank + oversample, m, n)``. Signs pinned as in :func:`svd`.
     """
-    key = _check_key(key)
+    key = check_key(key)
     x = _f32(x)
     m, n = x.shape[-2:]
     rank = _check_rank(rank, m, n)

@@ -55,6 +55,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lrjax import _validation as V
+from lrjax._validation import check_key
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 from lrjax.es import noise as noise_lib
@@ -101,18 +102,9 @@ def default_member_chunk(population_size: int, antithetic: bool = True) -> int:
 
 # ------------------------------------------------------------------ argument checks
 def _check_key(key, name="key"):
-    """A single typed key (``jax.random.key``) or a legacy ``uint32[2]`` PRNGKey, as a typed key."""
-    if not isinstance(key, (jax.Array, np.ndarray)):
-        raise TypeError(f"{name} must be a jax.random.key(seed) (or a uint32[2] PRNGKey), got "
-                        f"{type(key).__name__}; e.g. es.init(jax.random.key(0))")
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"{name} must be a single key (shape ()), got a batch of shape {key.shape}")
-        return key
-    if key.shape != (2,) or key.dtype != jnp.uint32:
-        raise TypeError(f"{name} must be a jax.random.key(seed) (or a uint32[2] PRNGKey), got "
-                        f"{key.dtype}{tuple(key.shape)}")
-    return jax.random.wrap_key_data(jnp.asarray(key))
+    """One PRNG key (:func:`lrjax._validation.check_key`), legacy ``uint32[2]`` keys wrapped as typed keys."""
+    key = check_key(key, name)
+    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(jnp.asarray(key))
 
 
 def _check_params(params, name="params") -> dict:

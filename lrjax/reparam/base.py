@@ -81,6 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax import _validation as V
+from lrjax._validation import check_key
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 
@@ -138,18 +139,6 @@ def check_params(params, argname: str = "params") -> dict:
             raise TypeError(f"{argname} must be a pytree of arrays; leaf {path!r} is "
                             f"{_leaf_kind(leaf)}{hint}")
     return flat
-
-
-def check_key(key, argname: str = "key"):
-    """A JAX PRNG key: ``jax.random.key(seed)`` or a legacy ``uint32[2]`` ``PRNGKey``."""
-    if _is_array(key):
-        dt = key.dtype
-        if jnp.issubdtype(dt, jax.dtypes.prng_key) and key.ndim == 0:
-            return key
-        if dt == jnp.uint32 and tuple(key.shape) == (2,):
-            return key
-    raise TypeError(f"{argname} must be a single JAX PRNG key such as jax.random.key(0), got "
-                    f"{_leaf_kind(key) if not _is_array(key) else f'an array {key.dtype}{tuple(key.shape)}'}")
 
 
 def check_axes_spec(spec, argname: str = "axes"):
