@@ -99,14 +99,58 @@ def _sub_size(C: int) -> int:
     return 16 if C % 16 == 0 and C > 16 else C
 
 
-def _pair_scores(q, k, G, C, c, scalar):
-    """``Aqk[r, i] = sum_d q_r k_i exp(G_r - G_i)`` (i <= r) and the same for ``k, k`` (``[..., C, C]``),
-    with every exponent <= 0.
+_SPAN = 60.0   # largest |G_r - G_ref| the factorized scores accept (exp(60) ~ 1e26 fits float32)
 
-    Pairs inside one sub-chunk of ``c`` tokens use the masked pairwise exponent (``O(C c K)``);
-    pairs across sub-chunks factor through the cumulative decay ``G_p`` just before the query's
-    sub-chunk ``a``: ``exp(G_r - G_i) = exp(G_r - G_p) exp(G_p - G_i)`` with ``i <= p < r``, so both
-    factors are <= 1 and the products are matmuls."""
+
+def _pair_scores(q, k, G, C, c, scalar):
+    """``Aqk[r, i] = sum_d q_r k_i exp(G_r - G_i)`` and the same for ``k, k`` (``[..., C, C]``; the
+    caller masks ``i <= r`` / ``i < r``).
+
+    GDN (scalar decay): ``(Q K^T) * exp(where(i <= r, G_r - G_i, -inf))``, exponents <= 0.
+    KDA: when every sub-chunk of ``c`` tokens spans at most ``_SPAN`` of cumulative decay (any
+    ``g >= -7`` per step), ``exp(G_r - G_i) = exp(G_r - G_m) exp(G_m - G_i)`` with ``G_m`` the middle
+    of the query's sub-chunk: one matmul per chunk, every factor <= ``exp(_SPAN)``, and keys past the
+    sub-chunk masked to ``-inf`` before the exponential. Otherwise (``lax.cond``) the exact
+    masked form of :func:`_pair_scores_masked`, whose exponents are all <= 0."""
+    r = jnp.arange(C)
+    incl = r[:, None] >= r[None, :]
+    if scalar:
+        Gs = G[..., 0]
+        E = jnp.exp(jnp.where(incl, Gs[..., :, None] - Gs[..., None, :], -jnp.inf))
+        qk = jnp.einsum("...rd,...id->...ri", q, k, precision=_HI)
+        kk = jnp.einsum("...rd,...id->...ri", k, k, precision=_HI)
+        return qk * E, kk * E
+    n = C // c
+    sh = q.shape[:-2]
+    K = G.shape[-1]
+    Gs = G.reshape(*sh, n, c, K)
+    Gm = Gs[..., c // 2, :]                                                   # [..., n, K]
+    rel = Gs - Gm[..., :, None, :]
+    span = jnp.max(jnp.abs(rel))
+
+    def fast(q, k, G):
+        fq = jnp.exp(rel).reshape(*sh, C, K)
+        upto = r[None, :] < ((jnp.arange(n) + 1) * c)[:, None]               # [n, C]: i < end(a)
+        kf = jnp.exp(jnp.where(upto[:, :, None], Gm[..., :, None, :] - G[..., None, :, :], -jnp.inf))
+        kf = kf * k[..., None, :, :]                                          # [..., n, C, K]
+        lhs = jnp.concatenate([q * fq, k * fq], axis=-2)                      # [..., 2C, K]
+        M = jnp.einsum("...rd,...aid->...rai", lhs, kf, precision=_HI)        # [..., 2C, n, C]
+        own = (jnp.arange(2 * C) % C // c)[:, None] == jnp.arange(n)[None, :]  # [2C, n]
+        A = jnp.sum(jnp.where(own[:, :, None], M, 0), axis=-2)               # [..., 2C, C]
+        A = jnp.where(incl, A.reshape(*sh, 2, C, C), 0)
+        return A[..., 0, :, :], A[..., 1, :, :]
+
+    def safe(q, k, G):
+        return _pair_scores_masked(q, k, G, C, c)
+
+    return lax.cond(span <= _SPAN, fast, safe, q, k, G)
+
+
+def _pair_scores_masked(q, k, G, C, c):
+    """KDA pair scores with every exponent <= 0 (any decay): inside a sub-chunk of ``c`` tokens the
+    masked pairwise exponent (``O(C c K)``), across sub-chunks the factorization through the
+    cumulative decay ``G_p`` just before the query's sub-chunk, ``exp(G_r - G_p) exp(G_p - G_i)``
+    with ``i <= p < r``."""
     n = C // c
     sh = q.shape[:-2]
     Kg = G.shape[-1]
@@ -114,14 +158,9 @@ def _pair_scores(q, k, G, C, c, scalar):
     qs, ks = q.reshape(*sh, n, c, -1), k.reshape(*sh, n, c, -1)
     ri = jnp.arange(c)
     inc = ri[:, None] >= ri[None, :]
-    if scalar:
-        Ed = jnp.exp(jnp.where(inc, Gs[..., :, None, 0] - Gs[..., None, :, 0], -jnp.inf))
-        dqk = jnp.einsum("...rd,...id->...ri", qs, ks, precision=_HI) * Ed
-        dkk = jnp.einsum("...rd,...id->...ri", ks, ks, precision=_HI) * Ed
-    else:
-        Ed = jnp.exp(jnp.where(inc[:, :, None], Gs[..., :, None, :] - Gs[..., None, :, :], -jnp.inf))
-        dqk = jnp.einsum("...rd,...id,...rid->...ri", qs, ks, Ed, precision=_HI)
-        dkk = jnp.einsum("...rd,...id,...rid->...ri", ks, ks, Ed, precision=_HI)
+    Ed = jnp.exp(jnp.where(inc[:, :, None], Gs[..., :, None, :] - Gs[..., None, :, :], -jnp.inf))
+    dqk = jnp.einsum("...rd,...id,...rid->...ri", qs, ks, Ed, precision=_HI)
+    dkk = jnp.einsum("...rd,...id,...rid->...ri", ks, ks, Ed, precision=_HI)
     eye_n = jnp.eye(n, dtype=dqk.dtype)
 
     def blockdiag(d):  # [..., n, c, c] -> [..., C, C]
