@@ -317,7 +317,7 @@ def lm_study(args):
         state, st = step(state, st, next(it))
     ppl = jax.jit(lambda s: jnp.exp(lm_loss(apply(s, ev), ev)))
     teacher = float(ppl(state))
-    calib_ids = next(it)[:8]
+    calib_ids = next(it)
     calib = C.collect_activations(apply, state, ADAPTER_TARGETS, calib_ids)
     rows = []
 

@@ -45,7 +45,7 @@ def test_whitened_error_equals_tail_and_beats_plain_svd():
 def test_whitened_rank_deficient_calib_needs_eps():
     w = jax.random.normal(jax.random.key(1), (16, 12))
     x = _x(n=5)  # 5 samples < 16 inputs: X^T X singular
-    a, b, _ = C.whitened_svd(w, x, 4)  # default eps regularizes
+    a, b, _ = C.whitened_svd(w, x, 4)  # default eps (1e-4) regularizes
     assert bool(jnp.all(jnp.isfinite(a))) and bool(jnp.all(jnp.isfinite(b)))
     with pytest.raises(ValueError, match="eps"):
         C.whitened_svd(w, x, 4, eps=0.0)

@@ -13,9 +13,11 @@ Factorizations (``method=``):
   (Cholesky, ``S`` lower) that error is ``||S^T (W - AB)||_F``, so the optimum is the truncated SVD
   ``S^T W = U diag(s) V^T``, ``A = S^{-T} U_r sqrt(s_r)``, ``B = sqrt(s_r) V_r^T``, and the output
   error is exactly ``sqrt(sum_{i>r} s_i^2)`` (``s`` = singular values of ``S^T W``; Palu writes the
-  same for ``W [out, in]`` as ``W S``). ``eps`` (default ``1e-6``, relative: ``eps * mean(diag
-  X^T X)``) makes ``S`` exist for rank-deficient ``X`` (fewer samples than ``M``, dead inputs); with
-  ``eps=0`` a rank-deficient ``X`` is refused.
+  same for ``W [out, in]`` as ``W S``). ``eps`` (default ``1e-4``, relative: ``eps * mean(diag
+  X^T X)``, i.e. the error is measured for ``X^T X + eps mean(diag) I``) makes ``S`` exist in
+  float32 for rank-deficient or ill-conditioned ``X`` (fewer samples than ``M``, dead inputs);
+  a Cholesky that still fails (e.g. ``eps=0`` with rank-deficient ``X``) is refused with a
+  ``ValueError``, never returned as NaN factors.
 * ``"randomized"``: :func:`lrjax.linalg.randomized_svd` (Halko et al.), for rules that fix the rank
   before the SVD (``rank=`` or ``ratio=``); needs ``key``.
 
@@ -299,7 +301,7 @@ def _split(u, s, vt, r):
     return u[..., :, :r] * root[..., None, :], root[..., :, None] * vt[..., :r, :]
 
 
-def whitened_svd(w, x, rank: int | None = None, *, eps: float = 1e-6):
+def whitened_svd(w, x, rank: int | None = None, *, eps: float = 1e-4):
     """Palu's whitened SVD of one matrix (or a stack) ``w: [*batch, M, N]`` for inputs
     ``x: [*batch, n, M]``. Returns ``(a, b, s)``: factors ``a: [*batch, M, r]``, ``b: [*batch, r, N]``
     minimizing ``||x w - x a b||_F`` and ``s``, all singular values of ``S^T w``; the output error is
@@ -312,17 +314,18 @@ def whitened_svd(w, x, rank: int | None = None, *, eps: float = 1e-6):
     if rank is not None:
         rank = check_rank(rank, m, n)
     s_low, (u, s, vt) = _whitened_spectrum(w, x, eps)
-    _check_chol(s_low, "x")
+    _check_chol(s_low, "x", eps)
     r = min(m, n) if rank is None else rank
     a, b = _split(u, s, vt, r)
     a = jax.scipy.linalg.solve_triangular(jnp.swapaxes(s_low, -1, -2), a, lower=False)
     return a, b, s
 
 
-def _check_chol(s_low, name):
+def _check_chol(s_low, name, eps):
     if not bool(jnp.all(jnp.isfinite(s_low))):
-        raise ValueError(f"{name}: the calibration Gram matrix X^T X is singular (rank-deficient activations "
-                         "with eps=0); pass eps > 0 (e.g. the default 1e-6) or more samples")
+        raise ValueError(f"{name}: the Cholesky factor of X^T X + eps * mean(diag) * I failed in float32 "
+                         f"(rank-deficient or ill-conditioned activations, eps={eps}); raise `eps` (default 1e-4) "
+                         "or pass more samples")
 
 
 def _check_calib(x, wshape, name):
@@ -338,7 +341,7 @@ def _check_calib(x, wshape, name):
     return x
 
 
-def factorize(w, rank: int, *, method: str = "svd", x=None, key=None, eps: float = 1e-6,
+def factorize(w, rank: int, *, method: str = "svd", x=None, key=None, eps: float = 1e-4,
               oversample: int = 8, n_iter: int = 2):
     """Rank-``rank`` factors ``(a, b)`` of ``w: [*batch, M, N]`` by ``method`` (see module docstring)."""
     w = check_array(w, "w", min_ndim=2, kind="floating")
@@ -440,7 +443,7 @@ def collect_activations(fn: Callable, params, targets, *args, axes=None, max_row
 # --------------------------------------------------------------------------------- compress
 def compress(params, targets="kernel", *, rank=None, energy: float | None = None, ratio: float | None = None,
              reduction: float | None = None, method: str = "svd", calib: dict | None = None, key=None,
-             axes=None, eps: float = 1e-6, by: str = "params", min_ratio: float = 0.0,
+             axes=None, eps: float = 1e-4, by: str = "params", min_ratio: float = 0.0,
              oversample: int = 8, n_iter: int = 2) -> Compressed:
     """Compress the leaves of ``params`` selected by ``targets``; see the module docstring.
 
@@ -520,7 +523,7 @@ def compress(params, targets="kernel", *, rank=None, energy: float | None = None
         w = views[p][4]
         if method == "whitened":
             s_low, usv = _whitened_spectrum(w, calib[p], eps)
-            _check_chol(s_low, f"calib[{p!r}]")
+            _check_chol(s_low, f"calib[{p!r}]", eps)
             spec[p] = (usv, s_low)
         elif method == "svd":
             spec[p] = (_spectrum(w), None)
