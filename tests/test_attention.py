@@ -83,6 +83,16 @@ def test_float64_recurrent_chunk_numpy(x64, scalar):
         assert np.abs(np.asarray(o_k - o_g)).max() <= 1e-12
 
 
+def test_float64_very_strong_decay_exact_fallback(x64):
+    """Sub-chunks spanning > 60 of cumulative decay take the masked (all exponents <= 0) path."""
+    x, h0 = make(B=1, T=40, H=1, HV=2, K=4, V=3, decay=(10.0, 30.0), seed=12)
+    ref_o, ref_s = numpy_reference(**x, h0=h0)
+    o, s = chunk_kda(**J(x, jnp.float64), initial_state=jnp.asarray(h0), chunk_size=32)
+    assert np.abs(np.asarray(o) - ref_o).max() <= 1e-12 and np.abs(np.asarray(s) - ref_s).max() <= 1e-12
+    o32, _ = chunk_kda(**J(x, jnp.float32), initial_state=jnp.asarray(h0, jnp.float32), chunk_size=32)
+    assert bool(jnp.all(jnp.isfinite(o32))) and np.abs(np.asarray(o32) - ref_o).max() <= 1e-5
+
+
 def test_float32_strong_decay_chunk64():
     """g = -5 per step over 64-token chunks: exp(-G) would be exp(320); the masked pairwise form is
     finite and within 1e-5 of the recurrent form and of the float64 reference."""
