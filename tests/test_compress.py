@@ -193,6 +193,9 @@ NAN_P = {"l1": {"kernel": W.at[0, 0].set(jnp.nan)}}
      "calib"),
     (lambda: C.welore_tau([np.array([1.0, np.nan])], 0.5), "spectra"),
     (lambda: C.welore_keep(np.array([1.0, np.nan]), 0.5), "s"),
+    (lambda: C.energy_keep(np.array([1.0, np.inf]), 0.5), "s"),
+    (lambda: C.compress(NAN_P, "l1/kernel", reduction=0.5), "params"),
+    (lambda: C.compress(NAN_P, "l1/kernel", ratio=2.0, method="randomized", key=jax.random.key(0)), "params"),
 ])
 def test_nan_inputs_refused(call, name):
     with pytest.raises(ValueError, match=name):

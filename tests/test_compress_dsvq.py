@@ -150,6 +150,8 @@ def test_compression_ratio_formula():
     (lambda: VQ.reconstruct({"p": 1}), TypeError, "q"),
     (lambda: VQ.pq(W8, 4, 13, key=jax.random.key(0)), ValueError, "k"),
     (lambda: VQ.kmeans(jnp.ones((5, 2)), 2, key=3), TypeError, "key"),
+    (lambda: VQ.kmeans(jnp.ones((5, 2)).at[0, 0].set(jnp.nan), 2, key=jax.random.key(0)), ValueError, "z"),
+    (lambda: VQ.quantize(W8.at[0, 0].set(jnp.inf), 4, 2, 3, key=jax.random.key(0)), ValueError, "w"),
     (lambda: VQ.compression_ratio(10, 4, 1, 2), ValueError, "k"),
     (lambda: VQ.compression_ratio(10, 4, 16, 5), ValueError, "d"),
 ])
