@@ -75,7 +75,7 @@ import numpy as np
 import optax
 
 from lrjax._validation import check_bool, check_choice, check_float, check_int
-from lrjax.fields.fields import (Field, _array, _check_key, _check_variables, _pos_float, _pos_int,
+from lrjax.fields.fields import (Field, _check_key, _check_variables, _pos_float, _pos_int,
                                  check_compatible, init_field)
 from lrjax.fields.render import Rays, _check_poses, composite, near_far, stratified_samples
 
