@@ -43,7 +43,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from lrjax._validation import (check_array, check_bool, check_finite, check_float, check_int,
-                               is_concrete)
+                               check_key, is_concrete)
 
 __all__ = ["FieldOutput", "Field", "MLPField", "GridField", "positional_encoding", "sh_encoding",
            "interp_line", "interp_plane", "interp_grid", "init_field", "count_params", "param_bytes",
@@ -460,14 +460,8 @@ def _check_tree(params, name="params"):
 
 
 def _check_key(key, name="key"):
-    """A JAX PRNG key (``jax.random.key(s)`` or a legacy ``uint32[2]`` ``PRNGKey``)."""
-    if not isinstance(key, (jax.Array, jax.core.Tracer)):
-        raise TypeError(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got {type(key).__name__}")
-    if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-            or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))):
-        raise TypeError(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got an array of dtype "
-                        f"{key.dtype} and shape {key.shape}")
-    return key
+    """A single JAX PRNG key (``jax.random.key(s)`` or a legacy ``uint32[2]`` ``PRNGKey``)."""
+    return check_key(key, name)
 
 
 def count_params(params) -> int:
