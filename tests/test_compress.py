@@ -109,7 +109,7 @@ def test_pela_rank_closed_form_and_param_count():
 
 
 @settings(max_examples=15, deadline=None)
-@given(a=st.sampled_from([0.3, 0.7, 1.0, 2.0]), tau=st.floats(0.005, 0.5), n=st.integers(8, 200))
+@given(a=st.sampled_from([0.3, 0.7, 1.0, 2.0]), tau=st.floats(0.005, 0.5), n=st.sampled_from([16, 256]))
 def test_welore_keep_matches_power_law_closed_form(a, tau, n):
     s = np.arange(1, n + 1.0) ** -a
     closed = math.floor((tau * (1 - n ** -a) + n ** -a) ** (-1 / a))
