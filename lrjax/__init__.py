@@ -2,7 +2,8 @@
 
 Submodules with heavier imports load on first use: ``lrjax.checkpoint`` (orbax),
 ``lrjax.interop`` (safetensors/PEFT), ``lrjax.data`` (TFDS), ``lrjax.models``, ``lrjax.es``,
-``lrjax.optim``, ``lrjax.nn`` (layers), ``lrjax.fields`` (radiance fields, renderer, PVD).
+``lrjax.optim``, ``lrjax.nn`` (layers: attention, SNA), ``lrjax.fields`` (radiance fields, renderer, PVD),
+``lrjax.compress`` (post-training low-rank compression).
 """
 import importlib
 
@@ -12,7 +13,7 @@ from lrjax.reparam import DoRA, LoRA, PiSSA, Reparam, RSLoRA, factored
 
 __version__ = "0.1.0"
 
-_LAZY = ("checkpoint", "interop", "data", "models", "es", "optim", "nn", "fields")
+_LAZY = ("checkpoint", "interop", "data", "models", "es", "optim", "nn", "fields", "compress")
 
 __all__ = ["axes", "linalg", "tree", "reparam", "Axes", "Reparam", "LoRA", "RSLoRA", "DoRA", "PiSSA",
            "factored", *_LAZY]
