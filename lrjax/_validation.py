@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["check_bool", "check_int", "check_float", "check_choice", "check_dtype", "check_array",
-           "check_finite", "check_rank", "check_dir", "check_key", "is_concrete", "compute_dtype", "RANK_RULE"]
+           "check_finite", "check_rank", "check_dir", "check_key", "check_params", "is_concrete", "compute_dtype", "RANK_RULE"]
 
 RANK_RULE = ("1 <= rank <= min(M, N) of every targeted matrix view; a larger rank is refused "
              "everywhere in lrjax (it adds no expressivity and admits no orthonormal basis)")
@@ -176,6 +176,35 @@ def check_finite(x, name: str):
         raise ValueError(f"{name} contains NaN or Inf; lrjax does not propagate non-finite inputs "
                          "silently: clean the input first")
     return x
+
+
+def _leaf_kind(x) -> str:
+    if isinstance(x, (list, tuple)):
+        return f"a {type(x).__name__}"
+    return f"a {type(x).__name__} ({_fmt(x)})"
+
+
+def check_params(params, name: str = "params") -> dict:
+    """``params`` must be a non-empty pytree (dict, Flax params, ``nnx.State``) whose leaves are
+    arrays; returns ``{path: leaf}`` (:func:`lrjax.tree.flatten`)."""
+    from lrjax import tree as tree_lib  # lrjax.tree is imported by modules this one serves
+    is_array = lambda x: isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer))  # noqa: E731
+    if is_array(params) or isinstance(params, (str, bytes, numbers.Number)) or params is None:
+        raise TypeError(f"{name} must be a pytree (dict / Flax params / nnx.State) of arrays, "
+                        f"got {_leaf_kind(params)}")
+    try:
+        flat = tree_lib.flatten(params)
+    except Exception as e:  # noqa: BLE001 - a custom container jax cannot flatten
+        raise TypeError(f"{name} must be a pytree of arrays; it could not be flattened ({e})") from None
+    if not flat:
+        raise ValueError(f"{name} has no array leaves; pass the model's parameter pytree")
+    for path, leaf in flat.items():
+        if not is_array(leaf):
+            hint = (" (a list of numbers? wrap it with jnp.asarray)"
+                    if isinstance(leaf, numbers.Number) and path.rsplit("/", 1)[-1].isdigit() else
+                    "; wrap arrays with jnp.asarray")
+            raise TypeError(f"{name} must be a pytree of arrays; leaf {path!r} is {_leaf_kind(leaf)}{hint}")
+    return flat
 
 
 def check_key(key, name: str = "key"):

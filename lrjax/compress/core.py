@@ -72,7 +72,8 @@ from lrjax import linalg
 from lrjax import tree as tree_lib
 from lrjax._validation import (check_array, check_bool, check_choice, check_finite, check_float, check_int,
                                check_rank)
-from lrjax.reparam.base import Reparam, check_key, check_params
+from lrjax._validation import check_key, check_params
+from lrjax.reparam.base import Reparam
 
 __all__ = ["Compressed", "LowRankParams", "LayerReport", "Report", "compress", "whitened_svd", "factorize",
            "pela_rank", "welore_keep", "welore_tau", "energy_keep", "collect_activations", "tree_bytes",

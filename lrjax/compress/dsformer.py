@@ -35,7 +35,7 @@ from lrjax import linalg
 from lrjax import tree as tree_lib
 from lrjax._validation import check_array, check_finite, check_float, check_int, check_rank
 from lrjax.compress import core
-from lrjax.reparam.base import check_params
+from lrjax._validation import check_params
 
 __all__ = ["topk_mask", "ste", "ste_factors", "init", "compress", "num_bytes", "svd_rank_at_equal_params"]
 

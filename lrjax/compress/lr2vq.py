@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lrjax import linalg
-from lrjax.reparam.base import check_key
+from lrjax._validation import check_key
 from lrjax._validation import check_array, check_finite, check_float, check_int
 
 __all__ = ["to_subvectors", "from_subvectors", "lowrank_init", "decode", "kmeans", "dkm", "assign", "quantize",

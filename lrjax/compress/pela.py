@@ -31,7 +31,7 @@ from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 from lrjax._validation import check_array, check_float, check_int
 from lrjax.compress import core
-from lrjax.reparam.base import check_params
+from lrjax._validation import check_params
 
 __all__ = ["DEFAULTS", "SKIP", "compress", "feature_loss", "logit_loss", "weight_perturbation", "distill_loss"]
 

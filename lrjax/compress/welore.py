@@ -28,7 +28,7 @@ from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 from lrjax._validation import check_array, check_choice, check_float
 from lrjax.compress import core
-from lrjax.reparam.base import check_params
+from lrjax._validation import check_params
 
 __all__ = ["compress", "uniform", "partition", "trainable_mask", "trainable", "labels", "optimizer", "combine"]
 

@@ -108,17 +108,8 @@ def _check_key(key, name="key"):
 
 
 def _check_params(params, name="params") -> dict:
-    """``{path: leaf}`` of a non-empty pytree whose leaves are arrays."""
-    if params is None or isinstance(params, (str, bytes, numbers.Number)):
-        raise TypeError(f"{name} must be a pytree (dict, list, ...) of arrays, got {type(params).__name__}")
-    flat = tree_lib.flatten(params)
-    if not flat:
-        raise ValueError(f"{name}: the pytree has no leaves")
-    for p, v in flat.items():
-        if not isinstance(v, (jax.Array, np.ndarray, np.generic, jax.core.Tracer)):
-            raise TypeError(f"{name}: leaf {p!r} is a {type(v).__name__}, not an array; wrap it with "
-                            f"jnp.asarray(...)")
-    return flat
+    """``{path: leaf}`` of a non-empty pytree whose leaves are arrays (:func:`lrjax._validation.check_params`)."""
+    return V.check_params(params, name)
 
 
 @jax.jit

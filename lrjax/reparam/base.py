@@ -81,7 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax import _validation as V
-from lrjax._validation import check_key
+from lrjax._validation import check_key, check_params
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 
@@ -118,27 +118,6 @@ def _leaf_kind(x) -> str:
     if isinstance(x, (list, tuple)):
         return f"a {type(x).__name__}"
     return f"a {type(x).__name__} ({V._fmt(x)})"
-
-
-def check_params(params, argname: str = "params") -> dict:
-    """``params`` must be a non-empty pytree whose leaves are arrays; returns ``{path: leaf}``."""
-    if _is_array(params) or isinstance(params, (str, bytes, numbers.Number)) or params is None:
-        raise TypeError(f"{argname} must be a pytree (dict / Flax params / nnx.State) of arrays, "
-                        f"got {_leaf_kind(params)}")
-    try:
-        flat = tree_lib.flatten(params)
-    except Exception as e:  # noqa: BLE001 - a custom container jax cannot flatten
-        raise TypeError(f"{argname} must be a pytree of arrays; it could not be flattened ({e})") from None
-    if not flat:
-        raise ValueError(f"{argname} has no array leaves; pass the model's parameter pytree")
-    for path, leaf in flat.items():
-        if not _is_array(leaf):
-            hint = (" (a list of numbers? wrap it with jnp.asarray)"
-                    if isinstance(leaf, numbers.Number) and re.search(r"(^|/)\d+$", path) else
-                    "; wrap arrays with jnp.asarray")
-            raise TypeError(f"{argname} must be a pytree of arrays; leaf {path!r} is "
-                            f"{_leaf_kind(leaf)}{hint}")
-    return flat
 
 
 def check_axes_spec(spec, argname: str = "axes"):
