@@ -212,6 +212,23 @@ def test_grad_float32_strong_decay_finite():
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in gr.values())
 
 
+def test_float32_whole_chunk_tier_edge():
+    """g = -1.85 per step, C = 64: every chunk spans 59.2 <= 60 either side of its middle token, so
+    the whole-chunk factorized pair scores run, with factors up to exp(59) and the masked (i > r)
+    products up to exp(118) = inf in float32 before the mask: outputs, states and gradients stay
+    finite and within 1e-5 of the recurrent form."""
+    x, h0 = make(B=1, T=150, H=2, HV=2, K=8, V=8, seed=5)
+    x["g"] = np.full_like(x["g"], -1.85)
+    xj = J(x, jnp.float32)
+    s0 = jnp.asarray(h0, jnp.float32)
+    o_c, s_c = chunk_kda(**xj, initial_state=s0, chunk_size=64)
+    o_r, s_r = recurrent_kda(**xj, initial_state=s0)
+    assert bool(jnp.all(jnp.isfinite(o_c))) and bool(jnp.all(jnp.isfinite(s_c)))
+    assert float(jnp.abs(o_c - o_r).max()) <= 1e-5 and float(jnp.abs(s_c - s_r).max()) <= 1e-5
+    gr = jax.grad(lambda a: jnp.sum(chunk_kda(**a, initial_state=s0)[0] ** 2))(xj)
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in gr.values())
+
+
 # ---------------------------------------------------------------------------------- bad input
 SEQ_FNS = {"recurrent_kda": recurrent_kda, "chunk_kda": chunk_kda, "recurrent_gdn": recurrent_gdn,
            "chunk_gdn": chunk_gdn}
