@@ -22,6 +22,10 @@ and masked, ``exp(where(i <= r, G_r - G_i, -inf))`` (``O(C 16 K)`` per chunk); a
 the decay factors through the cumulative decay ``G_p`` just before the query's sub-chunk,
 ``exp(G_r - G_p) exp(G_p - G_i)`` with ``i <= p < r`` (both ``<= 1``; the products are matmuls).
 Any decay and any chunk size stay finite; ``exp(G)`` and ``exp(G_C - G)`` are ``<= 1`` as well.
+Two cheaper tiers run first when the decay allows (``lax.cond``, see :func:`_pair_scores`): a
+reference at the chunk's middle token (one ``[2C, K] x [K, C]`` matmul per chunk, when each chunk
+spans ``<= 60`` of cumulative decay either side of it: every factor fits float32) and references
+at the 16-token sub-chunk middles (when each sub-chunk spans ``<= 60``).
 The unit-lower solve inverts the 16 x 16 diagonal blocks by forward substitution and finishes by
 block substitution (matmuls): XLA's batched ``triangular_solve`` is slow on CPU.
 
@@ -82,16 +86,17 @@ def _chunk_core(p, C, q, k, v, g, beta, state, lengths):
     kd = jnp.exp(GC - G) * k
     gC = jnp.exp(GC[..., 0, :])                                 # [N, B, HV, K or 1]
 
-    def body(S, x):  # only the K x V state recurrence is sequential
-        W, U, kd, gC = x
+    def body(S, x):  # one chunk: pseudo-values, outputs, next state (small [C, K] x [K, V] matmuls)
+        qg, Aqk, W, U, kd, gC = x
         Vn = U - jnp.einsum("bhck,bhkv->bhcv", W, S, precision=_HI)
-        S1 = gC[..., None] * S + jnp.einsum("bhck,bhcv->bhkv", kd, Vn, precision=_HI)
-        return S1, (S, Vn)
+        o = (jnp.einsum("bhck,bhkv->bhcv", qg, S, precision=_HI)
+             + jnp.einsum("bhci,bhiv->bhcv", Aqk, Vn, precision=_HI))
+        S = gC[..., None] * S + jnp.einsum("bhck,bhcv->bhkv", kd, Vn, precision=_HI)
+        return S, o
 
-    S, (Sc, Vn) = lax.scan(body, state, (W, U, kd, gC))       # Sc: state at each chunk start
-    # O = (exp(G) Q) S_c + Aqk Vn for all chunks at once: one matmul [C, K + C] x [K + C, V]
-    o = jnp.einsum("...ck,...kv->...cv", jnp.concatenate([qg, Aqk], axis=-1),
-                   jnp.concatenate([Sc, Vn], axis=-2), precision=_HI)
+    # measured: keeping the output in the scan body beats emitting (S_c, Vn) and one batched
+    # [C, K + C] x [K + C, V] matmul after it (the stacked S_c and the concatenations cost more)
+    S, o = lax.scan(body, state, (qg, Aqk, W, U, kd, gC))     # o [N, B, HV, C, V]
     o = jnp.moveaxis(o, 3, 2)                                   # [N, B, C, HV, V]
     o = jnp.moveaxis(o, 0, 1).reshape(B, N * C, HV, V)[:, :T]
     return o.astype(p.out_dtype), S
