@@ -486,3 +486,29 @@ def test_render_is_invariant_to_direction_length(scale):
     np.testing.assert_allclose(b.rgb, a.rgb, atol=1e-5)
     np.testing.assert_allclose(b.depth, a.depth, atol=1e-4)
     np.testing.assert_allclose(b.z, a.z, atol=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["psnr", "ssim"])
+def test_image_metrics_refuse_integer_and_out_of_range_images(metric):
+    import jax.numpy as jnp
+    from lrjax import fields as F
+    fn = getattr(F, metric)
+    u8 = jnp.full((8, 8, 3), 200, jnp.uint8)
+    with pytest.raises(TypeError, match="a must be a floating"):
+        fn(u8, u8)
+    ok = jnp.full((8, 8, 3), 0.5)
+    with pytest.raises(ValueError, match=r"b must be an image with values in \[0, 1\]"):
+        fn(ok, jnp.full((8, 8, 3), -2.0))
+
+
+@pytest.mark.parametrize("bg", [float("nan"), float("inf"), 5.0, -0.1, [0.2, 0.3, 1.5]])
+def test_background_colour_is_finite_and_in_unit_range(bg):
+    import jax
+    import jax.numpy as jnp
+    from lrjax import fields as F
+    fld = F.GridField(resolution=4)
+    p = F.init_field(fld, jax.random.key(0))
+    with pytest.raises(ValueError, match="bg"):
+        F.render_image(lambda x, d: fld.apply(p, x, d), F.look_at(jnp.array([0., -3., 1.])), 2, 2, 2.0, bg=bg)
+    with pytest.raises(ValueError, match="bg"):
+        F.composite(jnp.ones((2, 3)), jnp.full((2, 3, 3), 0.5), jnp.full((2, 3), 0.1), bg=bg)

@@ -598,3 +598,13 @@ def test_every_public_function_is_swept():
         public |= set(mod.__all__)
     missing = sorted(public - covered - exempt)
     assert not missing, f"public names without a bad-input sweep: {missing}"
+
+
+@pytest.mark.parametrize("factory", ["galore", "fira", "dct"])
+@pytest.mark.parametrize("bad", [-1.0, 0.0, -1e-3])
+def test_scale_must_be_positive(factory, bad):
+    """A negative scale turns descent into ascent, zero discards every projected update."""
+    import optax
+    import lrjax
+    with pytest.raises(ValueError, match="scale"):
+        getattr(lrjax.optim, factory)(optax.sgd(1.0), rank=2, scale=bad)

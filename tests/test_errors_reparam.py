@@ -370,3 +370,18 @@ def test_every_public_function_is_swept():
 def test_init_refuses_factors_that_overflow_their_dtype(cls, value):
     with pytest.raises(V, match="dtype.*overflows float16"):
         CONFIGS[cls](rank=1, dtype=jnp.float16).init(jax.random.key(0), {"kernel": jnp.full((4, 3), value)})
+
+
+@pytest.mark.parametrize("variant", ["LoRA", "RSLoRA", "DoRA"])
+@pytest.mark.parametrize("method", ["materialize", "merge", "delta", "unmerge"])
+def test_factor_rank_must_equal_config_rank(variant, method):
+    """Factors of rank 3 under a rank-2 config would be scaled by alpha/2: refused, naming the leaf."""
+    import jax
+    import jax.numpy as jnp
+    import lrjax
+    rp3 = getattr(lrjax, variant)(rank=3, alpha=4)
+    params = {"d": {"kernel": jax.random.normal(jax.random.key(1), (4, 6))}}
+    base, ad3 = rp3.init(jax.random.key(0), params)
+    rp2 = getattr(lrjax, variant)(rank=2, alpha=4)
+    with pytest.raises(ValueError, match=r"adapters\['d/kernel'\]: factors have rank 3 but this \w+ has rank=2"):
+        getattr(rp2, method)(base, ad3)

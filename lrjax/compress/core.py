@@ -97,6 +97,9 @@ class LowRankParams(Reparam):
     def check_leaf_rank(self, path, m, n):  # ranks are per leaf, fixed by the factors
         return None
 
+    def check_factor_rank(self, path, r, argname="adapters"):  # per-leaf ranks
+        return None
+
 
 def _rp_for(paths, axes) -> LowRankParams:
     return LowRankParams(rank=1, targets=tuple(re.escape(p) for p in paths), axes=axes)

@@ -19,14 +19,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lrjax._validation import check_array, check_finite, check_float, check_int
+from lrjax._validation import check_array, check_finite, check_float, check_int, is_concrete
+
+_RANGE_TOL = 1e-5  # rounding of alpha compositing may overshoot 1 by a few ulps
 
 __all__ = ["mse", "psnr", "ssim"]
 
 
-def _check(a, b):
-    check_array(a, "a", kind="numeric")
-    check_array(b, "b", kind="numeric")
+def _check(a, b, images: bool = False):
+    kind = "floating" if images else "numeric"
+    check_array(a, "a", kind=kind)
+    check_array(b, "b", kind=kind)
     check_finite(a, "a")
     check_finite(b, "b")
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
@@ -34,6 +37,14 @@ def _check(a, b):
         raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}")
     if a.size == 0:
         raise ValueError(f"images a and b are empty (shape {a.shape})")
+    if images:  # the peak value is 1: images outside [0, 1] give a meaningless score
+        for name, x in (("a", a), ("b", b)):
+            if is_concrete(x):
+                with jax.ensure_compile_time_eval():
+                    lo, hi = float(jnp.min(x)), float(jnp.max(x))
+                if lo < -_RANGE_TOL or hi > 1.0 + _RANGE_TOL:
+                    raise ValueError(f"{name} must be an image with values in [0, 1] (peak 1), got values in "
+                                     f"[{lo:.4g}, {hi:.4g}]; for 8-bit images divide by 255")
     return a, b
 
 
@@ -46,8 +57,11 @@ def mse(a, b):
 def psnr(a, b):
     """Peak signal-to-noise ratio in dB of images in ``[0, 1]`` (any matching shapes).
 
-    Identical images give ``+inf`` (``mse = 0``; documented, not clamped) with a zero gradient."""
-    m = mse(a, b)
+    Identical images give ``+inf`` (``mse = 0``; documented, not clamped) with a zero gradient.
+    Integer images (``uint8``) raise ``TypeError`` and concrete images with values outside ``[0, 1]``
+    raise ``ValueError``: divide 8-bit images by 255 first."""
+    a, b = _check(a, b, images=True)
+    m = jnp.mean((a - b) ** 2)
     pos = m > 0
     return jnp.where(pos, -10.0 * jnp.log10(jnp.where(pos, m, 1.0)), jnp.inf)
 
@@ -59,14 +73,15 @@ def _gauss(size, sigma):
 
 
 def ssim(a, b, *, window: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03):
-    """Mean SSIM of ``[..., H, W, C]`` images in ``[0, 1]`` (leading axes averaged too).
+    """Mean SSIM of ``[..., H, W, C]`` float images in ``[0, 1]`` (leading axes averaged too; other
+    ranges and integer images are refused as in :func:`psnr`).
 
     ``window``: odd-or-even int >= 1 (Gaussian window size); ``sigma``, ``k1``, ``k2``: finite > 0."""
     window = check_int(window, "window", low=1)
     sigma = check_float(sigma, "sigma", low=0.0, low_open=True)
     k1 = check_float(k1, "k1", low=0.0, low_open=True)
     k2 = check_float(k2, "k2", low=0.0, low_open=True)
-    a, b = _check(a, b)
+    a, b = _check(a, b, images=True)
     if a.ndim < 3:
         raise ValueError(f"a and b must be images of shape [..., H, W, C], got {a.shape}")
     h, w = a.shape[-3:-1]

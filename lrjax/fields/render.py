@@ -34,13 +34,14 @@ renders the background with ``acc = 0``; missed rays render the background; an e
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax._validation import check_bool, check_float, is_concrete
+from lrjax._validation import check_bool, check_finite, check_float, is_concrete
 from lrjax.fields.fields import (FieldOutput, _array, _check_key, _concrete, _pos_float, _pos_int,
                                  _unit)
 
@@ -213,6 +214,28 @@ def _nonneg(x, name):
         raise ValueError(f"{name} must be >= 0 everywhere (got a negative value)")
 
 
+def _check_bg(bg, r=None):
+    """``bg``: a scalar, ``[3]`` or ``[R, 3]`` colour, finite and in ``[0, 1]`` (values checked when concrete)."""
+    if isinstance(bg, (bool, np.bool_)) or isinstance(bg, str):
+        raise TypeError(f"bg must be a number or a [3] / [R, 3] colour, got {bg!r}")
+    if isinstance(bg, (numbers.Real, list, tuple)):  # host values stay on the host: checkable under jit
+        try:
+            bg = np.asarray(bg, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise TypeError(f"bg must be a number or a [3] / [R, 3] colour, got {bg!r:.80}") from None
+    bg = _array(bg, "bg", kind="numeric")
+    if bg.shape not in ((), (3,)) and not (r is not None and bg.shape == (r, 3)) and \
+            not (r is None and bg.ndim == 2 and bg.shape[-1] == 3):
+        raise ValueError(f"bg must be a scalar, [3] or [R{'' if r is None else f'={r}'}, 3], got shape "
+                         f"{tuple(bg.shape)}")
+    check_finite(bg, "bg")
+    if is_concrete(bg) and bg.size:
+        lo, hi = float(np.min(np.asarray(bg))), float(np.max(np.asarray(bg)))
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"bg must be a colour with values in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    return bg
+
+
 def composite(sigma, rgb, delta, z=None, bg=1.0, far=None):
     """Alpha-composite samples: returns ``(rgb [R, 3], acc [R], depth [R], weights [R, S])``.
 
@@ -232,11 +255,7 @@ def composite(sigma, rgb, delta, z=None, bg=1.0, far=None):
     _nonneg(sigma, "sigma")
     _nonneg(delta, "delta")
     r = sigma.shape[0]
-    if isinstance(bg, (bool, np.bool_)) or isinstance(bg, str):
-        raise TypeError(f"bg must be a number or a [3] / [R, 3] colour, got {bg!r}")
-    bg = _array(bg, "bg", convert=True, kind="numeric")
-    if bg.shape not in ((), (3,), (r, 3)):
-        raise ValueError(f"bg must be a scalar, [3] or [R={r}, 3], got shape {tuple(bg.shape)}")
+    bg = _check_bg(bg, r)
     if z is not None:
         z = _array(z, "z", ndim=2)
         if z.shape != sigma.shape:
@@ -305,6 +324,7 @@ def render_image(apply_fn: Callable, c2w, height: int, width: int, focal: float,
     chunk = _pos_int(chunk, "chunk")
     bound = _pos_float(bound, "bound")
     n_samples = _pos_int(n_samples, "n_samples")
+    bg = _check_bg(bg)
     rays = pinhole_rays(c2w, height, width, focal)
     n = rays.origins.shape[0]
 

@@ -162,7 +162,7 @@ def galore(inner, rank: int = 128, *, update_proj_gap: int = 200, scale: float =
         use ``weight_decay=``.
       rank: projection rank ``r`` (default 128, the paper's 60M setting).
       update_proj_gap: ``T``, steps between refreshes (default 200).
-      scale: ``alpha`` (default 1.0; the paper uses 0.25 with lr 0.01).
+      scale: ``alpha > 0`` (default 1.0; the paper uses 0.25 with lr 0.01).
       refresh: ``"svd"`` (exact, default), ``"eigh"`` (exact, from the Gram matrix),
         ``"randomized"`` or ``"subspace"`` (module doc).
       oversample, n_iter: sketch width ``r + oversample`` and power / subspace iterations of the

@@ -325,7 +325,8 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
       variant: optional :class:`Variant` (how the update maps back; default plain GaLore).
       rank: ``r``, the projection rank (``1 <= r <= min(M, N)`` of every projected leaf).
       update_proj_gap: refresh the basis every this many steps (paper ``T``; default 200).
-      scale: ``alpha`` multiplying the back-projected update of projected leaves (default 1.0).
+      scale: ``alpha > 0`` multiplying the back-projected update of projected leaves (default 1.0;
+        a negative scale would turn descent into ascent and is refused).
       side: ``"std"``, ``"reverse_std"``, ``"left"`` or ``"right"`` (module doc).
       targets: which leaves are projected (:func:`lrjax.tree.select` patterns or predicate).
       axes: matrix view override (:func:`lrjax.axes.resolve`).
@@ -346,7 +347,7 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
     gap = check_int(update_proj_gap, "update_proj_gap", low=1)
     seed = check_int(seed, "seed", low=0, high=2**31 - 1)
     check_choice(side, "side", _SIDES)
-    scale = check_float(scale, "scale")
+    scale = check_float(scale, "scale", low=0.0, low_open=True)
     weight_decay = check_float(weight_decay, "weight_decay", low=0.0)
     if weight_decay_mask is not None and not callable(weight_decay_mask) and \
             not isinstance(weight_decay_mask, (dict, list, tuple)) and not hasattr(weight_decay_mask, "_fields"):

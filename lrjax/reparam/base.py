@@ -233,7 +233,16 @@ class Reparam:
         return V.compute_dtype(w.dtype, *(x.dtype for x in f.values()))
 
     def check_leaf_rank(self, path: str, m: int, n: int):
+        """Refuse a config rank above ``min(M, N)`` of a targeted leaf (lrjax's one rank rule)."""
         V.check_rank(self.rank, m, n, "rank", where=f"leaf {path!r}")
+
+    def check_factor_rank(self, path: str, r: int, argname: str = "adapters"):
+        """Refuse factors whose rank differs from the config's ``rank`` (the scale ``alpha / rank``
+        would silently be wrong). Variants whose ranks vary per leaf override this."""
+        if r != self.rank:
+            raise ValueError(f"{argname}[{path!r}]: factors have rank {r} but this {type(self).__name__} has "
+                             f"rank={self.rank} (its scale alpha/rank assumes {self.rank}); use the config the "
+                             "adapters were made with")
 
     def _targets(self, params) -> list[str]:
         def targetable(path, leaf):
@@ -334,6 +343,7 @@ class Reparam:
                     f"{argname}[{path!r}]: factors a{tuple(a.shape)} b{tuple(b.shape)} do not fit the "
                     f"base leaf {tuple(leaf.shape)} (matrix view {bshape + (m, n)}); adapters made for "
                     "another base, or a different `axes`/`rank` config")
+            self.check_factor_rank(path, a.shape[-1], argname)
             self._check_extra(path, f, argname)
         return flat
 
