@@ -547,6 +547,9 @@ def _leaf_record(comps, x) -> tuple[dict, Any]:
     where = _show(comps)
     if isinstance(x, jax.ShapeDtypeStruct):
         raise TypeError(f"state leaf {where!r} is abstract (ShapeDtypeStruct); save_state needs concrete arrays")
+    if hasattr(x, "shape") and hasattr(x, "dtype") and 0 in tuple(x.shape):
+        raise ValueError(f"state leaf {where!r} has zero size (shape {tuple(x.shape)}); orbax cannot store empty "
+                         "arrays: drop the leaf from the state or rebuild it after restore")
     if _is_typed_key(x):
         data = jax.random.key_data(x)
         return {"kind": "key", "shape": list(x.shape), "dtype": str(x.dtype),

@@ -146,7 +146,7 @@ CALL_BAD = [
     ("x int", lambda m: m(jnp.zeros((1, 2, 16), jnp.int32)), TypeError, r"\bx must be a floating"),
     ("x width", lambda m: m(jnp.zeros((1, 2, 15))), ValueError, r"\bx must have shape \[B, T, 16\]"),
     ("x rank", lambda m: m(jnp.zeros((2, 16))), ValueError, r"\bx must have shape"),
-    ("x empty", lambda m: m(jnp.zeros((1, 0, 16))), ValueError, r"\bx must hold at least one token"),
+    ("x empty", lambda m: m(jnp.zeros((1, 0, 16))), ValueError, r"\bx must hold at least one sequence of at least one token"),
     ("cache kind", lambda m: m(jnp.zeros((1, 2, 16)), cache=[0]), TypeError, r"\bcache must be"),
 ]
 KDA_CACHE_BAD = [
@@ -179,3 +179,16 @@ def test_attention_cache_overflow(models):
         a.init_cache(1, 0)
     with pytest.raises(ValueError, match=r"\bbatch_size must be"):
         models["kda"].init_cache(0)
+
+
+def test_layer_names_x_for_empty_batch_and_nan_and_checks_cache_dtype():
+    import jax.numpy as jnp
+    from flax import nnx
+    import lrjax
+    m = lrjax.nn.KimiDeltaAttention(8, num_heads=2, head_dim=4, conv_size=2, chunk_size=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"x must hold at least one sequence"):
+        m(jnp.ones((0, 3, 8)))
+    with pytest.raises(ValueError, match=r"^x contains NaN or Inf"):
+        m(jnp.ones((1, 3, 8)).at[0, 0, 0].set(jnp.nan))
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        m.init_cache(1, dtype=jnp.int32)

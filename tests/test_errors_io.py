@@ -246,3 +246,10 @@ def test_sweep_counts():
         mod = fid.split(".")[0]
         counts[mod] = counts.get(mod, 0) + sum(len(v) for v in kinds.values())
     assert counts["interop"] >= 80 and counts["checkpoint"] >= 80 and counts["data"] >= 80, counts
+
+
+def test_save_state_names_a_zero_size_leaf(tmp_path):
+    import jax.numpy as jnp
+    from lrjax import checkpoint
+    with pytest.raises(ValueError, match=r"state leaf 'a' has zero size \(shape \(0,\)\)"):
+        checkpoint.save_state(tmp_path / "ck", 0, {"a": jnp.zeros((0,)), "b": jnp.ones(2)})

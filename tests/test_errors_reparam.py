@@ -385,3 +385,15 @@ def test_factor_rank_must_equal_config_rank(variant, method):
     rp2 = getattr(lrjax, variant)(rank=2, alpha=4)
     with pytest.raises(ValueError, match=r"adapters\['d/kernel'\]: factors have rank 3 but this \w+ has rank=2"):
         getattr(rp2, method)(base, ad3)
+
+
+def test_factored_refuses_a_list_of_numbers_as_an_input():
+    import jax
+    import jax.numpy as jnp
+    import lrjax
+    rp = lrjax.LoRA(rank=2)
+    b, a = rp.init(jax.random.key(0), {"dense": {"kernel": jnp.ones((4, 6))}})
+    g = lrjax.factored(lambda p, x: x @ p["dense"]["kernel"], rp)
+    with pytest.raises(TypeError, match=r"args\[0\] is a list of Python numbers"):
+        g(b, a, [[1.0, 1.0, 1.0, 1.0]])
+    assert g(b, a, jnp.ones((1, 4))).shape == (1, 6)

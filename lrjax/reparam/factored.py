@@ -291,6 +291,10 @@ def factored(fn: Callable[..., Any], rp, *, mode: str = "auto", stats: FactoredS
 def _check_args(args):
     """``args`` of a factored function: pytrees of arrays or numbers (no strings/objects)."""
     for i, a in enumerate(args):
+        if isinstance(a, (list, tuple)) and a and all(
+                isinstance(x, (bool, int, float, complex)) for x in jax.tree_util.tree_leaves(a)):
+            raise TypeError(f"args[{i}] is a {type(a).__name__} of Python numbers, which fn would receive as "
+                            "a list, not an array; wrap it with jnp.asarray(...)")
         for p, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
             if isinstance(leaf, (jax.Array, np.ndarray, jax.core.Tracer, bool, int, float, complex, np.generic)):
                 continue

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lrjax._validation import check_array, check_bool, check_choice, check_float, check_int
+from lrjax._validation import check_array, check_bool, check_choice, check_dtype, check_finite, check_float, check_int
 from lrjax.nn.attention.chunk import DEFAULT_CHUNK, chunk_kda
 from lrjax.nn.attention.naive import recurrent_kda
 
@@ -68,8 +68,10 @@ def _check_x(x, d):
     x = check_array(x, "x", kind="floating")
     if x.ndim != 3 or x.shape[-1] != d:
         raise ValueError(f"x must have shape [B, T, {d}] (batch, tokens, hidden_size), got {tuple(x.shape)}")
-    if x.shape[1] < 1:
-        raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"x must hold at least one sequence of at least one token (B, T >= 1), got shape "
+                         f"{tuple(x.shape)}")
+    check_finite(x, "x")
     return x
 
 
@@ -169,6 +171,7 @@ class KimiDeltaAttention(nnx.Module):
     def init_cache(self, batch_size: int, dtype=jnp.float32) -> dict:
         """Zero cache for ``batch_size`` sequences: conv windows and the ``[B, HV, K, V]`` state."""
         B = check_int(batch_size, "batch_size", low=1)
+        dtype = check_dtype(dtype, "dtype")
         w = self.conv_size - 1
         HK, HVV = self.num_heads * self.head_dim, self.num_v_heads * self.head_v_dim
         return {"conv": (jnp.zeros((B, w, HK), dtype), jnp.zeros((B, w, HK), dtype), jnp.zeros((B, w, HVV), dtype)),
@@ -259,6 +262,7 @@ class SoftmaxAttention(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
         B = check_int(batch_size, "batch_size", low=1)
         L = check_int(max_len, "max_len", low=1)
+        dtype = check_dtype(dtype, "dtype")
         z = jnp.zeros((B, L, self.num_heads, self.head_dim), dtype)
         return {"k": z, "v": z, "pos": jnp.zeros((), jnp.int32)}
 

@@ -72,7 +72,8 @@ def recurrent_kda(q, k, v, g, beta, *, scale=None, initial_state=None, lengths=N
     Args:
       q, k: ``[B, T, H, K]`` queries and keys.
       v: ``[B, T, HV, V]`` values, ``HV`` a multiple of ``H``.
-      g: log-decay ``<= 0``, ``[B, T, HV, K]`` (KDA) or ``[B, T, HV]`` (GDN).
+      g: finite log-decay ``<= 0``, ``[B, T, HV, K]`` (KDA) or ``[B, T, HV]`` (GDN) (a full forget
+        ``-inf`` is refused: clip it, e.g. to ``-60``).
       beta: ``[B, T, HV]`` write strengths (``sigmoid`` of a projection in the layer).
       scale: query scale, default ``K ** -0.5``.
       initial_state: ``[B, HV, K, V]`` state before the first token (default zeros).
