@@ -441,8 +441,9 @@ def load_adapters(directory, *, with_metadata: bool = False):
     ``jax.Array`` on the default device with the saved dtypes. With ``with_metadata=True``
     returns ``(rp, adapters, metadata)``.
 
-    Raises ``FileNotFoundError`` if ``directory`` holds no checkpoint and ``ValueError`` if it
-    holds another kind of checkpoint (e.g. a :func:`save_state` directory).
+    Raises ``FileNotFoundError`` if ``directory`` holds no adapters checkpoint (for a
+    :func:`save_state` directory the message says to use :func:`restore_state`) and ``ValueError``
+    if it holds another kind of lrjax checkpoint.
     """
     directory = _check_directory(directory)
     with_metadata = check_bool(with_metadata, "with_metadata")

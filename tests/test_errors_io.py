@@ -253,3 +253,14 @@ def test_save_state_names_a_zero_size_leaf(tmp_path):
     from lrjax import checkpoint
     with pytest.raises(ValueError, match=r"state leaf 'a' has zero size \(shape \(0,\)\)"):
         checkpoint.save_state(tmp_path / "ck", 0, {"a": jnp.zeros((0,)), "b": jnp.ones(2)})
+
+
+def test_export_peft_names_a_transposed_factor_without_params(tmp_path):
+    import jax.numpy as jnp
+    import lrjax
+    from lrjax.interop import export_peft
+    rp = lrjax.LoRA(rank=2)
+    with pytest.raises(ValueError, match=r"\['a'\] has shape \(2, 8\), the transposed orientation"):
+        export_peft(tmp_path / "o", rp, {"fc/kernel": {"a": jnp.ones((2, 8)), "b": jnp.ones((2, 5))}})
+    with pytest.raises(ValueError, match=r"\['b'\] has shape \(5, 2\), the transposed orientation"):
+        export_peft(tmp_path / "o", rp, {"fc/kernel": {"a": jnp.ones((8, 2)), "b": jnp.ones((5, 2))}})

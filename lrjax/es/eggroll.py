@@ -726,6 +726,10 @@ class Eggroll:
     def tell(self, state: EggrollState, params, fitness):
         """``(grad, next_state, info)`` from raw fitness ``[N]`` in global member order.
 
+        ``params`` must be the same pytree (structure, shapes, dtypes) that :meth:`ask` perturbed for
+        this generation: the state holds only the key and the generation, so other params would
+        silently pair the fitness with noise that was never evaluated.
+
         ``fitness``: a 1-D real vector of length ``population_size`` (NumPy, JAX or a list; any
         float or int dtype, computed inside or outside JAX), entry ``i`` the fitness of member
         ``i`` as given by :meth:`ask` / :meth:`member_params` / :meth:`fitness`. Shaping,

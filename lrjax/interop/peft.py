@@ -348,6 +348,13 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
                 f"export_peft: adapters[{path!r}] has factors a{a.shape} b{b.shape} with batch axes (a "
                 "stacked / nn.scan leaf); PEFT stores one adapter per torch Linear, so unstack first")
         if a.shape[1] != rp.rank or b.shape[0] != rp.rank:
+            r = rp.rank
+            if a.shape[0] == r and a.shape[1] != r:
+                raise ValueError(f"export_peft: adapters[{path!r}]['a'] has shape {a.shape}, the transposed "
+                                 f"orientation: lrjax stores a as [in, r] with r = rp.rank = {r}")
+            if b.shape[1] == r and b.shape[0] != r:
+                raise ValueError(f"export_peft: adapters[{path!r}]['b'] has shape {b.shape}, the transposed "
+                                 f"orientation: lrjax stores b as [r, out] with r = rp.rank = {r}")
             raise ValueError(f"export_peft: adapters[{path!r}] has rank {a.shape[1]}/{b.shape[0]} but "
                              f"rp.rank = {rp.rank} (lrjax factors are a [in, r], b [r, out]; got a{a.shape}, "
                              f"b{b.shape}); PEFT's `r` must match every factor")

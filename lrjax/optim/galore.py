@@ -1,4 +1,4 @@
-"""GaLore: gradient low-rank projection (Zhao et al. 2024, arXiv:2403.03507), three refreshes.
+r"""GaLore: gradient low-rank projection (Zhao et al. 2024, arXiv:2403.03507), three refreshes.
 
 For a projected matrix leaf with gradient ``G_t: [M, N]`` (left side shown; see
 :mod:`lrjax.optim.projection` for sides, axes, stacks and the state):

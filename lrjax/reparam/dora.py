@@ -94,6 +94,7 @@ class DoRA(LoRA):
 
     @property
     def scale(self) -> float:
+        """``s = alpha / r``, or ``alpha / sqrt(r)`` with ``rslora=True``."""
         alpha = self.rank if self.alpha is None else self.alpha
         return float(alpha) / (math.sqrt(self.rank) if self.rslora else float(self.rank))
 

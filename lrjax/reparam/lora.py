@@ -43,5 +43,6 @@ class RSLoRA(LoRA):
 
     @property
     def scale(self) -> float:
+        """``s = alpha / sqrt(r)`` (rsLoRA, Kalajdzievski 2023)."""
         alpha = self.rank if self.alpha is None else self.alpha
         return float(alpha) / math.sqrt(self.rank)
