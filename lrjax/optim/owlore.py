@@ -155,11 +155,17 @@ def _layout(params, layers: str, scan_layers=None) -> _Layout:
                                  f"{ids[0]} has {flat[where[(ids[0], r)]].shape}; layers must be identical")
         members[r] = [(where[(l, r)], None) for l in ids]
     sizes = {p: jnp.shape(flat[p])[0] if jnp.ndim(flat[p]) else None for p in scanned}
-    L = len(ids) if ids else (next(iter(sizes.values())) if sizes else 0)
-    for p in sorted(scanned):
+    order = sorted(scanned)  # deterministic: sets iterate in a per-process hash order
+    if ids or not order:
+        L, ref = len(ids), None
+    else:  # the layer count most stacked leaves agree on (ties: the first path in sorted order)
+        counts = [sizes[p] for p in order]
+        L = max(counts, key=lambda c: (counts.count(c), -counts.index(c)))
+        ref = next(p for p in order if sizes[p] == L)
+    for p in order:
         if sizes[p] != L:
             what = f"{len(ids)} separate layers match layers={layers!r}" if ids else \
-                f"the first stacked leaf has {L}"
+                f"{ref!r} (like most stacked leaves) has {L}"
             raise ValueError(f"scan_layers: {p!r} has shape {jnp.shape(flat[p])}, so axis 0 (the layer axis) "
                              f"has {sizes[p]} layers, but {what}; every layer leaf must describe the same layers")
         members[p] = [(p, l) for l in range(L)]
