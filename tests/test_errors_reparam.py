@@ -348,7 +348,7 @@ SWEPT = {
                    "check_axes_value"},
     "Reparam methods": {"init", "materialize", "merge", "unmerge", "delta", "num_params", "column_norms",
                         "unmerge_with_norms", "leaf_axes", "init_leaf", "factors", "unmerge_leaf",
-                        "factor_dtype", "compute_dtype", "check_leaf_rank", "effective", "apply_leaf",
+                        "factor_dtype", "compute_dtype", "check_leaf_rank", "check_factor_rank", "effective", "apply_leaf",
                         "delta_matrix", "scale", "factor_keys"},
 }
 
