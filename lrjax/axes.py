@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Axes", "AxesSpec", "default_axes", "resolve", "to_matrix", "from_matrix", "matrix_shape",
-           "check_axes_value"]
+           "check_axes_value", "check_pattern"]
 
 
 def _is_int(i) -> bool:
@@ -134,6 +134,18 @@ def default_axes(path: str, shape) -> Axes:
     return Axes((), tuple(range(n - 1)), (n - 1,))
 
 
+def check_pattern(pat, argname: str = "axes") -> str:
+    """A key of an ``{regex: Axes}`` spec must be a valid regular expression string."""
+    if not isinstance(pat, str):
+        raise TypeError(f"{argname}: keys must be regex strings matching leaf paths, got "
+                        f"{type(pat).__name__} {pat!r:.60}")
+    try:
+        re.compile(pat)
+    except re.error as e:
+        raise ValueError(f"{argname}: {pat!r} is not a valid regular expression ({e})") from None
+    return pat
+
+
 def resolve(path: str, shape, spec: AxesSpec = None) -> Axes:
     """The :class:`Axes` for one leaf under a user ``spec`` (override) or the defaults."""
     _check_path(path)
@@ -149,12 +161,7 @@ def resolve(path: str, shape, spec: AxesSpec = None) -> Axes:
     elif isinstance(spec, Mapping):
         ax = None
         for pat, a in spec.items():
-            if not isinstance(pat, str):
-                raise TypeError(f"axes: keys must be regex strings matching leaf paths, got {pat!r:.60}")
-            try:
-                re.compile(pat)
-            except re.error as e:
-                raise ValueError(f"axes: {pat!r} is not a valid regular expression ({e})") from None
+            check_pattern(pat)
             if re.fullmatch(pat, path) or any(re.fullmatch(pat, "/".join(path.split("/")[i:]))
                                               for i in range(1, path.count("/") + 1)):
                 ax = a

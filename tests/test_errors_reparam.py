@@ -345,6 +345,7 @@ SWEPT = {
     "lrjax.reparam.multi": {"use", "merge", "combine", "NameNotFound"},
     "lrjax.tree": {"Targets", "PathNotFound", "path_str", "flatten", "paths", "select", "get", "replace"},
     "lrjax.axes": {"Axes", "AxesSpec", "default_axes", "resolve", "to_matrix", "from_matrix", "matrix_shape",
+                   "check_pattern",
                    "check_axes_value"},
     "Reparam methods": {"init", "materialize", "merge", "unmerge", "delta", "num_params", "column_norms",
                         "unmerge_with_norms", "leaf_axes", "init_leaf", "factors", "unmerge_leaf",
@@ -397,3 +398,15 @@ def test_factored_refuses_a_list_of_numbers_as_an_input():
     with pytest.raises(TypeError, match=r"args\[0\] is a list of Python numbers"):
         g(b, a, [[1.0, 1.0, 1.0, 1.0]])
     assert g(b, a, jnp.ones((1, 4))).shape == (1, 6)
+
+
+@pytest.mark.parametrize("bad,exc", [(3, TypeError), (None, TypeError), ("(", ValueError), ("[a-", ValueError)])
+def test_axes_patterns_checked_in_one_place(bad, exc):
+    """lrjax.axes.check_pattern serves both Reparam(axes=...) and axes.resolve."""
+    from lrjax import axes as axes_lib
+    with pytest.raises(exc, match="axes"):
+        axes_lib.check_pattern(bad)
+    with pytest.raises(exc, match="axes"):
+        lrjax.LoRA(rank=1, axes={bad: axes_lib.Axes((), (0,), (1,))})
+    with pytest.raises(exc, match="axes"):
+        axes_lib.resolve("w", (2, 3), {bad: axes_lib.Axes((), (0,), (1,))})

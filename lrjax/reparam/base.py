@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import re
 import zlib
 from typing import Any, Mapping, NamedTuple
 
@@ -136,12 +135,7 @@ def check_axes_spec(spec, argname: str = "axes"):
         raise TypeError(f"{argname} must be None, an lrjax.axes.Axes, a dict {{regex: Axes}} or a "
                         f"callable (path, shape) -> Axes; got {_leaf_kind(spec)}")
     for pat, ax in items:
-        if not isinstance(pat, str):
-            raise TypeError(f"{argname}: keys must be regex strings matching leaf paths, got {_leaf_kind(pat)}")
-        try:
-            re.compile(pat)
-        except re.error as e:
-            raise ValueError(f"{argname}: {pat!r} is not a valid regular expression ({e})") from None
+        axes_lib.check_pattern(pat, argname)
         if not isinstance(ax, axes_lib.Axes):
             raise TypeError(f"{argname}[{pat!r}] must be an lrjax.axes.Axes(batch=..., inp=..., out=...), "
                             f"got {_leaf_kind(ax)}")
