@@ -341,7 +341,7 @@ def test_missing_paths_are_keyerror_and_valueerror():
 # ------------------------------------------------------------------------------ completeness
 SWEPT = {
     "lrjax.reparam": {"Reparam", "LowRankForm", "Adapters", "LoRA", "RSLoRA", "DoRA", "PiSSA", "factored",
-                      "FactoredStats", "multi"},
+                      "FactoredStats", "multi", "estimate_grads"},  # estimate_grads: test_reparam_protocol.py
     "lrjax.reparam.multi": {"use", "merge", "combine", "NameNotFound"},
     "lrjax.tree": {"Targets", "PathNotFound", "path_str", "flatten", "paths", "select", "get", "replace"},
     "lrjax.axes": {"Axes", "AxesSpec", "default_axes", "resolve", "to_matrix", "from_matrix", "matrix_shape",
@@ -350,7 +350,11 @@ SWEPT = {
     "Reparam methods": {"init", "materialize", "merge", "unmerge", "delta", "num_params", "column_norms",
                         "unmerge_with_norms", "leaf_axes", "init_leaf", "factors", "unmerge_leaf",
                         "factor_dtype", "compute_dtype", "check_leaf_rank", "check_factor_rank", "effective", "apply_leaf",
-                        "delta_matrix", "scale", "factor_keys"},
+                        "delta_matrix", "scale", "factor_keys",
+                        # issue 11 protocol growth, swept in tests/test_reparam_protocol.py
+                        "frozen_keys", "seed_keys", "needs_grads", "rewrites_base", "trainable_keys", "split",
+                        "join", "trainable_mask", "view_shape", "to_view", "from_view", "axes_view",
+                        "check_factors"},
 }
 
 

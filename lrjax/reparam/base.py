@@ -162,6 +162,16 @@ class Reparam:
 
     #: factor names this variant reads (anything else in an adapter is refused)
     factor_keys = ("a", "b")
+    #: factors that ``grad``/optax must not see (see :meth:`split`); always a subset of ``factor_keys``
+    frozen_keys = ()
+    #: frozen factors that are raw PRNG key data (``uint32[2]``, ``jax.random.key_data``) from which
+    #: the variant regenerates random bases inside :meth:`factors`; the bases are never stored
+    seed_keys = ()
+    #: ``True`` for data-aware inits: :meth:`init` then requires ``grads=`` (see :func:`estimate_grads`)
+    needs_grads = False
+    #: ``True`` when :meth:`init` returns a rewritten base (PiSSA, LoRA-GA): the adapter alone is not a
+    #: delta on the original weights (PEFT export needs the rank-2r conversion)
+    rewrites_base = False
 
     # ----------------------------------------------------------------- config
     def __post_init__(self):
@@ -191,6 +201,27 @@ class Reparam:
 
     def leaf_axes(self, path: str, shape) -> axes_lib.Axes:
         return axes_lib.resolve(path, shape, self._axes_spec())
+
+    # The matrix view of a leaf. Default: the permutation + grouping of :mod:`lrjax.axes`. A variant
+    # whose factors live in another matricization (loralib's ConvLoRA) overrides the three together;
+    # :func:`lrjax.factored` then materializes that leaf instead of following it symbolically.
+    def view_shape(self, path: str, shape) -> tuple[tuple[int, ...], int, int]:
+        """``(batch shape, M, N)`` of the matrix view of a leaf of this ``shape``."""
+        return axes_lib.matrix_shape(shape, self.leaf_axes(path, shape))
+
+    def to_view(self, path: str, leaf):
+        """Leaf layout -> matrix view ``[*batch, M, N]``."""
+        return axes_lib.to_matrix(leaf, self.leaf_axes(path, leaf.shape))
+
+    def from_view(self, path: str, mat, shape):
+        """Matrix view -> leaf layout of ``shape`` (inverse of :meth:`to_view`)."""
+        return axes_lib.from_matrix(mat, self.leaf_axes(path, shape), shape)
+
+    @property
+    def axes_view(self) -> bool:
+        """``True`` when the matrix view is the :mod:`lrjax.axes` one (the factored path follows it)."""
+        t = type(self)
+        return t.to_view is Reparam.to_view and t.from_view is Reparam.from_view
 
     # ----------------------------------------------------------- per-leaf hooks
     def init_leaf(self, key, w, path: str) -> tuple[jax.Array, dict]:
@@ -224,7 +255,7 @@ class Reparam:
     @staticmethod
     def compute_dtype(w, f: dict):
         """``promote_types(w, every factor, float32)``: the dtype effective weights are computed in."""
-        return V.compute_dtype(w.dtype, *(x.dtype for x in f.values()))
+        return V.compute_dtype(w.dtype, *(x.dtype for x in f.values() if jnp.issubdtype(x.dtype, jnp.floating)))
 
     def check_leaf_rank(self, path: str, m: int, n: int):
         """Refuse a config rank above ``min(M, N)`` of a targeted leaf (lrjax's one rank rule)."""
@@ -247,38 +278,171 @@ class Reparam:
         return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
     # ------------------------------------------------------------- protocol
-    def init(self, key, params) -> tuple[Any, Adapters]:
+    def init(self, key, params, *, grads=None) -> tuple[Any, Adapters]:
         """Create adapters for every targeted leaf; returns ``(base, adapters)``.
 
-        The per-leaf random key is ``fold_in(key, crc32(path))``, so a leaf's factors do not
-        depend on which other leaves are targeted.
+        The per-leaf random key is ``fold_in(key, crc32(path))``: a leaf's factors do not depend
+        on which other leaves are targeted, on the process or on the device count.
+
+        Args:
+          key: a JAX PRNG key (``jax.random.key`` or a raw ``uint32[2]`` key).
+          params: the pytree of arrays to adapt.
+          grads: data for data-aware inits (variants with ``needs_grads = True``: LoRA-GA, LoRA-SB):
+            ``{path: G}`` with ``G = mean dL/dW`` of exactly the targeted leaves (leaf layout, floating,
+            finite), as returned by :func:`lrjax.reparam.estimate_grads`. Refused for variants
+            that do not read it, and required by those that do.
+
+        Raises:
+          TypeError/ValueError naming ``key``, ``params``, ``grads``, ``rank`` or ``targets``: a
+          leaf with NaN/Inf, a rank above ``min(M, N)``, a data-aware init without ``grads``, grads
+          for leaves this config does not target (or missing, or of another shape).
         """
         check_key(key, "key")
         flat = check_params(params, "params")
+        paths = self._targets(params)
+        gflat = self._check_grads(grads, paths, flat)
         adapters: Adapters = {}
         new_base = {}
-        for path in self._targets(params):
+        for path in paths:
             leaf = flat[path]
             if not jnp.issubdtype(leaf.dtype, jnp.floating):
                 raise TypeError(f"targets: leaf {path!r} has dtype {leaf.dtype}; only floating "
                                 "leaves can be reparameterized")
-            ax = self.leaf_axes(path, leaf.shape)
-            _, m, n = axes_lib.matrix_shape(leaf.shape, ax)
+            _, m, n = self.view_shape(path, leaf.shape)
             self.check_leaf_rank(path, m, n)
             if _is_concrete(leaf) and not _all_finite(leaf):
                 raise ValueError(f"params: leaf {path!r} contains NaN or Inf; fix the base weights "
                                  "before attaching an adapter")
-            w = axes_lib.to_matrix(leaf, ax)
-            w_base, f = self.init_leaf(self._leaf_key(key, path), w, path)
+            w = self.to_view(path, leaf)
+            if self.needs_grads:
+                g = self.to_view(path, gflat[path]).astype(V.compute_dtype(gflat[path].dtype))
+                w_base, f = self.init_leaf(self._leaf_key(key, path), w, path, g=g)
+            else:
+                w_base, f = self.init_leaf(self._leaf_key(key, path), w, path)
             for nm, x in list(f.items()) + [("base", w_base)]:
+                if nm in self.seed_keys:
+                    continue
                 if _is_concrete(x) and not _all_finite(x):
                     raise ValueError(f"dtype: the initial {nm!r} of leaf {path!r} overflows {x.dtype} "
                                      "(values too large for the factor or base dtype); use a wider `dtype`")
             adapters[path] = f
             if w_base is not w:
-                new_base[path] = axes_lib.from_matrix(w_base.astype(leaf.dtype), ax, leaf.shape)
+                new_base[path] = self.from_view(path, w_base.astype(leaf.dtype), leaf.shape)
         base = tree_lib.replace(params, new_base) if new_base else params
         return base, adapters
+
+    def _check_grads(self, grads, paths, flat):
+        """Validate ``init``'s ``grads`` against the targeted ``paths``; returns it (or ``None``)."""
+        name = type(self).__name__
+        if grads is None:
+            if self.needs_grads:
+                raise ValueError(
+                    f"grads: {name} is a data-aware init and needs grads={{path: mean dL/dW}} for its targeted "
+                    "leaves; estimate them with lrjax.reparam.estimate_grads(loss_fn, params, batches, "
+                    "targets=rp.targets)")
+            return None
+        if not self.needs_grads:
+            raise ValueError(f"grads: {name} does not use gradients (its init is data-free); drop grads=, or use "
+                             "a data-aware variant such as lrjax.LoRAGA")
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"grads must be the dict {{leaf path: G}} of the targeted leaves (as returned by "
+                            f"lrjax.reparam.estimate_grads), got {_leaf_kind(grads)}")
+        for p in grads:
+            if not isinstance(p, str):
+                raise TypeError(f"grads: keys must be leaf path strings such as 'Dense_0/kernel', got "
+                                f"{_leaf_kind(p)}")
+            if p not in paths:
+                where = "is not a leaf of params" if p not in flat else "is not targeted by this config"
+                raise ValueError(f"grads: {p!r} {where} (targeted: {paths[:6]}); pass the gradients of exactly "
+                                 f"the targeted leaves (estimate_grads(..., targets=rp.targets))")
+        for p in paths:
+            if p not in grads:
+                raise ValueError(f"grads has no entry for the targeted leaf {p!r}; estimate it with "
+                                 "lrjax.reparam.estimate_grads(loss_fn, params, batches, targets=rp.targets)")
+            g = grads[p]
+            if not _is_array(g):
+                raise TypeError(f"grads[{p!r}] must be an array, got {_leaf_kind(g)}")
+            if not jnp.issubdtype(g.dtype, jnp.floating):
+                raise TypeError(f"grads[{p!r}] has dtype {g.dtype}; gradients must be floating")
+            if tuple(g.shape) != tuple(flat[p].shape):
+                raise ValueError(f"grads[{p!r}] has shape {tuple(g.shape)} but the leaf has shape "
+                                 f"{tuple(flat[p].shape)}; pass dL/dW in the leaf's own layout")
+            if _is_concrete(g) and not _all_finite(g):
+                raise ValueError(f"grads[{p!r}] contains NaN or Inf; fix the loss or the batches before a "
+                                 "data-aware init")
+        return grads
+
+    # ------------------------------------------------------- trainable vs frozen
+    def _check_adapters_dict(self, adapters, argname):
+        if not isinstance(adapters, Mapping):
+            raise TypeError(f"{argname} must be the dict {{leaf path: {{factor: array}}}} returned by "
+                            f"{type(self).__name__}.init(), got {_leaf_kind(adapters)}")
+        for path, f in adapters.items():
+            if not isinstance(path, str):
+                raise TypeError(f"{argname}: keys must be leaf path strings, got {_leaf_kind(path)}")
+            if not isinstance(f, Mapping):
+                raise TypeError(f"{argname}[{path!r}] must be a dict of factors, got {_leaf_kind(f)}")
+            for nm in f:
+                if nm not in self.factor_keys:
+                    raise ValueError(f"{argname}[{path!r}] has an unknown factor {nm!r}: {self._suggest(nm)}")
+
+    @property
+    def trainable_keys(self) -> tuple:
+        """The factor names that train (``factor_keys`` minus ``frozen_keys``)."""
+        return tuple(k for k in self.factor_keys if k not in self.frozen_keys)
+
+    def split(self, adapters) -> tuple[Adapters, Adapters]:
+        """``(trainable, frozen)``: the same paths, the factors split by ``frozen_keys``.
+
+        Pass ``trainable`` to ``jax.grad`` and optax, and rebuild the adapters inside the loss with
+        :meth:`join` (in the spirit of ``equinox.partition``/``combine``)::
+
+            trainable, frozen = rp.split(adapters)
+            loss = lambda t: loss_fn(rp.materialize(base, rp.join(t, frozen)), batch)
+            grads = jax.grad(loss)(trainable)
+
+        For LoRA/DoRA/PiSSA ``frozen`` holds empty dicts. See also :meth:`trainable_mask` for
+        ``optax.masked``/``optax.multi_transform`` on the whole adapters dict.
+        """
+        self._check_adapters_dict(adapters, "adapters")
+        tr = {p: {k: v for k, v in f.items() if k not in self.frozen_keys} for p, f in adapters.items()}
+        fr = {p: {k: v for k, v in f.items() if k in self.frozen_keys} for p, f in adapters.items()}
+        return tr, fr
+
+    def join(self, trainable, frozen) -> Adapters:
+        """Inverse of :meth:`split` (works on traced values). Refuses paths or factors that do not
+        pair up, naming ``trainable``/``frozen``."""
+        self._check_adapters_dict(trainable, "trainable")
+        self._check_adapters_dict(frozen, "frozen")
+        if set(trainable) != set(frozen):
+            miss = sorted(set(trainable) ^ set(frozen))[:4]
+            raise ValueError(f"trainable and frozen name different leaves ({miss}); pass both halves of one "
+                             "rp.split(adapters)")
+        out = {}
+        for p, t in trainable.items():
+            for k in t:
+                if k in self.frozen_keys:
+                    raise ValueError(f"trainable[{p!r}] holds the frozen factor {k!r}; pass rp.split(adapters)[0]")
+            for k in frozen[p]:
+                if k not in self.frozen_keys:
+                    raise ValueError(f"frozen[{p!r}] holds the trainable factor {k!r}; pass rp.split(adapters)[1]")
+            out[p] = {**t, **frozen[p]}
+        return out
+
+    def trainable_mask(self, adapters) -> dict:
+        """``{path: {factor: bool}}``, ``True`` for trainable factors.
+
+        For an optimizer over the whole adapters dict, turn it into ``optax.multi_transform``
+        labels so frozen factors get a zero update::
+
+            labels = jax.tree.map(lambda t: "train" if t else "freeze", rp.trainable_mask(adapters))
+            opt = optax.multi_transform({"train": optax.adam(1e-3), "freeze": optax.set_to_zero()}, labels)
+
+        (``optax.masked`` passes the *incoming* updates of masked-out leaves through unchanged, so
+        it freezes them only if their gradients are zero.) Simplest is :meth:`split`: ``grad`` and
+        the optimizer then never see the frozen part."""
+        self._check_adapters_dict(adapters, "adapters")
+        return {p: {k: k not in self.frozen_keys for k in f} for p, f in adapters.items()}
 
     def _suggest(self, key: str) -> str:
         owner = _FACTOR_OWNER.get(key)
@@ -319,27 +483,38 @@ class Reparam:
                 if not _is_array(x):
                     raise TypeError(f"{argname}[{path!r}][{nm!r}] must be an array, got {_leaf_kind(x)}; "
                                     "wrap it with jnp.asarray")
-                if not jnp.issubdtype(x.dtype, jnp.floating):
+                if nm in self.seed_keys:
+                    if x.dtype != jnp.uint32 or x.ndim < 1 or x.shape[-1] != 2:
+                        raise TypeError(f"{argname}[{path!r}][{nm!r}] must be raw PRNG key data uint32[..., 2] "
+                                        f"(jax.random.key_data), got {x.dtype}{tuple(x.shape)}")
+                elif not jnp.issubdtype(x.dtype, jnp.floating):
                     raise TypeError(f"{argname}[{path!r}][{nm!r}] has dtype {x.dtype}; factors must be floating")
             leaf = flat[path]
             if not jnp.issubdtype(leaf.dtype, jnp.floating):
                 raise TypeError(f"{basename} leaf {path!r} has dtype {leaf.dtype}; expected floating")
             try:
-                ax = self.leaf_axes(path, leaf.shape)
+                bshape, m, n = self.view_shape(path, leaf.shape)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{argname}[{path!r}]: {e}") from None
-            bshape, m, n = axes_lib.matrix_shape(leaf.shape, ax)
-            a, b = f["a"], f["b"]
-            if a.ndim != len(bshape) + 2 or b.ndim != len(bshape) + 2 or \
-                    tuple(a.shape[:-2]) != bshape or tuple(b.shape[:-2]) != bshape or \
-                    a.shape[-2] != m or b.shape[-1] != n or a.shape[-1] != b.shape[-2]:
-                raise ValueError(
-                    f"{argname}[{path!r}]: factors a{tuple(a.shape)} b{tuple(b.shape)} do not fit the "
-                    f"base leaf {tuple(leaf.shape)} (matrix view {bshape + (m, n)}); adapters made for "
-                    "another base, or a different `axes`/`rank` config")
-            self.check_factor_rank(path, a.shape[-1], argname)
-            self._check_extra(path, f, argname)
+            self.check_factors(path, f, bshape, m, n, argname, leaf.shape)
         return flat
+
+    def check_factors(self, path: str, f: Mapping, bshape: tuple, m: int, n: int, argname: str, shape=None):
+        """Shape checks of one leaf's factors against its matrix view ``bshape + (M, N)``.
+
+        Default: ``a: [*bshape, M, r]``, ``b: [*bshape, r, N]`` with ``r`` the config rank
+        (:meth:`check_factor_rank`), then :meth:`_check_extra`. Variants whose factors are not an
+        ``(a, b)`` pair (NOLA's coefficients, CP-LoRA's vectors) override this."""
+        a, b = f["a"], f["b"]
+        if a.ndim != len(bshape) + 2 or b.ndim != len(bshape) + 2 or \
+                tuple(a.shape[:-2]) != bshape or tuple(b.shape[:-2]) != bshape or \
+                a.shape[-2] != m or b.shape[-1] != n or a.shape[-1] != b.shape[-2]:
+            raise ValueError(
+                f"{argname}[{path!r}]: factors a{tuple(a.shape)} b{tuple(b.shape)} do not fit the "
+                f"base leaf {tuple(shape) if shape is not None else ''} (matrix view {bshape + (m, n)}); "
+                "adapters made for another base, or a different `axes`/`rank` config")
+        self.check_factor_rank(path, a.shape[-1], argname)
+        self._check_extra(path, f, argname)
 
     def _check_extra(self, path: str, f: Mapping, argname: str):
         """Variant-specific shape checks of extra factors (DoRA's ``m``)."""
@@ -348,6 +523,8 @@ class Reparam:
         for path, f in adapters.items():
             for nm in self.factor_keys:
                 x = f[nm]
+                if nm in self.seed_keys:
+                    continue
                 if _is_concrete(x) and not _all_finite(x):
                     raise ValueError(f"{argname}[{path!r}][{nm!r}] contains NaN or Inf; refusing to fold "
                                      "non-finite factors into weights (training diverged?)")
@@ -376,8 +553,7 @@ class Reparam:
         new = {}
         for path, f in adapters.items():
             leaf = flat[path]
-            ax = self.leaf_axes(path, leaf.shape)
-            new[path] = axes_lib.from_matrix(fn(axes_lib.to_matrix(leaf, ax), f, path), ax, leaf.shape)
+            new[path] = self.from_view(path, fn(self.to_view(path, leaf), f, path), leaf.shape)
         return tree_lib.replace(params, new)
 
     def materialize(self, base, adapters):
@@ -407,20 +583,21 @@ class Reparam:
         out = {}
         for path, f in adapters.items():
             leaf = flat[path]
-            ax = self.leaf_axes(path, leaf.shape)
-            w = axes_lib.to_matrix(leaf, ax)
-            out[path] = axes_lib.from_matrix(self.delta_matrix(w, f).astype(leaf.dtype), ax, leaf.shape)
+            w = self.to_view(path, leaf)
+            out[path] = self.from_view(path, self.delta_matrix(w, f).astype(leaf.dtype), leaf.shape)
         return out
 
     def num_params(self, adapters) -> int:
-        """Number of trainable scalars in ``adapters``."""
+        """Number of trainable scalars in ``adapters`` (factors in ``frozen_keys`` -- frozen bases,
+        seeds -- are not counted; for LoRA/DoRA/PiSSA that is every factor)."""
         if not isinstance(adapters, Mapping):
             raise TypeError(f"adapters must be the dict returned by init(), got {_leaf_kind(adapters)}")
         leaves = jax.tree_util.tree_leaves(adapters)
         for x in leaves:
             if not _is_array(x):
                 raise TypeError(f"adapters must hold arrays, found {_leaf_kind(x)}")
-        return int(sum(np.prod(x.shape) for x in leaves))
+        return int(sum(np.prod(x.shape) for f in adapters.values() if isinstance(f, Mapping)
+                       for k, x in f.items() if k not in self.frozen_keys))
 
 
 def _low_rank(form: LowRankForm, cd):

@@ -45,7 +45,6 @@ import jax
 import jax.numpy as jnp
 
 from lrjax import _validation as V
-from lrjax import axes as axes_lib
 from lrjax.reparam.base import LowRankForm, _all_finite, _is_array, _is_concrete, _leaf_kind, _low_rank
 from lrjax.reparam.lora import LoRA
 
@@ -131,8 +130,7 @@ class DoRA(LoRA):
         flat = self._check(base, adapters, basename="base")
         out = {}
         for p, f in adapters.items():
-            ax = self.leaf_axes(p, flat[p].shape)
-            out[p] = column_norm(self._direction(axes_lib.to_matrix(flat[p], ax), f), dtype=f["m"].dtype)
+            out[p] = column_norm(self._direction(self.to_view(p, flat[p]), f), dtype=f["m"].dtype)
         return out
 
     def unmerge_leaf(self, w_merged, f, path):

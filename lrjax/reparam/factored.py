@@ -280,6 +280,11 @@ def factored(fn: Callable[..., Any], rp, *, mode: str = "auto", stats: FactoredS
         lowrank = {}
         for k, f in adapters.items():
             v = flat[k]
+            if not rp.axes_view:  # factors in another matricization (ConvLoRA): use the dense weight
+                lowrank[k] = rp.from_view(k, rp.apply_leaf(rp.to_view(k, v), f), v.shape)
+                if stats is not None:
+                    stats.fallback.append(f"view:{k}")
+                continue
             ax = rp.leaf_axes(k, v.shape)
             form = rp.factors(axes_lib.to_matrix(v, ax), f)
             lowrank[k] = _LowRank(v, form.a, form.b.astype(form.a.dtype), form.scale, form.col_scale, ax)

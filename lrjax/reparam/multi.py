@@ -26,7 +26,6 @@ from typing import Mapping
 import jax.numpy as jnp
 
 from lrjax import _validation as V
-from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 from lrjax.reparam.base import Adapters, Reparam, _is_array, _is_concrete, _leaf_kind
 from lrjax.reparam.pissa import PiSSA
@@ -142,9 +141,8 @@ def combine(base, named: Mapping[str, Adapters], rps, weights: Mapping[str, floa
         flat = rp._check(base, ad, argname=f"named[{name!r}]", basename="base")
         rp._check_finite(flat, ad, argname=f"named[{name!r}]", basename="base")
         for path, f in ad.items():
-            ax = rp.leaf_axes(path, flat[path].shape)
-            d = rp.delta_matrix(axes_lib.to_matrix(flat[path], ax), f)
-            parts.setdefault(path, []).append((w, axes_lib.from_matrix(d, ax, flat[path].shape)))
+            d = rp.delta_matrix(rp.to_view(path, flat[path]), f)
+            parts.setdefault(path, []).append((w, rp.from_view(path, d, flat[path].shape)))
     out = {}
     for path, terms in parts.items():
         leaf = flat[path]

@@ -51,6 +51,7 @@ class PiSSA(LoRA):
     steps). Rank-deficient and all-zero weights are valid (see the module docstring)."""
 
     n_iter: int | None = None
+    rewrites_base = True  # init returns the residual W - s A B
 
     def __post_init__(self):
         super().__post_init__()
