@@ -21,15 +21,17 @@ def _params(seed=0, dtype=jnp.float32):
 
 
 def _trained(rp, params, seed=1):
-    """Adapters with non-zero B (as after training) and some gates set to exactly 0."""
-    base, ad = rp.init(jax.random.key(0), params)
+    """Adapters with non-zero B (as after training) and some gates set to exactly 0 (built in NumPy:
+    eager per-op dispatch of many small jax ops is slow on a loaded CPU)."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for p, f in ad.items():
-        out[p] = {k: jnp.asarray(rng.standard_normal(x.shape), x.dtype) for k, x in f.items()}
-    out["fc/kernel"]["g"] = out["fc/kernel"]["g"].at[jnp.array([0, 2])].set(0.0)
-    out["stack/kernel"]["g"] = out["stack/kernel"]["g"].at[:, 1].set(0.0).at[0, 3].set(0.0)
-    return base, out
+    dt = params["fc"]["kernel"].dtype if rp.dtype is None else rp.dtype
+    r = rp.rank
+    shapes = {"fc/kernel": ((6, r), (r, 5), (r,)), "stack/kernel": ((3, 4, r), (3, r, 5), (3, r))}
+    out = {p: {k: rng.standard_normal(s) for k, s in zip("abg", sh)} for p, sh in shapes.items()}
+    out["fc/kernel"]["g"][[0, 2]] = 0.0
+    out["stack/kernel"]["g"][:, 1] = 0.0
+    out["stack/kernel"]["g"][0, 3] = 0.0
+    return params, {p: {k: jnp.asarray(x, dt) for k, x in f.items()} for p, f in out.items()}
 
 
 def _ref_eff(w, f, s):
@@ -90,6 +92,25 @@ def test_materialize_equals_numpy_and_factored(alpha):
     np.testing.assert_array_equal(eff["fc"]["bias"], params["fc"]["bias"])
     x = jnp.asarray(np.random.default_rng(5).standard_normal((7, 6)), jnp.float32)
     np.testing.assert_allclose(lrjax.factored(_mlp, rp)(base, ad, x), _mlp(eff, x), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_factored_and_vmap_over_adapters():
+    params = _params(dtype=jnp.bfloat16)
+    rp = CoDyRA(rank=4)
+    base, ad = _trained(rp, params)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((7, 6)), jnp.bfloat16)
+    eff = rp.materialize(base, ad)
+    assert eff["fc"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(eff["fc"]["kernel"], np.float32),
+                               _ref_eff(params["fc"]["kernel"].astype(jnp.float32), ad["fc/kernel"], 1.0),
+                               rtol=1e-2, atol=2e-2)  # one bfloat16 rounding of the f32 result
+    fc = lambda ps, x: x @ ps["fc"]["kernel"]  # noqa: E731
+    y_f = lrjax.factored(fc, rp)(base, ad, x)
+    np.testing.assert_allclose(np.asarray(y_f, np.float32), np.asarray(fc(eff, x), np.float32), rtol=2e-2, atol=5e-2)
+    # vmap over a stack of adapters (e.g. seeds)
+    stacked = jax.tree.map(lambda v: jnp.stack([v, 2 * v]), ad)
+    out = jax.vmap(lambda a: rp.materialize(base, a)["fc"]["kernel"])(stacked)
+    np.testing.assert_array_equal(out[0], eff["fc"]["kernel"])
 
 
 def test_gate_gradient_equals_numpy():

@@ -143,7 +143,10 @@ class CoDyRA(Reparam):
 
         A rank ``j`` of a leaf is kept if ``g[..., j] != 0`` for *any* batch element (an ``nn.scan``
         stack ``[L, ...]`` keeps one rank for all its layers); a leaf whose gates are all 0 keeps an
-        empty rank-0 adapter (``a: [*batch, M, 0]``), so the adapters keep the same leaves.
+        empty rank-0 adapter (``a: [*batch, M, 0]``), so the adapters keep the same leaves
+        (``materialize``, ``merge``, :func:`lrjax.factored` and :meth:`next_task` accept it; Orbax,
+        hence :func:`lrjax.checkpoint.save_adapters`, refuses zero-size arrays: save before pruning
+        or after :meth:`next_task`).
         The result has data-dependent shapes: it needs concrete gates and cannot run under
         ``jax.jit`` (call it between training phases, e.g. before :meth:`next_task`). The optimizer
         state of the old shapes does not fit the pruned adapters; re-``init`` the optimizer.
