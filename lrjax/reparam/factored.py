@@ -12,8 +12,12 @@ exactly the leaf's input axes (see :mod:`lrjax.axes`) with the kernel on the rig
 ``(dot(x, W) + s dot(dot(x, A), B)) * c``; dtype casts of the kernel are applied to the factors;
 ``pjit``/``closed_call`` bodies are inlined so the value is followed through nested calls;
 stacked ``[L, in, out]`` kernels are followed into ``lax.scan`` bodies (``nn.scan`` stacks) and a
-transposed 2-D kernel stays low-rank. Any other use of the kernel (a conv, a kernel on the left of
-an einsum, a DoRA stack inside a scan)
+transposed 2-D kernel stays low-rank. A ``conv_general_dilated`` with a conv kernel
+``[*window, C_in, C_out]`` in the default view (Flax ``nn.Conv``, 1-D/2-D/3-D, any strides, padding
+and dilations, ``feature_group_count == batch_group_count == 1``) becomes
+``(conv(x, K) + s conv_1x1(conv_kxk(x, A), B)) * c`` (PEFT's conv LoRA form, see
+:mod:`lrjax.reparam.conv`). Any other use of the kernel (a grouped conv, a kernel on the left of
+an einsum, a DoRA stack inside a scan, a variant with its own matrix view such as ConvLoRA)
 falls back to the materialized weight for that use only -- always correct, never silently wrong.
 
 Precision: the fallback's materialized weight follows lrjax's one-rounding rule (computed in
@@ -148,6 +152,47 @@ def _fused(dot, lowrank, ax, shape, s):
     return f
 
 
+def _conv_factored(eqn, x, lr: _LowRank):
+    """``conv(x, K) + s conv_1x1(conv_kxk(x, A), B)`` (times ``c`` per output channel) for a conv
+    kernel ``K: [*window, C_in, C_out]`` in the default :mod:`lrjax.axes` view (``A: [prod(window)
+    C_in, r]`` is a ``[*window, C_in, r]`` kernel run with the base's strides, padding, dilations
+    and layout; ``B: [r, C_out]`` is a ``1 x 1`` conv, computed as a contraction over the feature
+    axis). Exact because every output position of a convolution is a linear map of the gathered
+    input window. ``None`` (materialized fallback) for grouped convs (``feature_group_count`` or
+    ``batch_group_count`` != 1), a stacked or permuted kernel view, or a ``dimension_numbers``
+    kernel spec other than ``[*window, in, out]``."""
+    p = eqn.params
+    n = lr.w.ndim
+    if lr.ax != axes_lib.Axes((), tuple(range(n - 1)), (n - 1,)) or n < 3:
+        return None
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return None
+    dn = p["dimension_numbers"]
+    if tuple(dn.rhs_spec) != (n - 1, n - 2) + tuple(range(n - 2)):
+        return None
+    bind = eqn.primitive.get_bind_params(p)
+
+    def conv(lhs, kernel):
+        with eqn.ctx.manager:
+            return eqn.primitive.bind(lhs, kernel, **bind)
+
+    dt = lr.w.dtype
+    r = lr.a.shape[-1]
+    a = lr.a.astype(dt).reshape(lr.w.shape[:-1] + (r,))
+    b = lr.b.astype(dt)
+    fo = dn.out_spec[1]  # the feature axis of the output
+    y = conv(x, lr.w)
+    xa = conv(x, a).astype(dt)
+    low = lax.dot_general(xa, b, (((fo,), (0,)), ((), ())), preferred_element_type=p.get("preferred_element_type"))
+    low = jnp.moveaxis(low, -1, fo)
+    y = y + (lr.scale * low).astype(y.dtype)
+    if lr.c is not None:
+        shape = [1] * y.ndim
+        shape[fo] = lr.c.shape[-1]
+        y = y * lr.c.reshape(shape).astype(y.dtype)
+    return y.astype(eqn.outvars[0].aval.dtype)
+
+
 def _shift(ax: axes_lib.Axes) -> axes_lib.Axes:
     """Axes of a leaf after its leading (scanned) axis is sliced off."""
     dec = lambda t: tuple(i - 1 for i in t)  # noqa: E731
@@ -212,6 +257,11 @@ def _eval(jaxpr, consts, args, stats: FactoredStats, mode: str):
         if has_lr:
             if name == "dot_general" and not isinstance(invals[0], _LowRank) and isinstance(invals[1], _LowRank):
                 out = _dot_factored(invals[0], invals[1], eqn.params, eqn.outvars[0].aval, mode)
+                if out is not None:
+                    stats.factored += 1
+            elif name == "conv_general_dilated" and not isinstance(invals[0], _LowRank) \
+                    and isinstance(invals[1], _LowRank):
+                out = _conv_factored(eqn, invals[0], invals[1])
                 if out is not None:
                     stats.factored += 1
             elif name == "convert_element_type" and isinstance(invals[0], _LowRank):

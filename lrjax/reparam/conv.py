@@ -1,0 +1,290 @@
+"""Low-rank adapters for convolution kernels in Flax's HWIO layout: three conventions.
+
+A Flax ``nn.Conv`` kernel is ``K: [kh, kw, C_in, C_out]`` (HWIO); torch's ``Conv2d.weight`` is
+``W_t: [C_out, C_in, kh, kw]`` (OIHW) with ``K[h, w, i, o] = W_t[o, i, h, w]``. Three ways to put
+a low-rank update on it are in use, and lrjax has all three.
+
+1. PEFT's conv LoRA (and DoRA) = plain :class:`lrjax.LoRA` / :class:`lrjax.RSLoRA` / :class:`lrjax.DoRA`
+------------------------------------------------------------------------------------------------
+PEFT (``peft/tuners/lora/layer.py::_ConvNd``) adds ``s * B(A(x))`` with ``A`` a ``kh x kw`` conv
+``C_in -> r`` (the base's stride and padding) and ``B`` a ``1 x 1`` conv ``r -> C_out``, i.e.
+
+.. math::  \\Delta W_t[o, i, h, w] = s \\sum_j B_t[o, j]\\, A_t[j, i, h, w],
+           \\qquad A_t: [r, C_in, kh, kw],\\; B_t: [C_out, r, 1, 1].
+
+lrjax's default matrix view of a 4-D kernel (:mod:`lrjax.axes`) is ``[kh*kw*C_in, C_out]``
+(rows ordered ``(h, w, i)``, row-major). In that view the update above is exactly LoRA's
+``s A B`` with
+
+.. math::  A[(h, w, i), j] = A_t[j, i, h, w] \\;(A: [kh\\,kw\\,C_{in}, r]),\\qquad
+           B[j, o] = B_t[o, j, 0, 0] \\;(B: [r, C_{out}]),
+
+so ``lrjax.LoRA(rank=r)`` on a conv kernel *is* PEFT's conv LoRA (same parameter count
+``r (kh kw C_in + C_out)``, same scale ``alpha / r``, same init ``A ~ U(+-1/sqrt(kh kw C_in))``
+= torch's ``kaiming_uniform_(a=sqrt(5))`` on ``A_t``, ``B = 0``), and
+:func:`lrjax.interop.export_peft` / :func:`~lrjax.interop.import_peft` convert the factors
+(``lora_A.weight = A.reshape(kh, kw, C_in, r).transpose(3, 2, 0, 1)``,
+``lora_B.weight = B^T[:, :, None, None]``). DoRA's magnitude in PEFT
+(``tuners/lora/dora.py::_DoraConvNdLayer.get_weight_norm``) is one value per output channel,
+the L2 norm over ``(C_in, kh, kw)``; lrjax.DoRA's column norm over the ``[kh*kw*C_in, C_out]``
+view is the same set of entries, so ``lrjax.DoRA`` is PEFT's conv DoRA (PEFT stores the
+magnitude as ``[1, C_out, 1, 1]``). Verified against PEFT on torch in
+``tests/test_conv_adapters.py``. :func:`lrjax.factored` runs these adapters on a
+``conv_general_dilated`` as ``conv(x, K) + s conv_1x1(conv_kxk(x, A), B)`` (times DoRA's
+per-channel scale) instead of forming ``K + s A B``.
+
+One difference from PEFT: PEFT builds ``A`` with the base's stride and padding but **not its
+dilation**, so for a dilated base conv PEFT's unmerged forward is not ``conv(x, W + dW)``
+(its own ``merge`` gives a different model). lrjax always adds the update to the kernel, which
+is what PEFT's merged model computes.
+
+2. :class:`ConvLoRA`: loralib's convention (microsoft/LoRA ``loralib/layers.py::ConvLoRA``, used by DSCLoRA)
+----------------------------------------------------------------------------------------------------------
+``A_l: [r k, C_in k]``, ``B_l: [C_out k, r k]`` and
+``dW_t = s * reshape(B_l A_l, (C_out, C_in, k, k))`` (row-major), ``s = alpha / r``,
+``A_l ~ kaiming_uniform_(a=sqrt(5))`` (``U(+-1/sqrt(C_in k))``), ``B_l = 0``; square kernels
+(``kh = kw = k``) only, as in loralib. The matrix ``B_l A_l`` is a rank-``r k`` matrix in a
+*different* matricization of the kernel -- ``OIHW`` flattened and cut into ``C_out k`` rows of
+``C_in k`` -- so :class:`ConvLoRA` overrides the matrix-view hooks: ``to_view(K) =
+reshape(transpose(K, OIHW), (C_out k, C_in k))^T`` (``[C_in k, C_out k]``, lrjax's ``[in, out]``
+orientation) and stores ``a = A_l^T: [C_in k, r k]``, ``b = B_l^T: [r k, C_out k]``, a plain
+``(a, b)`` pair in that view. Rank rule: ``r k <= min(C_out k, C_in k)``, i.e.
+``rank <= min(C_in, C_out)``. Parameters ``r k^2 (C_in + C_out)``. The update is not a pair of
+convolutions, so :func:`lrjax.factored` uses the materialized kernel for these leaves.
+
+3. :class:`CPLoRA`: a rank-``R`` CP decomposition of the 4-D update (arXiv:2508.01772)
+-----------------------------------------------------------------------------------
+.. math::  \\Delta W_t = s \\sum_{q=1}^{R} a_q \\circ b_q \\circ c_q \\circ d_q,\\qquad
+           \\Delta K[h, w, i, o] = s \\sum_q H[h, q]\\, Wd[w, q]\\, I[i, q]\\, O[o, q]
+
+with factors ``{"out": O [C_out, R], "inp": I [C_in, R], "h": H [kh, R], "w": Wd [kw, R]}``,
+``s = alpha / R``, parameters ``R (C_out + C_in + kh + kw)``. In lrjax's default view this is a
+LoRA with ``A = `` the Khatri-Rao product of ``(H, Wd, I)`` in HWIO row order
+(``[kh kw C_in, R]``) and ``B = O^T`` (``[R, C_out]``), which :meth:`CPLoRA.factors` returns,
+so ``materialize``/``merge``/``delta`` and the two-convolution factored path work unchanged, and
+a CP-LoRA is exactly a PEFT conv LoRA of rank ``R`` with that ``A``.
+
+Init (the paper's code is not public and its text is not in the reference set, so this is
+lrjax's documented choice, **UNVERIFIED** against the authors): ``O = 0`` -- the output-side
+factor, the analogue of LoRA's ``B = 0`` -- so the model is unchanged at init and the first
+gradient step moves ``O`` only (``dL/dO`` is non-zero, the other factors' gradients are zero
+while ``O = 0``, exactly as for LoRA's ``A``); ``I ~ U(+-1/sqrt(C_in))``,
+``H ~ U(+-sqrt(3/kh))``, ``Wd ~ U(+-sqrt(3/kw))``, so every entry of the Khatri-Rao ``A`` has
+variance ``1 / (3 kh kw C_in)``, the variance of LoRA's ``A ~ U(+-1/sqrt(kh kw C_in))``
+(the update's initial scale matches PEFT's conv LoRA at equal ``alpha / R``). The CP rank is not
+bounded by ``min(M, N)`` (higher ranks were better in the paper); lrjax refuses ``R`` above
+``C_out C_in kh kw / max(C_out, C_in, kh, kw)``, the generic upper bound on the CP rank of any
+tensor of that shape (more components are always redundant).
+
+Bad input
+---------
+Both :class:`ConvLoRA` and :class:`CPLoRA` adapt 4-D (2-D convolution) kernels only: a Dense
+leaf (2-D), a 1-D/3-D conv kernel, a non-square kernel (ConvLoRA), ``axes=`` (their matrix view
+is fixed), a rank above the bounds above, and factors of the wrong shape raise ``ValueError``
+naming the leaf, the argument and the fix (``lrjax.LoRA`` adapts any kernel in PEFT's
+convention). Precision follows lrjax's one-rounding rule (see :mod:`lrjax.reparam.base`).
+"""
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrjax import _validation as V
+from lrjax.reparam.base import LowRankForm, Reparam
+
+__all__ = ["ConvLoRA", "CPLoRA"]
+
+# Leaf shapes of the params being initialized. ``Reparam.init`` hands ``init_leaf`` the matrix
+# view only; these variants need the kernel's own shape (k, C_in, ...) to lay out their factors.
+_INIT_SHAPES: contextvars.ContextVar = contextvars.ContextVar("lrjax_conv_init_shapes", default=None)
+
+
+def _conv4(rp, path: str, shape, *, square: bool) -> tuple[int, int, int, int]:
+    """``(kh, kw, C_in, C_out)`` of a 2-D conv kernel leaf; ``ValueError`` naming the leaf otherwise."""
+    name = type(rp).__name__
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 2:
+        raise ValueError(
+            f"{name}: leaf {path!r} has shape {shape}, a Dense kernel [in, out]; {name} adapts 2-D convolution "
+            "kernels [kh, kw, C_in, C_out] (Flax nn.Conv, HWIO) only. Use lrjax.LoRA for Dense leaves (and for "
+            "PEFT's conv LoRA convention), or narrow `targets` to the conv kernels")
+    if len(shape) != 4:
+        raise ValueError(
+            f"{name}: leaf {path!r} has shape {shape}; {name} adapts 4-D kernels [kh, kw, C_in, C_out] of 2-D "
+            "convolutions (Flax nn.Conv, HWIO) only. Use lrjax.LoRA (PEFT's conv convention, any kernel rank), or "
+            "narrow `targets`")
+    kh, kw, ci, co = shape
+    if square and kh != kw:
+        raise ValueError(
+            f"{name}: leaf {path!r} has a non-square {kh}x{kw} window (shape {shape}); loralib's ConvLoRA "
+            "reshapes B A into [C_out, C_in, k, k] and needs kh == kw. Use lrjax.CPLoRA or lrjax.LoRA (PEFT's "
+            "conv convention) for this leaf, or narrow `targets`")
+    return kh, kw, ci, co
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShapeAwareInit(Reparam):
+    """``init`` that lets ``init_leaf``/``check_leaf_rank`` read the kernel's own shape."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.axes is not None:
+            raise ValueError(f"axes: {type(self).__name__} has a fixed matrix view of the 4-D HWIO conv kernel "
+                             f"and takes no axes override; got axes={self.axes!r:.80}. Drop axes=")
+
+    def init(self, key, params, *, grads=None):
+        flat = V.check_params(params, "params")
+        token = _INIT_SHAPES.set({p: tuple(x.shape) for p, x in flat.items() if hasattr(x, "shape")})
+        try:
+            return super().init(key, params, grads=grads)
+        finally:
+            _INIT_SHAPES.reset(token)
+
+    @staticmethod
+    def _init_shape(path: str) -> tuple:
+        shapes = _INIT_SHAPES.get()
+        if shapes is None or path not in shapes:  # pragma: no cover - only reachable outside init
+            raise RuntimeError(f"leaf shape of {path!r} is only known inside init()")
+        return shapes[path]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLoRA(_ShapeAwareInit):
+    """loralib's ConvLoRA on a Flax HWIO kernel ``[k, k, C_in, C_out]``: ``dW_t = s reshape(B_l A_l,
+    (C_out, C_in, k, k))`` with ``A_l: [r k, C_in k]``, ``B_l: [C_out k, r k]`` (see the module docstring).
+
+    Adapters hold ``{"a": A_l^T [C_in k, r k], "b": B_l^T [r k, C_out k]}`` in the matrix view
+    ``[C_in k, C_out k]`` of :meth:`to_view`. ``W_eff = W + (alpha / r) dW``.
+
+    Args:
+      rank: ``r``, an int ``>= 1`` with ``r <= min(C_in, C_out)`` of every targeted kernel (the
+        factors' rank is ``r k``).
+      alpha: scale numerator (loralib's ``lora_alpha``), finite ``> 0`` or ``None`` (= ``rank``).
+      targets: which leaves (4-D conv kernels only; see :mod:`lrjax.tree`).
+      axes: must be ``None`` (the view is fixed).
+      dtype: factor dtype (default: the kernel's).
+
+    Init: ``A_l ~ U(+-1/sqrt(C_in k))`` (torch's ``kaiming_uniform_(a=sqrt(5))``), ``B_l = 0``.
+    """
+
+    def view_shape(self, path, shape):
+        kh, _, ci, co = _conv4(self, path, shape, square=True)
+        return (), ci * kh, co * kh
+
+    def to_view(self, path, leaf):
+        kh, _, ci, co = _conv4(self, path, leaf.shape, square=True)
+        return jnp.transpose(leaf, (3, 2, 0, 1)).reshape(co * kh, ci * kh).T
+
+    def from_view(self, path, mat, shape):
+        k, _, ci, co = _conv4(self, path, shape, square=True)
+        return jnp.transpose(mat.T.reshape(co, ci, k, k), (2, 3, 1, 0))
+
+    def check_leaf_rank(self, path, m, n):
+        k, _, ci, co = self._init_shape(path)
+        if self.rank > min(ci, co):
+            raise ValueError(
+                f"rank={self.rank}: ConvLoRA's factors for leaf {path!r} (k={k}, C_in={ci}, C_out={co}) have rank "
+                f"r*k = {self.rank * k}, above min(C_out k, C_in k) = {min(ci, co) * k} of its [C_in k, C_out k] "
+                f"matricization; use rank <= min(C_in, C_out) = {min(ci, co)}")
+
+    def init_leaf(self, key, w, path):
+        k = self._init_shape(path)[0]
+        m, n = w.shape
+        rk = self.rank * k
+        dt = self.factor_dtype(w)
+        bound = 1.0 / np.sqrt(m)
+        a = jax.random.uniform(key, (m, rk), jnp.float32, -bound, bound).astype(dt)
+        return w, {"a": a, "b": jnp.zeros((rk, n), dt)}
+
+    def check_factors(self, path, f, bshape, m, n, argname, shape=None):
+        k = _conv4(self, path, shape, square=True)[0]
+        rk = self.rank * k
+        a, b = f["a"], f["b"]
+        if tuple(a.shape) != (m, rk) or tuple(b.shape) != (rk, n):
+            hint = ""
+            if tuple(a.shape) == (rk, m) or tuple(b.shape) == (n, rk):
+                hint = " (loralib's own orientation? lrjax stores a = lora_A^T and b = lora_B^T)"
+            raise ValueError(
+                f"{argname}[{path!r}]: ConvLoRA factors a{tuple(a.shape)} b{tuple(b.shape)} do not fit the kernel "
+                f"{tuple(shape)}: expected a [C_in k, r k] = {(m, rk)} and b [r k, C_out k] = {(rk, n)} with "
+                f"rank={self.rank}, k={k}{hint}; adapters made for another base or another rank")
+
+
+def _khatri_rao(h, w, inp, cd):
+    """``A[(h, w, i), q] = H[h, q] Wd[w, q] I[i, q]``: ``[kh kw C_in, R]`` in HWIO row order."""
+    kh, kw, ci, r = h.shape[0], w.shape[0], inp.shape[0], h.shape[1]
+    a = h.astype(cd)[:, None, None, :] * w.astype(cd)[None, :, None, :] * inp.astype(cd)[None, None, :, :]
+    return a.reshape(kh * kw * ci, r)
+
+
+@dataclasses.dataclass(frozen=True)
+class CPLoRA(_ShapeAwareInit):
+    """CP-LoRA: ``dK[h, w, i, o] = (alpha / R) sum_q H[h,q] Wd[w,q] I[i,q] O[o,q]`` on a Flax HWIO
+    kernel ``[kh, kw, C_in, C_out]`` (see the module docstring).
+
+    Adapters hold ``{"out": O [C_out, R], "inp": I [C_in, R], "h": H [kh, R], "w": Wd [kw, R]}``;
+    :meth:`factors` returns the equivalent matrix-view LoRA ``A = KhatriRao(H, Wd, I)``
+    ``[kh kw C_in, R]``, ``B = O^T`` ``[R, C_out]``.
+
+    Args:
+      rank: the CP rank ``R``, an int ``>= 1``, at most ``C_out C_in kh kw / max(C_out, C_in, kh, kw)``.
+      alpha: scale numerator, finite ``> 0`` or ``None`` (= ``rank``); ``s = alpha / R``.
+      targets: which leaves (4-D conv kernels only).
+      axes: must be ``None``.
+      dtype: factor dtype (default: the kernel's).
+
+    Init (UNVERIFIED against the paper, see the module docstring): ``O = 0``,
+    ``I ~ U(+-1/sqrt(C_in))``, ``H ~ U(+-sqrt(3/kh))``, ``Wd ~ U(+-sqrt(3/kw))``.
+    """
+
+    factor_keys = ("out", "inp", "h", "w")
+
+    def view_shape(self, path, shape):
+        kh, kw, ci, co = _conv4(self, path, shape, square=False)
+        return (), kh * kw * ci, co
+
+    def check_leaf_rank(self, path, m, n):
+        dims = self._init_shape(path)
+        bound = math.prod(dims) // max(dims)
+        if self.rank > bound:
+            raise ValueError(
+                f"rank={self.rank}: the CP rank of leaf {path!r} (shape {dims}) is at most "
+                f"prod(shape) / max(shape) = {bound}; components beyond that are redundant. Use rank <= {bound}")
+
+    def init_leaf(self, key, w, path):
+        kh, kw, ci, co = self._init_shape(path)
+        dt = self.factor_dtype(w)
+        r = self.rank
+        k_inp, k_h, k_w = jax.random.split(key, 3)
+
+        def u(k, shape, bound):
+            return jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dt)
+
+        return w, {"out": jnp.zeros((co, r), dt), "inp": u(k_inp, (ci, r), 1.0 / np.sqrt(ci)),
+                   "h": u(k_h, (kh, r), np.sqrt(3.0 / kh)), "w": u(k_w, (kw, r), np.sqrt(3.0 / kw))}
+
+    def factors(self, w, f) -> LowRankForm:
+        cd = V.compute_dtype(*(f[k].dtype for k in self.factor_keys))
+        a = _khatri_rao(f["h"], f["w"], f["inp"], cd)
+        return LowRankForm(a, jnp.swapaxes(f["out"], 0, 1), self.scale, None)
+
+    def check_factors(self, path, f, bshape, m, n, argname, shape=None):
+        kh, kw, ci, co = _conv4(self, path, shape, square=False)
+        want = {"out": co, "inp": ci, "h": kh, "w": kw}
+        for nm, d in want.items():
+            x = f[nm]
+            if x.ndim != 2 or x.shape[0] != d:
+                raise ValueError(
+                    f"{argname}[{path!r}][{nm!r}] has shape {tuple(x.shape)}, expected [{d}, R] for the kernel "
+                    f"{tuple(shape)} [kh, kw, C_in, C_out] (CPLoRA factors: out [C_out, R], inp [C_in, R], "
+                    "h [kh, R], w [kw, R]); adapters made for another base?")
+        ranks = {nm: f[nm].shape[1] for nm in want}
+        if len(set(ranks.values())) != 1:
+            raise ValueError(f"{argname}[{path!r}]: CPLoRA factors disagree on the CP rank R (second axis): "
+                             f"{ranks}; all four must have the same R")
+        self.check_factor_rank(path, ranks["out"], argname)
