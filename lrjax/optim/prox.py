@@ -1,7 +1,7 @@
 """Proximal soft-threshold (L1) step as an optax transformation, for CoDyRA's rank gates.
 
-CoDyRA (*Adaptive Rank, Reduced Forgetting: Knowledge Retention in Continual Learning
-Vision-Language Models with Dynamic Rank-Selective LoRA*; official code
+CoDyRA (Lu et al. 2024, *Adaptive Rank, Reduced Forgetting: Knowledge Retention in Continual
+Learning Vision-Language Models with Dynamic Rank-Selective LoRA*, arXiv:2412.01004; official code
 ``Artificer-AI-Lab/CoDyRA``, ``models/codyra.py::train_model``) trains its per-rank gates ``g``
 (:class:`lrjax.reparam.codyra.CoDyRA`) with a proximal-gradient method on ``L(g) + lambda ||g||_1``:
 after every optimizer step it applies the proximal map of the L1 norm, the soft threshold
@@ -18,16 +18,18 @@ by ``lambda``. In optax this is a transformation chained *after* the base optimi
 It reads ``params`` to form the candidate ``x = p + u`` (``u`` the incoming update) and returns
 the update ``prox_lambda(x) - p``, so that ``optax.apply_updates`` lands on ``prox_lambda(x)``:
 ``-p`` where ``|x| <= lambda`` (the entry lands on exactly ``+0.0``) and ``u - lambda sign(x)``
-elsewhere (exactly ``u`` when ``lambda = 0``). ``lambda`` is the threshold itself (as in the official code, where it is not
-multiplied by the learning rate); for the proximal-gradient step of ``lr * lambda ||g||_1`` pass
-``lam = lr * lambda``.
+elsewhere (exactly ``u`` when ``lambda = 0``). ``lambda`` is the threshold itself (as in the
+official code, where it is not multiplied by the learning rate); for the proximal-gradient step
+of ``lr * lambda ||g||_1`` pass ``lam = lr * lambda``.
 
-Official-code quirk (not reproduced): the official code applies the threshold with three
-sequential masked in-place writes (``p[p > l] -= l; p[p < -l] += l; p[|p| < l] = 0``). A value in
-``(l, 2l)`` is first shrunk into ``(0, l)`` and then zeroed by the third write, and ``|p| = l``
-exactly is kept, so its effective rule is ``0`` for ``|p| < 2l`` (except ``|p| = l``) and
-``p - l sign(p)`` for ``|p| >= 2l``: a threshold of about ``2 lambda``. lrjax pins the standard
-proximal map above (threshold ``lambda``); to mimic the official sparsity level, double ``lam``.
+Official-code quirk (not reproduced): the official code thresholds in place with three masked
+writes in sequence -- first it shrinks the entries above ``lambda`` by ``lambda``, then it raises
+the entries below ``-lambda`` by ``lambda``, then it zeroes the entries with ``|p| < lambda``. An
+entry in ``(lambda, 2 lambda)`` is shrunk into ``(0, lambda)`` by the first write and zeroed by the
+third, and ``|p| = lambda`` exactly is left as is, so its effective rule is ``p -> 0`` for
+``|p| < 2 lambda`` (except ``|p| = lambda``) and ``p -> p - lambda sign(p)`` for ``|p| >= 2 lambda``:
+the zero set of a ``2 lambda`` threshold with the shrinkage of a ``lambda`` one. lrjax pins the
+standard proximal map above (threshold and shrinkage ``lambda``).
 
 Precision: ``x = p + u`` and the threshold are computed in ``promote_types(p, u, float32)``; the
 returned update is rounded once to ``u``'s dtype.

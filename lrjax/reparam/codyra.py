@@ -1,7 +1,8 @@
 """CoDyRA: dynamic rank-selective LoRA with per-rank gates, for continual learning.
 
-Paper: *Adaptive Rank, Reduced Forgetting: Knowledge Retention in Continual Learning
-Vision-Language Models with Dynamic Rank-Selective LoRA* (CoDyRA). Official code
+Paper: Lu et al. 2024, *Adaptive Rank, Reduced Forgetting: Knowledge Retention in Continual
+Learning Vision-Language Models with Dynamic Rank-Selective LoRA* (CoDyRA), arXiv:2412.01004.
+Official code
 ``Artificer-AI-Lab/CoDyRA`` @c1691e4c4c8a (``loralib/codyra.py::codyra_Linear``,
 ``models/codyra.py::train_model, finetune``), whose facts are followed here.
 
