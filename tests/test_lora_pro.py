@@ -265,15 +265,23 @@ def _peft_setup(seed, rslora=False, r=2, alpha=4):
     return model, rp, torch_steps, jax_steps
 
 
-@pytest.mark.parametrize("rslora,wd", [(False, 0.1), (True, 0.0)])
-def test_lora_fa_matches_peft(monkeypatch, rslora, wd):
+@pytest.mark.reference
+@pytest.mark.parametrize("rslora,wd,eps", [(False, 0.1, 1e-3), (True, 0.0, None)])
+def test_lora_fa_matches_peft(monkeypatch, rslora, wd, eps):
+    """eps=1e-3 (set on PEFT's param group) is large enough to tell the HF placement
+    ``m / (sqrt(v) + eps)`` from torch's ``m_hat / (sqrt(v_hat) + eps)``; None = PEFT's 1e-6."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
     from peft.optimizers import create_lorafa_optimizer
     import peft.optimizers.lorafa as lorafa_mod
     monkeypatch.setattr(lorafa_mod, "is_bf16_available", lambda *a, **k: False)   # float32 math, as lrjax
     model, rp, torch_steps, jax_steps = _peft_setup(7, rslora)
     lr = 1e-2
-    ref = torch_steps(create_lorafa_optimizer(model, r=2, lora_alpha=4, lr=lr, weight_decay=wd), 4)
-    got = jax_steps(lora_fa(lr, rp, weight_decay=wd), 4)
+    topt = create_lorafa_optimizer(model, r=2, lora_alpha=4, lr=lr, weight_decay=wd)
+    if eps is not None:
+        topt.param_groups[0]["eps"] = eps
+    ref = torch_steps(topt, 4)
+    got = jax_steps(lora_fa(lr, rp, weight_decay=wd, **({} if eps is None else {"eps": eps})), 4)
     a0 = got[0][0]
     for (ra, rb), (ja, jb) in zip(ref, got):
         np.testing.assert_array_equal(ja, a0)                 # A frozen
@@ -282,15 +290,17 @@ def test_lora_fa_matches_peft(monkeypatch, rslora, wd):
     assert np.abs(got[-1][1] - got[0][1]).max() > 1e-3
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("inner", ["adamw", "sgd"])
 def test_riemannian_matches_peft(inner):
-    import torch
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
     from peft.optimizers import create_riemannian_optimizer
     model, rp, torch_steps, jax_steps = _peft_setup(8)
     lr = 1e-2 if inner == "adamw" else 5e-2
     if inner == "adamw":
-        topt = create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr, reg=1e-2, weight_decay=0.1)
-        jopt = riemannian_lora(lr, rp, reg=1e-2, weight_decay=0.1)
+        topt = create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr, reg=1e-2, weight_decay=0.1, eps=1e-3)
+        jopt = riemannian_lora(lr, rp, reg=1e-2, weight_decay=0.1, eps=1e-3)   # eps large enough to matter
     else:
         topt = create_riemannian_optimizer(model, torch.optim.SGD, lr=lr, reg=1e-2)
         jopt = optax.chain(scale_by_riemannian_lora(rp, reg=1e-2), optax.sgd(lr))
