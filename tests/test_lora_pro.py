@@ -490,3 +490,13 @@ def test_bad_trees_named():
     with pytest.raises(TypeError, match="state"):
         scale_by_lora_pro(rp).update(g, optax.EmptyState(), ad)
     assert isinstance(st[0], LoRAProState)
+
+
+def test_state_memory_as_documented():
+    from lrjax.optim import nbytes
+    M, N, r = 40, 30, 4
+    ad = {"k": {"a": jnp.ones((M, r)), "b": jnp.zeros((r, N), jnp.bfloat16)}}
+    rp = lrjax.LoRA(rank=r)
+    assert nbytes(lora_pro(1e-3, rp).init(ad)) == 2 * 4 * (M + N) * r + 4        # float32 moments + count
+    assert nbytes(lora_pro(1e-3, rp, variant="full").init(ad)) == 2 * 4 * M * N + 4
+    assert nbytes(lora_fa(1e-3, rp).init(ad)) == 2 * 4 * r * N + 4
