@@ -372,3 +372,37 @@ def test_bad_init_input():
         LoRAGA(rank=3).init(jax.random.key(0), p, grads=g)
     with pytest.raises(V, match=r"rank=7 exceeds min\(M, N\) = 6 for leaf 'd0/kernel'"):
         LoRAGA(rank=7).init(jax.random.key(0), p, grads=g)
+
+
+# ------------------------------------------------------------------ factored path, export math
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_factored_equals_materialized(dtype):
+    import lrjax
+    rp = LoRAGA(rank=2, alpha=4.0)
+    p = _params(dtype)
+    base, ad = rp.init(jax.random.key(0), p, grads=_grads(dtype))
+    ad = {k: {"a": (f["a"].astype(jnp.float32) * 1.5).astype(dtype), "b": f["b"]} for k, f in ad.items()}
+
+    def fwd(q, x):
+        h = jnp.tanh(x.astype(dtype) @ q["d0"]["kernel"] + q["d0"]["bias"])
+        return h @ q["d1"]["kernel"] + q["d1"]["bias"]
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((7, 6)), dtype)
+    stats = lrjax.reparam.FactoredStats()
+    y_f = lrjax.factored(fwd, rp, stats=stats)(base, ad, x)
+    y_m = fwd(rp.materialize(base, ad), x)
+    assert stats.factored == 2 and not stats.fallback
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(_np(y_f), _np(y_m), rtol=tol, atol=tol)
+
+
+def test_rank_2r_conversion_gives_a_lora_on_the_original_weights():
+    """What a PEFT export of LoRA-GA must write (rewrites_base): W_res + s A B = W + s [A | A0][B ; -B0]."""
+    from lrjax.interop import pissa_to_lora
+    rp = LoRAGA(rank=2, alpha=4.0)
+    p = _params()
+    base, ad0 = rp.init(jax.random.key(0), p, grads=_grads())
+    ad = {k: {"a": f["a"] + 0.1, "b": f["b"] - 0.2} for k, f in ad0.items()}   # "trained"
+    lora, conv = pissa_to_lora(rp, ad, ad0)
+    assert lora.rank == 4 and lora.scale == rp.scale
+    np.testing.assert_allclose(_np(lora.materialize(p, conv)["d0"]["kernel"]),
+                               _np(rp.materialize(base, ad)["d0"]["kernel"]), atol=1e-5)

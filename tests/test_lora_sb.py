@@ -192,6 +192,8 @@ def test_num_params_merge_unmerge_and_stacked_counts():
     base, ad = rp.init(jax.random.key(0), p)
     assert rp.num_params(ad) == 2 * 2 ** 2 and rp.trainable_keys == ("r",)
     assert rp.trainable_mask(ad) == {k: {"a": False, "r": True, "b": False} for k in ad}
+    form = rp.factors(None, ad["d0/kernel"])  # exporters read the form without a base
+    np.testing.assert_allclose(_np(form.a), _np(ad["d0/kernel"]["a"]) @ _np(ad["d0/kernel"]["r"]), atol=1e-6)
     ad = {k: {**f, "r": f["r"] + jnp.eye(2)} for k, f in ad.items()}
     merged = rp.merge(base, ad)
     np.testing.assert_allclose(_np(rp.unmerge(merged, ad)["d1"]["kernel"]), _np(p["d1"]["kernel"]), atol=1e-5)

@@ -53,6 +53,15 @@ same choice: ``"gd_scale"`` is PEFT's name for ``"gd"``, ``"weight_svd"`` PEFT's
 ``"weightS"``, and each semantics applies its own rule to it.) ``norm_clip=True`` (official only):
 if ``max|s B_0 A_0| > max|W|``, both factors are multiplied by ``sqrt(max|W| / max|s B_0 A_0|)``.
 
+Every difference of PEFT's ``lora_ga_init`` (0.21.2) from the official code, all reproduced by
+``semantics="peft"``: ``B_0 = U_{I_B} diag(S_{I_B})`` (singular values on ``B``, not unit vectors);
+the stable factor on ``B_0`` only; ``"weight_svd"`` rescales ``B_0`` by ``S_W,1 / S_{I_B,1}``
+(``S_W,1`` from ``svd_lowrank(W, q=r, niter=4)``) instead of the official mean-root rule;
+``"random"`` uses the same indices for ``A`` and ``B``; the factors are cast to the base dtype
+before the residual is computed; no ``norm_clip``. Not reproduced: without a gradient PEFT falls
+back to LoRA's default init (for loading saved adapters); lrjax refuses ``init`` without
+``grads``.
+
 Free choices, pinned:
 
 * The SVDs are exact (:func:`lrjax.linalg.svd`, float32) by default; both codes use

@@ -106,7 +106,8 @@ class _CoreReparam(Reparam):
 
     def factors(self, w, f: dict) -> LowRankForm:
         """``(A R, B, s, None)``: ``A R`` in ``promote_types(w, A, R, B, float32)``."""
-        cd = self.compute_dtype(w, f)
+        cd = self.compute_dtype(w, f) if w is not None else \
+            V.compute_dtype(*(f[k].dtype for k in self.factor_keys))  # w=None: exporters read the form only
         return LowRankForm(f["a"].astype(cd) @ f["r"].astype(cd), f["b"], self.scale, None)
 
     def _check_extra(self, path: str, f: Mapping, argname: str):
