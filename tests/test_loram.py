@@ -207,6 +207,19 @@ def test_jit_and_dtypes():
     for a, b in zip(jax.tree_util.tree_leaves(small), jax.tree_util.tree_leaves(small_j)):
         assert a.dtype == b.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # a PruneGroup is hashable: it can be a static argument
+    small_s = jax.jit(prune, static_argnums=1)(params, g)
+    np.testing.assert_array_equal(np.asarray(small_s["Dense_1"]["kernel"], np.float32),
+                                  np.asarray(small["Dense_1"]["kernel"], np.float32))
+    assert hash(g) == hash(PruneGroup(**G0, keep=np.array([1, 2, 6])))
+    # grad through prune (a gather): 1 at kept positions, 0 at pruned ones; vmap over a model batch
+    p32 = _mlp3(seed=8)
+    gk = jax.grad(lambda p: prune(p, g)["Dense_0"]["kernel"].sum())(p32)["Dense_0"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(gk)[:, [1, 2, 6]], 1.0)
+    np.testing.assert_array_equal(np.asarray(gk)[:, [0, 3, 4, 5]], 0.0)
+    two = jax.tree_util.tree_map(lambda x: jnp.stack([x, 2 * x]), p32)
+    vm = jax.vmap(lambda p: prune(p, g))(two)
+    np.testing.assert_array_equal(np.asarray(vm["Dense_1"]["kernel"][1]), 2 * np.asarray(prune(p32, g)["Dense_1"]["kernel"]))
     rp = LoRA(rank=2, targets=["Dense_0/kernel", "Dense_1/kernel"], dtype=jnp.float32)
     _, ad = rp.init(jax.random.key(0), small)
     ad = _perturb(ad)

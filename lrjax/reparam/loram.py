@@ -66,14 +66,23 @@ rows (``inp``) or columns (``out``) starting at ``u * head_dim * minor``. Hence:
 Every leaf of a group must have the same number of units. Leaves whose ``ndim`` equals
 ``keep.ndim`` are *vectors* (biases, norm scales; the unit axis is the last) and may only be
 listed in ``out``.
+
 Grouped-query attention: the official code keeps KV heads and expands them to query heads
 (``num_heads / num_kv_heads`` query heads per KV head); express that as two groups, one for
-k/v with the KV-head ``keep`` and one for q/o with the expanded ``keep``.
+k/v with the KV-head ``keep`` and one for q/o with the expanded
+``keep_q = (keep_kv[:, None] * g + np.arange(g)).reshape(-1)``, ``g = num_heads // num_kv_heads``.
 
 Stacked layers (``nn.scan`` kernels ``[L, in, out]``): a 1-D ``keep`` ``[k]`` prunes the same
 units in every layer; a 2-D ``keep`` ``[L, k]`` (any ``[*batch, k]``) prunes different units per
 layer, and every leaf of that group must have the matrix-view batch shape ``[*batch]`` (vectors
 ``[*batch, N]``). The number kept ``k`` is the same for every layer (shapes stay rectangular).
+
+Paper claims (not reproduced here): LoRA training of LLaMA-3.1-70B on a 20 GB GPU; QLoRAM
+(structured pruning + 4-bit quantization) cuts the parameter storage that dominates LoRA training
+memory 15.81x (LLaMA-2-70B: 16.95x); the recovered 70B model beats the untuned 70B and
+LoRA-trained 8B/13B models. Not provided: the alignment stage itself (ordinary training), the
+paper's unstructured / semi-structured (SparseGPT, 2:4) variants (shapes do not change, so their
+"recovery" is the identity) and QLoRAM's quantization.
 
 Supported adapters: :class:`lrjax.LoRA` and :class:`lrjax.RSLoRA` (``{path: {"a", "b"}}``, scale
 independent of the base weight). DoRA (its magnitude ``m`` and column norms are those of the
@@ -177,7 +186,9 @@ class PruneGroup:
     Args:
       out: leaf paths (or regexes, matched like :func:`lrjax.tree.select`) whose OUTPUT axis
         indexes the units: the producing layer's kernel and its bias, e.g.
-        ``["Dense_0/kernel", "Dense_0/bias"]`` (LLaMA: ``gate_proj``, ``up_proj``; q/k/v).
+        ``["Dense_0/kernel", "Dense_0/bias"]`` (LLaMA: ``gate_proj``, ``up_proj``; q/k/v). Every
+        matching leaf is pruned (``"Dense_0/kernel"`` also matches ``"params/Dense_0/kernel"``;
+        a pattern that matches nothing is refused, listing the nearest paths).
       inp: leaf paths whose INPUT axis indexes the units: the consuming layer's kernel, e.g.
         ``["Dense_1/kernel"]`` (LLaMA: ``down_proj``; ``o_proj``).
       keep: the kept unit indices, strictly increasing, ``[k]`` (the same units in every stacked
