@@ -496,11 +496,11 @@ def test_export_rejects_stacked_and_conv(tmp_path):
     conv = {"conv": {"kernel": np.ones((3, 3, 4, 8), np.float32)}}
     ad = random_adapters(rp, conv)
     with pytest.raises(ValueError, match="'conv/kernel'.*convolution"):
-        export_peft(tmp_path, rp, ad, params=conv)
+        export_peft(tmp_path, rp, ad)  # conv leaves need params= (the window shape)
     conv1d = {"Conv_0": {"kernel": np.ones((3, 4, 8), np.float32)}}  # 1-D conv: [w, in, out], no batch axes
     ad = random_adapters(rp, conv1d)
     with pytest.raises(ValueError, match="'Conv_0/kernel'.*convolution"):
-        export_peft(tmp_path, rp, ad, params=conv1d)
+        export_peft(tmp_path, rp, ad)
     assert not os.path.exists(tmp_path / "adapter_config.json")
     with pytest.raises(TypeError, match="lrjax reparam"):
         export_peft(tmp_path, object(), ad)

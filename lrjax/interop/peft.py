@@ -34,8 +34,18 @@ Which leaves can be exchanged
 Leaves whose matrix view has no batch axes and keeps the axis order: 2-D Dense kernels
 ``[in, out]`` and the 3-D attention kernels of :mod:`lrjax.axes` (q/k/v ``[E, H, D]`` is a
 torch ``Linear(E, H*D)``; ``out`` ``[H, D, E]`` is a ``Linear(H*D, E)``, head-major, as
-``reshape`` flattens). Stacked (``nn.scan``) leaves have one adapter per layer in PEFT and
-convolution kernels use PEFT's Conv LoRA layout; both are rejected with a ``ValueError``.
+``reshape`` flattens). Stacked (``nn.scan``) leaves have one adapter per layer in PEFT and are
+rejected with a ``ValueError``.
+
+Convolution kernels (Flax ``nn.Conv`` ``[*window, C_in, C_out]``: 4-D or 5-D leaves, or 3-D leaves
+whose path contains ``conv``, in the default view ``[prod(window) C_in, C_out]``) map onto PEFT's
+conv LoRA (``torch.nn.Conv1d/2d/3d``): ``lora_A.weight [r, C_in, *window]`` is ``a`` reshaped to
+``[*window, C_in, r]`` with its axes moved, ``lora_B.weight [C_out, r, 1, ...]`` is ``b^T``, and
+DoRA's ``lora_magnitude_vector`` is ``m`` as ``[1, C_out, 1, ...]``. lrjax's LoRA/RSLoRA/DoRA on
+such a kernel *is* PEFT's conv LoRA/DoRA (see :mod:`lrjax.reparam.conv`). ``export_peft`` needs
+``params=`` for conv leaves (the window shape); grouped convs (``groups > 1``, which PEFT cannot
+merge) are refused on import. A :class:`~lrjax.reparam.conv.CPLoRA` exports as its equivalent
+rank-``R`` conv LoRA.
 
 PiSSA
 -----
@@ -187,17 +197,25 @@ def _variant(rp) -> tuple[bool, bool]:
     return use_dora, use_rslora
 
 
+def _is_conv_leaf(path: str, shape) -> bool:
+    """A convolution kernel ``[*window, C_in, C_out]`` by lrjax.axes' rule: 4-D or more, or 3-D named *conv*."""
+    return len(shape) >= 4 or (len(shape) == 3 and bool(_CONV.search(path)))
+
+
 def _leaf_matrix_shape(path: str, shape, ax: axes_lib.Axes, argname: str) -> tuple[int, int]:
-    """``(M, N)`` of a leaf that maps onto one torch ``Linear``; ``ValueError`` otherwise."""
+    """``(M, N)`` of a leaf that maps onto one torch ``Linear`` or ``ConvNd``; ``ValueError`` otherwise."""
     shape = tuple(shape)
     if ax.batch:
         raise ValueError(
             f"{argname}: leaf {path!r} (shape {shape}) has batch axes {ax.batch} (a stacked / nn.scan "
             "leaf); PEFT stores one adapter per torch Linear, so unstack the layers first")
-    if len(shape) >= 4 or (len(shape) == 3 and _CONV.search(path)):
-        raise ValueError(
-            f"{argname}: leaf {path!r} (shape {shape}) is not a Dense/attention kernel (a convolution?); "
-            "PEFT's Conv LoRA layout is not supported by lrjax.interop.peft")
+    if _is_conv_leaf(path, shape):
+        n = len(shape)
+        if ax != axes_lib.Axes((), tuple(range(n - 1)), (n - 1,)):
+            raise ValueError(
+                f"{argname}: leaf {path!r} (shape {shape}) is a convolution kernel [*window, C_in, C_out] with the "
+                f"matrix view {ax}; PEFT's conv LoRA layout is the default view [prod(window) C_in, C_out] "
+                "(drop the axes override for this leaf)")
     if ax.inp + ax.out != tuple(range(len(shape))):
         raise ValueError(
             f"{argname}: leaf {path!r} uses a transposed matrix view {ax}; only views that keep the axis "
@@ -251,6 +269,44 @@ def _check_adapters(adapters, name: str = "adapters") -> None:
             raise TypeError(f"{name}[{path!r}] must be a dict with 'a' and 'b' factors, got {f!r:.60}")
 
 
+def _cp_as_lora(rp, adapters):
+    """A :class:`~lrjax.reparam.conv.CPLoRA` and its adapters as the equivalent rank-``R`` LoRA
+    (``a`` = Khatri-Rao product, ``b = O^T``, same ``alpha``); anything else unchanged."""
+    from lrjax.reparam.conv import ConvLoRA, CPLoRA
+
+    if isinstance(rp, ConvLoRA):
+        raise TypeError("ConvLoRA (loralib's convention: a reshape of a [C_out k, r k] x [r k, C_in k] product) has "
+                        "no PEFT equivalent; PEFT's conv LoRA is lrjax.LoRA on the conv kernel")
+    if not isinstance(rp, CPLoRA):
+        return rp, adapters
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise TypeError(f"adapters must be the non-empty dict returned by rp.init(), got {type(adapters).__name__}")
+    out = {}
+    for path, f in adapters.items():
+        if not isinstance(f, Mapping) or set(f) != set(rp.factor_keys):
+            raise TypeError(f"adapters[{path!r}] must be a CPLoRA factor dict with keys {list(rp.factor_keys)}")
+        for k in rp.factor_keys:
+            _factor_np(f[k], f"adapters[{path!r}][{k!r}]")
+        form = rp.factors(None, f)
+        out[path] = {"a": form.a, "b": form.b.astype(form.a.dtype)}
+    return LoRA(rank=rp.rank, alpha=_alpha_of(rp), targets=rp.targets, dtype=rp.dtype), out
+
+
+def _conv_a_to_peft(a: np.ndarray, shape) -> np.ndarray:
+    """lrjax ``a: [prod(window) C_in, r]`` -> PEFT ``lora_A.weight: [r, C_in, *window]``."""
+    *window, ci, _ = shape
+    nd = len(window)
+    x = a.reshape(tuple(window) + (ci, a.shape[-1]))
+    return np.transpose(x, (nd + 1, nd) + tuple(range(nd)))
+
+
+def _conv_a_from_peft(at: np.ndarray) -> np.ndarray:
+    """PEFT ``lora_A.weight: [r, C_in, *window]`` -> lrjax ``a: [prod(window) C_in, r]``."""
+    nd = at.ndim - 2
+    x = np.transpose(at, tuple(range(2, 2 + nd)) + (1, 0))
+    return x.reshape(-1, at.shape[0])
+
+
 # ---------------------------------------------------------------------------- export
 def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNames = None,
                 base_model_name_or_path: str | None = None, params=None, init_adapters: dict | None = None,
@@ -265,15 +321,22 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
         ``...lora_magnitude_vector`` = ``m``).
       rp: the :class:`~lrjax.LoRA`, :class:`~lrjax.RSLoRA`, :class:`~lrjax.DoRA` or
         :class:`~lrjax.PiSSA` that made ``adapters`` (sets ``r``, ``lora_alpha``, ``use_rslora``,
-        ``use_dora``).
+        ``use_dora``), or a :class:`~lrjax.reparam.conv.CPLoRA`, written as the equivalent PEFT
+        conv LoRA of rank ``R`` (``A`` = the Khatri-Rao product of its factors, ``B = O^T``; exact).
+        loralib's :class:`~lrjax.reparam.conv.ConvLoRA` has no PEFT equivalent (``TypeError``).
       adapters: ``{leaf_path: {"a": [M, r], "b": [r, N](, "m": [N])}}`` without batch axes; NaN or
         Inf factors raise ``ValueError`` naming the entry.
       module_names: leaf path -> torch module name override (see the module docstring); the default
         drops ``/kernel`` and joins with dots.
       base_model_name_or_path: written to the config (e.g. a Hub id); ``None`` by default.
-      params: optional base params; when given, every adapted leaf is checked to be a Dense or
-        attention kernel (convolutions and stacked leaves raise ``ValueError``) and the factors are
-        validated against it. Without it only the factor shapes are checked.
+      params: optional base params; when given, every adapted leaf is checked to be a Dense,
+        attention or convolution kernel (stacked leaves raise ``ValueError``) and the factors are
+        validated against it. Without it only the factor shapes are checked. **Required for
+        convolution kernels** (the window shape is read from it): conv leaves are written in PEFT's
+        conv layout, ``lora_A.weight = a.reshape(*window, C_in, r)`` moved to ``[r, C_in, *window]``,
+        ``lora_B.weight = b^T [C_out, r, 1, ...]``, DoRA ``lora_magnitude_vector = m [1, C_out, 1, ...]``
+        (see :mod:`lrjax.reparam.conv`); without ``params`` a leaf whose path contains ``conv`` is
+        refused.
       init_adapters: PiSSA only: the factors ``rp.init`` returned before training; needed by the
         default ``pissa="lora"``.
       pissa: PiSSA only, how to write it so that PEFT reproduces lrjax's model:
@@ -290,6 +353,7 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
     from safetensors.numpy import save_file
 
     path_dir = _check_path(path_dir)
+    rp, adapters = _cp_as_lora(rp, adapters)
     use_dora, use_rslora = _variant(rp)
     _check_adapters(adapters)
     pissa = check_choice(pissa, "pissa", _PISSA_MODES)
@@ -329,10 +393,20 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
     elif init_adapters is not None:
         raise ValueError(f"init_adapters is only used to export a PiSSA adapter; rp is {type(rp).__name__}, "
                          "drop init_adapters")
+    conv_shapes: dict[str, tuple] = {}
     if params is not None:
         flat = rp._check(params, adapters)
         for path in adapters:
             _leaf_matrix_shape(path, flat[path].shape, rp.leaf_axes(path, flat[path].shape), "export_peft")
+            if _is_conv_leaf(path, flat[path].shape):
+                conv_shapes[path] = tuple(flat[path].shape)
+    else:
+        for path in adapters:
+            if _CONV.search(path):
+                raise ValueError(
+                    f"export_peft: leaf {path!r} looks like a convolution kernel; pass params=... (the base params) "
+                    "so its window shape is known: PEFT stores conv LoRA as lora_A.weight [r, C_in, *window] and "
+                    "lora_B.weight [C_out, r, 1, ...]")
     namer = _namer(module_names)
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, str] = {}
@@ -363,14 +437,22 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
             raise ValueError(f"module_names: leaves {modules[name]!r} and {path!r} both map to module {name!r}")
         modules[name] = path
         key = KEY_PREFIX + name
-        tensors[key + _SUFFIX_A] = np.ascontiguousarray(a.T)
-        tensors[key + _SUFFIX_B] = np.ascontiguousarray(b.T)
+        cshape = conv_shapes.get(path)
+        ones = (1,) * (len(cshape) - 2) if cshape else ()
+        if cshape:  # PEFT's conv LoRA: a k x k conv C_in -> r, then a 1 x 1 conv r -> C_out
+            tensors[key + _SUFFIX_A] = np.ascontiguousarray(_conv_a_to_peft(a, cshape))
+            tensors[key + _SUFFIX_B] = np.ascontiguousarray(b.T.reshape(b.shape[1], b.shape[0], *ones))
+        else:
+            tensors[key + _SUFFIX_A] = np.ascontiguousarray(a.T)
+            tensors[key + _SUFFIX_B] = np.ascontiguousarray(b.T)
         if use_dora:
             if "m" not in f:
                 raise ValueError(f"adapters[{path!r}] has no DoRA magnitude 'm'")
             m = _factor_np(f["m"], f"adapters[{path!r}]['m']")
             if m.shape != (b.shape[1],):
                 raise ValueError(f"adapters[{path!r}]['m'] has shape {m.shape}, expected {(b.shape[1],)}")
+            if cshape:  # PEFT keeps a conv DoRA magnitude as [1, C_out, 1, ...]
+                m = m.reshape((1, m.shape[0]) + ones)
             tensors[key + _SUFFIX_M] = np.ascontiguousarray(m)
 
     config = {
@@ -744,6 +826,12 @@ def import_peft(path_dir, params, *, module_names: ModuleNames = None, pissa: st
         m_dim, n_dim = _leaf_matrix_shape(path, leaf.shape, axes_lib.default_axes(path, leaf.shape), "import_peft")
         at, bt = g["A"], g["B"]
         where = f"{st_path}: module {module!r}"
+        if _is_conv_leaf(path, leaf.shape):
+            adapters[path] = _import_conv(where, path, leaf, g, rank, use_dora)
+            continue
+        if at.ndim > 2:
+            raise ValueError(f"{where} has conv-shaped lora_A {at.shape} / lora_B {bt.shape}, but its leaf {path!r} "
+                             f"{tuple(leaf.shape)} is not a convolution kernel; wrong base model or module mapping?")
         torch_shape = f"torch Linear weight [out, in] = [{n_dim}, {m_dim}] for leaf {path!r} {tuple(leaf.shape)}"
         if at.ndim != 2 or bt.ndim != 2:
             raise ValueError(f"{where} has lora_A {at.shape} / lora_B {bt.shape}; only "
@@ -797,6 +885,38 @@ def import_peft(path_dir, params, *, module_names: ModuleNames = None, pissa: st
         rp = LoRA(rank=rank, alpha=alpha, targets=targets)
     rp._check(params, adapters)
     return rp, adapters
+
+
+def _import_conv(where: str, path: str, leaf, g: dict, rank: int, use_dora: bool) -> dict:
+    """PEFT conv LoRA tensors (``lora_A [r, C_in, *window]``, ``lora_B [C_out, r, 1, ...]``, DoRA
+    ``lora_magnitude_vector [1, C_out, 1, ...]``) -> lrjax factors of the default conv view."""
+    *window, ci, co = tuple(leaf.shape)
+    ones = (1,) * len(window)
+    at, bt = g["A"], g["B"]
+    want_a, want_b = (rank, ci, *window), (co, rank, *ones)
+    if tuple(at.shape) != want_a or tuple(bt.shape) != want_b:
+        hint = ""
+        if at.ndim == 2 or bt.ndim == 2:
+            hint = " (Linear-shaped tensors for a conv leaf: wrong base model or module mapping?)"
+        elif bt.ndim == len(want_b) and bt.shape[0] == co and bt.shape[1] != rank and rank % max(bt.shape[1], 1) == 0:
+            hint = (f" (lora_B has {bt.shape[1]} of r={rank} input channels: a grouped conv, groups="
+                    f"{rank // bt.shape[1]}; PEFT cannot merge those and lrjax does not import them)")
+        elif at.ndim == len(want_a) and at.shape[0] == rank and at.shape[1] != ci:
+            hint = " (C_in differs: a grouped conv, or another base?)"
+        raise ValueError(
+            f"{where}: conv lora_A {tuple(at.shape)} / lora_B {tuple(bt.shape)} do not fit leaf {path!r} "
+            f"{tuple(leaf.shape)} [*window, C_in, C_out] with r={rank}: expected lora_A [r, C_in, *window] = {want_a} "
+            f"and lora_B [C_out, r, 1, ...] = {want_b}{hint}")
+    dt = leaf.dtype
+    f = {"a": jnp.asarray(_conv_a_from_peft(np.asarray(at)), dtype=dt),
+         "b": jnp.asarray(np.asarray(bt).reshape(co, rank).T, dtype=dt)}
+    if use_dora:
+        mv = np.asarray(g["m"])
+        if tuple(mv.shape) not in ((1, co, *ones), (co,)):
+            raise ValueError(f"{where} has lora_magnitude_vector {tuple(mv.shape)}, expected PEFT's conv layout "
+                             f"{(1, co, *ones)} for leaf {path!r}")
+        f["m"] = jnp.asarray(mv.reshape(co), dtype=dt)
+    return f
 
 
 # ------------------------------------------------------------------------ PiSSA -> LoRA

@@ -1,0 +1,243 @@
+"""Conv adapters on Flax HWIO kernels (lrjax/reparam/conv.py): PEFT's conv LoRA/DoRA = lrjax
+LoRA/DoRA in the default view (cross-checked on torch), loralib's ConvLoRA and CP-LoRA against
+float64 NumPy transcriptions, the two-convolution factored path, PEFT conv import/export, bad input."""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import lrjax
+from lrjax.reparam.conv import ConvLoRA, CPLoRA
+from lrjax.reparam.factored import FactoredStats, factored
+
+T, V = TypeError, ValueError
+KEY = jax.random.key(0)
+
+
+@pytest.fixture(autouse=True)
+def _highest():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def _kernel(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def _perturb(adapters, seed=5, scale=0.2):
+    """Non-zero factors (init has a zero factor, which would hide every error in the update)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: x + jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), adapters)
+
+
+def _conv_nhwc(x, k, stride=1, padding="SAME", dilation=1):
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), padding, rhs_dilation=(dilation, dilation),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# ------------------------------------------------------------------------- ConvLoRA
+def test_convlora_matches_loralib_transcription():
+    """dW_t = s reshape(B_l A_l, (C_out, C_in, k, k)) row-major (loralib), in float64 NumPy."""
+    k, ci, co, r, alpha = 3, 4, 5, 2, 3.0
+    p = {"conv": {"kernel": _kernel((k, k, ci, co))}}
+    rp = ConvLoRA(rank=r, alpha=alpha)
+    base, ad0 = rp.init(KEY, p)
+    f0 = ad0["conv/kernel"]
+    assert f0["a"].shape == (ci * k, r * k) and f0["b"].shape == (r * k, co * k)
+    assert not np.any(np.asarray(f0["b"])) and base is p
+    np.testing.assert_array_equal(rp.materialize(base, ad0)["conv"]["kernel"], p["conv"]["kernel"])
+    bound = 1 / np.sqrt(ci * k)  # kaiming_uniform_(a=sqrt(5)) on lora_A [r k, C_in k]
+    assert np.abs(np.asarray(f0["a"])).max() <= bound and np.abs(np.asarray(f0["a"])).max() > 0.5 * bound
+    assert rp.num_params(ad0) == r * k * k * (ci + co)
+
+    ad = _perturb(ad0)
+    f = {n: np.asarray(v, np.float64) for n, v in ad["conv/kernel"].items()}
+    a_l, b_l = f["a"].T, f["b"].T  # loralib's lora_A [r k, C_in k], lora_B [C_out k, r k]
+    dw_t = (alpha / r) * (b_l @ a_l).reshape(co, ci, k, k)
+    ref = np.asarray(p["conv"]["kernel"], np.float64) + dw_t.transpose(2, 3, 1, 0)
+    got = rp.materialize(base, ad)["conv"]["kernel"]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # the update has rank <= r k in loralib's [C_out k, C_in k] matricization, not in lrjax's default one
+    d = np.asarray(rp.delta(base, ad)["conv/kernel"], np.float64)
+    assert np.linalg.matrix_rank(d.transpose(3, 2, 0, 1).reshape(co * k, ci * k), tol=1e-4) <= r * k
+    assert np.linalg.matrix_rank(d.reshape(k * k * ci, co), tol=1e-4) == co
+    # merge / unmerge round trip, view round trip
+    merged = rp.merge(base, ad)
+    np.testing.assert_allclose(rp.unmerge(merged, ad)["conv"]["kernel"], p["conv"]["kernel"], atol=1e-5)
+    w = p["conv"]["kernel"]
+    np.testing.assert_array_equal(rp.from_view("conv/kernel", rp.to_view("conv/kernel", w), w.shape), w)
+
+
+def test_convlora_jit_grad_vmap_bf16():
+    p = {"conv": {"kernel": _kernel((3, 3, 4, 6)).astype(jnp.bfloat16)}}
+    rp = ConvLoRA(rank=2)
+    base, ad = rp.init(KEY, p)
+    ad = _perturb(ad)
+    x = jnp.ones((1, 5, 5, 4), jnp.bfloat16)
+
+    def loss(ad):
+        return jnp.sum(_conv_nhwc(x, rp.materialize(base, ad)["conv"]["kernel"]).astype(jnp.float32) ** 2)
+
+    g = jax.jit(jax.grad(loss))(ad)
+    assert g["conv/kernel"]["a"].dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g["conv/kernel"]["a"])))
+    eff = rp.materialize(base, ad)["conv"]["kernel"]
+    assert eff.dtype == jnp.bfloat16
+    # one rounding: float32 computation rounded once to bfloat16
+    ref = rp.materialize(jax.tree.map(lambda v: v.astype(jnp.float32), base), ad)["conv"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(eff, np.float32), np.asarray(ref.astype(jnp.bfloat16), np.float32))
+    stacked = jax.tree.map(lambda v: jnp.stack([v, 2 * v]), ad)
+    out = jax.vmap(lambda a: rp.materialize(base, a)["conv"]["kernel"])(stacked)
+    assert out.shape == (2, 3, 3, 4, 6)
+
+
+# --------------------------------------------------------------------------- CPLoRA
+def test_cplora_matches_cp_einsum_and_init():
+    kh, kw, ci, co, r, alpha = 3, 2, 4, 5, 3, 6.0
+    p = {"Conv_0": {"kernel": _kernel((kh, kw, ci, co))}}
+    rp = CPLoRA(rank=r, alpha=alpha)
+    base, ad0 = rp.init(KEY, p)
+    f0 = ad0["Conv_0/kernel"]
+    assert {n: v.shape for n, v in f0.items()} == {"out": (co, r), "inp": (ci, r), "h": (kh, r), "w": (kw, r)}
+    assert not np.any(np.asarray(f0["out"]))  # O = 0: output unchanged at init
+    np.testing.assert_array_equal(rp.materialize(base, ad0)["Conv_0"]["kernel"], p["Conv_0"]["kernel"])
+    assert rp.num_params(ad0) == r * (co + ci + kh + kw)
+
+    ad = _perturb(ad0)
+    f = {n: np.asarray(v, np.float64) for n, v in ad["Conv_0/kernel"].items()}
+    dk = (alpha / r) * np.einsum("hq,wq,iq,oq->hwio", f["h"], f["w"], f["inp"], f["out"])
+    np.testing.assert_allclose(rp.delta(base, ad)["Conv_0/kernel"], dk, rtol=1e-5, atol=1e-6)
+    # factors() is the matrix-view LoRA: A = Khatri-Rao(H, W, I) in HWIO row order, B = O^T
+    form = rp.factors(None, ad["Conv_0/kernel"])
+    np.testing.assert_allclose(form.a, np.einsum("hq,wq,iq->hwiq", f["h"], f["w"], f["inp"]).reshape(-1, r),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(form.b, f["out"].T.astype(np.float32))
+
+    # at init only O gets a gradient (the others multiply O = 0), as LoRA's B
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 6, ci)), jnp.float32)
+    g = jax.grad(lambda a: jnp.sum(_conv_nhwc(x, rp.materialize(base, a)["Conv_0"]["kernel"]) ** 2))(ad0)
+    g = g["Conv_0/kernel"]
+    assert np.abs(np.asarray(g["out"])).max() > 0
+    for n in ("inp", "h", "w"):
+        assert not np.any(np.asarray(g[n])), n
+
+
+def test_cplora_init_variance_matches_lora():
+    """Every entry of the Khatri-Rao A has variance 1/(3 kh kw C_in), LoRA's A ~ U(+-1/sqrt(M))."""
+    kh, kw, ci, co, r = 3, 3, 16, 8, 48
+    p = {"conv": {"kernel": jnp.zeros((kh, kw, ci, co))}}
+    rp = CPLoRA(rank=r)
+    _, ad = rp.init(KEY, p)
+    a = np.asarray(rp.factors(None, ad["conv/kernel"]).a)
+    assert abs(a.var() * 3 * kh * kw * ci - 1.0) < 0.15
+
+
+# ------------------------------------------------------------------ factored path
+class ConvNet(nn.Module):
+    dtype: object = jnp.float32
+    groups: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(6, (3, 3), strides=2, padding="SAME", name="conv_a", dtype=self.dtype)(x)
+        x = nn.Conv(6, (3, 3), padding="VALID", kernel_dilation=2, feature_group_count=self.groups, name="conv_b",
+                    dtype=self.dtype)(jnp.tanh(x))
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        return nn.Conv(4, (2,), padding="SAME", name="conv_c", dtype=self.dtype)(x)  # a 1-D conv
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "cp", "convlora"])
+def test_factored_equals_materialize(kind, dtype):
+    model = ConvNet(dtype)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 12, 12, 3)), dtype)
+    params = jax.tree.map(lambda v: v.astype(dtype), model.init(KEY, x))
+    conv2d = r"conv_[ab]/kernel"
+    rp = {"lora": lrjax.LoRA(rank=2, alpha=3.0), "dora": lrjax.DoRA(rank=2),
+          "cp": CPLoRA(rank=3, targets=conv2d), "convlora": ConvLoRA(rank=1, targets=conv2d)}[kind]
+    base, ad = rp.init(KEY, params)
+    ad = _perturb(ad)
+    st = FactoredStats()
+    y = jax.jit(factored(model.apply, rp, stats=st))(base, ad, x)
+    y0 = model.apply(rp.materialize(base, ad), x)
+    assert y.dtype == y0.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=0.03, atol=0.03)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y0, np.float32), **tol)
+    if kind == "convlora":  # its own matricization: the dense kernel is used
+        assert st.factored == 0 and sorted(st.fallback) == ["view:params/conv_a/kernel", "view:params/conv_b/kernel"]
+    else:
+        assert st.factored == len(ad) and st.fallback == []
+
+
+def test_factored_conv_gradients():
+    """Gradients through the two-convolution form equal those through the materialized kernel."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 7, 7, 3)), jnp.float32)
+    params = {"conv": {"kernel": _kernel((3, 3, 3, 4))}}
+
+    def fn(p, x):
+        return _conv_nhwc(x, p["conv"]["kernel"], stride=2, padding="VALID", dilation=1)
+
+    for rp in (lrjax.DoRA(rank=2), CPLoRA(rank=2)):
+        base, ad = rp.init(KEY, params)
+        ad = _perturb(ad)
+        st = FactoredStats()
+        g1 = jax.grad(lambda a: jnp.sum(factored(fn, rp, stats=st, mode="factored")(base, a, x) ** 2))(ad)
+        g0 = jax.grad(lambda a: jnp.sum(fn(rp.materialize(base, a), x) ** 2))(ad)
+        assert st.factored == 1
+        for n in g0["conv/kernel"]:
+            ref = np.asarray(g0["conv/kernel"][n])
+            np.testing.assert_allclose(g1["conv/kernel"][n], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_factored_grouped_conv_falls_back():
+    model = ConvNet(groups=2)
+    x = jnp.ones((1, 12, 12, 3))
+    params = model.init(KEY, x)
+    rp = lrjax.LoRA(rank=2)
+    base, ad = rp.init(KEY, params)
+    ad = _perturb(ad)
+    st = FactoredStats()
+    y = factored(model.apply, rp, stats=st)(base, ad, x)
+    np.testing.assert_allclose(y, model.apply(rp.materialize(base, ad), x), rtol=1e-5, atol=1e-5)
+    assert st.factored == 2 and st.fallback == ["conv_general_dilated"]
+
+
+# ----------------------------------------------------------------------- bad input
+def test_bad_input():
+    dense = {"Dense_0": {"kernel": jnp.ones((4, 6))}}
+    for cls in (ConvLoRA, CPLoRA):
+        with pytest.raises(V, match=r"'Dense_0/kernel'.*Dense kernel.*lrjax\.LoRA"):
+            cls(rank=1).init(KEY, dense)
+        with pytest.raises(V, match=r"'c/kernel'.*4-D"):
+            cls(rank=1).init(KEY, {"c": {"kernel": jnp.ones((3, 4, 6))}})
+        with pytest.raises(V, match="axes"):
+            cls(rank=1, axes=lrjax.axes.Axes((), (0, 1, 2), (3,)))
+    with pytest.raises(V, match=r"'conv/kernel'.*non-square 3x1"):
+        ConvLoRA(rank=1).init(KEY, {"conv": {"kernel": jnp.ones((3, 1, 4, 6))}})
+    conv = {"conv": {"kernel": _kernel((3, 3, 4, 6))}}
+    with pytest.raises(V, match=r"rank=5.*'conv/kernel'.*r\*k = 15.*rank <= min\(C_in, C_out\) = 4"):
+        ConvLoRA(rank=5).init(KEY, conv)
+    ConvLoRA(rank=4).init(KEY, conv)  # the largest valid rank
+    with pytest.raises(V, match=r"rank=37.*'conv/kernel'.*at most.*36"):
+        CPLoRA(rank=37).init(KEY, conv)  # 3*3*4*6 / max(...) = 36
+    CPLoRA(rank=36).init(KEY, conv)  # above min(M, N) = 6: CP ranks may exceed it
+    rp = ConvLoRA(rank=2)
+    base, ad = rp.init(KEY, conv)
+    bad = {"conv/kernel": {"a": ad["conv/kernel"]["a"].T, "b": ad["conv/kernel"]["b"].T}}
+    with pytest.raises(V, match=r"adapters\['conv/kernel'\].*loralib's own orientation"):
+        rp.materialize(base, bad)
+    with pytest.raises(V, match=r"adapters\['conv/kernel'\].*rank=1"):
+        ConvLoRA(rank=1).materialize(base, ad)
+    cp = CPLoRA(rank=2)
+    base, ad = cp.init(KEY, conv)
+    f = dict(ad["conv/kernel"])
+    with pytest.raises(V, match=r"adapters\['conv/kernel'\]\['inp'\].*expected \[4, R\]"):
+        cp.materialize(base, {"conv/kernel": {**f, "inp": jnp.ones((5, 2))}})
+    with pytest.raises(V, match="disagree on the CP rank"):
+        cp.materialize(base, {"conv/kernel": {**f, "h": jnp.ones((3, 3))}})
+    with pytest.raises(V, match=r"adapters\['conv/kernel'\].*rank 3.*rank=2"):
+        cp.materialize(base, {"conv/kernel": {n: jnp.ones((v.shape[0], 3)) for n, v in f.items()}})
+    with pytest.raises(V, match="unknown factor 'a'"):
+        cp.materialize(base, {"conv/kernel": {**f, "a": jnp.ones((2, 2))}})
