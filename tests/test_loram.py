@@ -261,7 +261,7 @@ def test_normA_fills_only_pruned_input_rows():
     np.testing.assert_allclose(_np_delta(n1["Dense_1/kernel"], rp.scale)[keep], ref[keep], rtol=0, atol=1e-12)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(st.integers(2, 5), st.integers(2, 7), st.integers(1, 4), st.integers(1, 3), st.data())
 def test_property_random_keep_sets(m, hidden, n, rank, data):
     rank = min(rank, m, n)
