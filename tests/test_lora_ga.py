@@ -35,8 +35,8 @@ def _loss(p, batch):
 
 def _batches(n=3):
     rng = np.random.default_rng(0)
-    return [(jnp.asarray(rng.standard_normal((5, 6)), jnp.float32), jnp.asarray(rng.standard_normal((5, 4)), jnp.float32))
-            for _ in range(n)]
+    return [(jnp.asarray(rng.standard_normal((5, 6)), jnp.float32),
+             jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)) for _ in range(n)]
 
 
 _GRADS = {}
@@ -188,7 +188,8 @@ def test_one_sgd_step_follows_the_rank_2r_gradient(eta):
         u, sv, vt = np.linalg.svd(_np(g[path]), full_matrices=False)
         trunc = (u[:, :4] * sv[:4]) @ vt[:4]
         # first-order change is exactly s (a db + da b) = s^2 (a a^T G + G b^T b) = s^2 c^2 trunc_2r(G)
-        np.testing.assert_allclose(s * (a @ db + da @ b), s * s * c2 * trunc, rtol=1e-4, atol=1e-5 * np.abs(trunc).max())
+        np.testing.assert_allclose(s * (a @ db + da @ b), s * s * c2 * trunc, rtol=1e-4,
+                                   atol=1e-5 * np.abs(trunc).max())
         step = s * ((a - eta * da) @ (b - eta * db) - a @ b)
         err = np.abs(step + eta * s * s * c2 * trunc).max()
         assert err <= 2 * eta ** 2 * s * np.abs(da).max() * np.abs(db).max() * a.shape[1] + 1e-9
@@ -279,6 +280,7 @@ def test_stacked_leaves_equal_per_slice_init_and_vmap(direction):
 
 
 # ----------------------------------------------------------------------------- PEFT on torch
+@pytest.mark.filterwarnings("ignore:Full backward hook")  # PEFT's gradient-count hook on an input without grad
 @pytest.mark.parametrize("direction,scale", [("ArB2r", "stable"), ("ArBr", "gd_scale"), ("A2rBr", "unit"),
                                              ("ArB2r", "weight_svd")])
 def test_peft_semantics_matches_peft_on_torch(direction, scale):

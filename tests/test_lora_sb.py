@@ -31,8 +31,8 @@ def _loss(p, batch):
 
 def _batches(n=3):
     rng = np.random.default_rng(2)
-    return [(jnp.asarray(rng.standard_normal((5, 6)), jnp.float32), jnp.asarray(rng.standard_normal((5, 4)), jnp.float32))
-            for _ in range(n)]
+    return [(jnp.asarray(rng.standard_normal((5, 6)), jnp.float32),
+             jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)) for _ in range(n)]
 
 
 _G = {}
