@@ -36,17 +36,15 @@ permutation ``p`` of ``1..2r`` per matrix (from the leaf key), official ``I_A = 
 ``I_B = p[r:]`` (disjoint; the official code uses Python's ``random.sample``), PEFT
 ``I_A = I_B = p[:r]`` (``torch.randperm``).
 
-``init_scale`` (PEFT calls this field ``scale``; here ``scale`` is the LoRA scale ``s``):
+``init_scale`` (PEFT calls this field ``scale``; here ``scale`` is the LoRA scale ``s``), with
+``official:`` the rule on the unit singular vectors and ``peft:`` PEFT's rule, whose
+``B_0 = U_{I_B} diag(S_{I_B})`` carries the singular values:
 
-=====================  ==========================================  ==========================================
-``init_scale``         ``semantics="official"`` (unit vectors)     ``semantics="peft"`` (``B_0 = U_{I_B} S_{I_B}``)
-=====================  ==========================================  ==========================================
-``"stable"`` (default)  ``c_A = c_B = m^{1/4} / sqrt(gamma)``       ``c_B = m^{1/4} / sqrt(gamma)`` on B only
-``"gd"``/``"gd_scale"``  ``c_A = c_B = 1 / s``                      both ``/ s``
-``"unit"``             ``c_A = c_B = 1``                            none
-``"weightS"``/          ``c_A = c_B = mean_{i<=r} sqrt(S_W,i / s)``  B ``*= S_W,1 / S_{I_B,1}`` (if that is > 0)
-``"weight_svd"``
-=====================  ==========================================  ==========================================
+* ``"stable"`` (default): official ``c_A = c_B = m^{1/4} / sqrt(gamma)``; peft: ``c_B`` only.
+* ``"gd"`` (PEFT's name ``"gd_scale"``): both factors divided by ``s`` in both semantics.
+* ``"unit"``: no scaling.
+* ``"weightS"`` (PEFT's name ``"weight_svd"``): official ``c_A = c_B = mean_{i<=r} sqrt(S_W,i / s)``;
+  peft: ``B_0 *= S_W,1 / S_{I_B,1}`` when ``S_{I_B,1} > 0``.
 
 (``gamma = stable_gamma``, default 16; ``S_W`` the singular values of ``W``; aliases map to the
 same choice: ``"gd_scale"`` is PEFT's name for ``"gd"``, ``"weight_svd"`` PEFT's for the official
