@@ -241,3 +241,212 @@ def test_bad_input():
         cp.materialize(base, {"conv/kernel": {n: jnp.ones((v.shape[0], 3)) for n, v in f.items()}})
     with pytest.raises(V, match="unknown factor 'a'"):
         cp.materialize(base, {"conv/kernel": {**f, "a": jnp.ones((2, 2))}})
+
+
+# --------------------------------------------------------------- PEFT on torch
+CONVS = {"conv1": dict(cin=3, cout=6, k=3, stride=2, padding=1, dilation=1),
+         "conv2": dict(cin=6, cout=4, k=2, stride=1, padding=0, dilation=1)}
+PR, PALPHA = 2, 3
+
+
+@pytest.fixture
+def tp():
+    """(torch, peft) or skip; float32 torch."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    torch.set_default_dtype(torch.float32)
+    return torch, peft
+
+
+def _torch_net(torch, dilation=1, seed=0):
+    torch.manual_seed(seed)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            c1, c2 = CONVS["conv1"], CONVS["conv2"]
+            self.conv1 = torch.nn.Conv2d(c1["cin"], c1["cout"], c1["k"], stride=c1["stride"], padding=c1["padding"])
+            self.conv2 = torch.nn.Conv2d(c2["cin"], c2["cout"], c2["k"], dilation=dilation)
+
+        def forward(self, x):
+            return self.conv2(torch.tanh(self.conv1(x)))
+
+    return Net()
+
+
+def _jax_net(params, x, dilation=1):
+    """The same network on NHWC inputs with HWIO kernels."""
+    h = _conv_nhwc(x, params["conv1"]["kernel"], stride=2, padding=((1, 1), (1, 1))) + params["conv1"]["bias"]
+    return _conv_nhwc(jnp.tanh(h), params["conv2"]["kernel"], padding="VALID", dilation=dilation) + \
+        params["conv2"]["bias"]
+
+
+def _xin(seed=7):
+    return np.random.default_rng(seed).standard_normal((2, 3, 9, 9)).astype(np.float32)  # NCHW
+
+
+def _t2n(t):
+    return t.detach().cpu().numpy().astype(np.float32)
+
+
+def _torch_out(torch, model, x):
+    model.eval()
+    with torch.no_grad():
+        return _t2n(model(torch.from_numpy(x))).transpose(0, 2, 3, 1)  # -> NHWC
+
+
+def _peft_model(torch, peft, base, dora, rslora=False, seed=1):
+    cfg = peft.LoraConfig(r=PR, lora_alpha=PALPHA, target_modules=list(CONVS), use_dora=dora, use_rslora=rslora)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n in CONVS:
+            lay = getattr(pm.base_model.model, n)
+            for p in (lay.lora_A["default"].weight, lay.lora_B["default"].weight):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            if dora:
+                m = lay.lora_magnitude_vector["default"].weight
+                m.mul_(1.0 + 0.2 * torch.rand(m.shape, generator=g))
+    return pm
+
+
+def _factors_from_peft(pm, dora):
+    """Independent transcription of the orientation map: A[(h, w, i), j] = A_t[j, i, h, w],
+    B[j, o] = B_t[o, j, 0, 0], m = magnitude[0, :, 0, 0]."""
+    out = {}
+    for n in CONVS:
+        lay = getattr(pm.base_model.model, n)
+        at = _t2n(lay.lora_A["default"].weight)
+        bt = _t2n(lay.lora_B["default"].weight)
+        r, ci, kh, kw = at.shape
+        f = {"a": jnp.asarray(at.transpose(2, 3, 1, 0).reshape(kh * kw * ci, r)), "b": jnp.asarray(bt[:, :, 0, 0].T)}
+        if dora:
+            f["m"] = jnp.asarray(_t2n(lay.lora_magnitude_vector["default"].weight)[0, :, 0, 0])
+        out[f"{n}/kernel"] = f
+    return out
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_peft_conv_lora_is_lrjax_lora(tp, variant):
+    """PEFT's conv LoRA/DoRA == lrjax LoRA/RSLoRA/DoRA on the HWIO kernel in the default view:
+    same effective kernel, same outputs (materialized and factored)."""
+    torch, peft = tp
+    from lrjax.interop import params_from_torch
+    dora, rslora = variant == "dora", variant == "rslora"
+    base = _torch_net(torch)
+    pm = _peft_model(torch, peft, base, dora, rslora)
+    params = params_from_torch(base)
+    ad = _factors_from_peft(pm, dora)
+    rp = lrjax.DoRA(rank=PR, alpha=PALPHA) if dora else (lrjax.RSLoRA if rslora else lrjax.LoRA)(rank=PR, alpha=PALPHA)
+    x = _xin()
+    y_peft = _torch_out(torch, pm, x)
+    eff = rp.materialize(params, ad)
+    xj = jnp.asarray(x.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(_jax_net(eff, xj), y_peft, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(factored(_jax_net, rp)(params, ad, xj), y_peft, rtol=1e-5, atol=1e-5)
+    merged = pm.merge_and_unload()
+    for n in CONVS:
+        k_peft = _t2n(getattr(merged, n).weight).transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        np.testing.assert_allclose(eff[n]["kernel"], k_peft, rtol=1e-5, atol=1e-6)
+    if dora:  # PEFT's per-output-channel norm over (C_in, kh, kw) == lrjax's column norm of the view
+        from lrjax.reparam.dora import column_norm
+        for n in CONVS:
+            w = base.state_dict()[f"{n}.weight"]
+            ref = _t2n(w.norm(p=2, dim=(1, 2, 3)))
+            got = column_norm(lrjax.axes.to_matrix(params[n]["kernel"], lrjax.axes.default_axes(n, w.shape[::-1])))
+            np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+@pytest.mark.reference
+def test_peft_dilated_conv_lora_differs_unmerged(tp):
+    """PEFT's lora_A ignores the base's dilation, so its unmerged forward is not its merged model
+    (here it fails on a shape mismatch); lrjax adds the update to the kernel, i.e. equals PEFT's
+    merged model (documented in conv.py)."""
+    torch, peft = tp
+    from lrjax.interop import params_from_torch
+    base = _torch_net(torch, dilation=2)
+    pm = _peft_model(torch, peft, base, dora=False)
+    params = params_from_torch(base)
+    rp = lrjax.LoRA(rank=PR, alpha=PALPHA)
+    ad = _factors_from_peft(pm, False)
+    x = _xin()
+    with pytest.raises(RuntimeError, match="size of tensor"):  # PEFT's undilated lora_A: another output size
+        _torch_out(torch, pm, x)
+    y_merged = _torch_out(torch, pm.merge_and_unload(), x)
+    y = _jax_net(rp.materialize(params, ad), jnp.asarray(x.transpose(0, 2, 3, 1)), dilation=2)
+    np.testing.assert_allclose(y, y_merged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("variant", ["lora", "dora", "cp"])
+def test_conv_export_then_peft_load(tp, tmp_path, variant):
+    torch, peft = tp
+    from lrjax.interop import export_peft, params_from_torch
+    base = _torch_net(torch)
+    params = params_from_torch(base)
+    rp = {"lora": lrjax.LoRA(rank=PR, alpha=PALPHA), "dora": lrjax.DoRA(rank=PR, alpha=PALPHA),
+          "cp": CPLoRA(rank=PR, alpha=PALPHA)}[variant]
+    _, ad = rp.init(KEY, params)
+    ad = _perturb(ad, scale=0.3)
+    cfg = export_peft(tmp_path, rp, ad, params=params)
+    assert cfg["use_dora"] is (variant == "dora") and cfg["r"] == PR and cfg["target_modules"] == ["conv1", "conv2"]
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    x = _xin()
+    y = _jax_net(rp.materialize(params, ad), jnp.asarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(_torch_out(torch, pm, x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(V, match="'conv1/kernel'.*params="):
+        export_peft(tmp_path / "x", lrjax.LoRA(rank=PR, alpha=PALPHA), _perturb(lrjax.LoRA(rank=PR).init(KEY, params)[1]))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_conv_save_then_import(tp, tmp_path, dora):
+    torch, peft = tp
+    from lrjax.interop import import_peft, params_from_torch
+    base = _torch_net(torch)
+    pm = _peft_model(torch, peft, base, dora)
+    pm.save_pretrained(str(tmp_path))
+    params = params_from_torch(base)
+    rp, ad = import_peft(tmp_path, params)
+    assert type(rp) is (lrjax.DoRA if dora else lrjax.LoRA) and set(ad) == {"conv1/kernel", "conv2/kernel"}
+    x = _xin()
+    y = _jax_net(rp.materialize(params, ad), jnp.asarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(y, _torch_out(torch, pm, x), rtol=1e-5, atol=1e-5)
+    ref = _factors_from_peft(pm, dora)
+    for p in ad:
+        for n in ad[p]:
+            np.testing.assert_array_equal(ad[p][n], ref[p][n])
+
+
+@pytest.mark.reference
+@pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups")
+def test_peft_conv_bad_files(tp, tmp_path):
+    torch, peft = tp
+    from safetensors.numpy import load_file, save_file
+    from lrjax.interop import export_peft, import_peft, params_from_torch
+    base = _torch_net(torch)
+    params = params_from_torch(base)
+    # grouped conv in PEFT: lora_B has r / groups input channels
+    torch.manual_seed(0)
+    g = torch.nn.Sequential()
+    g.add_module("conv", torch.nn.Conv2d(4, 4, 3, groups=2))
+    gp = params_from_torch(g)
+    pm = peft.get_peft_model(g, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["conv"]))
+    pm.save_pretrained(str(tmp_path / "g"))
+    with pytest.raises(V, match=r"module 'conv'.*grouped conv, groups=2"):
+        import_peft(tmp_path / "g", gp)
+    # Linear-shaped tensors for a conv leaf
+    pm = _peft_model(torch, peft, base, dora=False)
+    pm.save_pretrained(str(tmp_path / "l"))
+    f = tmp_path / "l" / "adapter_model.safetensors"
+    t = load_file(str(f))
+    key = "base_model.model.conv1.lora_A.weight"
+    t[key] = t[key].reshape(t[key].shape[0], -1)
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(V, match=r"module 'conv1'.*'conv1/kernel'.*expected lora_A \[r, C_in, \*window\] = \(2, 3, 3, 3\)"):
+        import_peft(tmp_path / "l", params)
+    # loralib's ConvLoRA has no PEFT form
+    crp = ConvLoRA(rank=1, targets="conv1/kernel")
+    with pytest.raises(T, match="ConvLoRA.*no PEFT equivalent"):
+        export_peft(tmp_path / "c", crp, crp.init(KEY, params)[1], params=params)

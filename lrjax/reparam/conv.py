@@ -34,9 +34,10 @@ magnitude as ``[1, C_out, 1, 1]``). Verified against PEFT on torch in
 per-channel scale) instead of forming ``K + s A B``.
 
 One difference from PEFT: PEFT builds ``A`` with the base's stride and padding but **not its
-dilation**, so for a dilated base conv PEFT's unmerged forward is not ``conv(x, W + dW)``
-(its own ``merge`` gives a different model). lrjax always adds the update to the kernel, which
-is what PEFT's merged model computes.
+dilation**, so for a dilated base conv PEFT's unmerged forward is not ``conv(x, W + dW)``: it
+fails on a shape mismatch (PEFT 0.21, ``k > 1``) or, where the sizes happen to agree, differs
+from PEFT's own merged model. lrjax always adds the update to the kernel, which is what PEFT's
+``merge_and_unload`` model computes (tested).
 
 2. :class:`ConvLoRA`: loralib's convention (microsoft/LoRA ``loralib/layers.py::ConvLoRA``, used by DSCLoRA)
 ----------------------------------------------------------------------------------------------------------
