@@ -102,11 +102,11 @@ def test_effective_factors_and_weight_match_float64_numpy(convention):
     base, ad = rp.init(jax.random.key(0), p)
     ad = _randomize(ad)
     f = ad["d0/kernel"]
-    a, b = rp.effective_factors(6, 5, f)
+    a, b = jax.jit(lambda f: rp.effective_factors(6, 5, f))(f)
     ra, rb, _, _ = np_factors(rp, np.asarray(f["seed"]), np.asarray(f["alpha"]), np.asarray(f["beta"]), 6, 5)
     np.testing.assert_allclose(np.asarray(a), ra, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(b), rb, rtol=1e-5, atol=1e-6)
-    eff = rp.materialize(base, ad)["d0"]["kernel"]
+    eff = jax.jit(rp.materialize)(base, ad)["d0"]["kernel"]
     np.testing.assert_allclose(np.asarray(eff), np.asarray(p["d0"]["kernel"], np.float64) + 1.5 * ra @ rb,
                                rtol=1e-5, atol=1e-5)
     assert rp.scale == 1.5
@@ -120,7 +120,8 @@ def test_coefficient_gradients_are_frobenius_inner_products_with_the_bases():
     ad = _randomize(ad, 2)
     tr, fr = rp.split(ad)
     R = np.asarray(jax.random.normal(jax.random.key(9), (6, 5)), np.float64)
-    g = jax.grad(lambda t: jnp.sum(rp.materialize(base, rp.join(t, fr))["d0"]["kernel"] * R))(tr)["d0/kernel"]
+    g = jax.jit(jax.grad(lambda t: jnp.sum(rp.materialize(base, rp.join(t, fr))["d0"]["kernel"] * R)))(tr)
+    g = g["d0/kernel"]
     f = ad["d0/kernel"]
     a, b, abar, bbar = np_factors(rp, np.asarray(f["seed"]), np.asarray(f["alpha"]), np.asarray(f["beta"]), 6, 5)
     s = rp.scale
@@ -132,7 +133,7 @@ def test_coefficient_gradients_are_frobenius_inner_products_with_the_bases():
 def test_init_gpt_output_unchanged_vit_changed_as_official():
     p = _params()
     base, ad = NOLA(rank=2, num_basis=4).init(jax.random.key(0), p)
-    eff = NOLA(rank=2, num_basis=4).materialize(base, ad)
+    eff = jax.jit(NOLA(rank=2, num_basis=4).materialize)(base, ad)
     np.testing.assert_array_equal(np.asarray(eff["d0"]["kernel"]), np.asarray(p["d0"]["kernel"]))
     assert float(jnp.abs(ad["d0/kernel"]["alpha"]).max()) == 0.0
     rp = NOLA(rank=2, num_basis=(4, 8), convention="vit")
@@ -140,7 +141,7 @@ def test_init_gpt_output_unchanged_vit_changed_as_official():
     np.testing.assert_allclose(np.asarray(ad["d1/kernel"]["alpha"]), 0.25)
     np.testing.assert_allclose(np.asarray(ad["d1/kernel"]["beta"]), 0.125)
     assert rp.scale == 0.5  # official NOLA2: 1 / rank
-    d = np.asarray(rp.materialize(base, ad)["d0"]["kernel"]) - np.asarray(p["d0"]["kernel"])
+    d = np.asarray(jax.jit(rp.materialize)(base, ad)["d0"]["kernel"]) - np.asarray(p["d0"]["kernel"])
     assert np.abs(d).max() > 1e-4  # dW != 0 at init (documented)
 
 
@@ -161,16 +162,21 @@ def test_seeds_per_leaf_gpt_shared_vit_and_never_stored_bases():
 
 def test_chunked_equals_unchunked_values_and_grads():
     p = _params()
-    rps = [NOLA(rank=2, num_basis=(11, 7), chunk_size=c) for c in (1, 3, 4, 64)]
+    # chunk 1: a scan of 11; 4: a scan of 2 plus a remainder of 3; 7: one chunk plus 4; 64: one chunk
+    rps = [NOLA(rank=2, num_basis=(11, 7), chunk_size=c) for c in (1, 4, 7, 64)]
     base, ad = rps[0].init(jax.random.key(0), p)
     ad = _randomize(ad)
     tr, fr = rps[0].split(ad)
-    outs = [np.asarray(rp.materialize(base, ad)["d0"]["kernel"]) for rp in rps]
-    grads = [jax.grad(lambda t, rp=rp: jnp.sum(jnp.sin(rp.materialize(base, rp.join(t, fr))["d1"]["kernel"])))(tr)
-             for rp in rps]
-    for o, g in zip(outs[1:], grads[1:]):
-        np.testing.assert_allclose(o, outs[0], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(g["d1/kernel"]["alpha"]), np.asarray(grads[0]["d1/kernel"]["alpha"]),
+
+    def run(rp):
+        def loss(t):
+            q = rp.materialize(base, rp.join(t, fr))
+            return jnp.sum(jnp.sin(q["d1"]["kernel"])), q["d0"]["kernel"]
+        return jax.jit(jax.grad(loss, has_aux=True))(tr)
+    res = [run(rp) for rp in rps]
+    for g, o in res[1:]:
+        np.testing.assert_allclose(np.asarray(o), np.asarray(res[0][1]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(g["d1/kernel"]["alpha"]), np.asarray(res[0][0]["d1/kernel"]["alpha"]),
                                    rtol=1e-5, atol=1e-6)
 
 
@@ -182,11 +188,11 @@ def test_factored_path_equals_materialize(dtype):
     ad = _randomize(ad)
     assert ad["d0/kernel"]["alpha"].dtype == dtype
     x = jax.random.normal(jax.random.key(1), (3, 6)).astype(dtype)
-    want = np.asarray(_fwd(rp.materialize(base, ad), x), np.float32)
+    want = np.asarray(jax.jit(lambda b, a, x: _fwd(rp.materialize(b, a), x))(base, ad, x), np.float32)
     got = np.asarray(jax.jit(lrjax.factored(_fwd, rp))(base, ad, x), np.float32)
     tol = 1e-5 if dtype == jnp.float32 else 5e-2
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
-    assert rp.materialize(base, ad)["d0"]["kernel"].dtype == dtype
+    assert jax.eval_shape(rp.materialize, base, ad)["d0"]["kernel"].dtype == dtype
 
 
 def test_split_grad_sees_only_coefficients_and_num_params():
@@ -201,7 +207,7 @@ def test_split_grad_sees_only_coefficients_and_num_params():
     assert jax.tree.structure(g) == jax.tree.structure(tr)
     assert float(jnp.abs(g["d1/kernel"]["beta"]).max()) > 0  # A_0 != 0 carries the gradient into beta
     assert rp.num_params(ad) == 2 * (6 + 3)
-    np.testing.assert_array_equal(np.asarray(rp.merge(base, ad)["d0"]["kernel"]), np.asarray(p["d0"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(jax.jit(rp.merge)(base, ad)["d0"]["kernel"]), np.asarray(p["d0"]["kernel"]))
 
 
 def test_stacked_leaf_has_one_seed_per_layer_and_matches_per_matrix():
@@ -212,10 +218,10 @@ def test_stacked_leaf_has_one_seed_per_layer_and_matches_per_matrix():
     assert ad["w"]["seed"].shape == (3, 2) and ad["w"]["alpha"].shape == (3, 4)
     assert len({tuple(np.asarray(s)) for s in ad["w"]["seed"]}) == 3
     ad = _randomize(ad)
-    eff = np.asarray(rp.materialize(base, ad)["w"])
+    eff = np.asarray(jax.jit(rp.materialize)(base, ad)["w"])
+    one = jax.jit(lambda f: rp.effective_factors(5, 4, f))
     for l in range(3):
-        f = {k: v[l] for k, v in ad["w"].items()}
-        a, b = rp.effective_factors(5, 4, f)
+        a, b = one({k: v[l] for k, v in ad["w"].items()})
         np.testing.assert_allclose(eff[l], np.asarray(p["w"][l]) + np.asarray(a @ b), rtol=1e-5, atol=1e-5)
     assert rp.num_params(ad) == 3 * 8
     _, adv = NOLA(rank=2, num_basis=4, targets="w", axes=ax, convention="vit").init(jax.random.key(1), p)
