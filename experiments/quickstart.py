@@ -62,10 +62,12 @@ from lrjax import data
 from lrjax.models import ADAPTER_TARGETS, CharTransformer, apply_fn, loss_fn
 from lrjax.reparam import FactoredStats
 
-METHODS = ("full", "lora", "dora", "galore", "eggroll")
+METHODS = ("full", "lora", "dora", "galore", "eggroll", "galore_lora", "eggroll_lora")
 LABELS = {"full": "full fine-tuning", "lora": "LoRA r={r} (factored)", "dora": "DoRA r={r} (factored)",
           "galore": "GaLore r={gr} (all params, projected Adam)",
-          "eggroll": "EGGROLL r={er}, N={en} (ES, no backprop; step = 1 generation)"}
+          "eggroll": "EGGROLL r={er}, N={en} (ES, no backprop; step = 1 generation)",
+          "galore_lora": "GaLore r={hr} over LoRA r={r} factors (projected Adam on A, B)",
+          "eggroll_lora": "EGGROLL r={er}, N={en} over LoRA r={r} adapters only (base never perturbed)"}
 
 
 # ----------------------------------------------------------------------------- config
@@ -219,23 +221,21 @@ def train(name, fns, trainable, frozen, batches_, eval_sets, lr, args, progress)
     return box["tr"], hist
 
 
-def train_es(apply, params, batches_, eval_sets, args, progress):
-    """Fine-tune the ``ADAPTER_TARGETS`` kernels with EGGROLL only (no gradients).
+def train_es(params, nll, targets, batches_, eval_sets, args, progress, name="eggroll"):
+    """Train the leaves ``targets`` of ``params`` with EGGROLL only (no gradients); ``nll(params, tok)``.
 
     Returns ``(params, history, info)`` with the history keys of :func:`train`; ``step_ms`` is
     the wall time of one generation (all members' forwards, the update and Adam) and
     ``train_loss`` the mean loss of the generation's members on its batch."""
     from lrjax.es import Eggroll
 
-    targets = set(lrjax.tree.select(params, ADAPTER_TARGETS))
+    targets = set(targets)
+    rest = set(lrjax.tree.paths(params)) - targets
     es = Eggroll(args.es_population, rank=args.es_rank, sigma=args.es_sigma, shaping="centered_rank",
-                 maximize=False, targets=sorted(targets), frozen=lambda p, _: p not in targets)
+                 maximize=False, targets=sorted(targets), frozen=(lambda p, _: p in rest) if rest else None)
     n = args.es_generations
     opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, args.es_lr, max(1, n // 10),
                                                          max(n, n // 10 + 2), args.es_lr * 0.1))
-
-    def nll(p, tok):
-        return loss_fn(apply(p, tok[:, :-1]), tok[:, 1:])
 
     @jax.jit
     def apply_update(p, o, g):
@@ -251,7 +251,7 @@ def train_es(apply, params, batches_, eval_sets, args, progress):
         box["p"], box["opt"] = apply_update(box["p"], box["opt"], g)
         return float(jax.block_until_ready(jnp.mean(info.fitness)))
 
-    hist = _loop("eggroll", batches_, one_step,
+    hist = _loop(name, batches_, one_step,
                  lambda: {k: float(evaluate(box["p"], v)) for k, v in eval_sets.items()}, args, progress)
     params = box["p"]
     info = {"targets": len(targets), "trainable_params": int(sum(np.prod(v.shape) for p, v in
@@ -303,14 +303,30 @@ def main(argv=None):
     results, checks, stats_out = {}, {}, {}
     key = jax.random.key(args.seed + 1)
     for method in METHODS:
-        if method == "eggroll":
+        if method in ("eggroll", "eggroll_lora"):
             es_batches = batch_iter(corpus["finetune"]["train"], args, args.es_generations, args.seed + 100,
                                     batch=args.es_batch)
-            _, hist, es_info = train_es(apply, pretrained, es_batches, evals, args, progress)
+            if method == "eggroll":  # the pretrained kernels themselves
+                es_params, es_targets = pretrained, lrjax.tree.select(pretrained, ADAPTER_TARGETS)
+                nll = lambda p, tok: loss_fn(apply(p, tok[:, :-1]), tok[:, 1:])  # noqa: E731
+            else:  # only the LoRA factors: the base is a closed-over constant, never perturbed or updated
+                rp = lrjax.LoRA(rank=args.rank, alpha=args.alpha, targets=ADAPTER_TARGETS)
+                base, es_params = rp.init(key, pretrained)
+                es_targets = lrjax.tree.paths(es_params)
+                g = lrjax.factored(apply, rp, mode="factored")  # plain dots, which EGGROLL's interpreter follows
+                nll = lambda ad, tok, g=g, base=base: loss_fn(g(base, ad, tok[:, :-1]), tok[:, 1:])  # noqa: E731
+            trained, hist, es_info = train_es(es_params, nll, es_targets, es_batches, evals, args, progress,
+                                              name=method)
             stats_out[method] = es_info
             n_train = es_info["trainable_params"]
-            print(f"eggroll: lrjax.es.perturbed_call per member forward: {es_info['factored']} kernel products "
-                  f"factored ({es_info['targets']} perturbed kernels), fallbacks: {es_info['fallback'] or 'none'}; "
+            if method == "eggroll_lora":
+                same = all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(base),
+                                                                       jax.tree.leaves(pretrained)))
+                checks[method] = {"base_unchanged": same}
+                print(f"eggroll_lora: EGGROLL on {len(rp.split(trained)[0])} LoRA adapters only; base weights "
+                      f"bitwise unchanged: {same}")
+            print(f"{method}: lrjax.es.perturbed_call per member forward: {es_info['factored']} kernel products "
+                  f"factored ({es_info['targets']} perturbed leaves), fallbacks: {es_info['fallback'] or 'none'}; "
                   f"{args.es_generations} generations x {args.es_population} members x {args.es_batch} sequences")
         ft_batches = batch_iter(corpus["finetune"]["train"], args, args.steps, args.seed + 100)
         if method == "full":
@@ -326,8 +342,8 @@ def main(argv=None):
             trainable, frozen, fns = pretrained, None, make_fns(full_fwd, gopt)
             lr = lr_schedule(args.full_lr, args.steps)
             n_train = n_total
-        elif method in ("lora", "dora"):
-            cls = lrjax.LoRA if method == "lora" else lrjax.DoRA
+        elif method in ("lora", "dora", "galore_lora"):
+            cls = lrjax.DoRA if method == "dora" else lrjax.LoRA
             rp = cls(rank=args.rank, alpha=args.alpha, targets=ADAPTER_TARGETS)
             base, adapters = rp.init(key, pretrained)
             g = lrjax.factored(apply, rp)
@@ -337,12 +353,18 @@ def main(argv=None):
             stats_out[method] = {"adapted_leaves": len(adapters), "factored": int(st.factored),
                                  "fallback": list(st.fallback)}
             trainable, frozen = adapters, base
-            fns = make_fns(lambda ad, b, tok, g=g: g(b, ad, tok))
+            opt = OPT
+            if method == "galore_lora":  # Adam's moments of each [M, r] / [r, N] factor in a rank-r/2 projection
+                opt = optax.chain(optax.clip_by_global_norm(1.0),
+                                  lrjax.optim.galore(optax.scale_by_adam(), rank=max(1, args.rank // 2),
+                                                     refresh="subspace", update_proj_gap=max(1, args.steps // 4),
+                                                     targets=r"(a|b)"))
+            fns = make_fns(lambda ad, b, tok, g=g: g(b, ad, tok), opt)
             lr = lr_schedule(args.adapter_lr, args.steps)
             n_train = rp.num_params(adapters)
-        if method != "eggroll":
+        if method not in ("eggroll", "eggroll_lora"):
             trainable, hist = train(method, fns, trainable, frozen, ft_batches, evals, lr, args, progress)
-        if method in ("lora", "dora"):
+        if method in ("lora", "dora", "galore_lora"):
             # merged dense weights must reproduce the factored path's eval loss
             merged = rp.merge(base, trainable)
             l_fact = hist["eval"][-1]["finetune"]
@@ -355,7 +377,7 @@ def main(argv=None):
                   f"(|diff| {abs(l_fact - l_merged):.1e})")
         results[method] = {
             "label": LABELS[method].format(r=args.rank, gr=4 * args.rank, er=args.es_rank,
-                                           en=args.es_population),
+                                           en=args.es_population, hr=max(1, args.rank // 2)),
             "trainable_params": n_train,
             "trainable_pct": 100.0 * n_train / n_total,
             "median_step_ms": hist["median_step_ms"],
@@ -430,7 +452,8 @@ def plot(out, path):
     ax0.set(title="pretraining (full)", xlabel="step", ylabel="cross-entropy (nats/char)")
     ax0.legend(fontsize=8)
     colors = {"full": "tab:blue", "lora": "tab:orange", "dora": "tab:green", "galore": "tab:red",
-              "eggroll": "tab:brown"}
+              "eggroll": "tab:brown", "galore_lora": "tab:pink", "eggroll_lora": "tab:olive",
+              "lora_ga": "tab:cyan", "nola": "tab:gray"}
     for m, r in out["methods"].items():
         h = r["history"]
         k = min(10, max(1, len(h["train_loss"]) // 5))
