@@ -44,30 +44,34 @@ matrix.
 
 Generator (a documented deviation from ``jax.random``)
 ------------------------------------------------------
-The bases need ``k_a M r + k_b r N`` random numbers per leaf per pass (16.8 M for the 4 x 1024 x
-1024 bench MLP at ``k = 1024``, ``r = 8``), twice per training step (the backward pass regenerates
-them). threefry (``jax.random.uniform``) made that the whole step on CPU, so NOLA uses a
-counter-based hash instead: with the leaf seed ``(s0, s1)``, a stream id ``t`` (0: ``A_0``,
-1: ``\\bar A``, 2: ``\\bar B``), the basis shape ``(p, q)``, basis index ``i`` and entry index ``e``
-(all uint32 arithmetic mod 2^32, ``f`` the murmur3 32-bit finalizer ``fmix32``, ``G = 0x9E3779B9``)::
+The bases need ``k_a M r + k_b r N`` random numbers per leaf and pass (67 M per pass for the
+whole 4 x 1024 x 1024 bench MLP at ``k = 1024``, ``r = 8``), twice per training step (the
+backward pass regenerates them). With threefry (``jax.random.uniform``) that made a NOLA step ~20x a LoRA step on CPU
+(``experiments/bench_nola_memory.py --threefry``), so NOLA uses a counter-based hash instead:
+with the leaf seed ``(s0, s1)``, a stream id ``t`` (0: ``A_0``, 1: ``\\bar A``, 2: ``\\bar B``),
+the basis shape ``(p, q)``, basis index ``i`` and entry index ``e`` (all uint32 arithmetic mod
+2^32, ``f`` the murmur3 32-bit finalizer ``fmix32``, ``G = 0x9E3779B9``)::
 
     h   = f(f(p * G + q) + t * G)
     sa  = f(s0 + h);       sb = f(s1 ^ sa)
-    ka  = f(i * G + sa);   kb = f(ka + sb)
-    x   = f(f(e ^ ka) + kb);   v = x >> 9        # 23 random bits per entry
+    ka  = f(i * G + sa);   kb = f(ka + sb)       # two well-mixed keys per basis
+    x   = f((e ^ ka) + kb);    v = x >> 9        # 23 random bits per entry
     u   = (2 v + 1) / 2^23 - 1                   # uniform on 2^23 levels in (-1, 1), exact in float32
 
 basis ``i`` is ``u`` over ``e = 0 .. p q - 1`` reshaped row-major to ``[p, q]`` (``A_0`` is basis
-0 of stream 0). It is
-pure uint32 arithmetic, so the bases are bit-identical across processes, device counts and
-backends, and independent of ``chunk_size`` (tests transcribe it in NumPy).
+0 of stream 0). It is pure uint32 arithmetic, so the bases are bit-identical across processes,
+device counts and backends, and independent of ``chunk_size`` (tests transcribe it in NumPy). It
+is a hash, not a cryptographic or statistically certified generator; two keys per basis keep
+different bases from being shifted copies of one sequence. On XLA:CPU the generation runs on one
+thread (measured: ~9 ms per 1024 x 8 factor per step with ``k = 1024``).
 
-Memory bound: the bases of one leaf are generated ``chunk_size`` at a time inside a
-``lax.scan`` whose body is ``jax.checkpoint``-ed, so neither pass holds more than
-``chunk_size * max(M r, r N)`` basis entries (float32) per leaf at a time, plus the
-``[M, r]`` / ``[r, N]`` results; the backward pass regenerates each chunk to form
-``dL/dalpha_i = s <dL/d(s A_eff), \\bar A_i>_F`` instead of storing ``k x M x r`` bases.
-(Under ``jit`` XLA may schedule several leaves' scans concurrently.)
+Memory bound: the bases of one leaf are generated ``chunk_size`` at a time inside a ``lax.scan``
+whose body is ``jax.checkpoint``-ed, so neither pass holds more than ``chunk_size * max(M r, r N)``
+basis entries (float32) per leaf at a time, plus the ``[M, r]`` / ``[r, N]`` results; the backward
+pass regenerates each chunk to form ``dL/dalpha_i = <dL/dA_eff, \\bar A_i>_F`` (and likewise
+``beta``) instead of storing ``k x M x r`` bases. (Measured with XLA's ``memory_analysis`` on the
+bench MLP: the compiled step's temporaries are 22 MiB for ``chunk_size`` 8..32, as LoRA's, and
+512 MiB with all 1024 bases in one chunk.)
 
 Precision: coefficients and bases are combined in ``promote_types(w, alpha, beta, float32)``
 (bases generated in float32); ``W + s A_eff B_eff`` is rounded once to the base leaf's dtype.
@@ -173,7 +177,7 @@ class NOLA(Reparam):
       num_basis: ``k`` (the same for A and B) or a pair ``(k_a, k_b)`` of ints ``>= 1``; default 1024
         (official ViT; GPT-2 uses 512). Trainable scalars per matrix: ``k_a + k_b``.
       convention: ``"gpt"`` (default) or ``"vit"`` (module doc).
-      chunk_size: bases generated at a time (an int ``>= 1``, default 64); bounds memory at
+      chunk_size: bases generated at a time (an int ``>= 1``, default 32); bounds memory at
         ``chunk_size * max(M r, r N)`` float32 entries per leaf. Results equal for every value
         (up to float32 summation order).
       targets, axes: as for :class:`lrjax.LoRA`.
@@ -188,7 +192,7 @@ class NOLA(Reparam):
 
     num_basis: int | tuple = 1024
     convention: str = "gpt"
-    chunk_size: int = 64
+    chunk_size: int = 32
 
     factor_keys = ("alpha", "beta", "seed")
     frozen_keys = ("seed",)
