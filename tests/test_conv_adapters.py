@@ -191,6 +191,20 @@ def test_factored_conv_gradients():
             np.testing.assert_allclose(g1["conv/kernel"][n], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
+def test_factored_conv_transpose():
+    """lhs dilation (nn.ConvTranspose, stride 2): still two convolutions, still exact."""
+    model = nn.ConvTranspose(4, (3, 3), strides=(2, 2), padding="SAME")
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((1, 5, 5, 3)), jnp.float32)
+    params = model.init(KEY, x)
+    rp = lrjax.LoRA(rank=2)
+    base, ad = rp.init(KEY, params)
+    ad = _perturb(ad)
+    st = FactoredStats()
+    y = factored(model.apply, rp, stats=st)(base, ad, x)
+    np.testing.assert_allclose(y, model.apply(rp.materialize(base, ad), x), rtol=1e-5, atol=1e-5)
+    assert st.factored == 1 and st.fallback == []
+
+
 def test_factored_grouped_conv_falls_back():
     model = ConvNet(groups=2)
     x = jnp.ones((1, 12, 12, 3))

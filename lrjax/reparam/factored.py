@@ -307,6 +307,10 @@ def factored(fn: Callable[..., Any], rp, *, mode: str = "auto", stats: FactoredS
       ``"factored"``.
     * ``"auto"`` (default): ``"fused"`` where ``tokens >= M``, else ``"factored"``.
 
+    A convolution with an adapted kernel is always computed as ``conv(x, K) + s conv_1x1(conv_kxk(x,
+    A), B)`` (see the module docstring); ``mode`` applies to ``dot_general`` uses. Each factored
+    convolution counts in ``stats.factored`` like a factored product.
+
     Pass a :class:`FactoredStats` to see how many kernel uses were factored vs fell back; it
     accumulates over every trace of ``g`` (one jitted train step and one eval step count twice).
     """
