@@ -48,8 +48,9 @@ out-projection bias 0, LayerNorm ``(1, 0)``; every encoder layer draws its own v
 * ``"fixed"`` (default): per-slot ``A_i ~ U(-1/sqrt(r), 1/sqrt(r))``, frozen, in ``frozen[path]['a']``.
   The bound is the official ``kaiming_uniform_(a=sqrt(5))`` of a ``[d, r]`` tensor, whose torch
   fan-in is ``r`` (not PEFT's ``1/sqrt(M)`` of ``lora_A``). Drawn from the per-leaf key
-  ``fold_in(key, crc32(path))`` of :meth:`lrjax.reparam.base.Reparam._leaf_key` (sub-key 0), so
-  the same key gives bit-identical ``A`` in any process, whatever else is targeted.
+  ``k = fold_in(key, crc32(path))`` of :meth:`lrjax.reparam.base.Reparam._leaf_key`:
+  ``u = uniform(k, [2, *batch, M, r], -1, 1)``, ``A = u[0] / sqrt(r)`` (and ``A_init = u[1] /
+  sqrt(M)``), so the same key gives bit-identical ``A`` in any process, whatever else is targeted.
 * ``"random"``: the same distribution, re-sampled at every :meth:`~HypeLoRA.generate` from its
   ``key`` (pass a fresh key per step, e.g. ``fold_in(key, step)``), per-leaf keys as above.
 * ``"generated"``: produced by the hypernetwork as described under ``kind``.
@@ -64,7 +65,7 @@ Noise blending (``noise_type``): ``"replace"`` (default; ``A, B`` as generated) 
            B = (1-\\lambda) B_{\\text{gen}} + \\lambda\\cdot 0,
 
 with ``A_init ~ U(-1/sqrt(M), 1/sqrt(M))`` (PEFT's / :class:`~lrjax.LoRA`'s init of ``lora_A``,
-per-leaf sub-key 1, frozen in ``frozen[path]['a_init']``), ``B_init = 0`` (PEFT's ``lora_B``) and
+``u[1] / sqrt(M)`` of the per-leaf draw above, frozen in ``frozen[path]['a_init']``), ``B_init = 0`` (PEFT's ``lora_B``) and
 ``lambda = noise_alpha`` passed to :meth:`~HypeLoRA.generate` (a float or a traced 0-d array in
 ``[0, 1]``). The official schedule is linear from ``lambda_0`` (0.99 in the transformer configs)
 to 0 over the training steps, i.e. ``optax.linear_schedule(0.99, 0.0, total_steps)(step)``. At
@@ -91,7 +92,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,12 @@ _KINDS = ("mlp", "transformer")
 _A_MODES = ("fixed", "random", "generated")
 _NOISE = ("replace", "add")
 _LN_EPS = 1e-5
+
+
+class _Init(NamedTuple):
+    kind: str  # "u": U(-bound, bound), "n": N(0, 1), "0"/"1": constant
+    shape: tuple
+    bound: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,11 +240,12 @@ class HypeLoRA:
         ``hyper_params`` (trainable, dtype ``dtype``): ``{'embed': [T, E], 'trunk'|'proj'/'layers':
         ..., 'heads': {'MxN': ...}}`` with ``T`` = number of slots (twice that for a generated-A
         transformer). ``frozen`` = :meth:`frozen_factors` ``(key, params)``. The network draws from
-        ``jax.random.split(key)[1]``; the frozen factors from the per-leaf keys of ``key``.
+        ``jax.random.split(key)[1]`` (one ``U(-1, 1)`` stream scaled per leaf and one ``N(0, 1)``
+        stream, in pytree order); the frozen factors from the per-leaf keys of ``key``.
         """
         V.check_key(key, "key")
         groups, n_slots = self._layout(params)
-        net = self._init_net(jax.random.split(key)[1], groups, n_slots)
+        net = _init_net(self, tuple(groups), n_slots, jax.random.split(key)[1])
         return net, self.frozen_factors(key, params)
 
     def frozen_factors(self, key, params) -> dict:
@@ -246,28 +254,36 @@ class HypeLoRA:
         docstring); ``{}`` when neither applies."""
         V.check_key(key, "key")
         groups, _ = self._layout(params)
+        return _frozen(self, tuple(groups), key)
+
+    def _frozen_impl(self, groups, key) -> dict:
+        if self.a_mode != "fixed" and self.noise_type != "add":
+            return {}
         out = {}
-        for g in groups:
-            for path, bshape, _, _ in g.leaves:
-                f = {}
-                if self.a_mode == "fixed":
-                    f["a"] = self._uniform_a(jax.random.fold_in(self.lora._leaf_key(key, path), 0),
-                                             bshape, g.m, 1.0 / math.sqrt(self.rank))
-                if self.noise_type == "add":
-                    f["a_init"] = self._uniform_a(jax.random.fold_in(self.lora._leaf_key(key, path), 1),
-                                                  bshape, g.m, 1.0 / math.sqrt(g.m))
-                if f:
-                    out[path] = f
+        for path, u, m in self._leaf_uniforms(groups, key):
+            f = {}
+            if self.a_mode == "fixed":
+                f["a"] = (u[0] * (1.0 / math.sqrt(self.rank))).astype(self.dtype)
+            if self.noise_type == "add":
+                f["a_init"] = (u[1] * (1.0 / math.sqrt(m))).astype(self.dtype)
+            out[path] = f
         return out
 
-    def _uniform_a(self, key, bshape, m, bound):
-        return jax.random.uniform(key, (*bshape, m, self.rank), jnp.float32, -bound, bound).astype(self.dtype)
-
-    def _linear(self, key, fan_in, fan_out):
-        kw, kb = jax.random.split(key)
-        bound = 1.0 / math.sqrt(fan_in)
-        return {"w": jax.random.uniform(kw, (fan_in, fan_out), jnp.float32, -bound, bound).astype(self.dtype),
-                "b": jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound).astype(self.dtype)}
+    def _leaf_uniforms(self, groups, key):
+        """``[(path, u, M)]`` with ``u = U(-1, 1)`` of shape ``[2, *batch, M, r]`` drawn from the per-leaf
+        key ``fold_in(key, crc32(path))``: row 0 scaled by ``1/sqrt(r)`` is the fixed/random ``A``, row 1
+        by ``1/sqrt(M)`` is ``A_init``. Leaves of one shape share one vmapped draw (same values)."""
+        by_shape: dict = {}
+        for g in groups:
+            for path, bshape, _, _ in g.leaves:
+                by_shape.setdefault((bshape, g.m), []).append(path)
+        out = []
+        for (bshape, m), paths in by_shape.items():
+            keys = jnp.stack([self.lora._leaf_key(key, p) for p in paths])
+            u = jax.vmap(lambda k: jax.random.uniform(k, (2, *bshape, m, self.rank), jnp.float32,
+                                                      -1.0, 1.0))(keys)
+            out += [(p, u[i], m) for i, p in enumerate(paths)]
+        return out
 
     def _head_sizes(self, g: _Group) -> dict:
         r = self.rank
@@ -277,46 +293,58 @@ class HypeLoRA:
             return {"ba": r * g.n + g.m * r}  # one head: B first, then A (official order)
         return {"a": g.m * r, "b": r * g.n}  # one token kind each
 
-    def _init_net(self, key, groups, n_slots) -> dict:
-        k_emb, k_body, k_heads = jax.random.split(key, 3)
-        dt = self.dtype
+    def _net_spec(self, groups, n_slots) -> dict:
+        """The parameter pytree with an :class:`_Init` (how to draw it) at every leaf."""
+        def linear(fan_in, fan_out):  # torch nn.Linear: weight and bias U(+-1/sqrt(fan_in))
+            bound = 1.0 / math.sqrt(fan_in)
+            return {"w": _Init("u", (fan_in, fan_out), bound), "b": _Init("u", (fan_out,), bound)}
+
         e = self.embed_dim
-        net = {"embed": jax.random.normal(k_emb, (self._tokens(n_slots), e), jnp.float32).astype(dt)}
+        net = {"embed": _Init("n", (self._tokens(n_slots), e), 1.0)}
         if self.kind == "mlp":
             widths = (e,) + self.hidden
-            ks = jax.random.split(k_body, len(self.hidden))
-            net["trunk"] = [self._linear(ks[i], widths[i], widths[i + 1]) for i in range(len(self.hidden))]
+            net["trunk"] = [linear(widths[i], widths[i + 1]) for i in range(len(self.hidden))]
             last = self.hidden[-1]
         else:
             d, f = self.hidden, self.ff_dim
-            k_proj, k_layers = jax.random.split(k_body)
-            net["proj"] = self._linear(k_proj, e, d)
-            layers = []
-            for kl in jax.random.split(k_layers, self.num_layers):
-                k_in, k_out, k_1, k_2 = jax.random.split(kl, 4)
-                xb = math.sqrt(6.0 / (d + 3 * d))  # xavier_uniform of torch's [3d, d] in_proj_weight
-                wo = self._linear(k_out, d, d)
-                layers.append({
-                    "attn": {"wqkv": jax.random.uniform(k_in, (d, 3 * d), jnp.float32, -xb, xb).astype(dt),
-                             "bqkv": jnp.zeros((3 * d,), dt), "wo": wo["w"], "bo": jnp.zeros((d,), dt)},
-                    "ln1": {"scale": jnp.ones((d,), dt), "bias": jnp.zeros((d,), dt)},
-                    "ff1": self._linear(k_1, d, f), "ff2": self._linear(k_2, f, d),
-                    "ln2": {"scale": jnp.ones((d,), dt), "bias": jnp.zeros((d,), dt)}})
-            net["layers"] = layers
+            net["proj"] = linear(e, d)
+            ln = {"scale": _Init("1", (d,), 1.0), "bias": _Init("0", (d,), 0.0)}
+            net["layers"] = [{
+                "attn": {"wqkv": _Init("u", (d, 3 * d), math.sqrt(6.0 / (d + 3 * d))),  # xavier, [3d, d]
+                         "bqkv": _Init("0", (3 * d,), 0.0), "wo": _Init("u", (d, d), 1.0 / math.sqrt(d)),
+                         "bo": _Init("0", (d,), 0.0)},
+                "ln1": dict(ln), "ff1": linear(d, f), "ff2": linear(f, d), "ln2": dict(ln)}
+                for _ in range(self.num_layers)]
             last = d
-        heads = {}
-        for g, kg in zip(groups, jax.random.split(k_heads, max(len(groups), 1))):
-            sizes = self._head_sizes(g)
-            kk = jax.random.split(kg, len(sizes))
-            hs = {nm: self._linear(kk[i], last, sz) for i, (nm, sz) in enumerate(sizes.items())}
-            heads[g.name] = hs
-        net["heads"] = heads
+        net["heads"] = {g.name: {nm: linear(last, sz) for nm, sz in self._head_sizes(g).items()}
+                        for g in groups}
         return net
+
+    def _init_net(self, key, groups, n_slots) -> dict:
+        """Draw every parameter: one ``U(-1, 1)`` stream scaled per leaf, one ``N(0, 1)`` stream."""
+        spec = self._net_spec(groups, n_slots)
+        leaves, tdef = jax.tree_util.tree_flatten(spec, is_leaf=lambda x: isinstance(x, _Init))
+        k_u, k_n = jax.random.split(key)
+        size = lambda kind: sum(int(np.prod(x.shape)) for x in leaves if x.kind == kind)  # noqa: E731
+        streams = {"u": jax.random.uniform(k_u, (size("u"),), jnp.float32, -1.0, 1.0),
+                   "n": jax.random.normal(k_n, (size("n"),), jnp.float32)}
+        offs = {"u": 0, "n": 0}
+        out = []
+        for x in leaves:
+            if x.kind in streams:
+                k = int(np.prod(x.shape))
+                v = streams[x.kind][offs[x.kind]:offs[x.kind] + k].reshape(x.shape) * x.bound
+                offs[x.kind] += k
+            else:
+                v = jnp.full(x.shape, 1.0 if x.kind == "1" else 0.0, jnp.float32)
+            out.append(v.astype(self.dtype))
+        return jax.tree_util.tree_unflatten(tdef, out)
 
     # ----------------------------------------------------------------- checks
     def _check_net(self, hyper_params, groups, n_slots):
-        want = jax.eval_shape(lambda: self._init_net(jax.random.key(0), groups, n_slots))
         from lrjax import tree as tree_lib
+        want = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, self.dtype),
+                                      self._net_spec(groups, n_slots), is_leaf=lambda x: isinstance(x, _Init))
         if not isinstance(hyper_params, Mapping):
             raise TypeError(f"hyper_params must be the dict returned by HypeLoRA.init, got "
                             f"{type(hyper_params).__name__}")
@@ -471,6 +499,7 @@ class HypeLoRA:
     def _generate_impl(self, groups, n_slots, hyper_params, frozen, key, lam) -> dict:
         cd = V.compute_dtype(*(x.dtype for x in jax.tree_util.tree_leaves(hyper_params)))
         gen = self._generate_groups(hyper_params, groups, n_slots, cd)
+        rand = ({p: u[0] for p, u, _ in self._leaf_uniforms(groups, key)} if self.a_mode == "random" else {})
         adapters = {}
         for g in groups:
             a_g, b_g = gen[g.name]
@@ -482,8 +511,7 @@ class HypeLoRA:
                 elif self.a_mode == "fixed":
                     a = jax.lax.stop_gradient(jnp.asarray(frozen[path]["a"]).astype(cd))
                 else:
-                    a = self._uniform_a(jax.random.fold_in(self.lora._leaf_key(key, path), 0), bshape, g.m,
-                                        1.0 / math.sqrt(self.rank)).astype(cd)
+                    a = (rand[path] * (1.0 / math.sqrt(self.rank))).astype(self.dtype).astype(cd)
                 if lam is not None:
                     a_init = jax.lax.stop_gradient(jnp.asarray(frozen[path]["a_init"]).astype(cd))
                     lam_c = jnp.asarray(lam, cd)
@@ -512,3 +540,6 @@ def _generate_fn(cfg, groups, n_slots, hyper_params, frozen, key, lam):
 # One compiled generator per (config, slot layout): eager calls do not dispatch op by op, and
 # under an outer jit/grad it is inlined. ``lam`` is a traced value (or None).
 _generate = jax.jit(_generate_fn, static_argnums=(0, 1, 2))
+_init_net = jax.jit(lambda cfg, groups, n_slots, key: cfg._init_net(key, groups, n_slots),
+                    static_argnums=(0, 1, 2))
+_frozen = jax.jit(lambda cfg, groups, key: cfg._frozen_impl(groups, key), static_argnums=(0, 1))
