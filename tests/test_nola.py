@@ -329,3 +329,23 @@ def test_bad_adapters(edit, exc, match):
 def test_rank_above_leaf_refused_naming_rank():
     with pytest.raises(V, match="rank"):
         NOLA(rank=5, num_basis=4).init(jax.random.key(0), _params())
+
+
+_S = np.array([1, 2], np.uint32)
+
+
+@pytest.mark.parametrize("call,exc,name", [
+    (lambda: nola_uniform(np.array([1, 2], np.int32), 1, (2, 2), [0]), T, "seed"),
+    (lambda: nola_uniform(np.zeros(3, np.uint32), 1, (2, 2), [0]), T, "seed"),
+    (lambda: nola_uniform("seed", 1, (2, 2), [0]), T, "seed"),
+    (lambda: nola_uniform(_S, -1, (2, 2), [0]), V, "stream"),
+    (lambda: nola_uniform(_S, 1.0, (2, 2), [0]), T, "stream"),
+    (lambda: nola_uniform(_S, 1, (2, 0), [0]), V, r"shape\[1\]"),
+    (lambda: nola_uniform(_S, 1, 4, [0]), T, "shape"),
+    (lambda: nola_uniform(_S, 1, (2 ** 16, 2 ** 16), [0]), V, "shape"),
+    (lambda: nola_uniform(_S, 1, (2, 2), [[0]]), V, "index"),
+    (lambda: nola_uniform(_S, 1, (2, 2), jnp.zeros(2)), T, "index"),
+])
+def test_nola_uniform_bad_input(call, exc, name):
+    with pytest.raises(exc, match=name):
+        call()

@@ -115,11 +115,24 @@ def nola_uniform(seed, stream: int, shape, index):
     regenerated from ``seed`` (uint32 ``[2]``): float32 ``[c, p, q]`` uniform in ``(-1, 1)``.
 
     The generator is the counter-based hash of the module docstring (pure uint32 arithmetic: the same
-    bits on every process, device count and backend). Works under ``jit``/``vmap``.
+    bits on every process, device count and backend). Works under ``jit``/``vmap``. Multiply by the
+    convention's scale to get NOLA's bases (``1/sqrt(k)``; ``"vit"``: ``1/sqrt(M r)``, ``1/sqrt(r N)``).
+
+    Raises:
+      TypeError/ValueError naming ``seed`` (not uint32 ``[2]``), ``stream`` (not an int ``>= 0``),
+      ``shape`` (not two ints ``>= 1`` with ``p q < 2^32``) or ``index`` (not a 1-D integer array).
     """
-    p, q = int(shape[0]), int(shape[1])
-    seed = jnp.asarray(seed, jnp.uint32)
-    index = jnp.asarray(index, jnp.uint32)
+    V.check_int(stream, "stream", low=0, high=2 ** 32 - 1)
+    if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+        raise TypeError(f"shape must be a pair (p, q) of ints, got {V._fmt(shape)}")
+    p, q = V.check_int(shape[0], "shape[0]", low=1), V.check_int(shape[1], "shape[1]", low=1)
+    if p * q >= 2 ** 32:
+        raise ValueError(f"shape: a basis of {p} x {q} entries exceeds the generator's 2^32 entry counter")
+    seed = V.check_array(seed, "seed", ndim=1, kind="integer", convert=True)
+    if seed.shape != (2,) or seed.dtype != jnp.uint32:
+        raise TypeError(f"seed must be raw PRNG key data uint32[2] (jax.random.key_data), got "
+                        f"{seed.dtype}{tuple(seed.shape)}")
+    index = V.check_array(index, "index", ndim=1, kind="integer", convert=True).astype(jnp.uint32)
     h = _fmix32(_fmix32(_u32(p) * _u32(_G) + _u32(q)) + _u32(stream) * _u32(_G))
     sa = _fmix32(seed[0] + h)
     sb = _fmix32(seed[1] ^ sa)
