@@ -42,6 +42,15 @@ Naming: the adapter factors are ``{"alpha": [*batch, k_a], "beta": [*batch, k_b]
 ``grad`` and optax see only ``alpha`` and ``beta``. :meth:`num_params` is ``k_a + k_b`` per
 matrix.
 
+Example::
+
+    from lrjax.reparam.nola import NOLA
+    rp = NOLA(rank=8, num_basis=1024, targets=".*/kernel")     # "gpt" convention, s = 1
+    base, ad = rp.init(key, params)                              # base is params
+    trainable, frozen = rp.split(ad)                             # {alpha, beta} | {seed}
+    loss = lambda t: loss_fn(lrjax.factored(apply_fn, rp)(base, rp.join(t, frozen), x), y)
+    grads = jax.grad(loss)(trainable)                            # optax sees alpha, beta only
+
 Generator (a documented deviation from ``jax.random``)
 ------------------------------------------------------
 The bases need ``k_a M r + k_b r N`` random numbers per leaf and pass (67 M per pass for the
