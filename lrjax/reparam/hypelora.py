@@ -52,7 +52,8 @@ out-projection bias 0, LayerNorm ``(1, 0)``; every encoder layer draws its own v
   ``u = uniform(k, [2, *batch, M, r], -1, 1)``, ``A = u[0] / sqrt(r)`` (and ``A_init = u[1] /
   sqrt(M)``), so the same key gives bit-identical ``A`` in any process, whatever else is targeted.
 * ``"random"``: the same distribution, re-sampled at every :meth:`~HypeLoRA.generate` from its
-  ``key`` (pass a fresh key per step, e.g. ``fold_in(key, step)``), per-leaf keys as above.
+  ``key`` (pass a fresh key per step, e.g. ``fold_in(key, step)``), per-leaf keys as above. The
+  official trainer re-samples at every training step and every evaluation batch.
 * ``"generated"``: produced by the hypernetwork as described under ``kind``.
 
 The official option of conditioning the generator on ``A`` (``embedding_input_only=False``) is not
@@ -64,8 +65,9 @@ Noise blending (``noise_type``): ``"replace"`` (default; ``A, B`` as generated) 
 .. math::  A = (1-\\lambda) A_{\\text{gen}} + \\lambda A_{\\text{init}},\\qquad
            B = (1-\\lambda) B_{\\text{gen}} + \\lambda\\cdot 0,
 
-with ``A_init ~ U(-1/sqrt(M), 1/sqrt(M))`` (PEFT's / :class:`~lrjax.LoRA`'s init of ``lora_A``,
-``u[1] / sqrt(M)`` of the per-leaf draw above, frozen in ``frozen[path]['a_init']``), ``B_init = 0`` (PEFT's ``lora_B``) and
+with ``A_init ~ U(-1/sqrt(M), 1/sqrt(M))`` (PEFT's / :class:`~lrjax.LoRA`'s init of ``lora_A``;
+``u[1] / sqrt(M)`` of the per-leaf draw above, frozen in ``frozen[path]['a_init']``),
+``B_init = 0`` (PEFT's ``lora_B``) and
 ``lambda = noise_alpha`` passed to :meth:`~HypeLoRA.generate` (a float or a traced 0-d array in
 ``[0, 1]``). The official schedule is linear from ``lambda_0`` (0.99 in the transformer configs)
 to 0 over the training steps, i.e. ``optax.linear_schedule(0.99, 0.0, total_steps)(step)``. At
@@ -73,7 +75,7 @@ to 0 over the training steps, i.e. ``optax.linear_schedule(0.99, 0.0, total_step
 ``B = B_gen * 0 = 0`` and is not offered.) Without blending the generated ``B`` is not 0 at
 init, so the model changes at step 0, as in the official code.
 
-Defaults of the official configs: transformer / fixed or random A / CoLA: ``rank=8, alpha=16``,
+Defaults of the official configs: transformer / fixed, random or generated A / CoLA: ``rank=8, alpha=16``,
 ``hidden=256, num_heads=16, num_layers=2, embed_dim=64``, ``noise_type="add"`` from 0.99, AdamW lr
 4e-4, weight decay 0.1; MLP / fixed or generated A: ``rank=8, alpha=8``, ``hidden=(2048,)*3,
 embed_dim=128``, lr 1e-5.
@@ -100,6 +102,7 @@ import numpy as np
 
 from lrjax import _validation as V
 from lrjax import axes as axes_lib
+from lrjax import tree as tree_lib
 from lrjax.reparam.lora import LoRA
 
 __all__ = ["HypeLoRA"]
@@ -342,7 +345,6 @@ class HypeLoRA:
 
     # ----------------------------------------------------------------- checks
     def _check_net(self, hyper_params, groups, n_slots):
-        from lrjax import tree as tree_lib
         want = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, self.dtype),
                                       self._net_spec(groups, n_slots), is_leaf=lambda x: isinstance(x, _Init))
         if not isinstance(hyper_params, Mapping):
