@@ -465,3 +465,43 @@ def test_peft_conv_bad_files(tp, tmp_path):
     crp = ConvLoRA(rank=1, targets="conv1/kernel")
     with pytest.raises(T, match="ConvLoRA.*no PEFT equivalent"):
         export_peft(tmp_path / "c", crp, crp.init(KEY, params)[1], params=params)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_conv1d_conv3d_round_trip_with_peft(tp, tmp_path, dora):
+    """1-D and 3-D convolutions ([k, C_in, C_out] named *conv*, [kd, kh, kw, C_in, C_out]) export to
+    PEFT's Conv1d/Conv3d LoRA and import back."""
+    torch, peft = tp
+    from lrjax.interop import export_peft, import_peft, params_from_torch
+    torch.manual_seed(0)
+    net = torch.nn.Module()
+    net.conv1d = torch.nn.Conv1d(3, 4, 3)
+    net.c3d = torch.nn.Conv3d(2, 3, (2, 3, 2))
+    params = params_from_torch(net)
+    assert params["conv1d"]["kernel"].shape == (3, 3, 4) and params["c3d"]["kernel"].shape == (2, 3, 2, 2, 3)
+    rp = (lrjax.DoRA if dora else lrjax.LoRA)(rank=2, alpha=3.0)
+    _, ad = rp.init(KEY, params)
+    ad = _perturb(ad, scale=0.3)
+    export_peft(tmp_path, rp, ad, params=params)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(net), str(tmp_path))
+    rng = np.random.default_rng(0)
+    x1 = rng.standard_normal((2, 3, 7)).astype(np.float32)  # NCW
+    x3 = rng.standard_normal((1, 2, 4, 5, 4)).astype(np.float32)  # NCDHW
+    eff = rp.materialize(params, ad)
+    y1 = jax.lax.conv_general_dilated(jnp.asarray(x1.transpose(0, 2, 1)), eff["conv1d"]["kernel"], (1,), "VALID",
+                                      dimension_numbers=("NWC", "WIO", "NWC")) + eff["conv1d"]["bias"]
+    y3 = jax.lax.conv_general_dilated(jnp.asarray(x3.transpose(0, 2, 3, 4, 1)), eff["c3d"]["kernel"], (1, 1, 1),
+                                      "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + eff["c3d"]["bias"]
+    m = pm.base_model.model
+    m.eval()
+    with torch.no_grad():
+        t1 = _t2n(m.conv1d(torch.from_numpy(x1))).transpose(0, 2, 1)
+        t3 = _t2n(m.c3d(torch.from_numpy(x3))).transpose(0, 2, 3, 4, 1)
+    np.testing.assert_allclose(y1, t1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y3, t3, rtol=1e-5, atol=1e-5)
+    rp2, ad2 = import_peft(tmp_path, params)
+    assert type(rp2) is type(rp)
+    for p in ad:
+        for n in ad[p]:
+            np.testing.assert_allclose(ad2[p][n], ad[p][n], rtol=0, atol=0)
