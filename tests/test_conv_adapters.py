@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 import lrjax
-from lrjax.reparam.conv import ConvLoRA, CPLoRA
+from lrjax.reparam.conv import ConvDoRA, ConvLoRA, CPDoRA, CPLoRA
 from lrjax.reparam.factored import FactoredStats, factored
 
 T, V = TypeError, ValueError
@@ -134,6 +134,39 @@ def test_cplora_init_variance_matches_lora():
     assert abs(a.var() * 3 * kh * kw * ci - 1.0) < 0.15
 
 
+# ------------------------------------------------------------------ DoRA variants
+@pytest.mark.parametrize("cls", [ConvDoRA, CPDoRA])
+def test_conv_dora_variants_match_transcription(cls):
+    """W'_t = m (W_t + dW_t) / ||W_t + dW_t|| per output channel over (C_in, kh, kw), float64 NumPy."""
+    k, ci, co = 3, 4, 5
+    w = np.array(_kernel((k, k, ci, co)))
+    w[..., 1] = 0.0  # a zero (pruned) channel: zero direction, finite
+    p = {"conv": {"kernel": jnp.asarray(w)}}
+    rp = cls(rank=2, alpha=3.0)
+    base, ad0 = rp.init(KEY, p)
+    wt = w.transpose(3, 2, 0, 1).astype(np.float64)
+    np.testing.assert_allclose(ad0["conv/kernel"]["m"], np.linalg.norm(wt.reshape(co, -1), axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(rp.materialize(base, ad0)["conv"]["kernel"], w)  # unchanged at init
+    ad = _perturb(ad0)
+    f = {n: np.asarray(v, np.float64) for n, v in ad["conv/kernel"].items()}
+    if cls is ConvDoRA:
+        dwt = rp.scale * (f["b"].T @ f["a"].T).reshape(co, ci, k, k)
+    else:
+        dwt = rp.scale * np.einsum("hq,wq,iq,oq->oihw", f["h"], f["w"], f["inp"], f["out"])
+    v = wt + dwt
+    ref = f["m"][:, None, None, None] * v / np.linalg.norm(v.reshape(co, -1), axis=1)[:, None, None, None]
+    got = rp.materialize(base, ad)["conv"]["kernel"]
+    np.testing.assert_allclose(got, ref.transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-6)
+    # the norm is detached: d/dm of sum(W') is sum(direction), no gradient through the norm into m
+    g = jax.grad(lambda a: jnp.sum(rp.materialize(base, a)["conv"]["kernel"]))(ad)["conv/kernel"]["m"]
+    np.testing.assert_allclose(g, (v / np.linalg.norm(v.reshape(co, -1), axis=1)[:, None, None, None]).sum((1, 2, 3)),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(V, match=r"adapters\['conv/kernel'\]\['m'\].*expected \(5,\)"):
+        rp.materialize(base, {"conv/kernel": {**ad["conv/kernel"], "m": jnp.ones((4,))}})
+    with pytest.raises(V, match="cannot be inverted"):
+        rp.unmerge(rp.merge(base, ad), ad)
+
+
 # ------------------------------------------------------------------ factored path
 class ConvNet(nn.Module):
     dtype: object = jnp.float32
@@ -148,16 +181,17 @@ class ConvNet(nn.Module):
         return nn.Conv(4, (2,), padding="SAME", name="conv_c", dtype=self.dtype)(x)  # a 1-D conv
 
 
-@pytest.mark.parametrize("kind,dtype", [(k, jnp.float32) for k in ("lora", "dora", "cp", "convlora")]
+@pytest.mark.parametrize("kind,dtype", [(k, jnp.float32) for k in ("lora", "dora", "cp", "cpdora", "convlora")]
                          + [(k, jnp.bfloat16) for k in ("lora", "dora", "cp")],
-                         ids=["lora-f32", "dora-f32", "cp-f32", "convlora-f32", "lora-bf16", "dora-bf16", "cp-bf16"])
+                         ids=["lora-f32", "dora-f32", "cp-f32", "cpdora-f32", "convlora-f32", "lora-bf16", "dora-bf16",
+                              "cp-bf16"])
 def test_factored_equals_materialize(kind, dtype):
     model = ConvNet(dtype)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 12, 12, 3)), dtype)
     params = jax.tree.map(lambda v: v.astype(dtype), model.init(KEY, x))
     conv2d = r"conv_[ab]/kernel"
-    rp = {"lora": lrjax.LoRA(rank=2, alpha=3.0), "dora": lrjax.DoRA(rank=2),
-          "cp": CPLoRA(rank=3, targets=conv2d), "convlora": ConvLoRA(rank=1, targets=conv2d)}[kind]
+    rp = {"lora": lrjax.LoRA(rank=2, alpha=3.0), "dora": lrjax.DoRA(rank=2), "cp": CPLoRA(rank=3, targets=conv2d),
+          "cpdora": CPDoRA(rank=2, targets=conv2d), "convlora": ConvLoRA(rank=1, targets=conv2d)}[kind]
     base, ad = rp.init(KEY, params)
     ad = _perturb(ad)
     st = FactoredStats()
@@ -394,18 +428,18 @@ def test_peft_dilated_conv_lora_differs_unmerged(tp):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("variant", ["lora", "dora", "cp"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "cp", "cpdora"])
 def test_conv_export_then_peft_load(tp, tmp_path, variant):
     torch, peft = tp
     from lrjax.interop import export_peft, params_from_torch
     base = _torch_net(torch)
     params = params_from_torch(base)
     rp = {"lora": lrjax.LoRA(rank=PR, alpha=PALPHA), "dora": lrjax.DoRA(rank=PR, alpha=PALPHA),
-          "cp": CPLoRA(rank=PR, alpha=PALPHA)}[variant]
+          "cp": CPLoRA(rank=PR, alpha=PALPHA), "cpdora": CPDoRA(rank=PR, alpha=PALPHA)}[variant]
     _, ad = rp.init(KEY, params)
     ad = _perturb(ad, scale=0.3)
     cfg = export_peft(tmp_path, rp, ad, params=params)
-    assert cfg["use_dora"] is (variant == "dora") and cfg["r"] == PR and cfg["target_modules"] == ["conv1", "conv2"]
+    assert cfg["use_dora"] is variant.endswith("dora") and cfg["r"] == PR and cfg["target_modules"] == ["conv1", "conv2"]
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     x = _xin()
     y = _jax_net(rp.materialize(params, ad), jnp.asarray(x.transpose(0, 2, 3, 1)))
@@ -462,9 +496,9 @@ def test_peft_conv_bad_files(tp, tmp_path):
     with pytest.raises(V, match=r"module 'conv1'.*'conv1/kernel'.*expected lora_A \[r, C_in, \*window\] = \(2, 3, 3, 3\)"):
         import_peft(tmp_path / "l", params)
     # loralib's ConvLoRA has no PEFT form
-    crp = ConvLoRA(rank=1, targets="conv1/kernel")
-    with pytest.raises(T, match="ConvLoRA.*no PEFT equivalent"):
-        export_peft(tmp_path / "c", crp, crp.init(KEY, params)[1], params=params)
+    for crp in (ConvLoRA(rank=1, targets="conv1/kernel"), ConvDoRA(rank=1, targets="conv1/kernel")):
+        with pytest.raises(T, match="ConvLoRA.*no PEFT equivalent"):
+            export_peft(tmp_path / "c", crp, crp.init(KEY, params)[1], params=params)
 
 
 @pytest.mark.reference

@@ -44,8 +44,8 @@ conv LoRA (``torch.nn.Conv1d/2d/3d``): ``lora_A.weight [r, C_in, *window]`` is `
 DoRA's ``lora_magnitude_vector`` is ``m`` as ``[1, C_out, 1, ...]``. lrjax's LoRA/RSLoRA/DoRA on
 such a kernel *is* PEFT's conv LoRA/DoRA (see :mod:`lrjax.reparam.conv`). ``export_peft`` needs
 ``params=`` for conv leaves (the window shape); grouped convs (``groups > 1``, which PEFT cannot
-merge) are refused on import. A :class:`~lrjax.reparam.conv.CPLoRA` exports as its equivalent
-rank-``R`` conv LoRA.
+merge) are refused on import. A :class:`~lrjax.reparam.conv.CPLoRA` (``CPDoRA``) exports as its
+equivalent rank-``R`` conv LoRA (DoRA).
 
 PiSSA
 -----
@@ -272,13 +272,14 @@ def _check_adapters(adapters, name: str = "adapters") -> None:
 def _cp_as_lora(rp, adapters):
     """A :class:`~lrjax.reparam.conv.CPLoRA` and its adapters as the equivalent rank-``R`` LoRA
     (``a`` = Khatri-Rao product, ``b = O^T``, same ``alpha``); anything else unchanged."""
-    from lrjax.reparam.conv import ConvLoRA, CPLoRA
+    from lrjax.reparam.conv import ConvLoRA, CPDoRA, CPLoRA
 
     if isinstance(rp, ConvLoRA):
         raise TypeError("ConvLoRA (loralib's convention: a reshape of a [C_out k, r k] x [r k, C_in k] product) has "
                         "no PEFT equivalent; PEFT's conv LoRA is lrjax.LoRA on the conv kernel")
     if not isinstance(rp, CPLoRA):
         return rp, adapters
+    dora = isinstance(rp, CPDoRA)
     if not isinstance(adapters, Mapping) or not adapters:
         raise TypeError(f"adapters must be the non-empty dict returned by rp.init(), got {type(adapters).__name__}")
     out = {}
@@ -287,8 +288,10 @@ def _cp_as_lora(rp, adapters):
             raise TypeError(f"adapters[{path!r}] must be a CPLoRA factor dict with keys {list(rp.factor_keys)}")
         for k in rp.factor_keys:
             _factor_np(f[k], f"adapters[{path!r}][{k!r}]")
-        form = rp.factors(None, f)
-        out[path] = {"a": form.a, "b": form.b.astype(form.a.dtype)}
+        form = CPLoRA.factors(rp, None, f)  # the update's (A, B) only: a CPDoRA's m is PEFT's magnitude
+        out[path] = {"a": form.a, "b": form.b.astype(form.a.dtype)} | ({"m": f["m"]} if dora else {})
+    if dora:
+        return DoRA(rank=rp.rank, alpha=_alpha_of(rp), targets=rp.targets, dtype=rp.dtype), out
     return LoRA(rank=rp.rank, alpha=_alpha_of(rp), targets=rp.targets, dtype=rp.dtype), out
 
 
@@ -321,9 +324,10 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
         ``...lora_magnitude_vector`` = ``m``).
       rp: the :class:`~lrjax.LoRA`, :class:`~lrjax.RSLoRA`, :class:`~lrjax.DoRA` or
         :class:`~lrjax.PiSSA` that made ``adapters`` (sets ``r``, ``lora_alpha``, ``use_rslora``,
-        ``use_dora``), or a :class:`~lrjax.reparam.conv.CPLoRA`, written as the equivalent PEFT
-        conv LoRA of rank ``R`` (``A`` = the Khatri-Rao product of its factors, ``B = O^T``; exact).
-        loralib's :class:`~lrjax.reparam.conv.ConvLoRA` has no PEFT equivalent (``TypeError``).
+        ``use_dora``), or a :class:`~lrjax.reparam.conv.CPLoRA` / :class:`~lrjax.reparam.conv.CPDoRA`,
+        written as the equivalent PEFT conv LoRA / DoRA of rank ``R`` (``A`` = the Khatri-Rao product
+        of its factors, ``B = O^T``, same ``m``; exact). loralib's
+        :class:`~lrjax.reparam.conv.ConvLoRA` (and ``ConvDoRA``) has no PEFT equivalent (``TypeError``).
       adapters: ``{leaf_path: {"a": [M, r], "b": [r, N](, "m": [N])}}`` without batch axes; NaN or
         Inf factors raise ``ValueError`` naming the entry.
       module_names: leaf path -> torch module name override (see the module docstring); the default

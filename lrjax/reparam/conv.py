@@ -77,6 +77,23 @@ bounded by ``min(M, N)`` (higher ranks were better in the paper); lrjax refuses 
 ``C_out C_in kh kw / max(C_out, C_in, kh, kw)``, the generic upper bound on the CP rank of any
 tensor of that shape (more components are always redundant).
 
+4. DoRA on each convention (the paper's DoRA-C, convDoRA, CP-DoRA)
+------------------------------------------------------------------
+``W'_t = m * (W_t + dW_t) / ||W_t + dW_t||`` with one magnitude per output channel, the norm over
+``(C_in, kh, kw)`` detached (as :class:`lrjax.DoRA`, PEFT ``_DoraConvNdLayer``), ``m`` initialized
+to ``||W_t||`` so the model is unchanged at init, and a zero-norm channel given a zero direction:
+
+* DoRA-C = PEFT's conv DoRA = :class:`lrjax.DoRA` on the conv kernel (the default view's columns
+  are the output channels);
+* :class:`ConvDoRA`: on :class:`ConvLoRA`'s update. In its ``[C_in k, C_out k]`` view, output channel
+  ``o`` owns the ``k`` consecutive columns ``o k .. o k + k - 1`` (rows of the row-major reshape of
+  ``[C_out, C_in, k, k]``), so the channel norm pools those columns and the column scale is
+  ``c`` repeated ``k`` times;
+* :class:`CPDoRA`: on :class:`CPLoRA`'s update, in the default view (exports to PEFT as a conv DoRA).
+
+How the paper's variants parameterize ``m`` is **UNVERIFIED** (its code and methods text were not
+available); lrjax follows DoRA/PEFT above.
+
 Bad input
 ---------
 Both :class:`ConvLoRA` and :class:`CPLoRA` adapt 4-D (2-D convolution) kernels only: a Dense
@@ -96,9 +113,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax import _validation as V
-from lrjax.reparam.base import LowRankForm, Reparam
+from lrjax.reparam.base import LowRankForm, Reparam, _all_finite, _is_concrete
+from lrjax.reparam.dora import _safe_ratio, column_norm
 
-__all__ = ["ConvLoRA", "CPLoRA"]
+__all__ = ["ConvLoRA", "CPLoRA", "ConvDoRA", "CPDoRA"]
 
 # Leaf shapes of the params being initialized. ``Reparam.init`` hands ``init_leaf`` the matrix
 # view only; these variants need the kernel's own shape (k, C_in, ...) to lay out their factors.
@@ -270,7 +288,7 @@ class CPLoRA(_ShapeAwareInit):
                    "h": u(k_h, (kh, r), np.sqrt(3.0 / kh)), "w": u(k_w, (kw, r), np.sqrt(3.0 / kw))}
 
     def factors(self, w, f) -> LowRankForm:
-        cd = V.compute_dtype(*(f[k].dtype for k in self.factor_keys))
+        cd = V.compute_dtype(*(f[k].dtype for k in ("out", "inp", "h", "w")))
         a = _khatri_rao(f["h"], f["w"], f["inp"], cd)
         return LowRankForm(a, jnp.swapaxes(f["out"], 0, 1), self.scale, None)
 
@@ -289,3 +307,103 @@ class CPLoRA(_ShapeAwareInit):
             raise ValueError(f"{argname}[{path!r}]: CPLoRA factors disagree on the CP rank R (second axis): "
                              f"{ranks}; all four must have the same R")
         self.check_factor_rank(path, ranks["out"], argname)
+
+
+# ------------------------------------------------------------------------------- DoRA variants
+def _checked_m(m, path: str):
+    """Refuse a magnitude that overflows its dtype (float16 norms above 65504) at init."""
+    if _is_concrete(m) and not _all_finite(m):
+        raise ValueError(f"dtype: a channel norm of leaf {path!r} overflows {jnp.dtype(m.dtype).name} (the DoRA "
+                         "magnitude m); use dtype=jnp.float32 or jnp.bfloat16 for the factors")
+    return m
+
+
+def _check_m(f, co: int, path: str, argname: str):
+    if tuple(f["m"].shape) != (co,):
+        raise ValueError(f"{argname}[{path!r}]['m'] has shape {tuple(f['m'].shape)}, expected ({co},): one DoRA "
+                         "magnitude per output channel")
+
+
+def _no_unmerge(rp, path):
+    raise ValueError(f"{type(rp).__name__}.unmerge: the merge of {path!r} cannot be inverted from merged weights (the "
+                     "channel norm ||W + dW|| is lost); keep the base params")
+
+
+@dataclasses.dataclass(frozen=True)
+class CPDoRA(CPLoRA):
+    """DoRA over :class:`CPLoRA` (the paper's CP-DoRA): ``K' = m * (K + dK) / ||K + dK||`` per output
+    channel (norm over ``(kh, kw, C_in)``, detached), ``m: [C_out]`` initialized to ``||K||``.
+    Same arguments as :class:`CPLoRA`; adapters add ``"m"``. In the default view this is
+    :class:`lrjax.DoRA` with ``A`` the Khatri-Rao product, so it exports to PEFT's conv DoRA."""
+
+    factor_keys = ("out", "inp", "h", "w", "m")
+
+    def _direction(self, w, f):
+        form = CPLoRA.factors(self, w, f)
+        cd = self.compute_dtype(w, f)
+        return w.astype(cd) + form.scale * (form.a.astype(cd) @ form.b.astype(cd))
+
+    def init_leaf(self, key, w, path):
+        w, f = super().init_leaf(key, w, path)
+        f["m"] = _checked_m(column_norm(self._direction(w, f), dtype=f["out"].dtype), path)
+        return w, f
+
+    def factors(self, w, f) -> LowRankForm:
+        form = CPLoRA.factors(self, w, f)
+        m = f["m"]
+        norm = jax.lax.stop_gradient(column_norm(self._direction(w, f), dtype=m.dtype))
+        cd = self.compute_dtype(w, f)
+        return LowRankForm(form.a, form.b, form.scale, _safe_ratio(m.astype(cd), norm.astype(cd)))
+
+    def check_factors(self, path, f, bshape, m, n, argname, shape=None):
+        super().check_factors(path, f, bshape, m, n, argname, shape)
+        _check_m(f, n, path, argname)
+
+    def unmerge_leaf(self, w_merged, f, path):
+        _no_unmerge(self, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvDoRA(ConvLoRA):
+    """DoRA over :class:`ConvLoRA` (the paper's convDoRA): ``W'_t = m * (W_t + dW_t) / ||W_t + dW_t||``
+    per output channel (norm over ``(C_in, k, k)``, detached), ``m: [C_out]`` initialized to
+    ``||W_t||``. In ConvLoRA's ``[C_in k, C_out k]`` view channel ``o`` is the ``k`` columns
+    ``o k .. o k + k - 1``, so the channel norm pools those columns and the column scale is
+    ``m / norm`` repeated ``k`` times. Same arguments as :class:`ConvLoRA`; adapters add ``"m"``."""
+
+    factor_keys = ("a", "b", "m")
+
+    def _direction(self, w, f):
+        cd = self.compute_dtype(w, f)
+        return w.astype(cd) + self.scale * (f["a"].astype(cd) @ f["b"].astype(cd))
+
+    @staticmethod
+    def _channel_norm(v, co: int, dtype):
+        """``[C_in k, C_out k]`` view -> ``[C_out]``: the L2 norm of each channel's ``k`` columns
+        (0 with a zero gradient for an all-zero channel)."""
+        cd = V.compute_dtype(v.dtype)
+        sq = jnp.sum(jnp.square(v.astype(cd)), axis=-2)
+        sq = sq.reshape(co, sq.shape[-1] // co).sum(-1)
+        pos = sq > 0
+        return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1)), 0).astype(dtype)
+
+    def init_leaf(self, key, w, path):
+        w, f = super().init_leaf(key, w, path)
+        co = self._init_shape(path)[3]
+        f["m"] = _checked_m(self._channel_norm(self._direction(w, f), co, f["a"].dtype), path)
+        return w, f
+
+    def factors(self, w, f) -> LowRankForm:
+        m = f["m"]
+        co = m.shape[-1]
+        norm = jax.lax.stop_gradient(self._channel_norm(self._direction(w, f), co, m.dtype))
+        cd = self.compute_dtype(w, f)
+        c = _safe_ratio(m.astype(cd), norm.astype(cd))
+        return LowRankForm(f["a"], f["b"], self.scale, jnp.repeat(c, w.shape[-1] // co))
+
+    def check_factors(self, path, f, bshape, m, n, argname, shape=None):
+        super().check_factors(path, f, bshape, m, n, argname, shape)
+        _check_m(f, n // shape[0], path, argname)
+
+    def unmerge_leaf(self, w_merged, f, path):
+        _no_unmerge(self, path)
