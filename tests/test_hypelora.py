@@ -1,13 +1,12 @@
 """HypeLoRA: the generator against a float64 NumPy transcription (per-slot loops), torch's
 TransformerEncoder, the key convention of the frozen A, noise blending, gradients, jit, bfloat16,
-optax, and bad input."""
+and bad input."""
 import math
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from scipy.special import erf
 
@@ -118,10 +117,11 @@ def _leaf_a(key, path, bshape, m, row):  # the documented convention, written ou
     return u * (1.0 / math.sqrt(R if row == 0 else m))
 
 
-@pytest.mark.parametrize("kind,a_mode,noise", [("mlp", "fixed", None), ("mlp", "generated", 0.6),
-                                               ("mlp", "random", None), ("transformer", "fixed", 0.3),
+# configs shared with the other tests (the jitted generator is compiled once per config)
+@pytest.mark.parametrize("kind,a_mode,noise", [("mlp", "fixed", 0.6), ("mlp", "generated", None),
+                                               ("mlp", "random", 0.3), ("transformer", "fixed", 0.3),
                                                ("transformer", "generated", None),
-                                               ("transformer", "random", 0.3)])
+                                               ("transformer", "random", None)])
 def test_generate_and_materialize_match_numpy(kind, a_mode, noise):
     params = _params()
     hl = _cfg(kind, a_mode, "add" if noise is not None else "replace")
@@ -155,9 +155,9 @@ def _flat(t):
 
 def test_vmapped_generation_equals_per_slot_loop():
     params = _params()
-    for hl in (_cfg("mlp", "generated"), _cfg("mlp", "fixed")):
+    for hl in (_cfg("mlp", "generated"), _cfg("mlp", "fixed", "add")):
         hp, fr = hl.init(jax.random.key(1), params)
-        ad = hl.generate(params, hp, fr)
+        ad = hl.generate(params, hp, fr, noise_alpha=0.0 if hl.noise_type == "add" else None)
         emb = hp["embed"]
         for i, (path, row) in enumerate(SLOTS):
             m, n = SHAPE[path]
@@ -173,7 +173,7 @@ def test_vmapped_generation_equals_per_slot_loop():
 
 def test_transformer_encoder_matches_torch():
     torch = pytest.importorskip("torch")
-    hl = _cfg("transformer", "fixed")
+    hl = _cfg("transformer", "fixed", "add")
     hp, _ = hl.init(jax.random.key(2), _params())
     d, nh = hl.hidden, hl.num_heads
     layer = torch.nn.TransformerEncoderLayer(d, nh, dim_feedforward=hl.ff_dim, dropout=0.0,
@@ -241,7 +241,7 @@ def test_random_a_resampled_per_key():
         assert np.abs(np.asarray(a1[p]["a"])).max() <= 1 / math.sqrt(R)
 
 
-@pytest.mark.parametrize("kind,a_mode", [("mlp", "generated"), ("transformer", "fixed")])
+@pytest.mark.parametrize("kind,a_mode", [("mlp", "fixed"), ("transformer", "fixed")])
 def test_noise_one_leaves_model_unchanged(kind, a_mode):
     params = _params()
     hl = _cfg(kind, a_mode, "add")
@@ -252,14 +252,12 @@ def test_noise_one_leaves_model_unchanged(kind, a_mode):
         np.testing.assert_array_equal(ad[p]["a"], fr[p]["a_init"])
     out = hl.materialize(params, hp, fr, noise_alpha=jnp.float32(1.0))
     jax.tree_util.tree_map(np.testing.assert_array_equal, out, params)
-    # lambda = 0 is the plain generator
-    plain = _cfg(kind, a_mode, "replace")
-    fr0 = {p: {k: v for k, v in f.items() if k == "a"} for p, f in fr.items()} if a_mode == "fixed" else {}
+    # lambda = 0 is the plain generator: the frozen A, and B from the network
     ad0 = hl.generate(params, hp, fr, noise_alpha=0.0)
-    adr = plain.generate(params, hp, fr0)
+    ref = np_generate(hl, hp, fr)
     for p in SHAPE:
-        np.testing.assert_allclose(ad0[p]["b"], adr[p]["b"], rtol=1e-6)
-        np.testing.assert_allclose(ad0[p]["a"], adr[p]["a"], rtol=1e-6)
+        np.testing.assert_array_equal(ad0[p]["a"], fr[p]["a"])
+        np.testing.assert_allclose(ad0[p]["b"], ref[p][1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])
@@ -275,29 +273,24 @@ def test_grad_reaches_hypernet_not_frozen_and_jit(kind):
         h = jnp.einsum("bi,lij->bj", h, p["stack"]["kernel"])
         return jnp.sum(jnp.tanh(h @ p["out"]["kernel"]) ** 2)
 
-    # under jit, with a traced lambda (a schedule value)
-    g_hp, g_fr = jax.jit(jax.grad(loss, argnums=(0, 1)))(hp, fr, jnp.float32(0.4))
+    # under jit, with a traced lambda (a schedule value); one compiled value-and-grad
+    vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    lam = jnp.float32(0.4)
+    l0, (g_hp, g_fr) = vg(hp, fr, lam)
     for path, g in _flat(g_hp).items():
         assert np.abs(np.asarray(g)).max() > 0, path
     for path, g in _flat(g_fr).items():
         assert not np.any(np.asarray(g)), path
-    lj = jax.jit(loss)
-    np.testing.assert_allclose(lj(hp, fr, jnp.float32(0.4)), loss(hp, fr, 0.4), rtol=1e-5)
     # the gradient is the true derivative: a central difference along the gradient direction
-    gnorm = math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in jax.tree_util.tree_leaves(g_hp)))
-    step = jax.jit(lambda t: jax.tree_util.tree_map(lambda p, g: p + t * g / gnorm, hp, g_hp))
+    g_np = jax.tree_util.tree_map(lambda g: np.asarray(g, np.float64), g_hp)
+    gnorm = math.sqrt(sum(float(np.sum(g ** 2)) for g in jax.tree_util.tree_leaves(g_np)))
+    step = lambda t: jax.tree_util.tree_map(  # noqa: E731
+        lambda p, g: (np.asarray(p, np.float64) + t * g).astype(np.float32), hp, g_np)
     eps = 1e-3
-    fd = (lj(step(eps), fr, 0.4) - lj(step(-eps), fr, 0.4)) / (2 * eps)
+    fd = (vg(step(eps / gnorm), fr, lam)[0] - vg(step(-eps / gnorm), fr, lam)[0]) / (2 * eps)
     np.testing.assert_allclose(fd, gnorm, rtol=1e-2)
-    # one optax step on the trainable pytree only
-    opt = optax.adamw(1e-2)
-
-    @jax.jit
-    def train_step(hp):
-        upd, _ = opt.update(g_hp, opt.init(hp), hp)
-        return optax.apply_updates(hp, upd)
-
-    assert float(lj(train_step(hp), fr, 0.4)) < float(lj(hp, fr, 0.4))
+    # a plain gradient step on the trainable pytree alone lowers the loss
+    assert float(vg(step(-1e-3 / gnorm), fr, lam)[0]) < float(l0)
 
 
 def test_bfloat16_base_rounds_once():
@@ -349,10 +342,11 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="noise_alpha"):
         hl.generate(params, hp, fr)
     with pytest.raises(ValueError, match="noise_alpha"):
-        _cfg().generate(params, *_cfg().init(jax.random.key(0), params), noise_alpha=0.5)
+        _cfg("mlp", "generated").generate(params, *_cfg("mlp", "generated").init(jax.random.key(0), params),
+                                          noise_alpha=0.5)
     with pytest.raises(ValueError, match="key"):
         hl.generate(params, hp, fr, key=jax.random.key(1), noise_alpha=0.5)
-    hr = _cfg("mlp", "random")
+    hr = _cfg("transformer", "random")
     hpr, frr = hr.init(jax.random.key(0), params)
     with pytest.raises(ValueError, match="key"):
         hr.generate(params, hpr, frr)
