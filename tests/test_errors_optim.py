@@ -589,10 +589,14 @@ def test_every_public_function_is_swept():
     for table in (INT_ARGS, FLOAT_ARGS, ENUM_ARGS, BOOL_ARGS, MATRIX_ARGS, FACTORIES, RANK_ARGS, OPTS):
         covered |= {t[0].split(".")[0].split("-")[0] for t in table}
     covered |= {"energy_rank", "quantize", "dequantize", "active_layers", "outlier_ratios", "scale_by_adam_torch"}
+    # swept in tests/test_lora_pro.py (test_bad_hyperparameters_named, test_bad_trees_named) and
+    # tests/test_codyra.py (test_bad_prox_inputs, test_bad_schedule_inputs)
+    covered |= {"lora_pro", "scale_by_lora_pro", "lora_fa", "scale_by_lora_fa", "riemannian_lora",
+                "scale_by_riemannian_lora", "prox_soft_threshold", "codyra_lambda_schedule"}
     # data containers, argument-free bases, constants and nbytes (any pytree is valid) take nothing to check
     exempt = {"SVD", "ProjectionState", "OwLoreState", "ScaleByAdam8bitState", "ScaleByAdamTorchState", "Quantized",
               "LeafPlan", "Basis", "Variant", "ExactSVD", "GramEigh", "REFRESHES", "DEFAULT_LAYERS", "nbytes",
-              "projection", "quant"}
+              "projection", "quant", "prox"}
     public = set(linalg.__all__) | set(lo.__all__)
     for mod in mods:
         public |= set(mod.__all__)

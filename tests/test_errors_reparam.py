@@ -341,7 +341,11 @@ def test_missing_paths_are_keyerror_and_valueerror():
 # ------------------------------------------------------------------------------ completeness
 SWEPT = {
     "lrjax.reparam": {"Reparam", "LowRankForm", "Adapters", "LoRA", "RSLoRA", "DoRA", "PiSSA", "factored",
-                      "FactoredStats", "multi", "estimate_grads"},  # estimate_grads: test_reparam_protocol.py
+                      "FactoredStats", "multi", "estimate_grads",  # estimate_grads: test_reparam_protocol.py
+                      # the zoo of issue 11: tests/test_errors_zoo.py (Reparam subclasses), test_hypelora.py,
+                      # test_loram.py
+                      "LoRAGA", "LoRASB", "LoRAXS", "NOLA", "BlockLoRA", "CoDyRA", "ConvLoRA", "CPLoRA", "ConvDoRA",
+                      "CPDoRA", "HypeLoRA", "loram"},
     "lrjax.reparam.multi": {"use", "merge", "combine", "NameNotFound"},
     "lrjax.tree": {"Targets", "PathNotFound", "path_str", "flatten", "paths", "select", "get", "replace"},
     "lrjax.axes": {"Axes", "AxesSpec", "default_axes", "resolve", "to_matrix", "from_matrix", "matrix_shape",

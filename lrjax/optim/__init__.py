@@ -8,7 +8,12 @@ One projection protocol (:mod:`lrjax.optim.projection`) and one short file per m
 * :func:`owlore` -- OwLore (Li et al. 2024): outlier-weighted layer sampling with GaLore inside;
 * :func:`scale_by_adam_8bit` -- Adam with 8-bit block-wise quantized moments (an inner optimizer);
 * :func:`scale_by_adam_torch` -- Adam with PyTorch's ``eps`` placement (to reproduce galore-torch
-  for any ``eps``; ``optax.scale_by_adam`` agrees with it only where ``eps`` is negligible).
+  for any ``eps``; ``optax.scale_by_adam`` agrees with it only where ``eps`` is negligible);
+* optimizer-side LoRA (:mod:`lrjax.optim.lora_pro`): :func:`lora_pro` (LoRA-Pro, efficient and
+  full), :func:`lora_fa` (LoRA-FA), :func:`riemannian_lora` -- they read the adapters' ``A``/``B``
+  pairs and the scale of a :class:`lrjax.LoRA` config;
+* :func:`prox_soft_threshold` (:mod:`lrjax.optim.prox`) -- the proximal L1 step of CoDyRA's gates,
+  with :func:`codyra_lambda_schedule`.
 
 Each wraps an inner params-free optax transformation and is itself a
 ``GradientTransformation``::
@@ -17,13 +22,18 @@ Each wraps an inner params-free optax transformation and is itself a
                       lrjax.optim.galore(optax.scale_by_adam(), rank=128, refresh="subspace"),
                       optax.scale_by_learning_rate(1e-2))
 """
-from lrjax.optim import projection, quant
+from lrjax.optim import projection, prox, quant
 from lrjax.optim.dct import dct
 from lrjax.optim.fira import fira
 from lrjax.optim.galore import galore, scale_by_adam_torch
 from lrjax.optim.owlore import OwLoreState, outlier_ratios, owlore
 from lrjax.optim.projection import ProjectionState, nbytes, theoretical_state_bytes
 from lrjax.optim.quant import scale_by_adam_8bit
+from lrjax.optim.lora_pro import (lora_fa, lora_pro, riemannian_lora, scale_by_lora_fa, scale_by_lora_pro,
+                                  scale_by_riemannian_lora)
+from lrjax.optim.prox import codyra_lambda_schedule, prox_soft_threshold
 
 __all__ = ["projection", "quant", "scale_by_adam_8bit", "scale_by_adam_torch", "galore", "fira", "dct", "owlore", "outlier_ratios",
-           "ProjectionState", "OwLoreState", "nbytes", "theoretical_state_bytes"]
+           "ProjectionState", "OwLoreState", "nbytes", "theoretical_state_bytes",
+           "prox", "lora_pro", "scale_by_lora_pro", "lora_fa", "scale_by_lora_fa", "riemannian_lora",
+           "scale_by_riemannian_lora", "prox_soft_threshold", "codyra_lambda_schedule"]
