@@ -327,7 +327,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"hidden\[1\]"):
         HypeLoRA(hidden=(4, 0))
     with pytest.raises(TypeError, match="hidden"):
-        HypeLoRA(hidden=4)
+        HypeLoRA(hidden="big")
+    assert HypeLoRA(hidden=4).hidden == (4, 4, 4) and HypeLoRA().hidden == (2048, 2048, 2048)
+    assert HypeLoRA(kind="transformer").embed_dim == 64 and HypeLoRA().embed_dim == 128
     with pytest.raises(ValueError, match="rank=5.*'out/kernel'"):
         HypeLoRA(rank=5, hidden=(4,), embed_dim=2).init(jax.random.key(0), params)
     with pytest.raises(ValueError, match="targets"):

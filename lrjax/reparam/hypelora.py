@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -145,8 +146,9 @@ class HypeLoRA:
       kind: ``"mlp"`` (default) or ``"transformer"``.
       a_mode: ``"fixed"`` (default), ``"random"`` or ``"generated"``.
       noise_type: ``"replace"`` (default) or ``"add"`` (blend with the LoRA init by ``noise_alpha``).
-      hidden: ``"mlp"``: tuple of hidden widths (default ``(2048, 2048, 2048)``); ``"transformer"``:
-        the model width (default 256, divisible by ``num_heads``).
+      hidden: ``"mlp"``: tuple of hidden widths, one GELU linear each (default ``(2048, 2048, 2048)``;
+        an int ``h`` means ``(h, h, h)`` as in the official code); ``"transformer"``: the model width
+        (default 256, divisible by ``num_heads``).
       embed_dim: slot-embedding width (default 128 for ``"mlp"``, 64 for ``"transformer"``).
       num_heads, num_layers, ff_dim: transformer encoder sizes (16, 2, 2048).
       dtype: hypernetwork parameter dtype (default float32).
@@ -181,11 +183,13 @@ class HypeLoRA:
         V.check_int(self.ff_dim, "ff_dim", low=1)
         V.check_int(self.embed_dim, "embed_dim", low=1, allow_none=True)
         if self.kind == "mlp":
-            h = (2048, 2048, 2048) if self.hidden is None else self.hidden
+            h = 2048 if self.hidden is None else self.hidden
+            if isinstance(h, (numbers.Integral, np.integer)) and not isinstance(h, (bool, np.bool_)):
+                h = (V.check_int(h, "hidden", low=1),) * 3  # the official int -> [h] * 3
             if isinstance(h, list):
                 h = tuple(h)
             if not isinstance(h, tuple) or not h:
-                raise TypeError(f"hidden must be a non-empty tuple of widths for kind='mlp' (e.g. "
+                raise TypeError(f"hidden must be an int or a non-empty tuple of widths for kind='mlp' (e.g. "
                                 f"(2048, 2048, 2048)), got {V._fmt(self.hidden)}")
             for i, w in enumerate(h):
                 V.check_int(w, f"hidden[{i}]", low=1)
