@@ -392,8 +392,10 @@ class HypeLoRA:
                     raise ValueError(f"frozen[{p!r}] has no {nm!r} (needed by a_mode={self.a_mode!r}, "
                                      f"noise_type={self.noise_type!r})")
                 x = f[nm]
-                if not isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)):
-                    raise TypeError(f"frozen[{p!r}][{nm!r}] must be an array, got {type(x).__name__}")
+                if not isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)) or \
+                        not jnp.issubdtype(x.dtype, jnp.floating):
+                    raise TypeError(f"frozen[{p!r}][{nm!r}] must be a floating array, got "
+                                    f"{type(x).__name__} {getattr(x, 'dtype', '')}")
                 if tuple(x.shape) != (*bshape, m, self.rank):
                     raise ValueError(f"frozen[{p!r}][{nm!r}] has shape {tuple(x.shape)}, expected "
                                      f"{(*bshape, m, self.rank)}")
