@@ -45,7 +45,7 @@ i.e. the layout of the *transposed* array. For ``C > 1`` a probability is thus c
 label of a different sample and class. ``pairing="sample_class"`` (default) is the intended
 definition above; ``pairing="official"`` reproduces the official pairing, ``acc_k =
 [k // n == y_{k mod n}]`` for ``p_k = probs.reshape(-1)[k]``, to compare with numbers produced
-by that code (e.g. the paper's TACE column).
+by that code (its ``thresholded_ace_*`` results).
 
 Validation (eager, before tracing; value checks only for concrete arrays, skipped under
 ``jit``): ``probs`` must be a floating ``[n, C]`` array with ``n >= 1`` and ``C >= 1``, finite,
