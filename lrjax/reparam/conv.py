@@ -96,7 +96,7 @@ available); lrjax follows DoRA/PEFT above.
 
 Bad input
 ---------
-Both :class:`ConvLoRA` and :class:`CPLoRA` adapt 4-D (2-D convolution) kernels only: a Dense
+:class:`ConvLoRA`, :class:`CPLoRA` and their DoRA variants adapt 4-D (2-D convolution) kernels only: a Dense
 leaf (2-D), a 1-D/3-D conv kernel, a non-square kernel (ConvLoRA), ``axes=`` (their matrix view
 is fixed), a rank above the bounds above, and factors of the wrong shape raise ``ValueError``
 naming the leaf, the argument and the fix (``lrjax.LoRA`` adapts any kernel in PEFT's
