@@ -172,6 +172,10 @@ class Reparam:
     #: ``True`` when :meth:`init` returns a rewritten base (PiSSA, LoRA-GA): the adapter alone is not a
     #: delta on the original weights (PEFT export needs the rank-2r conversion)
     rewrites_base = False
+    #: ``True`` when :meth:`init_leaf` and :meth:`check_leaf_rank` need the leaf's own shape (conv
+    #: kernels: the matrix view alone does not say ``k`` or ``C_in``); :meth:`init` then passes
+    #: ``shape=leaf.shape`` to both
+    uses_leaf_shape = False
 
     # ----------------------------------------------------------------- config
     def __post_init__(self):
@@ -274,7 +278,11 @@ class Reparam:
             return hasattr(leaf, "ndim") and hasattr(leaf, "dtype")
         return tree_lib.select(params, self.targets, where=targetable)
 
-    def _leaf_key(self, key, path):
+    def leaf_key(self, key, path: str):
+        """The per-leaf PRNG key ``fold_in(key, crc32(path) & 0x7FFFFFFF)`` that :meth:`init` hands to
+        :meth:`init_leaf`: it depends only on ``key`` and the leaf's path (not on the other targets,
+        the process or the device count), so seed-regenerated factors (NOLA) and generated ones
+        (HypeLoRA) are reproducible. A variant may override it (NOLA's ViT convention shares one key)."""
         return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
     # ------------------------------------------------------------- protocol
@@ -309,16 +317,17 @@ class Reparam:
                 raise TypeError(f"targets: leaf {path!r} has dtype {leaf.dtype}; only floating "
                                 "leaves can be reparameterized")
             _, m, n = self.view_shape(path, leaf.shape)
-            self.check_leaf_rank(path, m, n)
+            kw = {"shape": tuple(leaf.shape)} if self.uses_leaf_shape else {}
+            self.check_leaf_rank(path, m, n, **kw)
             if _is_concrete(leaf) and not _all_finite(leaf):
                 raise ValueError(f"params: leaf {path!r} contains NaN or Inf; fix the base weights "
                                  "before attaching an adapter")
             w = self.to_view(path, leaf)
             if self.needs_grads:
                 g = self.to_view(path, gflat[path]).astype(V.compute_dtype(gflat[path].dtype))
-                w_base, f = self.init_leaf(self._leaf_key(key, path), w, path, g=g)
+                w_base, f = self.init_leaf(self.leaf_key(key, path), w, path, g=g, **kw)
             else:
-                w_base, f = self.init_leaf(self._leaf_key(key, path), w, path)
+                w_base, f = self.init_leaf(self.leaf_key(key, path), w, path, **kw)
             for nm, x in list(f.items()) + [("base", w_base)]:
                 if nm in self.seed_keys:
                     continue

@@ -104,7 +104,6 @@ convention). Precision follows lrjax's one-rounding rule (see :mod:`lrjax.repara
 """
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import math
 
@@ -117,11 +116,6 @@ from lrjax.reparam.base import LowRankForm, Reparam, _all_finite, _is_concrete
 from lrjax.reparam.dora import _safe_ratio, column_norm
 
 __all__ = ["ConvLoRA", "CPLoRA", "ConvDoRA", "CPDoRA"]
-
-# Leaf shapes of the params being initialized. ``Reparam.init`` hands ``init_leaf`` the matrix
-# view only; these variants need the kernel's own shape (k, C_in, ...) to lay out their factors.
-_INIT_SHAPES: contextvars.ContextVar = contextvars.ContextVar("lrjax_conv_init_shapes", default=None)
-
 
 def _conv4(rp, path: str, shape, *, square: bool) -> tuple[int, int, int, int]:
     """``(kh, kw, C_in, C_out)`` of a 2-D conv kernel leaf; ``ValueError`` naming the leaf otherwise."""
@@ -148,28 +142,16 @@ def _conv4(rp, path: str, shape, *, square: bool) -> tuple[int, int, int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class _ShapeAwareInit(Reparam):
-    """``init`` that lets ``init_leaf``/``check_leaf_rank`` read the kernel's own shape."""
+    """Conv kernels: ``init_leaf``/``check_leaf_rank`` read the kernel's own shape (``uses_leaf_shape``);
+    the matrix view is fixed, so ``axes`` is refused."""
+
+    uses_leaf_shape = True
 
     def __post_init__(self):
         super().__post_init__()
         if self.axes is not None:
             raise ValueError(f"axes: {type(self).__name__} has a fixed matrix view of the 4-D HWIO conv kernel "
                              f"and takes no axes override; got axes={self.axes!r:.80}. Drop axes=")
-
-    def init(self, key, params, *, grads=None):
-        flat = V.check_params(params, "params")
-        token = _INIT_SHAPES.set({p: tuple(x.shape) for p, x in flat.items() if hasattr(x, "shape")})
-        try:
-            return super().init(key, params, grads=grads)
-        finally:
-            _INIT_SHAPES.reset(token)
-
-    @staticmethod
-    def _init_shape(path: str) -> tuple:
-        shapes = _INIT_SHAPES.get()
-        if shapes is None or path not in shapes:  # pragma: no cover - only reachable outside init
-            raise RuntimeError(f"leaf shape of {path!r} is only known inside init()")
-        return shapes[path]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,16 +185,16 @@ class ConvLoRA(_ShapeAwareInit):
         k, _, ci, co = _conv4(self, path, shape, square=True)
         return jnp.transpose(mat.T.reshape(co, ci, k, k), (2, 3, 1, 0))
 
-    def check_leaf_rank(self, path, m, n):
-        k, _, ci, co = self._init_shape(path)
+    def check_leaf_rank(self, path, m, n, *, shape):
+        k, _, ci, co = shape
         if self.rank > min(ci, co):
             raise ValueError(
                 f"rank={self.rank}: ConvLoRA's factors for leaf {path!r} (k={k}, C_in={ci}, C_out={co}) have rank "
                 f"r*k = {self.rank * k}, above min(C_out k, C_in k) = {min(ci, co) * k} of its [C_in k, C_out k] "
                 f"matricization; use rank <= min(C_in, C_out) = {min(ci, co)}")
 
-    def init_leaf(self, key, w, path):
-        k = self._init_shape(path)[0]
+    def init_leaf(self, key, w, path, *, shape):
+        k = shape[0]
         m, n = w.shape
         rk = self.rank * k
         dt = self.factor_dtype(w)
@@ -267,16 +249,16 @@ class CPLoRA(_ShapeAwareInit):
         kh, kw, ci, co = _conv4(self, path, shape, square=False)
         return (), kh * kw * ci, co
 
-    def check_leaf_rank(self, path, m, n):
-        dims = self._init_shape(path)
+    def check_leaf_rank(self, path, m, n, *, shape):
+        dims = shape
         bound = math.prod(dims) // max(dims)
         if self.rank > bound:
             raise ValueError(
                 f"rank={self.rank}: the CP rank of leaf {path!r} (shape {dims}) is at most "
                 f"prod(shape) / max(shape) = {bound}; components beyond that are redundant. Use rank <= {bound}")
 
-    def init_leaf(self, key, w, path):
-        kh, kw, ci, co = self._init_shape(path)
+    def init_leaf(self, key, w, path, *, shape):
+        kh, kw, ci, co = shape
         dt = self.factor_dtype(w)
         r = self.rank
         k_inp, k_h, k_w = jax.random.split(key, 3)
@@ -343,8 +325,8 @@ class CPDoRA(CPLoRA):
         cd = self.compute_dtype(w, f)
         return w.astype(cd) + form.scale * (form.a.astype(cd) @ form.b.astype(cd))
 
-    def init_leaf(self, key, w, path):
-        w, f = super().init_leaf(key, w, path)
+    def init_leaf(self, key, w, path, *, shape):
+        w, f = super().init_leaf(key, w, path, shape=shape)
         f["m"] = _checked_m(column_norm(self._direction(w, f), dtype=f["out"].dtype), path)
         return w, f
 
@@ -387,9 +369,9 @@ class ConvDoRA(ConvLoRA):
         pos = sq > 0
         return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1)), 0).astype(dtype)
 
-    def init_leaf(self, key, w, path):
-        w, f = super().init_leaf(key, w, path)
-        co = self._init_shape(path)[3]
+    def init_leaf(self, key, w, path, *, shape):
+        w, f = super().init_leaf(key, w, path, shape=shape)
+        co = shape[3]
         f["m"] = _checked_m(self._channel_norm(self._direction(w, f), co, f["a"].dtype), path)
         return w, f
 

@@ -48,7 +48,7 @@ out-projection bias 0, LayerNorm ``(1, 0)``; every encoder layer draws its own v
 * ``"fixed"`` (default): per-slot ``A_i ~ U(-1/sqrt(r), 1/sqrt(r))``, frozen, in ``frozen[path]['a']``.
   The bound is the official ``kaiming_uniform_(a=sqrt(5))`` of a ``[d, r]`` tensor, whose torch
   fan-in is ``r`` (not PEFT's ``1/sqrt(M)`` of ``lora_A``). Drawn from the per-leaf key
-  ``k = fold_in(key, crc32(path))`` of :meth:`lrjax.reparam.base.Reparam._leaf_key`:
+  ``k = fold_in(key, crc32(path))`` of :meth:`lrjax.reparam.base.Reparam.leaf_key`:
   ``u = uniform(k, [2, *batch, M, r], -1, 1)``, ``A = u[0] / sqrt(r)`` (and ``A_init = u[1] /
   sqrt(M)``), so the same key gives bit-identical ``A`` in any process, whatever else is targeted.
 * ``"random"``: the same distribution, re-sampled at every :meth:`~HypeLoRA.generate` from its
@@ -286,7 +286,7 @@ class HypeLoRA:
                 by_shape.setdefault((bshape, g.m), []).append(path)
         out = []
         for (bshape, m), paths in by_shape.items():
-            keys = jnp.stack([self.lora._leaf_key(key, p) for p in paths])
+            keys = jnp.stack([self.lora.leaf_key(key, p) for p in paths])
             u = jax.vmap(lambda k: jax.random.uniform(k, (2, *bshape, m, self.rank), jnp.float32,
                                                       -1.0, 1.0))(keys)
             out += [(p, u[i], m) for i, p in enumerate(paths)]

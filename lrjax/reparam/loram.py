@@ -99,7 +99,6 @@ import dataclasses
 import math
 import numbers
 import re
-import zlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -416,10 +415,6 @@ def _scatter_rows(x, idx: np.ndarray, rows: int, base):
     return out.reshape(base.shape)
 
 
-def _leaf_key(key, path: str):
-    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-
-
 def recover(adapters, groups, full_params, rp, *, mode: str = "zeroA", key=None):
     """Scatter LoRA factors trained on the pruned model into the full model's shapes.
 
@@ -533,7 +528,7 @@ def recover(adapters, groups, full_params, rp, *, mode: str = "zeroA", key=None)
         if s_in is not None:
             idx = _expand(s_in.keep, s_in.flat)
             if mode == "normA":
-                noise = jax.random.normal(_leaf_key(key, path), (*bshape, m, r), jnp.float32) / r
+                noise = jax.random.normal(rp.leaf_key(key, path), (*bshape, m, r), jnp.float32) / r
                 base = noise.astype(a.dtype)
             else:
                 base = jnp.zeros((*bshape, m, r), a.dtype)

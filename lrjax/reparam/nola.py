@@ -249,9 +249,9 @@ class NOLA(Reparam):
         alpha = self.alpha if self.alpha is not None else (self.rank if self.convention == "gpt" else 1.0)
         return float(alpha) / float(self.rank)
 
-    def _leaf_key(self, key, path):
+    def leaf_key(self, key, path):
         # "vit": every leaf keeps the root key (the official code seeds torch with 0 for every layer)
-        return key if self.convention == "vit" else super()._leaf_key(key, path)
+        return key if self.convention == "vit" else super().leaf_key(key, path)
 
     # ------------------------------------------------------------------ protocol hooks
     def init_leaf(self, key, w, path):
