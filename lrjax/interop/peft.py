@@ -269,30 +269,66 @@ def _check_adapters(adapters, name: str = "adapters") -> None:
             raise TypeError(f"{name}[{path!r}] must be a dict with 'a' and 'b' factors, got {f!r:.60}")
 
 
-def _cp_as_lora(rp, adapters):
-    """A :class:`~lrjax.reparam.conv.CPLoRA` and its adapters as the equivalent rank-``R`` LoRA
-    (``a`` = Khatri-Rao product, ``b = O^T``, same ``alpha``); anything else unchanged."""
+def _native(rp) -> bool:
+    """LoRA/RSLoRA/PiSSA/LoRA-GA/DoRA: factors that are PEFT's ``lora_A``/``lora_B`` (and ``m``) as is."""
+    return isinstance(rp, (LoRA, DoRA)) and type(rp).factors in (Reparam.factors, DoRA.factors) \
+        and tuple(rp.factor_keys) in (("a", "b"), ("a", "b", "m"))
+
+
+def _as_lora(rp, adapters, params):
+    """Variants without a PEFT form of their own, as the equivalent LoRA (exact); others unchanged.
+
+    * :class:`~lrjax.reparam.conv.CPLoRA`/``CPDoRA``: rank-``R`` conv LoRA/DoRA (``a`` = the
+      Khatri-Rao product, ``b = O^T``, same ``alpha`` and ``m``).
+    * every other variant whose form is ``W + s A B`` (LoRA-SB/XS: ``A = a R``; NOLA: the
+      regenerated ``A_eff``, ``B_eff``; Block-LoRA: the tiled ``A``; CoDyRA: ``A diag(g)``): a LoRA
+      of rank ``r = max`` over leaves of the form's rank (smaller ranks zero-padded, which adds
+      nothing) with ``lora_alpha = s r``. Needs ``params`` (some forms read the leaf's shape).
+    """
     from lrjax.reparam.conv import ConvLoRA, CPDoRA, CPLoRA
 
     if isinstance(rp, ConvLoRA):
         raise TypeError("ConvLoRA (loralib's convention: a reshape of a [C_out k, r k] x [r k, C_in k] product) has "
                         "no PEFT equivalent; PEFT's conv LoRA is lrjax.LoRA on the conv kernel")
-    if not isinstance(rp, CPLoRA):
+    if isinstance(rp, CPLoRA):
+        dora = isinstance(rp, CPDoRA)
+        if not isinstance(adapters, Mapping) or not adapters:
+            raise TypeError(f"adapters must be the non-empty dict returned by rp.init(), got {type(adapters).__name__}")
+        out = {}
+        for path, f in adapters.items():
+            if not isinstance(f, Mapping) or set(f) != set(rp.factor_keys):
+                raise TypeError(f"adapters[{path!r}] must be a CPLoRA factor dict with keys {list(rp.factor_keys)}")
+            for k in rp.factor_keys:
+                _factor_np(f[k], f"adapters[{path!r}][{k!r}]")
+            form = CPLoRA.factors(rp, None, f)  # the update's (A, B) only: a CPDoRA's m is PEFT's magnitude
+            out[path] = {"a": form.a, "b": form.b.astype(form.a.dtype)} | ({"m": f["m"]} if dora else {})
+        if dora:
+            return DoRA(rank=rp.rank, alpha=_alpha_of(rp), targets=rp.targets, dtype=rp.dtype), out
+        return LoRA(rank=rp.rank, alpha=_alpha_of(rp), targets=rp.targets, dtype=rp.dtype), out
+    if not isinstance(rp, Reparam) or _native(rp):
         return rp, adapters
-    dora = isinstance(rp, CPDoRA)
-    if not isinstance(adapters, Mapping) or not adapters:
-        raise TypeError(f"adapters must be the non-empty dict returned by rp.init(), got {type(adapters).__name__}")
-    out = {}
+    name = type(rp).__name__
+    if params is None:
+        raise ValueError(f"params: exporting a {name} adapter writes its equivalent LoRA (W + s A B), computed "
+                         "from each leaf; pass params=... (the base params the adapters were made for)")
+    flat = rp._check(params, adapters)
+    rp._check_finite(flat, adapters)
+    forms = {}
     for path, f in adapters.items():
-        if not isinstance(f, Mapping) or set(f) != set(rp.factor_keys):
-            raise TypeError(f"adapters[{path!r}] must be a CPLoRA factor dict with keys {list(rp.factor_keys)}")
-        for k in rp.factor_keys:
-            _factor_np(f[k], f"adapters[{path!r}][{k!r}]")
-        form = CPLoRA.factors(rp, None, f)  # the update's (A, B) only: a CPDoRA's m is PEFT's magnitude
-        out[path] = {"a": form.a, "b": form.b.astype(form.a.dtype)} | ({"m": f["m"]} if dora else {})
-    if dora:
-        return DoRA(rank=rp.rank, alpha=_alpha_of(rp), targets=rp.targets, dtype=rp.dtype), out
-    return LoRA(rank=rp.rank, alpha=_alpha_of(rp), targets=rp.targets, dtype=rp.dtype), out
+        form = rp.factors(rp.to_view(path, flat[path]), f)
+        if form.col_scale is not None:
+            raise TypeError(f"rp: {name} scales columns (DoRA-like) in a way PEFT's LoRA/DoRA files cannot express")
+        forms[path] = form
+    r = max(int(fm.a.shape[-1]) for fm in forms.values())
+    if r == 0:
+        raise ValueError(f"adapters: every leaf of this {name} adapter has rank 0 (all ranks pruned); nothing to export")
+    out = {}
+    for path, fm in forms.items():
+        pad = r - fm.a.shape[-1]
+        a, b = jnp.asarray(fm.a, jnp.float32), jnp.asarray(fm.b, jnp.float32)
+        out[path] = {"a": jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]),
+                     "b": jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])}
+    return LoRA(rank=r, alpha=float(rp.scale) * r, targets=rp.targets, axes=rp.axes), out
 
 
 def _conv_a_to_peft(a: np.ndarray, shape) -> np.ndarray:
@@ -328,6 +364,12 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
         written as the equivalent PEFT conv LoRA / DoRA of rank ``R`` (``A`` = the Khatri-Rao product
         of its factors, ``B = O^T``, same ``m``; exact). loralib's
         :class:`~lrjax.reparam.conv.ConvLoRA` (and ``ConvDoRA``) has no PEFT equivalent (``TypeError``).
+        :class:`~lrjax.LoRAGA` rewrites the base like PiSSA: written as the rank-``2r`` LoRA on the
+        original weights (``init_adapters`` needed; see ``pissa``). Variants without a PEFT form
+        (:class:`~lrjax.LoRASB`, :class:`~lrjax.LoRAXS`, :class:`~lrjax.NOLA`, :class:`~lrjax.BlockLoRA`,
+        :class:`~lrjax.CoDyRA`) are written as their exact equivalent LoRA ``W + s A B`` of rank
+        ``r`` = the largest per-leaf rank (smaller ones zero-padded), ``lora_alpha = s r``; they need
+        ``params`` (NOLA regenerates its bases from the leaf shape).
       adapters: ``{leaf_path: {"a": [M, r], "b": [r, N](, "m": [N])}}`` without batch axes; NaN or
         Inf factors raise ``ValueError`` naming the entry.
       module_names: leaf path -> torch module name override (see the module docstring); the default
@@ -341,9 +383,10 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
         ``lora_B.weight = b^T [C_out, r, 1, ...]``, DoRA ``lora_magnitude_vector = m [1, C_out, 1, ...]``
         (see :mod:`lrjax.reparam.conv`); without ``params`` a leaf whose path contains ``conv`` is
         refused.
-      init_adapters: PiSSA only: the factors ``rp.init`` returned before training; needed by the
-        default ``pissa="lora"``.
-      pissa: PiSSA only, how to write it so that PEFT reproduces lrjax's model:
+      init_adapters: PiSSA and LoRA-GA (``rp.rewrites_base``) only: the factors ``rp.init`` returned
+        before training; needed by the default ``pissa="lora"``.
+      pissa: PiSSA and LoRA-GA only (``"pissa"``: PiSSA only), how to write it so that PEFT
+        reproduces lrjax's model:
         ``"lora"`` (default): the rank-``2r`` LoRA of :func:`pissa_to_lora`, exact on the
         *original* (unmodified) torch model; ``"pissa"``: PEFT's own PiSSA form
         (``init_lora_weights: "pissa"`` with the trained factors; PEFT re-runs the SVD on the
@@ -357,26 +400,32 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
     from safetensors.numpy import save_file
 
     path_dir = _check_path(path_dir)
-    rp, adapters = _cp_as_lora(rp, adapters)
+    if params is not None:
+        _check_params(params)
+    rp, adapters = _as_lora(rp, adapters, params)
     use_dora, use_rslora = _variant(rp)
     _check_adapters(adapters)
     pissa = check_choice(pissa, "pissa", _PISSA_MODES)
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
-    if params is not None:
-        _check_params(params)
     init_lora_weights: object = True
-    if isinstance(rp, PiSSA):
+    if rp.rewrites_base:  # PiSSA, LoRA-GA: the adapter is a delta on the rewritten base
+        name = type(rp).__name__
         if pissa == "lora":
             if init_adapters is None:
                 raise ValueError(
-                    "init_adapters: exporting a PiSSA adapter needs the factors PiSSA.init returned "
-                    "(`base, init_adapters = rp.init(key, params)`): it is written as the equivalent rank-2r "
+                    f"init_adapters: exporting a {name} adapter needs the factors {name}.init returned "
+                    "(`base, init_adapters = rp.init(key, params, ...)`): it is written as the equivalent rank-2r "
                     "LoRA on the original weights, which PEFT loads with lrjax's outputs. Pass "
-                    "init_adapters=..., or pissa='pissa' (PEFT's own PiSSA form; PEFT re-runs the SVD on load)")
+                    "init_adapters=..." + (", or pissa='pissa' (PEFT's own PiSSA form; PEFT re-runs the SVD on load)"
+                                           if isinstance(rp, PiSSA) else ""))
             _check_adapters(init_adapters, "init_adapters")
             rp, adapters = pissa_to_lora(rp, adapters, init_adapters)
             use_dora, use_rslora = _variant(rp)
+        elif pissa == "pissa" and not isinstance(rp, PiSSA):
+            raise ValueError(f"pissa='pissa' writes PEFT's own PiSSA form; {name} has none that PEFT can rebuild "
+                             "without its data (PEFT's lora_ga init re-runs only with gradients). Use pissa='lora' "
+                             "and init_adapters=...")
         elif pissa == "pissa":
             if init_adapters is not None:
                 raise ValueError("init_adapters is only used with pissa='lora'; drop it for pissa='pissa'")
@@ -390,13 +439,13 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
             if init_adapters is not None:
                 raise ValueError("init_adapters is only used with pissa='lora'; drop it for pissa='residual'")
             warnings.warn(
-                "export_peft(pissa='residual'): the PiSSA factors are written as a plain LoRA adapter "
-                "(init_lora_weights=true), correct only on the residual base returned by PiSSA.init, not on "
+                f"export_peft(pissa='residual'): the {name} factors are written as a plain LoRA adapter "
+                f"(init_lora_weights=true), correct only on the rewritten base returned by {name}.init, not on "
                 "the original weights; pissa='lora' (the default) writes an adapter for the original model.",
                 UserWarning, stacklevel=2)
     elif init_adapters is not None:
-        raise ValueError(f"init_adapters is only used to export a PiSSA adapter; rp is {type(rp).__name__}, "
-                         "drop init_adapters")
+        raise ValueError(f"init_adapters is only used to export an adapter whose init rewrote the base (PiSSA, "
+                         f"LoRA-GA); rp is {type(rp).__name__}, drop init_adapters")
     conv_shapes: dict[str, tuple] = {}
     if params is not None:
         flat = rp._check(params, adapters)
