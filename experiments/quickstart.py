@@ -18,6 +18,11 @@ What it does, end to end (everything is seeded and deterministic):
    * **LoRA** r=8 (alpha 16) on the attention ``q,k,v,o`` and MLP ``fc1,fc2`` kernels, trained
      through :func:`lrjax.factored` (``x W + s (x A) B``, ``W + sAB`` never formed);
    * **DoRA** r=8 on the same kernels, also through :func:`lrjax.factored`;
+   * **LoRA-GA** r=8: LoRA initialized from the SVD of the mean gradient of ``--ga-batches``
+     fine-tuning batches (:func:`lrjax.reparam.estimate_grads` + :class:`lrjax.LoRAGA`, one
+     ``lax.scan``), the base rewritten to ``W - s A0 B0`` so the model starts unchanged;
+   * **NOLA** r=8: only ``2 k`` coefficients per kernel train (``--nola-k`` bases per factor,
+     regenerated from a stored seed every step, never stored; :class:`lrjax.NOLA`);
    * **GaLore** rank 32: all parameters trained, Adam's moments kept in a rank-32 projection of
      each targeted kernel's gradient (``lrjax.optim.galore``, warm-started subspace refresh);
    * **EGGROLL** (:mod:`lrjax.es`, no backprop at all): the same kernels as LoRA/DoRA trained
@@ -26,7 +31,11 @@ What it does, end to end (everything is seeded and deterministic):
      through :func:`lrjax.es.perturbed_call`. Each generation evaluates all members on one shared
      batch of ``--es-batch`` sequences, so a "step" is a generation of ``--es-population``
      forward passes. Expect a much smaller improvement than backprop's in this budget: ES needs
-     far more evaluations per unit of progress; the row shows what it costs and what it gets.
+     far more evaluations per unit of progress; the row shows what it costs and what it gets;
+   * two combinations: **GaLore over LoRA factors** (Adam's moments of each ``A``/``B`` kept in
+     a rank-4 projection) and **EGGROLL over LoRA adapters only** (the factors are the ES
+     parameters; the pretrained base is a constant, never perturbed nor updated -- checked
+     bitwise).
 
    Embeddings, LayerNorms, biases and the output head stay frozen for LoRA/DoRA/EGGROLL.
 4. Prints a markdown table (trainable parameters, median step time after warm-up, held-out
@@ -62,8 +71,11 @@ from lrjax import data
 from lrjax.models import ADAPTER_TARGETS, CharTransformer, apply_fn, loss_fn
 from lrjax.reparam import FactoredStats
 
-METHODS = ("full", "lora", "dora", "galore", "eggroll", "galore_lora", "eggroll_lora")
+METHODS = ("full", "lora", "dora", "lora_ga", "nola", "galore", "eggroll", "galore_lora", "eggroll_lora")
+ADAPTERS = ("lora", "dora", "lora_ga", "nola", "galore_lora")  # trained by backprop through lrjax.factored
 LABELS = {"full": "full fine-tuning", "lora": "LoRA r={r} (factored)", "dora": "DoRA r={r} (factored)",
+          "lora_ga": "LoRA-GA r={r} (init from {gb} gradient batches, factored)",
+          "nola": "NOLA r={r}, k={nk} bases per factor (seed-regenerated, factored)",
           "galore": "GaLore r={gr} (all params, projected Adam)",
           "eggroll": "EGGROLL r={er}, N={en} (ES, no backprop; step = 1 generation)",
           "galore_lora": "GaLore r={hr} over LoRA r={r} factors (projected Adam on A, B)",
@@ -86,6 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--adapter-lr", type=float, default=1e-2, help="LoRA/DoRA peak learning rate")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--ga-batches", type=int, default=None, help="LoRA-GA gradient batches, default 8 (quick: 2)")
+    p.add_argument("--nola-k", type=int, default=None, help="NOLA bases per factor, default 256 (quick: 16)")
     p.add_argument("--d-model", type=int, default=None, help="default 128 (quick: 32)")
     p.add_argument("--n-layers", type=int, default=None, help="default 2 (quick: 1)")
     p.add_argument("--n-heads", type=int, default=4)
@@ -108,7 +122,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     dflt = dict(pretrain_steps=(15, 200), steps=(8, 100), batch=(8, 16), d_model=(32, 128),
                 n_layers=(1, 2), d_ff=(64, 512), eval_every=(4, 20), es_population=(8, 32),
-                es_batch=(2, 4))
+                es_batch=(2, 4), ga_batches=(2, 8), nola_k=(16, 256))
     for k, (q, full) in dflt.items():
         if getattr(a, k) is None:
             setattr(a, k, q if a.quick else full)
@@ -342,31 +356,38 @@ def main(argv=None):
             trainable, frozen, fns = pretrained, None, make_fns(full_fwd, gopt)
             lr = lr_schedule(args.full_lr, args.steps)
             n_train = n_total
-        elif method in ("lora", "dora", "galore_lora"):
-            cls = lrjax.DoRA if method == "dora" else lrjax.LoRA
-            rp = cls(rank=args.rank, alpha=args.alpha, targets=ADAPTER_TARGETS)
-            base, adapters = rp.init(key, pretrained)
+        elif method in ADAPTERS:
+            kw = dict(rank=args.rank, alpha=args.alpha, targets=ADAPTER_TARGETS)
+            rp = {"dora": lambda: lrjax.DoRA(**kw), "lora_ga": lambda: lrjax.LoRAGA(**kw),
+                  "nola": lambda: lrjax.NOLA(num_basis=args.nola_k, **kw)}.get(method, lambda: lrjax.LoRA(**kw))()
+            init_kw = {}
+            if rp.needs_grads:  # LoRA-GA: mean gradient of the targeted kernels on a few fine-tuning batches
+                gb = jnp.stack(list(batch_iter(corpus["finetune"]["train"], args, args.ga_batches, args.seed + 50)))
+                init_kw["grads"] = lrjax.reparam.estimate_grads(
+                    lambda p, tok: loss_fn(apply(p, tok[:, :-1]), tok[:, 1:]), pretrained, gb, rp.targets, stacked=True)
+            base, adapters = rp.init(key, pretrained, **init_kw)  # LoRA-GA: base = W - s A0 B0
             g = lrjax.factored(apply, rp)
             # how lrjax.factored handled the kernel uses of one forward pass
             st = FactoredStats()
             jax.eval_shape(lrjax.factored(apply, rp, stats=st), base, adapters, evals["finetune"][:, :-1])
             stats_out[method] = {"adapted_leaves": len(adapters), "factored": int(st.factored),
                                  "fallback": list(st.fallback)}
-            trainable, frozen = adapters, base
+            trainable, fr = rp.split(adapters)  # NOLA: the seeds stay out of grad and Adam
+            frozen = (base, fr)
             opt = OPT
             if method == "galore_lora":  # Adam's moments of each [M, r] / [r, N] factor in a rank-r/2 projection
                 opt = optax.chain(optax.clip_by_global_norm(1.0),
                                   lrjax.optim.galore(optax.scale_by_adam(), rank=max(1, args.rank // 2),
                                                      refresh="subspace", update_proj_gap=max(1, args.steps // 4),
                                                      targets=r"(a|b)"))
-            fns = make_fns(lambda ad, b, tok, g=g: g(b, ad, tok), opt)
+            fns = make_fns(lambda tr, fz, tok, g=g, rp=rp: g(fz[0], rp.join(tr, fz[1]), tok), opt)
             lr = lr_schedule(args.adapter_lr, args.steps)
             n_train = rp.num_params(adapters)
         if method not in ("eggroll", "eggroll_lora"):
             trainable, hist = train(method, fns, trainable, frozen, ft_batches, evals, lr, args, progress)
-        if method in ("lora", "dora", "galore_lora"):
+        if method in ADAPTERS:
             # merged dense weights must reproduce the factored path's eval loss
-            merged = rp.merge(base, trainable)
+            merged = rp.merge(base, rp.join(trainable, fr))
             l_fact = hist["eval"][-1]["finetune"]
             l_merged = float(full_fns[1](merged, None, evals["finetune"]))
             checks[method] = {"factored_eval_loss": l_fact, "merged_eval_loss": l_merged,
@@ -377,7 +398,8 @@ def main(argv=None):
                   f"(|diff| {abs(l_fact - l_merged):.1e})")
         results[method] = {
             "label": LABELS[method].format(r=args.rank, gr=4 * args.rank, er=args.es_rank,
-                                           en=args.es_population, hr=max(1, args.rank // 2)),
+                                           en=args.es_population, hr=max(1, args.rank // 2),
+                                           gb=args.ga_batches, nk=args.nola_k),
             "trainable_params": n_train,
             "trainable_pct": 100.0 * n_train / n_total,
             "median_step_ms": hist["median_step_ms"],
