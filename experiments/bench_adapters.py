@@ -36,8 +36,19 @@ std of the methods' best-LR accuracies).
 PEFT side by side (``torch`` + ``peft`` from the reference extra; ``--no-peft`` skips): the same
 MLP built by hand in ``torch.nn`` with the same pretrained weights (checked by mapping it back with
 :func:`lrjax.interop.params_from_torch`), the same batches, ``torch.optim.Adam`` at the method's best
-lrjax learning rate (``--peft-sweep``: the whole grid), for LoRA, rsLoRA, DoRA, PiSSA, LoRA-GA
-(``preprocess_loraga``) and LoRA-FA (``create_lorafa_optimizer``).
+the whole learning-rate grid on the first task and the method's best lrjax learning rate on the
+others (``--peft-sweep``: the grid everywhere), for LoRA, rsLoRA, DoRA, PiSSA, LoRA-GA
+(``preprocess_loraga``; same rank as lrjax's, PEFT's own semantics) and LoRA-FA
+(``create_lorafa_optimizer``). For the randomly initialized ones (LoRA, rsLoRA, DoRA, LoRA-FA)
+PEFT's ``lora_A``/``lora_B`` are overwritten with lrjax's initial factors of the same seed, so both
+start from the same adapters; PiSSA's init is deterministic; LoRA-GA uses PEFT's own semantics
+(which differ from the official ones lrjax's row uses). torch runs single-threaded by default (``--torch-threads``).
+
+Second fixture (``--no-tf`` skips): the quickstart char transformer (:class:`lrjax.models.CharTransformer`,
+d_model 128, 2 layers), pretrained on ``stdlib_chars`` ``train[:60%]`` and fine-tuned on
+``train[60%:]`` by ``full``, ``lora``, ``dora``, ``pissa``, ``lora_ga``, ``lora_sb`` and ``lora_pro``
+(attention q/k/v/o and MLP kernels), each at three learning rates around its best digits learning
+rate, one seed; metric: held-out loss on both slices.
 
 Writes ``<out>/bench_adapters.json``, ``<out>/bench_adapters.md``, ``<out>/pareto.png`` and
 ``<out>/lr_sensitivity.png``.
@@ -46,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -92,11 +104,19 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch.set_num_threads for the PEFT runs (on a shared 2-core machine 2 threads were ~20x "
                         "slower per step than 1: OpenMP barriers under load)")
-    p.add_argument("--peft-sweep", action="store_true", help="PEFT over the whole LR grid (default: best lrjax LR)")
+    p.add_argument("--peft-sweep", action="store_true",
+                   help="PEFT over the whole LR grid on every task (default: the grid on the first task, the best "
+                        "lrjax LR on the others)")
+    p.add_argument("--no-tf", action="store_true", help="skip the quickstart-transformer fixture")
+    p.add_argument("--tf-steps", type=int, default=None, help="transformer fine-tuning steps, default 100 (quick: 3)")
+    p.add_argument("--tf-pretrain-steps", type=int, default=None, help="default 200 (quick: 3)")
+    p.add_argument("--tf-batch", type=int, default=None, help="windows per step, default 16 (quick: 4)")
+    p.add_argument("--tf-eval", type=int, default=64, help="held-out windows per slice")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     for k, (q, full) in dict(steps=(4, 200), batch=(16, 64), seeds=(1, 3), n_lrs=(2, 7), pretrain_steps=(10, 200),
-                             repeats=(2, 20), tasks=(["rot90"], ["rot90", "permute"])).items():
+                             repeats=(2, 20), tasks=(["rot90"], ["rot90", "permute"]), tf_steps=(3, 100),
+                             tf_pretrain_steps=(3, 200), tf_batch=(4, 16)).items():
         if getattr(a, k) is None:
             setattr(a, k, q if a.quick else full)
     a.dims = (64, 32, 32, 10) if a.quick else D.DIMS
@@ -164,7 +184,7 @@ def registry(args) -> tuple[list[Method], dict[str, str]]:
                        "official semantics, stable scale, gamma 16")]
 
     def lora_sb():
-        import lrjax.reparam.lora_sb as SB
+        SB = importlib.import_module("lrjax.reparam.lora_sb")
 
         def first_step(tr, lr):  # official eta1 = the first step's lr; trunc_r(-eta1 sign G) is linear in eta1
             return {p: {**f, "r": f["r"] * lr} for p, f in tr.items()}
@@ -206,7 +226,7 @@ def registry(args) -> tuple[list[Method], dict[str, str]]:
                        note="s=1 (official); prox threshold 0.005 after a dense half")]
 
     def optim_side():
-        from lrjax.optim import lora_pro as LP
+        LP = importlib.import_module("lrjax.optim.lora_pro")  # `lrjax.optim.lora_pro` the attribute is the function
 
         def b_only(rp, ad):
             return int(sum(np.prod(f["b"].shape) for f in ad.values()))
@@ -418,10 +438,18 @@ def torch_mlp(params):
     return model
 
 
-def peft_run(kind, params, data, idx, lr, args, seed, rank, alpha):
-    """One PEFT fine-tuning run; returns (test acc, test loss, median step ms)."""
+#: PEFT methods whose init is random: PEFT's lora_A/lora_B are set to lrjax's initial factors
+SAME_INIT = ("lora", "rslora", "dora", "lora_fa")
+
+
+def peft_run(kind, params, data, idx, lr, args, seed, rank, alpha, init=None):
+    """One PEFT fine-tuning run; returns (test acc, test loss, median step ms). ``init``: lrjax
+    adapters ``{"fc1/kernel": {"a": [in, r], "b": [r, out]}, ...}`` copied into PEFT's ``lora_A``
+    (``a^T``) and ``lora_B`` (``b^T``) before training, so both start from the same adapters."""
+    import warnings
     import torch
     import peft
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # preprocess_loraga's hooks
     torch.manual_seed(seed)
     (xtr, ytr), (xte, yte) = data
     xtr_t, ytr_t = torch.from_numpy(np.asarray(xtr)), torch.from_numpy(np.asarray(ytr)).long()
@@ -451,6 +479,12 @@ def peft_run(kind, params, data, idx, lr, args, seed, rank, alpha):
                 ce(model(xtr_t[i]), ytr_t[i]).backward()
         preprocess_loraga(model, cfg, train_step)
     pm = peft.get_peft_model(model, cfg)
+    if init is not None:
+        with torch.no_grad():
+            for n in D.LAYERS:
+                mod = getattr(pm.base_model.model, n)
+                mod.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(init[f"{n}/kernel"]["a"]).T.copy()))
+                mod.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(init[f"{n}/kernel"]["b"]).T.copy()))
     if kind == "lora_fa":
         from peft.optimizers import create_lorafa_optimizer
         opt = create_lorafa_optimizer(pm, r=rank, lora_alpha=alpha, lr=lr)
@@ -496,7 +530,7 @@ def peft_side(results, methods, params, args, progress):
             if m.peft is None or m.name not in results[task]:
                 continue
             r = results[task][m.name]
-            lrs = args.lrs if args.peft_sweep else [r["best_lr"]]
+            lrs = args.lrs if (args.peft_sweep or task == args.tasks[0]) else [r["best_lr"]]
             for lr in lrs:
                 jobs.append((task, m, lr))
     for task, m, lr in tqdm(jobs, desc="peft", disable=not progress, file=sys.stdout, leave=False):
@@ -505,7 +539,8 @@ def peft_side(results, methods, params, args, progress):
         for s in range(args.seeds):
             idx = batch_order(s, len(data[0][0]), args)
             rp = m.build(args)
-            a, lo, t = peft_run(m.peft, params, data, idx, lr, args, s, rp.rank, rp.alpha)
+            init = rp.init(jax.random.key(1000 + s), params)[1] if m.peft in SAME_INIT else None
+            a, lo, t = peft_run(m.peft, params, data, idx, lr, args, s, rp.rank, rp.alpha, init)
             accs.append(a), losses.append(lo), ms.append(t)
         r = results[task][m.name]
         j = args.lrs.index(lr)
@@ -515,6 +550,141 @@ def peft_side(results, methods, params, args, progress):
                             "lrjax_acc_mean": r["acc_mean"][j], "lrjax_acc_std": r["acc_std"][j],
                             "lrjax_step_ms": r.get("step_ms")})
     return out
+
+
+# ------------------------------------------------------------------------------ transformer
+TF_METHODS = ("full", "lora", "dora", "pissa", "lora_ga", "lora_sb", "lora_pro")
+
+
+def make_optimizer(method, rp, adapters0, args, lr):
+    parts = [method.direction(rp, adapters0, args), optax.scale(-lr)]
+    if method.post is not None:
+        parts += method.post(rp, adapters0, args)
+    return optax.chain(*parts)
+
+
+def transformer_study(args, methods, digits_res, progress):
+    """The quickstart char transformer (pretrained on ``stdlib_chars`` ``train[:60%]``), fine-tuned on
+    ``train[60%:]`` by a few methods, each at three LRs around its best digits (``--tasks[0]``) LR:
+    ``best * 10^{-1/2, 0, 1/2}`` (vmapped), one seed. Metric: held-out loss on both slices."""
+    from flax import nnx
+    from lrjax import data
+    from lrjax.models import ADAPTER_TARGETS, CharTransformer, apply_fn, loss_fn
+    kw = {"config": "small"} if args.quick else {}
+
+    def windows(split):
+        toks = data.as_arrays(data.load("stdlib_chars", split=split, **kw), keys="tokens")["tokens"]
+        held = np.arange(len(toks)) % 10 == 9
+        return jnp.asarray(toks[~held], jnp.int32), jnp.asarray(toks[held][: args.tf_eval], jnp.int32)
+
+    t0 = time.perf_counter()
+    pre_tr, pre_ev = windows("train[:60%]")
+    ft_tr, ft_ev = windows("train[60%:]")
+    seq_len = int(pre_tr.shape[1] - 1)
+    dm, nl, dff = (32, 1, 64) if args.quick else (128, 2, 512)
+    model = CharTransformer(data.VOCAB_SIZE, d_model=dm, n_layers=nl, n_heads=4, d_ff=dff, max_len=seq_len,
+                            rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    apply = apply_fn(graphdef)
+
+    def lm_loss(p, tok):
+        return loss_fn(apply(p, tok[:, :-1]), tok[:, 1:])
+
+    def order(n, steps, seed):
+        rng = np.random.default_rng(seed)
+        return jnp.asarray(np.stack([rng.choice(n, args.tf_batch, replace=False) for _ in range(steps)]), jnp.int32)
+
+    pre_opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(3e-3))
+
+    @jax.jit
+    def pretrain(p, idx):
+        def body(c, i):
+            p, st = c
+            g = jax.grad(lm_loss)(p, pre_tr[i])
+            u, st = pre_opt.update(g, st, p)
+            return (optax.apply_updates(p, u), st), None
+        (p, _), _ = jax.lax.scan(body, (p, pre_opt.init(p)), idx)
+        return p
+
+    params = jax.block_until_ready(pretrain(state, order(len(pre_tr), args.tf_pretrain_steps, 0)))
+    evl = jax.jit(lm_loss)
+    out = {"model": {"d_model": dm, "n_layers": nl, "n_heads": 4, "d_ff": dff, "seq_len": seq_len,
+                     "params": count(params), "pretrain_steps": args.tf_pretrain_steps},
+           "steps": args.tf_steps, "batch": args.tf_batch, "eval_windows": int(ft_ev.shape[0]),
+           "before": {"finetune": float(evl(params, ft_ev)), "pretrain": float(evl(params, pre_ev))},
+           "pretrain_s": time.perf_counter() - t0, "rows": {}}
+    idx = order(len(ft_tr), args.tf_steps, 1)
+    task0 = args.tasks[0]
+    by_name = {m.name: m for m in methods}
+    for name in tqdm([n for n in TF_METHODS if n in by_name and n in digits_res[task0]], desc="transformer",
+                     disable=not progress, file=sys.stdout, leave=False):
+        m = by_name[name]
+        t1 = time.perf_counter()
+        try:
+            rp = m.build(args)
+            if rp is None:
+                tr0, fr, base, ad0 = params, {}, {}, None
+                n_train = count(params)
+            else:
+                rp = dataclasses.replace(rp, targets=ADAPTER_TARGETS)
+                kwi = {}
+                if rp.needs_grads:
+                    gi = order(len(ft_tr), args.grad_batches, 10_000)
+                    kwi["grads"] = lrjax.reparam.estimate_grads(lm_loss, params, [ft_tr[i] for i in gi],
+                                                                targets=rp.targets)
+                base, ad0 = rp.init(jax.random.key(1000), params, **kwi)
+                tr0, fr = rp.split(ad0)
+                n_train = m.count(rp, ad0) if m.count else rp.num_params(ad0)
+
+            def model_params(tr, rp=rp, fr=fr, base=base):
+                return tr if rp is None else rp.materialize(base, rp.join(tr, fr))
+
+            def run(lr, tr0=tr0, rp=rp, ad0=ad0, m=m, model_params=model_params):
+                if m.lr_init is not None:
+                    tr0 = m.lr_init(tr0, lr)
+                opt = make_optimizer(m, rp, ad0, args, lr)
+
+                def body(c, i):
+                    tr, st = c
+                    g = jax.grad(lambda t: lm_loss(model_params(t), ft_tr[i]))(tr)
+                    u, st = opt.update(g, st, tr)
+                    return (optax.apply_updates(tr, u), st), None
+                (tr, _), _ = jax.lax.scan(body, (tr0, opt.init(tr0)), idx)
+                p = model_params(tr)
+                return lm_loss(p, ft_ev), lm_loss(p, pre_ev)
+
+            best = digits_res[task0][name]["best_lr"]
+            lrs = [best * 10 ** -0.5, best, best * 10 ** 0.5]
+            ft, pre = jax.block_until_ready(jax.jit(jax.vmap(run))(jnp.asarray(lrs, jnp.float32)))
+        except Exception as e:  # noqa: BLE001
+            out["rows"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"FAILED transformer/{name}: {type(e).__name__}: {e}")
+            continue
+        ft, pre = np.asarray(ft, np.float64), np.asarray(pre, np.float64)
+        j = int(np.nanargmin(np.where(np.isfinite(ft), ft, np.nan))) if np.isfinite(ft).any() else 0
+        out["rows"][name] = {"trainable": n_train, "lrs": lrs, "finetune_loss": [_finite(v) for v in ft],
+                             "pretrain_loss": [_finite(v) for v in pre], "best_lr": lrs[j],
+                             "best_finetune_loss": _finite(ft[j]), "pretrain_loss_at_best": _finite(pre[j]),
+                             "wall_s": time.perf_counter() - t1}
+    return out
+
+
+def transformer_markdown(tf):
+    lines = [f"**quickstart char transformer** (d_model {tf['model']['d_model']}, {tf['model']['n_layers']} layers, "
+             f"{tf['model']['params']} params, pretrained {tf['model']['pretrain_steps']} steps on stdlib_chars "
+             f"train[:60%]; fine-tuned {tf['steps']} steps x {tf['batch']} windows on train[60%:]; held-out loss before "
+             f"fine-tuning {tf['before']['finetune']:.4f} (fine-tune slice), {tf['before']['pretrain']:.4f} "
+             "(pretrain slice); LRs = the method's best digits LR x 10^(-1/2, 0, 1/2), one seed)\n",
+             "| method | trainable params | best LR | held-out loss (fine-tune slice) | held-out loss (pretrain slice) "
+             "| loss at the 3 LRs |", "|---|---:|---:|---:|---:|---|"]
+    for name, r in tf["rows"].items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | |")
+            continue
+        f3 = " / ".join("nan" if v is None else f"{v:.3f}" for v in r["finetune_loss"])
+        lines.append(f"| {name} | {r['trainable']} | {r['best_lr']:.1e} | {r['best_finetune_loss']:.4f} | "
+                     f"{r['pretrain_loss_at_best']:.4f} | {f3} |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------ analysis
@@ -575,6 +745,8 @@ def markdown(res, args):
                          f"{r['lr_spread_best_minus_worst']:.3f} | {accs} |")
         st = res["stats"][task]
         lines.append("")
+        if st["across_methods_range"] is None:
+            continue
         lines.append(f"Spread across methods (adapters only, at each one's best LR): range "
                      f"{st['across_methods_range']:.4f}, std {st['across_methods_std']:.4f}; spread across LRs "
                      f"(mean over those methods): best - median {st['across_lrs_best_minus_median_mean']:.4f}, "
@@ -583,7 +755,9 @@ def markdown(res, args):
     pf = res.get("peft", {})
     if pf.get("available") and pf.get("rows"):
         lines.append(f"**PEFT side by side** (torch {pf['torch']}, peft {pf['peft']}, {pf['threads']} threads; "
-                     "same data, batches and pretrained weights; torch.optim.Adam unless noted)\n")
+                     "same data, batches and pretrained weights; LoRA/rsLoRA/DoRA/LoRA-FA start from lrjax's initial "
+                     "factors; PEFT's LoRA-GA uses PEFT's semantics; torch.optim.Adam, LoRA-FA: "
+                     "create_lorafa_optimizer)\n")
         lines.append("| task | method | LR | PEFT test acc | lrjax test acc | PEFT step ms | lrjax step ms |")
         lines.append("|---|---|---:|---:|---:|---:|---:|")
         for r in pf["rows"]:
@@ -594,6 +768,8 @@ def markdown(res, args):
         lines.append("")
     elif pf:
         lines.append(f"PEFT: {pf.get('note', 'skipped')}\n")
+    if res.get("transformer"):
+        lines.append(transformer_markdown(res["transformer"]))
     if res["skipped"]:
         lines.append("Not in this run: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items()) + "\n")
     return "\n".join(lines)
@@ -698,6 +874,8 @@ def main(argv=None):
         res["stats"][task] = study_stat(res["tasks"][task])
     if not args.no_peft:
         res["peft"] = peft_side(res["tasks"], methods, params, args, progress)
+    if not args.no_tf:
+        res["transformer"] = transformer_study(args, methods, res["tasks"], progress)
     res["device_end"] = device_info()
     res["wall_s"] = time.perf_counter() - t_start
     res["table_markdown"] = markdown(res, args)

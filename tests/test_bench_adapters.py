@@ -47,5 +47,10 @@ def test_bench_adapters_quick(tmp_path):
     assert set(st["methods"]) == set(METHODS) - {"full"} and math.isfinite(st["across_methods_range"])
     pf = res["peft"]
     assert pf["available"] and pf["params_roundtrip_max_abs_diff"] == 0.0 and pf["forward_max_abs_diff"] < 1e-4
-    assert {r["method"] for r in pf["rows"]} == {"lora", "lora_fa"}
+    assert {r["method"] for r in pf["rows"]} == {"lora", "lora_fa"} and len(pf["rows"]) == 2 * n_lrs
     assert all(0.0 <= r["acc_mean"] <= 1.0 and r["step_ms"] > 0 for r in pf["rows"])
+    tf = res["transformer"]
+    assert set(tf["rows"]) == {"full", "lora", "lora_sb"}, tf["rows"]
+    for name, r in tf["rows"].items():
+        assert "error" not in r and len(r["finetune_loss"]) == 3 and r["best_lr"] in r["lrs"], (name, r)
+    assert tf["rows"]["lora_sb"]["trainable"] < tf["rows"]["lora"]["trainable"] < tf["rows"]["full"]["trainable"]
