@@ -20,7 +20,9 @@ and data-aware inits (LoRA-GA, LoRA-SB) in one jit against PEFT's ``preprocess_l
    ``estimate_grads(..., stacked=True)`` over ``--init-batches`` batches plus ``rp.init`` in a
    single ``jax.jit`` (first call = compile + run; then warm calls), against PEFT's
    ``preprocess_loraga`` (the same number of forward/backward passes on a torch port of the same
-   model with the same weights, then its SVDs) followed by ``get_peft_model``.
+   model with the same weights, then its SVDs) followed by ``get_peft_model``. ``lora_ga`` uses
+   lrjax's default exact SVD; ``lora_ga_rsvd`` the randomized one PEFT and the official code use
+   (``n_iter=4``, sketch ``min(4r, m, n)``), the like-for-like row.
 
 Timings are medians of ``block_until_ready`` calls after warm-up, methods interleaved round
 robin (:func:`lrjax.benchmark.time_round_robin`) so that load from other processes hits all
@@ -240,6 +242,8 @@ def bench_init(args, progress):
                      "seq_len": args.tf_seq, "params": count(state)},
            "batches": args.init_batches, "batch": args.init_batch, "rank": args.rank, "methods": {}}
     for name, rp in (("lora_ga", R.LoRAGA(rank=args.rank, alpha=args.alpha, targets=ADAPTER_TARGETS)),
+                     # PEFT's and the official SVD: randomized, sketch min(4r, m, n), 4 power iterations
+                     ("lora_ga_rsvd", R.LoRAGA(rank=args.rank, alpha=args.alpha, n_iter=4, targets=ADAPTER_TARGETS)),
                      ("lora_ga_peft_semantics", R.LoRAGA(rank=args.rank, alpha=args.alpha, semantics="peft",
                                                          targets=ADAPTER_TARGETS)),
                      ("lora_sb", R.LoRASB(rank=args.rank, targets=ADAPTER_TARGETS))):
