@@ -18,11 +18,11 @@ from lrjax.reparam import FactoredStats
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_script(script, out, tmp_path):
+def _run_script(script, out, tmp_path, *extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", LRJAX_DATA_DIR=str(tmp_path / "data"),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--quick",
-                           "--out", str(out), "--no-progress"],
+                           "--out", str(out), "--no-progress", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -37,14 +37,16 @@ def test_quickstart_quick(tmp_path):
     for k in ("command", "device", "config", "corpus", "model", "pretrain", "methods",
               "merge_check", "factored_stats", "table_markdown"):
         assert k in res, k
-    assert set(res["methods"]) == {"full", "lora", "dora", "galore", "eggroll"}
+    assert set(res["methods"]) == {"full", "lora", "dora", "lora_ga", "nola", "galore", "eggroll", "galore_lora",
+                                   "eggroll_lora"}
+    assert res["merge_check"]["eggroll_lora"]["base_unchanged"] is True
     for m, r in res["methods"].items():
         for k in ("trainable_params", "trainable_pct", "median_step_ms", "initial_eval_loss",
                   "final_eval_loss", "history"):
             assert k in r, (m, k)
         assert np.isfinite(r["final_eval_loss"]) and r["median_step_ms"] > 0
     assert res["methods"]["lora"]["trainable_params"] < res["methods"]["full"]["trainable_params"]
-    for m in ("lora", "dora"):
+    for m in ("lora", "dora", "lora_ga", "nola", "galore_lora"):
         assert res["merge_check"][m]["abs_diff"] < 1e-4
         st = res["factored_stats"][m]
         assert st["fallback"] == [] and st["factored"] == st["adapted_leaves"] > 0
@@ -141,3 +143,15 @@ def test_apply_fn_matches_module(small_model):
     graphdef, state, apply = small_model
     ids = jnp.arange(16)[None] % 96
     np.testing.assert_allclose(apply_fn(graphdef)(state, ids), nnx.merge(graphdef, state)(ids))
+
+
+def test_bench_adapter_speed_quick(tmp_path):
+    out = tmp_path / "res"
+    proc = _run_script("bench_adapter_speed.py", out, tmp_path, "--no-torch")
+    assert "| method |" in proc.stdout
+    res = json.loads((out / "bench_adapter_speed.json").read_text())
+    ms = res["steps"]["methods"]
+    assert {"lora", "nola", "lora_pro", "lora_pro_full", "limit"} <= set(ms)
+    assert all(r["median_ms"] > 0 and r["ratio_to_lora"] > 0 for r in ms.values())
+    assert set(res["init"]["methods"]) == {"lora_ga", "lora_ga_rsvd", "lora_ga_peft_semantics", "lora_sb"}
+    assert (out / "bench_adapter_speed.png").stat().st_size > 0
