@@ -373,3 +373,13 @@ def test_bad_codyra_inputs():
         rp.next_task(3, base, ad)
     with pytest.raises(ValueError, match="adapters"):
         rp.next_task(jax.random.key(1), base, {"fc/kernel": ad["fc/kernel"]})
+
+
+@pytest.mark.parametrize("args,exc,name", [
+    ((["x"],), TypeError, "adapters"), (({"k": [1]},), TypeError, "adapters"),
+    (({"k": {"a": 1}}, 3), TypeError, "keys"), (({"k": {"a": 1}}, ()), TypeError, "keys"),
+    (({"k": {"a": 1}}, "g"), ValueError, "keys"),
+])
+def test_factor_mask_bad_input(args, exc, name):
+    with pytest.raises(exc, match=name):
+        factor_mask(*args)

@@ -31,9 +31,9 @@ from lrjax.optim.projection import ProjectionState, nbytes, theoretical_state_by
 from lrjax.optim.quant import scale_by_adam_8bit
 from lrjax.optim.lora_pro import (lora_fa, lora_pro, riemannian_lora, scale_by_lora_fa, scale_by_lora_pro,
                                   scale_by_riemannian_lora)
-from lrjax.optim.prox import codyra_lambda_schedule, prox_soft_threshold
+from lrjax.optim.prox import codyra_lambda_schedule, factor_mask, prox_soft_threshold
 
 __all__ = ["projection", "quant", "scale_by_adam_8bit", "scale_by_adam_torch", "galore", "fira", "dct", "owlore", "outlier_ratios",
            "ProjectionState", "OwLoreState", "nbytes", "theoretical_state_bytes",
            "prox", "lora_pro", "scale_by_lora_pro", "lora_fa", "scale_by_lora_fa", "riemannian_lora",
-           "scale_by_riemannian_lora", "prox_soft_threshold", "codyra_lambda_schedule"]
+           "scale_by_riemannian_lora", "prox_soft_threshold", "codyra_lambda_schedule", "factor_mask"]
