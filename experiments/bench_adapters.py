@@ -38,8 +38,9 @@ MLP built by hand in ``torch.nn`` with the same pretrained weights (checked by m
 :func:`lrjax.interop.params_from_torch`), the same batches, ``torch.optim.Adam`` at the method's best
 the whole learning-rate grid on the first task and the method's best lrjax learning rate on the
 others (``--peft-sweep``: the grid everywhere), for LoRA, rsLoRA, DoRA, PiSSA, LoRA-GA
-(``preprocess_loraga``; same rank as lrjax's, PEFT's own semantics) and LoRA-FA
-(``create_lorafa_optimizer``). For the randomly initialized ones (LoRA, rsLoRA, DoRA, LoRA-FA)
+(``preprocess_loraga``; same rank as lrjax's, PEFT's own semantics), LoRA-FA
+(``create_lorafa_optimizer``) and Riemannian LoRA (``create_riemannian_optimizer`` over
+``torch.optim.Adam``). For the randomly initialized ones (LoRA, rsLoRA, DoRA, LoRA-FA, Riemannian)
 PEFT's ``lora_A``/``lora_B`` are overwritten with lrjax's initial factors of the same seed, so both
 start from the same adapters; PiSSA's init is deterministic; LoRA-GA uses PEFT's own semantics
 (which differ from the official ones lrjax's row uses). torch runs single-threaded by default (``--torch-threads``).
@@ -239,7 +240,7 @@ def registry(args) -> tuple[list[Method], dict[str, str]]:
                    note="Adam moments of the full M x N equivalent gradient"),
             Method("lora_fa", "Zhang et al. 2023", mk, direction=lambda rp, ad, a: LP.scale_by_lora_fa(rp),
                    count=b_only, peft="lora_fa", note="A frozen by the optimizer; trainable = B"),
-            Method("riemannian", "Zhang & Pilanci 2024", mk,
+            Method("riemannian", "Zhang & Pilanci 2024", mk, peft="riemannian",
                    direction=lambda rp, ad, a: optax.chain(LP.scale_by_riemannian_lora(rp), optax.scale_by_adam())),
         ]
 
@@ -439,7 +440,7 @@ def torch_mlp(params):
 
 
 #: PEFT methods whose init is random: PEFT's lora_A/lora_B are set to lrjax's initial factors
-SAME_INIT = ("lora", "rslora", "dora", "lora_fa")
+SAME_INIT = ("lora", "rslora", "dora", "lora_fa", "riemannian")
 
 
 def peft_run(kind, params, data, idx, lr, args, seed, rank, alpha, init=None):
@@ -488,6 +489,9 @@ def peft_run(kind, params, data, idx, lr, args, seed, rank, alpha, init=None):
     if kind == "lora_fa":
         from peft.optimizers import create_lorafa_optimizer
         opt = create_lorafa_optimizer(pm, r=rank, lora_alpha=alpha, lr=lr)
+    elif kind == "riemannian":
+        from peft.optimizers import create_riemannian_optimizer
+        opt = create_riemannian_optimizer(pm, torch.optim.Adam, lr=lr)  # reg 1e-2, as lrjax's default
     else:
         opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=lr)
     times = []
@@ -757,7 +761,7 @@ def markdown(res, args):
         lines.append(f"**PEFT side by side** (torch {pf['torch']}, peft {pf['peft']}, {pf['threads']} threads; "
                      "same data, batches and pretrained weights; LoRA/rsLoRA/DoRA/LoRA-FA start from lrjax's initial "
                      "factors; PEFT's LoRA-GA uses PEFT's semantics; torch.optim.Adam, LoRA-FA: "
-                     "create_lorafa_optimizer)\n")
+                     "create_lorafa_optimizer, Riemannian: create_riemannian_optimizer over Adam)\n")
         lines.append("| task | method | LR | PEFT test acc | lrjax test acc | PEFT step ms | lrjax step ms |")
         lines.append("|---|---|---:|---:|---:|---:|---:|")
         for r in pf["rows"]:
