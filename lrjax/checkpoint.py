@@ -387,9 +387,14 @@ def save_adapters(directory, adapters: dict, *, rp=None, metadata: dict | None =
       overwrite: replace an existing checkpoint at ``directory``.
 
     The write is synchronous and atomic (Orbax writes to a temporary directory and renames).
-    PiSSA note: the adapters alone do not determine the model -- its base is the residual
-    ``W - sAB``; checkpoint the base too (e.g. with :func:`save_state`) or recompute it with
-    the same ``rp.init`` key.
+    Variants whose ``init`` rewrites the base (``rp.rewrites_base``: PiSSA's residual
+    ``W - sAB``, LoRA-GA's ``W - s A0 B0``): the adapters alone do not determine the model;
+    checkpoint the base too (e.g. with :func:`save_state`) or recompute it with the same
+    ``rp.init`` key (and, for LoRA-GA, the same ``grads``). Saving such adapters with ``rp=``
+    warns (``UserWarning``). With ``rp=``, the adapters are checked against it (factor names,
+    and the rank of ``a``/``b`` pairs) before anything is written. Zero-size factors (a CoDyRA
+    leaf whose ranks were all pruned) are refused: Orbax cannot store empty arrays; save before
+    pruning or after ``CoDyRA.next_task``.
     """
     directory = _check_directory(directory)
     overwrite = check_bool(overwrite, "overwrite")
@@ -405,7 +410,22 @@ def save_adapters(directory, adapters: dict, *, rp=None, metadata: dict | None =
                 raise TypeError(f"adapters[{path!r}][{nm!r}] must be an array under a string name, got {type(x).__name__}")
             if isinstance(x, jax.ShapeDtypeStruct) or isinstance(x, jax.core.Tracer):
                 raise TypeError(f"adapters[{path!r}][{nm!r}] is abstract (ShapeDtypeStruct/tracer); save concrete arrays")
+            if 0 in tuple(x.shape):
+                raise ValueError(f"adapters[{path!r}][{nm!r}] has zero size (shape {tuple(x.shape)}); Orbax cannot "
+                                 "store empty arrays (a CoDyRA leaf with every rank pruned?): save before pruning, "
+                                 "after CoDyRA.next_task, or merge that leaf and drop it")
     rp_cfg = reparam_to_json(rp) if rp is not None else None
+    if rp is not None:
+        rp._check_adapters_dict(adapters, "adapters")
+        if tuple(rp.factor_keys[:2]) == ("a", "b"):
+            for path, f in adapters.items():
+                if f["a"].ndim >= 2:
+                    rp.check_factor_rank(path, int(f["a"].shape[-1]), "adapters")
+        if rp.rewrites_base:
+            warnings.warn(
+                f"save_adapters: {type(rp).__name__}.init rewrote the base (rp.rewrites_base), so these adapters "
+                "reproduce the model only on that rewritten base; save the base too (lrjax.checkpoint.save_state) "
+                "or re-run rp.init with the same key (and grads) before loading", UserWarning, stacklevel=2)
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a JSON-serializable dict or None, got {type(metadata).__name__}")

@@ -252,3 +252,56 @@ def test_custom_view_round_trips_and_factored_falls_back_to_the_dense_weight():
     np.testing.assert_allclose(np.asarray(lrjax.factored(fwd, rp, stats=st)(base, ad, x)),
                                np.asarray(fwd(eff, x)), rtol=1e-5)
     assert any(s.startswith("view:") for s in st.fallback)
+
+
+# ------------------------------------------------------------------ found by the new-user trial
+def test_frozen_factors_get_no_gradient_even_without_split():
+    rp = lrjax.LoRASB(rank=2)
+    p = _params()
+    base, ad = rp.init(jax.random.key(0), p, grads=_grads(p))
+    x = jnp.ones((3, 5))
+
+    def loss(a):
+        q = rp.materialize(base, a)
+        return jnp.sum(jnp.tanh(x @ q["d0"]["kernel"]) @ q["d1"]["kernel"])
+    g = jax.grad(loss)(ad)
+    gf = jax.grad(lambda a: jnp.sum(lrjax.factored(lambda q, x: jnp.tanh(x @ q["d0"]["kernel"]) @ q["d1"]["kernel"],
+                                                   rp)(base, a, x)))(ad)
+    for gg in (g, gf):
+        for f in gg.values():
+            assert not np.any(np.asarray(f["a"])) and not np.any(np.asarray(f["b"]))
+            assert np.any(np.asarray(f["r"]))
+
+
+def test_split_and_num_params_refuse_another_variants_adapters():
+    _, lora_ad = lrjax.LoRA(rank=2).init(jax.random.key(0), _params())
+    for call in (lambda rp: rp.split(lora_ad), lambda rp: rp.num_params(lora_ad), lambda rp: rp.trainable_mask(lora_ad)):
+        with pytest.raises(V, match=r"adapters\['d0/kernel'\] has no factor 'r'"):
+            call(lrjax.LoRASB(rank=2))
+
+
+def test_nested_grads_are_refused_with_the_fix():
+    p = _params()
+    g = jax.grad(_loss)(p, _batches(1)[0])
+    with pytest.raises(T, match="flat dict .* nested pytree"):
+        GradInit(rank=2).init(jax.random.key(0), p, grads=g)
+
+
+def test_save_adapters_checks_against_rp_and_warns_for_rewritten_bases(tmp_path):
+    from lrjax import checkpoint
+    p = _params()
+    _, lora_ad = lrjax.LoRA(rank=2).init(jax.random.key(0), p)
+    with pytest.raises(V, match="has no factor 'r'"):
+        checkpoint.save_adapters(tmp_path / "a", lora_ad, rp=lrjax.LoRASB(rank=2))
+    with pytest.raises(V, match=r"factors have rank 2 but this LoRA has rank=1"):
+        checkpoint.save_adapters(tmp_path / "b", lora_ad, rp=lrjax.LoRA(rank=1))
+    ga = lrjax.LoRAGA(rank=1)
+    _, ga_ad = ga.init(jax.random.key(0), p, grads=_grads(p))
+    with pytest.warns(UserWarning, match="rewrote the base"):
+        checkpoint.save_adapters(tmp_path / "c", ga_ad, rp=ga)
+    cd = lrjax.CoDyRA(rank=2)
+    _, cad = cd.init(jax.random.key(0), p)
+    pruned = cd.prune({k: {**v, "g": jnp.zeros_like(v["g"])} for k, v in cad.items()})
+    with pytest.raises(V, match=r"zero size .* save before pruning"):
+        checkpoint.save_adapters(tmp_path / "d", pruned, rp=cd)
+    assert not (tmp_path / "d").exists()

@@ -109,6 +109,11 @@ def _all_finite(x) -> bool:
         return bool(jnp.all(jnp.isfinite(x)))
 
 
+def _all_zero(x) -> bool:
+    with jax.ensure_compile_time_eval():
+        return not bool(jnp.any(x != 0))
+
+
 def _is_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer))
 
@@ -356,6 +361,11 @@ class Reparam:
         if not isinstance(grads, Mapping):
             raise TypeError(f"grads must be the dict {{leaf path: G}} of the targeted leaves (as returned by "
                             f"lrjax.reparam.estimate_grads), got {_leaf_kind(grads)}")
+        if any(isinstance(v, Mapping) for v in grads.values()):
+            raise TypeError("grads must be the flat dict {leaf path: G} of the targeted leaves, got a nested pytree "
+                            "(a jax.grad output?); use lrjax.reparam.estimate_grads(loss_fn, params, batches, "
+                            "targets=rp.targets), or {p: g for p, g in lrjax.tree.flatten(grad_tree).items() if p in "
+                            "targeted paths}")
         for p in grads:
             if not isinstance(p, str):
                 raise TypeError(f"grads: keys must be leaf path strings such as 'Dense_0/kernel', got "
@@ -379,10 +389,14 @@ class Reparam:
             if _is_concrete(g) and not _all_finite(g):
                 raise ValueError(f"grads[{p!r}] contains NaN or Inf; fix the loss or the batches before a "
                                  "data-aware init")
+            if _is_concrete(g) and _all_zero(g):
+                raise ValueError(f"grads[{p!r}] is all zeros: the leaf does not affect the loss on these batches "
+                                 "(not on the loss path, or a saturated/dead layer), so there is no direction to "
+                                 "initialize from; drop it from `targets` or check the loss_fn")
         return grads
 
     # ------------------------------------------------------- trainable vs frozen
-    def _check_adapters_dict(self, adapters, argname):
+    def _check_adapters_dict(self, adapters, argname, complete=True):
         if not isinstance(adapters, Mapping):
             raise TypeError(f"{argname} must be the dict {{leaf path: {{factor: array}}}} returned by "
                             f"{type(self).__name__}.init(), got {_leaf_kind(adapters)}")
@@ -394,6 +408,11 @@ class Reparam:
             for nm in f:
                 if nm not in self.factor_keys:
                     raise ValueError(f"{argname}[{path!r}] has an unknown factor {nm!r}: {self._suggest(nm)}")
+            if complete:
+                for nm in self.factor_keys:
+                    if nm not in f:
+                        raise ValueError(f"{argname}[{path!r}] has no factor {nm!r}; {type(self).__name__} needs "
+                                         f"{list(self.factor_keys)}: adapters made by another variant?")
 
     @property
     def trainable_keys(self) -> tuple:
@@ -421,8 +440,8 @@ class Reparam:
     def join(self, trainable, frozen) -> Adapters:
         """Inverse of :meth:`split` (works on traced values). Refuses paths or factors that do not
         pair up, naming ``trainable``/``frozen``."""
-        self._check_adapters_dict(trainable, "trainable")
-        self._check_adapters_dict(frozen, "frozen")
+        self._check_adapters_dict(trainable, "trainable", complete=False)
+        self._check_adapters_dict(frozen, "frozen", complete=False)
         if set(trainable) != set(frozen):
             miss = sorted(set(trainable) ^ set(frozen))[:4]
             raise ValueError(f"trainable and frozen name different leaves ({miss}); pass both halves of one "
@@ -436,6 +455,7 @@ class Reparam:
                 if k not in self.frozen_keys:
                     raise ValueError(f"frozen[{p!r}] holds the trainable factor {k!r}; pass rp.split(adapters)[1]")
             out[p] = {**t, **frozen[p]}
+        self._check_adapters_dict(out, "trainable and frozen")
         return out
 
     def trainable_mask(self, adapters) -> dict:
@@ -541,8 +561,18 @@ class Reparam:
             if _is_concrete(leaf) and not _all_finite(leaf):
                 raise ValueError(f"{basename}: leaf {path!r} contains NaN or Inf")
 
+    def frozen_view(self, f: dict) -> dict:
+        """``f`` with ``stop_gradient`` on the floating factors in ``frozen_keys``: frozen factors get
+        no gradient even when a user differentiates the whole adapters dict without :meth:`split`
+        (every path that computes an effective weight goes through this)."""
+        if not self.frozen_keys:
+            return f
+        return {k: (jax.lax.stop_gradient(v) if k in self.frozen_keys and k not in self.seed_keys else v)
+                for k, v in f.items()}
+
     def effective(self, w, f: dict):
         """Matrix-view ``(W + s A B) * c`` in the compute dtype (not rounded to ``w.dtype``)."""
+        f = self.frozen_view(f)
         form = self.factors(w, f)
         cd = self.compute_dtype(w, f)
         v = w.astype(cd) + _low_rank(form, cd)
@@ -601,6 +631,7 @@ class Reparam:
         seeds -- are not counted; for LoRA/DoRA/PiSSA that is every factor)."""
         if not isinstance(adapters, Mapping):
             raise TypeError(f"adapters must be the dict returned by init(), got {_leaf_kind(adapters)}")
+        self._check_adapters_dict(adapters, "adapters")
         leaves = jax.tree_util.tree_leaves(adapters)
         for x in leaves:
             if not _is_array(x):

@@ -340,7 +340,7 @@ def factored(fn: Callable[..., Any], rp, *, mode: str = "auto", stats: FactoredS
                     stats.fallback.append(f"view:{k}")
                 continue
             ax = rp.leaf_axes(k, v.shape)
-            form = rp.factors(axes_lib.to_matrix(v, ax), f)
+            form = rp.factors(axes_lib.to_matrix(v, ax), rp.frozen_view(f))
             lowrank[k] = _LowRank(v, form.a, form.b.astype(form.a.dtype), form.scale, form.col_scale, ax)
         return interpret(fn, base, lowrank, args, stats=stats, mode=mode)
 
