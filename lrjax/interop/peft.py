@@ -288,8 +288,9 @@ def _as_lora(rp, adapters, params):
     from lrjax.reparam.conv import ConvLoRA, CPDoRA, CPLoRA
 
     if isinstance(rp, ConvLoRA):
-        raise TypeError("ConvLoRA (loralib's convention: a reshape of a [C_out k, r k] x [r k, C_in k] product) has "
-                        "no PEFT equivalent; PEFT's conv LoRA is lrjax.LoRA on the conv kernel")
+        raise TypeError(f"rp: {type(rp).__name__} (loralib's ConvLoRA convention: a reshape of a [C_out k, r k] x "
+                        "[r k, C_in k] product) has no PEFT equivalent; PEFT's conv LoRA/DoRA is lrjax.LoRA/lrjax.DoRA "
+                        "on the conv kernel")
     if isinstance(rp, CPLoRA):
         dora = isinstance(rp, CPDoRA)
         if not isinstance(adapters, Mapping) or not adapters:

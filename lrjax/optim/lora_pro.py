@@ -196,6 +196,10 @@ def _check_rp(rp, who: str) -> float:
                          f"{name} has factors {list(rp.factor_keys)}"
                          + (f" (frozen {list(rp.frozen_keys)})" if getattr(rp, "frozen_keys", ()) else "")
                          + "; use lrjax.LoRA / lrjax.RSLoRA / lrjax.PiSSA adapters")
+    if not getattr(rp, "axes_view", True):
+        raise ValueError(f"rp: {who} needs adapters in lrjax's matrix view of the kernel; {name} factors a different "
+                         "matricization (loralib's ConvLoRA reshape), which it does not support. Use lrjax.LoRA on conv "
+                         "kernels (PEFT's conv convention) instead")
     if type(rp).factors is not Reparam.factors:
         raise ValueError(f"rp: {who} needs the form W + s A B, but {name} overrides factors() (its effective "
                          "weight is not W + s A B); use lrjax.LoRA / lrjax.RSLoRA / lrjax.PiSSA adapters")

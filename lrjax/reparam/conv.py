@@ -270,6 +270,10 @@ class CPLoRA(_ShapeAwareInit):
                    "h": u(k_h, (kh, r), np.sqrt(3.0 / kh)), "w": u(k_w, (kw, r), np.sqrt(3.0 / kw))}
 
     def factors(self, w, f) -> LowRankForm:
+        """The matrix-view form of the CP delta (``w``, the ``[kh kw C_in, C_out]`` base view, is not
+        read): ``A[(h, w, i), q] = h[h, q] w[w, q] inp[i, q]`` (Khatri-Rao product, ``[kh kw C_in, R]``),
+        ``B = out^T`` (``[R, C_out]``), scale ``alpha / R``, no column scale; computed in the
+        promoted dtype of the four factors."""
         cd = V.compute_dtype(*(f[k].dtype for k in ("out", "inp", "h", "w")))
         a = _khatri_rao(f["h"], f["w"], f["inp"], cd)
         return LowRankForm(a, jnp.swapaxes(f["out"], 0, 1), self.scale, None)

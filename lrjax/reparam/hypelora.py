@@ -150,8 +150,18 @@ class HypeLoRA:
         an int ``h`` means ``(h, h, h)`` as in the official code); ``"transformer"``: the model width
         (default 256, divisible by ``num_heads``).
       embed_dim: slot-embedding width (default 128 for ``"mlp"``, 64 for ``"transformer"``).
-      num_heads, num_layers, ff_dim: transformer encoder sizes (16, 2, 2048).
+      num_heads, num_layers, ff_dim: transformer encoder sizes (16, 2, 2048); not read by ``"mlp"``.
       dtype: hypernetwork parameter dtype (default float32).
+
+    HypeLoRA is a generator, not a :class:`~lrjax.reparam.Reparam`: its trainable state is
+    ``hyper_params`` (shared by all slots), and :meth:`generate` emits ordinary LoRA adapters.
+    So merging and PEFT export go through the generated adapters and :attr:`lora`
+    (``hp.lora.merge(base, hp.generate(base, hyper_params, frozen))``,
+    ``export_peft(dir, hp.lora, hp.generate(...))``), and there is no ``split``: ``hyper_params``
+    is already the trainable part, ``frozen`` (the fixed ``A``) is rebuilt exactly by
+    :meth:`frozen_factors` from the key. Checkpoint ``hyper_params`` with
+    :func:`lrjax.checkpoint.save_state` and restore it with ``like=hp.init(key, params)[0]``
+    (without ``like=`` lists come back as dicts); ``save_adapters`` is for adapter dicts.
     """
 
     rank: int = 8

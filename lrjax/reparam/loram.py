@@ -451,10 +451,12 @@ def recover(adapters, groups, full_params, rp, *, mode: str = "zeroA", key=None)
                         f"got {V._fmt(rp)} ({type(rp).__name__})")
     if type(rp) not in _RECOVERABLE:
         raise TypeError(
-            f"rp: LoRAM recovery supports lrjax.LoRA and lrjax.RSLoRA adapters only, got {type(rp).__name__}: "
-            "its adapter is not a pure low-rank delta s A B independent of the base weight (DoRA's magnitude m "
-            "and column norms, PiSSA's/LoRA-GA's rewritten residual base are those of the PRUNED weight), so "
-            "zero-padding the factors would not give P_out^T dW_small P_in; train LoRA/RSLoRA on the pruned model")
+            f"rp: LoRAM recovery supports lrjax.LoRA and lrjax.RSLoRA adapters only (the official code's scope), got "
+            f"{type(rp).__name__}. Recovery zero-pads the factors a [M, r] and b [r, N] of a delta s A B; other "
+            "variants either read the pruned base (DoRA's norms, PiSSA's/LoRA-GA's rewritten base), have factors of "
+            "other shapes (LoRA-SB's core, NOLA's coefficients, CoDyRA's gate, Block-LoRA's shared block), or are "
+            "not linear in the weight. Train LoRA/RSLoRA on the pruned model, or recover "
+            "rp.delta(small_base, adapters) yourself")
     V.check_choice(mode, "mode", _MODES)
     if mode == "normA":
         if key is None:

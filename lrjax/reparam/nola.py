@@ -198,7 +198,9 @@ class NOLA(Reparam):
         ``alpha = r``, ``s = 1``; ``"vit"``: ``alpha = 1``, ``s = 1/r`` as the official ``NOLA2``).
       num_basis: ``k`` (the same for A and B) or a pair ``(k_a, k_b)`` of ints ``>= 1``; default 1024
         (official ViT; GPT-2 uses 512). Trainable scalars per matrix: ``k_a + k_b``.
-      convention: ``"gpt"`` (default) or ``"vit"`` (module doc).
+      convention: ``"gpt"`` (default; output unchanged at init) or ``"vit"`` (the official ViT
+        code: coefficients start at ``1/k``, so the weight **changes at init**, and every leaf of
+        a shape shares one set of bases; module doc).
       chunk_size: bases generated at a time (an int ``>= 1``, default 32); bounds memory at
         ``chunk_size * max(M r, r N)`` float32 entries per leaf. Results equal for every value
         (up to float32 summation order).
