@@ -620,7 +620,8 @@ def transformer_study(args, methods, digits_res, progress):
     idx = order(len(ft_tr), args.tf_steps, 1)
     task0 = args.tasks[0]
     by_name = {m.name: m for m in methods}
-    for name in tqdm([n for n in TF_METHODS if n in by_name and n in digits_res[task0]], desc="transformer",
+    wanted = ("lora", "lora_sb") if args.quick else TF_METHODS  # quick: a plain and a data-aware init
+    for name in tqdm([n for n in wanted if n in by_name and n in digits_res[task0]], desc="transformer",
                      disable=not progress, file=sys.stdout, leave=False):
         m = by_name[name]
         t1 = time.perf_counter()

@@ -50,7 +50,7 @@ def test_bench_adapters_quick(tmp_path):
     assert {r["method"] for r in pf["rows"]} == {"lora", "lora_fa"} and len(pf["rows"]) == 2 * n_lrs
     assert all(0.0 <= r["acc_mean"] <= 1.0 and r["step_ms"] > 0 for r in pf["rows"])
     tf = res["transformer"]
-    assert set(tf["rows"]) == {"full", "lora", "lora_sb"}, tf["rows"]
+    assert set(tf["rows"]) == {"lora", "lora_sb"}, tf["rows"]
     for name, r in tf["rows"].items():
         assert "error" not in r and len(r["finetune_loss"]) == 3 and r["best_lr"] in r["lrs"], (name, r)
-    assert tf["rows"]["lora_sb"]["trainable"] < tf["rows"]["lora"]["trainable"] < tf["rows"]["full"]["trainable"]
+    assert tf["rows"]["lora_sb"]["trainable"] < tf["rows"]["lora"]["trainable"] < tf["model"]["params"]
