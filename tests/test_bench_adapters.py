@@ -2,6 +2,7 @@
 code path: full fine-tuning, a plain reparam, frozen factors + a data-aware init + an lr-dependent
 init (LoRA-SB), seed-regenerated bases (NOLA), a post-lr prox step (CoDyRA), an optimizer-side
 variant with its own trainable count (LoRA-FA), and the PEFT side by side)."""
+import importlib.util
 import json
 import math
 import os
@@ -45,12 +46,20 @@ def test_bench_adapters_quick(tmp_path):
     assert rows["full"]["trainable"] == sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
     st = res["stats"]["rot90"]
     assert set(st["methods"]) == set(METHODS) - {"full"} and math.isfinite(st["across_methods_range"])
-    pf = res["peft"]
-    assert pf["available"] and pf["params_roundtrip_max_abs_diff"] == 0.0 and pf["forward_max_abs_diff"] < 1e-4
-    assert {r["method"] for r in pf["rows"]} == {"lora", "lora_fa"} and len(pf["rows"]) == 2 * n_lrs
-    assert all(0.0 <= r["acc_mean"] <= 1.0 and r["step_ms"] > 0 for r in pf["rows"])
     tf = res["transformer"]
     assert set(tf["rows"]) == {"lora", "lora_sb"}, tf["rows"]
     for name, r in tf["rows"].items():
         assert "error" not in r and len(r["finetune_loss"]) == 3 and r["best_lr"] in r["lrs"], (name, r)
     assert tf["rows"]["lora_sb"]["trainable"] < tf["rows"]["lora"]["trainable"] < tf["model"]["params"]
+    pf = res["peft"]
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("peft") is None:
+        assert not pf["available"]  # the reference extra is not installed: the side-by-side is skipped
+        return
+    assert pf["available"] and pf["params_roundtrip_max_abs_diff"] == 0.0 and pf["forward_max_abs_diff"] < 1e-4
+    assert {r["method"] for r in pf["rows"]} == {"lora", "lora_fa"} and len(pf["rows"]) == 2 * n_lrs
+    assert all(0.0 <= r["acc_mean"] <= 1.0 and r["step_ms"] > 0 for r in pf["rows"])
+    # same init, same batches, same math: PEFT and lrjax agree to within one test image where training is stable
+    n_test = 359
+    for r in pf["rows"]:
+        if r["lr"] <= 1e-2:
+            assert abs(r["acc_mean"] - r["lrjax_acc_mean"]) <= 1.0 / n_test + 1e-6, r
