@@ -358,7 +358,7 @@ SWEPT = {
                         # issue 11 protocol growth, swept in tests/test_reparam_protocol.py
                         "frozen_keys", "seed_keys", "needs_grads", "rewrites_base", "trainable_keys", "split",
                         "join", "trainable_mask", "view_shape", "to_view", "from_view", "axes_view",
-                        "check_factors", "leaf_key", "uses_leaf_shape"},
+                        "check_factors", "leaf_key", "uses_leaf_shape", "frozen_view"},
 }
 
 
