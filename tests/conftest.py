@@ -7,3 +7,24 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("lrjax", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("lrjax")
+
+
+# The long tests (notebooks, experiment smoke runs, 8-device subprocesses) first, longest first:
+# pytest-xdist hands out tests in collection order, so starting them early keeps both workers busy
+# until the end instead of leaving one long test running alone on one core while the other idles.
+_LONG = ("test_bench_pvd_quick", "04_fields", "06_adapter", "05_separable", "test_bench_adapters_quick",
+         "10_compression", "test_bench_compress_quick", "test_quickstart_quick", "03_eggroll",
+         "test_bench_optim_quick", "test_bench_adapter_speed_quick", "01_lora", "test_bench_lora_quick",
+         "test_bench_attention_quick", "test_es_sharding.py", "02_galore", "test_bench_es_quick", "test_mqar_quick",
+         "test_hybrid_stack", "08_low_rank")
+
+
+def _rank(item) -> int:
+    for i, s in enumerate(_LONG):
+        if s in item.nodeid:
+            return i
+    return len(_LONG) + (0 if item.get_closest_marker("slow") else 1)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=_rank)
