@@ -15,6 +15,10 @@ One projection protocol (:mod:`lrjax.optim.projection`) and one short file per m
 * :func:`prox_soft_threshold` (:mod:`lrjax.optim.prox`) -- the proximal L1 step of CoDyRA's gates,
   with :func:`codyra_lambda_schedule`.
 
+The factories ``galore``, ``fira``, ``dct``, ``owlore`` and ``lora_pro`` share their module's name:
+``lrjax.optim.lora_pro`` is the function; the module's other names are imported with
+``from lrjax.optim.lora_pro import lora_pro_adjust, solve_sylvester_psd`` (which reads the module).
+
 Each wraps an inner params-free optax transformation and is itself a
 ``GradientTransformation``::
 
