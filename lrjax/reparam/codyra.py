@@ -106,19 +106,10 @@ class CoDyRA(Reparam):
     # ------------------------------------------------------------------ rank selection
     def _check_gated(self, adapters, argname="adapters"):
         """Structure checks that need no base: a dict of ``{a, b, g}`` arrays of matching ranks."""
-        if not isinstance(adapters, Mapping):
-            raise TypeError(f"{argname} must be the dict {{leaf path: {{'a', 'b', 'g'}}}} returned by "
-                            f"CoDyRA.init(), got {_leaf_kind(adapters)}")
+        self._check_adapters_dict(adapters, argname)  # dict of dicts with exactly a, b, g
         if not adapters:
             raise ValueError(f"{argname} is empty; pass the adapters returned by CoDyRA.init()")
         for path, f in adapters.items():
-            if not isinstance(path, str):
-                raise TypeError(f"{argname}: keys must be leaf path strings, got {_leaf_kind(path)}")
-            if not isinstance(f, Mapping):
-                raise TypeError(f"{argname}[{path!r}] must be a dict with 'a', 'b', 'g', got {_leaf_kind(f)}")
-            if set(f) != set(self.factor_keys):
-                raise ValueError(f"{argname}[{path!r}] has factors {sorted(f)}; CoDyRA needs exactly "
-                                 f"{list(self.factor_keys)}")
             for nm in self.factor_keys:
                 x = f[nm]
                 if not _is_array(x):
