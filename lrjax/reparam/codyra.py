@@ -47,7 +47,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
