@@ -1,6 +1,6 @@
-"""Quickstart: pretrain a small character transformer, then fine-tune it five ways.
+"""Quickstart: pretrain a small character transformer, then fine-tune it nine ways.
 
-    python experiments/quickstart.py            # ~2 min on 2 CPU cores
+    python experiments/quickstart.py            # ~3-4 min on 2 CPU cores (254 s in the run of docs/quickstart.md)
     python experiments/quickstart.py --quick    # smoke test, tiny model, seconds
 
 What it does, end to end (everything is seeded and deterministic):
