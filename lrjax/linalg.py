@@ -24,7 +24,7 @@ from lrjax._validation import (check_array, check_choice, check_finite, check_fl
                                check_rank)
 
 __all__ = ["SVD", "svd", "gram_svd", "randomized_svd", "subspace_iteration", "orthonormalize", "select_rank",
-           "energy_rank"]
+           "energy_rank", "sqrt_split", "lowrank_delta"]
 
 
 class SVD(NamedTuple):
@@ -227,3 +227,65 @@ def select_rank(x_or_s, *, rank: int | None = None, energy: float | None = None,
     if max_rank is not None:
         k = min(k, max_rank)
     return int(k)
+
+
+def sqrt_split(u, s, vt, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Balanced factors of a (truncated) SVD: ``a = U diag(sqrt(S / scale))``, ``b = diag(sqrt(S / scale)) V^T``.
+
+    ``u: [*batch, m, r]``, ``s: [*batch, r]``, ``vt: [*batch, r, n]`` (e.g. an :class:`SVD`), so that
+    ``scale * a @ b = U diag(S) V^T``. ``scale > 0`` is the adapter's scaling ``s`` (PiSSA splits
+    ``S / s`` so that ``W_res + s A B`` reconstructs ``W``); 1 for a plain split. Both factors get
+    the same norm per component (``||a_i|| = ||b_i|| = sqrt(S_i / scale)``), the conditioning
+    that PiSSA and FlexMoRE use. Singular values are clamped at 0 before the square root, so a
+    zero or rank-deficient matrix gives zero columns ``a[:, i] = 0``, ``b[i] = 0``, never NaN.
+    Computed in ``promote_types(u, s, vt, float32)``; returned in that dtype (callers cast).
+    Shared by :func:`lowrank_delta` and :class:`lrjax.reparam.PiSSA`.
+    """
+    u = check_array(u, "u", kind="floating", min_ndim=2)
+    s = check_array(s, "s", kind="floating", min_ndim=1)
+    vt = check_array(vt, "vt", kind="floating", min_ndim=2)
+    scale = check_float(scale, "scale", low=0.0, low_open=True)
+    r = s.shape[-1]
+    if u.shape[-1] != r or vt.shape[-2] != r or u.shape[:-2] != s.shape[:-1] or vt.shape[:-2] != s.shape[:-1]:
+        raise ValueError(f"u: [*batch, m, r], s: [*batch, r] and vt: [*batch, r, n] must agree in r and batch; got "
+                         f"u {tuple(u.shape)}, s {tuple(s.shape)}, vt {tuple(vt.shape)}")
+    cd = jnp.promote_types(jnp.promote_types(jnp.promote_types(u.dtype, s.dtype), vt.dtype), jnp.float32)
+    root = jnp.sqrt(jnp.maximum(s.astype(cd), 0) / scale)
+    return u.astype(cd) * root[..., None, :], root[..., :, None] * vt.astype(cd)
+
+
+def lowrank_delta(w_expert, w_base, rank: int) -> tuple[jax.Array, jax.Array]:
+    """Best rank-``rank`` factors of the delta ``W_e - W_0`` with the sqrt(S) split (FlexMoRE's experts).
+
+    .. math::  \\Delta = W_e - W_0 = U S V^\\top,\\quad a = U_r \\sqrt{S_r},\\quad b = \\sqrt{S_r} V_r^\\top,
+               \\quad a b = \\operatorname{trunc}_r(\\Delta)
+
+    in lrjax's matrix view ``[*batch, M, N] = [in, out]`` (a Dense kernel): ``a: [*batch, M, rank]``,
+    ``b: [*batch, rank, N]``, so a low-rank expert computes ``x W_0 + (x a) b``. (FlexMoRE's code,
+    ``schneiderkamplab/FlexMoRE src/scripts/flexmore/low_rank_expert_flexmore.py``, works on torch
+    weights ``[out, in] = Delta^T``: its ``B_e = U_r sqrt(S_r)`` and ``A_e = sqrt(S_r) V_r^T`` are
+    our ``b^T`` and ``a^T``; same product.) By Eckart-Young ``a b`` is the best rank-``rank``
+    approximation of the delta in Frobenius and spectral norm.
+
+    ``w_expert``, ``w_base``: floating arrays (or nested lists) of the same shape ``[*batch, M, N]``,
+    finite. The delta is formed in ``promote_types(w_expert, w_base, float32)`` (exact for
+    bfloat16/float16 inputs, no cancellation from a narrow dtype) and factorized by the exact SVD
+    :func:`svd` (signs pinned, float32, or float64 when x64 is enabled and an input is float64;
+    agrees with a float64 NumPy SVD to float32 rounding, tested). ``1 <= rank <= min(M, N)``.
+    Returns ``(a, b)`` in that compute dtype; cast to the factor dtype you store.
+    A zero or rank-deficient delta is valid: its zero singular values give zero factor columns
+    (no NaN), e.g. an expert identical to the base gives ``a = 0``, ``b = 0``.
+
+    Raises ``TypeError`` for non-floating or non-array inputs, ``ValueError`` for a shape
+    mismatch, fewer than 2 axes, an empty matrix, NaN/Inf, or a rank outside ``[1, min(M, N)]``.
+    """
+    we = _f32(w_expert, "w_expert")
+    wb = _f32(w_base, "w_base")
+    if we.shape != wb.shape:
+        raise ValueError(f"w_expert and w_base must have the same shape [*batch, M, N]; got w_expert "
+                         f"{tuple(we.shape)} and w_base {tuple(wb.shape)}")
+    m, n = we.shape[-2:]
+    rank = _check_rank(rank, m, n)
+    cd = jnp.promote_types(we.dtype, wb.dtype)
+    u, s, vt = svd(we.astype(cd) - wb.astype(cd), rank)
+    return sqrt_split(u, s, vt)

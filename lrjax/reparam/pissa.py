@@ -13,7 +13,8 @@ reconstructs ``W`` and training starts from the original model.
 
 Free choices, pinned: the SVD is exact (``lrjax.linalg.svd``, float32) unless ``n_iter`` is set,
 which uses :func:`lrjax.linalg.randomized_svd` with that many power iterations (PEFT's
-``pissa_niter_k``); singular-vector signs follow :mod:`lrjax.linalg` (largest-magnitude entry of
+``pissa_niter_k``); the sqrt(S) split is :func:`lrjax.linalg.sqrt_split` (the code FlexMoRE's
+:func:`lrjax.linalg.lowrank_delta` uses); singular-vector signs follow :mod:`lrjax.linalg` (largest-magnitude entry of
 each left vector positive). Sign flips of a (u_i, v_i) pair leave ``A B`` and the residual
 unchanged, so outputs are comparable with PEFT whatever its SVD backend picks.
 
@@ -34,8 +35,6 @@ non-zero singular directions train. Use a rank ``<= rank(W)``, or LoRA, on such 
 from __future__ import annotations
 
 import dataclasses
-
-import jax.numpy as jnp
 
 from lrjax import _validation as V
 from lrjax import linalg
@@ -62,10 +61,9 @@ class PiSSA(LoRA):
             u, s, vt = linalg.svd(w, self.rank)
         else:
             u, s, vt = linalg.randomized_svd(key, w, self.rank, n_iter=self.n_iter)
-        root = jnp.sqrt(jnp.maximum(s, 0) / self.scale)
+        a, b = linalg.sqrt_split(u, s, vt, self.scale)  # shared with lrjax.linalg.lowrank_delta
         dt = self.factor_dtype(w)
-        a = (u * root[..., None, :]).astype(dt)
-        b = (root[..., :, None] * vt).astype(dt)
+        a, b = a.astype(dt), b.astype(dt)
         f = {"a": a, "b": b}
         cd = self.compute_dtype(w, f)
         w_res = (w.astype(cd) - self.scale * (a.astype(cd) @ b.astype(cd))).astype(w.dtype)
