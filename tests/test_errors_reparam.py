@@ -345,7 +345,9 @@ SWEPT = {
                       # the zoo of issue 11: tests/test_errors_zoo.py (Reparam subclasses), test_hypelora.py,
                       # test_loram.py
                       "LoRAGA", "LoRASB", "LoRAXS", "NOLA", "BlockLoRA", "CoDyRA", "ConvLoRA", "CPLoRA", "ConvDoRA",
-                      "CPDoRA", "HypeLoRA", "loram"},
+                      "CPDoRA", "HypeLoRA", "loram",
+                      # issue 12: the activation-space protocol, swept in tests/test_interpreter.py
+                      "NotMergeable"},
     "lrjax.reparam.multi": {"use", "merge", "combine", "NameNotFound"},
     "lrjax.tree": {"Targets", "PathNotFound", "path_str", "flatten", "paths", "select", "get", "replace"},
     "lrjax.axes": {"Axes", "AxesSpec", "default_axes", "resolve", "to_matrix", "from_matrix", "matrix_shape",
@@ -358,7 +360,10 @@ SWEPT = {
                         # issue 11 protocol growth, swept in tests/test_reparam_protocol.py
                         "frozen_keys", "seed_keys", "needs_grads", "rewrites_base", "trainable_keys", "split",
                         "join", "trainable_mask", "view_shape", "to_view", "from_view", "axes_view",
-                        "check_factors", "leaf_key", "uses_leaf_shape", "frozen_view"},
+                        "check_factors", "leaf_key", "uses_leaf_shape", "frozen_view",
+                        # issue 12 activation-space protocol, swept in tests/test_interpreter.py
+                        "activation_space", "state_keys", "branch", "update_state", "next_state", "with_state",
+                        "kernel_value"},
 }
 
 

@@ -6,7 +6,7 @@ Two ways to use it.
 1. **Unmodified models** -- :func:`perturbed_call` evaluates any ``fn(params, *args)`` (a linen
    ``model.apply``, an NNX ``merge``-and-call, plain JAX) with some leaves perturbed by
    :class:`~lrjax.es.noise.LowRankNoise` and others by a dense additive array. It runs on the jaxpr
-   interpreter of :mod:`lrjax.reparam.factored` (``interpret``): ``fn`` is traced once, each
+   interpreter of :mod:`lrjax.interpreter` (``interpret``): ``fn`` is traced once, each
    low-rank leaf is bound to a symbolic ``(W, A, B, scale)`` value, and every ``dot_general`` that
    contracts the leaf's input axes becomes ``x W + scale (x A) B^T``; stacked ``[L, m, n]`` leaves
    are followed into ``lax.scan`` bodies and transposed 2-D kernels (``x @ W.T``) stay low-rank. Any other use of a
@@ -36,7 +36,7 @@ from lrjax import _validation as V
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 from lrjax.es.noise import LowRankNoise
-from lrjax.reparam.factored import FactoredStats, _LowRank, interpret
+from lrjax.interpreter import FactoredStats, LowRank, interpret
 
 __all__ = ["perturbed_call", "lowrank_dense", "lowrank_einsum", "PerturbedLinear", "FactoredStats"]
 
@@ -76,14 +76,14 @@ def perturbed_call(fn: Callable[..., Any], params, noise: dict, *args, axes: axe
         if isinstance(nz, LowRankNoise):
             ax = axes_lib.resolve(k, v.shape, axes)
             _check_lowrank(nz, axes_lib.matrix_shape(tuple(v.shape), ax), f"noise[{k!r}]")
-            subst[k] = _LowRank(v, nz.a, jnp.swapaxes(nz.b, -1, -2), nz.scale, None, ax)
+            subst[k] = LowRank(v, nz.a, jnp.swapaxes(nz.b, -1, -2), nz.scale, None, ax, k, "factored")
         elif nz is not None:
             nz = V.check_array(nz, f"noise[{k!r}]", kind="floating")
             if tuple(nz.shape) != tuple(v.shape):
                 raise ValueError(f"noise[{k!r}] must have the leaf's shape {tuple(v.shape)}, got {tuple(nz.shape)}")
             subst[k] = (v + nz.astype(v.dtype)).astype(v.dtype)
     # ES never differentiates through the forward: the plain factored products are cheapest.
-    return interpret(fn, params, subst, args, stats=stats, mode="factored")
+    return interpret(fn, params, subst, args, stats=stats)
 
 
 _ARRAY = (jax.Array, np.ndarray, np.generic, jax.core.Tracer)

@@ -92,6 +92,7 @@ import numpy as np
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 from lrjax._validation import check_choice, check_dir
+from lrjax.interpreter import NotMergeable
 from lrjax.reparam.base import Reparam
 from lrjax.reparam.dora import DoRA
 from lrjax.reparam.lora import LoRA, RSLoRA
@@ -400,6 +401,10 @@ def export_peft(path_dir, rp: Reparam, adapters: dict, *, module_names: ModuleNa
     """
     from safetensors.numpy import save_file
 
+    if isinstance(rp, Reparam) and rp.activation_space:
+        raise NotMergeable(f"export_peft: {type(rp).__name__} is an activation-space adapter (its output depends "
+                           "on the input x), which has no LoRA equivalent for PEFT to load; save it with "
+                           "lrjax.checkpoint.save_adapters instead")
     path_dir = _check_path(path_dir)
     if params is not None:
         _check_params(params)

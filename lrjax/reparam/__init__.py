@@ -13,7 +13,11 @@ and one short file per variant:
   (``conv.py``; PEFT's conv convention is plain :class:`LoRA`/:class:`DoRA`);
 * generated factors: :class:`HypeLoRA` (a hypernetwork emitting LoRA adapters);
 * :mod:`lrjax.reparam.loram`: LoRAM's prune -> train small -> recover into full shapes;
-* :mod:`lrjax.reparam.multi`: several named adapters on one base.
+* :mod:`lrjax.reparam.multi`: several named adapters on one base;
+* activation-space adapters (``activation_space = True``: the layer computes ``x W + branch(x)``,
+  input-dependent, so ``merge`` raises :class:`NotMergeable`): run through :func:`factored`, whose
+  jaxpr interpreter lives in :mod:`lrjax.interpreter` (the extension point
+  :meth:`Reparam.kernel_value`).
 
 Optimizer-side LoRA variants (LoRA-Pro, LoRA-FA, Riemannian) are optax transformations in
 :mod:`lrjax.optim.lora_pro`.
@@ -33,7 +37,8 @@ from lrjax.reparam.codyra import CoDyRA
 from lrjax.reparam.conv import ConvLoRA, CPLoRA, ConvDoRA, CPDoRA
 from lrjax.reparam.hypelora import HypeLoRA
 from lrjax.reparam import loram
+from lrjax.interpreter import NotMergeable
 
 __all__ = ["Reparam", "LowRankForm", "Adapters", "LoRA", "RSLoRA", "DoRA", "PiSSA", "factored",
            "FactoredStats", "multi", "estimate_grads", "LoRAGA", "LoRASB", "LoRAXS", "NOLA", "BlockLoRA",
-           "CoDyRA", "ConvLoRA", "CPLoRA", "ConvDoRA", "CPDoRA", "HypeLoRA", "loram"]
+           "CoDyRA", "ConvLoRA", "CPLoRA", "ConvDoRA", "CPDoRA", "HypeLoRA", "loram", "NotMergeable"]

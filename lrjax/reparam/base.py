@@ -26,6 +26,15 @@ detached column norm). A variant only says how to initialize its factors (:meth:
 and how to compute ``(A, B, s, c)`` from them (:meth:`factors`); the tree plumbing, validation,
 merging and the unmaterialized ``x W + s (x A) B`` path (:mod:`lrjax.reparam.factored`) are shared.
 
+Activation-space adapters (``activation_space = True``: FlyLoRA's top-k routed ranks, NeRA's spline
+branch, mixtures of low-rank experts) have no such form: the adapted layer computes
+``x W + branch(x, x W, factors)`` (:meth:`Reparam.branch`), which depends on the input. They run only
+through :func:`lrjax.factored` (the interpreter of :mod:`lrjax.interpreter` calls the branch at each
+use of the kernel); ``materialize``/``merge``/``unmerge``/``delta`` raise
+:class:`lrjax.interpreter.NotMergeable`. Frozen factors that a rule updates after each forward
+(``state_keys``, e.g. FlyLoRA's router bias) come back from the factored forward as ``state``
+(:meth:`Reparam.update_state`, :meth:`Reparam.with_state`).
+
 Precision rule (one rounding)
 -----------------------------
 Every effective weight -- :meth:`Reparam.materialize`, :meth:`~Reparam.merge`,
@@ -83,6 +92,7 @@ from lrjax import _validation as V
 from lrjax._validation import check_key, check_params
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
+from lrjax.interpreter import Branch, LowRank, NotMergeable
 
 __all__ = ["Reparam", "LowRankForm", "Adapters"]
 
@@ -181,6 +191,21 @@ class Reparam:
     #: kernels: the matrix view alone does not say ``k`` or ``C_in``); :meth:`init` then passes
     #: ``shape=leaf.shape`` to both
     uses_leaf_shape = False
+    #: ``True`` for activation-space adapters (FlyLoRA, NeRA, mixtures): the adapted layer computes
+    #: ``x W + branch(x)`` (:meth:`branch`), which depends on the input ``x``, so there is no
+    #: effective weight -- ``materialize``/``merge``/``unmerge``/``delta`` raise
+    #: :class:`lrjax.interpreter.NotMergeable`; run the model through :func:`lrjax.factored`
+    activation_space = False
+    #: frozen factors updated by a rule each forward instead of by gradient (FlyLoRA's router bias
+    #: ``d``): :func:`lrjax.factored` then returns ``(output, state)`` (see :meth:`update_state`);
+    #: always a subset of ``frozen_keys``
+    state_keys = ()
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if not set(cls.state_keys) <= set(cls.frozen_keys):
+            raise TypeError(f"{cls.__name__}.state_keys {cls.state_keys} must be a subset of frozen_keys "
+                            f"{cls.frozen_keys}: rule-updated state must get no gradient")
 
     # ----------------------------------------------------------------- config
     def __post_init__(self):
@@ -256,6 +281,87 @@ class Reparam:
             raise ValueError(f"{type(self).__name__}: merge is not invertible for {path!r}")
         cd = self.compute_dtype(w_merged, f)
         return (w_merged.astype(cd) - _low_rank(form, cd)).astype(w_merged.dtype)
+
+    # ------------------------------------------------- activation-space hooks
+    def branch(self, x, y, f: dict, path: str):
+        """The input-dependent term of an activation-space adapter (``activation_space = True``):
+        the adapted product is ``x W + branch(x, x W, f)``.
+
+        ``x: [..., M]`` is the layer input in the kernel's matrix view (its contracted axes
+        flattened last; the input's dtype), ``y: [..., N]`` the base product ``x W`` (before any
+        bias), ``f`` the leaf's factors (frozen ones behind ``stop_gradient``; for an ``[L, ...]``
+        stack scanned by the model, one layer's slice). Returns the term to add, ``[..., N]``, or
+        :class:`lrjax.interpreter.WithAux` ``(term, aux)`` where ``aux`` (a pytree of arrays) feeds
+        :meth:`update_state`. Compute in ``promote_types(x, factors, float32)``; the interpreter adds
+        the term to ``y`` in float32 and rounds once to the product's dtype."""
+        raise NotImplementedError(f"{type(self).__name__} sets activation_space but does not define branch()")
+
+    def update_state(self, f: dict, aux, path: str) -> dict:
+        """The rule that updates the ``state_keys`` of one leaf after a forward: ``f`` the leaf's
+        current factors, ``aux`` the sum over the forward's uses of the kernel of what
+        :meth:`branch` reported (stacked ``[L, ...]`` for a scanned stack). Returns ``{state key:
+        new value}``. Default: no state."""
+        return {}
+
+    def next_state(self, adapters: Adapters, aux: dict) -> dict:
+        """``{path: update_state(adapters[path], aux[path], path)}`` for the leaves whose kernels
+        reported aux in a forward (what :func:`lrjax.factored` returns as ``state``)."""
+        return {k: {sk: jax.lax.stop_gradient(v) for sk, v in self.update_state(adapters[k], a, k).items()}
+                for k, a in aux.items() if k in adapters}
+
+    def with_state(self, adapters: Adapters, state: dict) -> Adapters:
+        """``adapters`` with the rule-updated factors of ``state`` (``{path: {state key: value}}``,
+        from :func:`lrjax.factored`) put in; shapes and dtypes must match the old values."""
+        if not isinstance(adapters, Mapping):
+            raise TypeError(f"adapters must be the dict returned by init(), got {_leaf_kind(adapters)}")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be the {{path: {{key: array}}}} dict returned by lrjax.factored, "
+                            f"got {_leaf_kind(state)}")
+        out = dict(adapters)
+        for path, upd in state.items():
+            if path not in adapters:
+                raise ValueError(f"state: no adapter at path {path!r}; adapters have {list(adapters)[:6]}")
+            if not isinstance(upd, Mapping):
+                raise TypeError(f"state[{path!r}] must be a dict {{key: array}}, got {_leaf_kind(upd)}")
+            bad = set(upd) - set(self.state_keys)
+            if bad:
+                raise ValueError(f"state[{path!r}]: {sorted(bad)} are not state keys of {type(self).__name__} "
+                                 f"(state_keys={self.state_keys})")
+            new = dict(adapters[path])
+            for k, v in upd.items():
+                old = new[k]
+                if not _is_array(v) or tuple(v.shape) != tuple(old.shape) or v.dtype != old.dtype:
+                    raise ValueError(f"state[{path!r}][{k!r}] must be an array of shape {tuple(old.shape)} and "
+                                     f"dtype {old.dtype} (like the adapter's), got {_leaf_kind(v)}")
+                new[k] = v
+            out[path] = new
+        return out
+
+    def kernel_value(self, path: str, leaf, f: dict, *, mode: str = "auto"):
+        """What this variant hands :mod:`lrjax.interpreter` for one adapted kernel (the extension
+        point of :func:`lrjax.factored`): a :class:`~lrjax.interpreter.LowRank` ``(W, A, B, s, c)``
+        in the leaf's :mod:`lrjax.axes` view (weight-space variants), a
+        :class:`~lrjax.interpreter.Branch` calling :meth:`branch` (activation-space variants), or
+        the dense effective weight (a variant with its own matrix view, e.g. ConvLoRA). Override it
+        to hand in another :class:`~lrjax.interpreter.KernelValue`."""
+        fz = self.frozen_view(f)
+        if self.activation_space:
+            if not self.axes_view:
+                raise TypeError(f"{type(self).__name__}: an activation-space variant must use the lrjax.axes "
+                                "matrix view (do not override to_view/from_view)")
+            return Branch(leaf, self.leaf_axes(path, leaf.shape), fz,
+                          lambda x, y, fs: self.branch(x, y, fs, path), path, type(self).__name__)
+        if not self.axes_view:
+            return self.from_view(path, self.apply_leaf(self.to_view(path, leaf), f), leaf.shape)
+        ax = self.leaf_axes(path, leaf.shape)
+        form = self.factors(axes_lib.to_matrix(leaf, ax), fz)
+        return LowRank(leaf, form.a, form.b.astype(form.a.dtype), form.scale, form.col_scale, ax, path, mode)
+
+    def _refuse_weight(self, op: str):
+        if self.activation_space:
+            raise NotMergeable(f"{type(self).__name__}.{op}: {type(self).__name__} is an activation-space adapter "
+                               "(its output depends on the input x), so it has no effective weight to "
+                               f"{op}; run the model with lrjax.factored(fn, rp)(base, adapters, x)")
 
     # ---------------------------------------------------------------- helpers
     def factor_dtype(self, w):
@@ -596,18 +702,23 @@ class Reparam:
         return tree_lib.replace(params, new)
 
     def materialize(self, base, adapters):
-        """``base`` with every adapted leaf replaced by its effective weight (differentiable)."""
+        """``base`` with every adapted leaf replaced by its effective weight (differentiable).
+        Activation-space variants raise :class:`~lrjax.interpreter.NotMergeable`."""
+        self._refuse_weight("materialize")
         return self._map_leaves(base, adapters, lambda w, f, p: self.apply_leaf(w, f), basename="base")
 
     def merge(self, base, adapters):
         """Dense weights for inference (same values as :meth:`materialize`, gradients stopped).
 
-        Refuses concrete NaN/Inf factors or targeted base leaves."""
+        Refuses concrete NaN/Inf factors or targeted base leaves, and activation-space variants
+        (:class:`~lrjax.interpreter.NotMergeable`)."""
+        self._refuse_weight("merge")
         return jax.lax.stop_gradient(self._map_leaves(
             base, adapters, lambda w, f, p: self.apply_leaf(w, f), basename="base", finite=True))
 
     def unmerge(self, merged, adapters):
         """Recover the base from merged weights: ``W = W_merged - s A B`` (one rounding)."""
+        self._refuse_weight("unmerge")
         return self._map_leaves(merged, adapters, self.unmerge_leaf, basename="merged", finite=True)
 
     def delta_matrix(self, w, f: dict):
@@ -617,6 +728,7 @@ class Reparam:
     def delta(self, base, adapters) -> dict:
         """``{path: W_eff - W}`` per adapted leaf (leaf layout), computed in the compute dtype and
         rounded once to the leaf's dtype."""
+        self._refuse_weight("delta")
         flat = self._check(base, adapters, basename="base")
         self._check_finite(flat, adapters, basename="base")
         out = {}

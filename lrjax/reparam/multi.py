@@ -134,6 +134,7 @@ def combine(base, named: Mapping[str, Adapters], rps, weights: Mapping[str, floa
     parts: dict = {}  # path -> list of (weight, delta in its compute dtype)
     for name, w in ws.items():
         rp = _rp(rps, name)
+        rp._refuse_weight("combine")
         if isinstance(rp, PiSSA):
             raise TypeError(f"combine: adapter {name!r} is PiSSA, whose base is its own residual; "
                             "merge it into the weights first, then combine others on that base")
