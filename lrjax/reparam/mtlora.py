@@ -66,6 +66,11 @@ Reference model (per-task streams)::
         hs = jax.vmap(last_block, in_axes=(0, None))(p["fc2"]["kernel"], p["fc2"]["bias"])
         return jnp.einsum("tbh,thc->tbc", hs, heads["kernel"]) + heads["bias"][:, None]
 
+Cost: the merged streams run a TS layer's dense ``x W_t`` once per task. Where the streams' input
+is still shared (the first TS layer of a block, as ``fc2`` above), :meth:`MTLoRA.linear` computes
+the same outputs as ``x W`` once plus ``T`` rank-``r_t`` terms, which is much cheaper to train
+(``experiments/mtlora_digits.py`` trains that way; ``docs/mtlora.md`` has the numbers).
+
 ``rp.task_axes(base, ad)`` gives the ``in_axes`` pytree (``0`` at the TS leaves, ``None`` elsewhere)
 for vmapping a whole block's params; ``rp.merge_task(base, ad, t)`` gives task ``t``'s dense
 weights for serving; ``rp.materialize``/``rp.merge``/``lrjax.factored`` give the shared stream.
@@ -480,12 +485,16 @@ class MTLoRA(Reparam):
         if bias is not None:
             pre = pre + bias.astype(cd)
         sh = self.scale * ((xc @ f["a"].astype(cd)) @ f["b"].astype(cd))
-        xt = jnp.broadcast_to(xc, (self.num_tasks, *x.shape)) if x_tasks is None else x_tasks.astype(cd)
+        ta = f["ta"].astype(cd)
+        if x_tasks is None:  # one matmul x [..., M] @ [M, T r_t] (no copy of x per task)
+            u = jnp.einsum("...m,tmr->t...r", xc, ta)
+        else:
+            u = jax.vmap(jnp.matmul)(x_tasks.astype(cd), ta)
         s = jnp.asarray(self.task_scales, cd)
 
-        def one(xt_, ta, tb, st):
-            y = pre + st * ((xt_ @ ta.astype(cd)) @ tb.astype(cd))
+        def one(u_t, tb, st):
+            y = pre + st * (u_t @ tb.astype(cd))
             return y + sh if self.shared_mode == "matrixv2" else y
 
-        y_tasks = jax.vmap(one)(xt, f["ta"], f["tb"], s)
+        y_tasks = jax.vmap(one)(u, f["tb"], s)
         return (pre + sh).astype(out_dt), y_tasks.astype(out_dt)
