@@ -273,6 +273,19 @@ def test_effective_support_definitions():
     assert mx.effective_support(jnp.asarray(p, jnp.bfloat16)).dtype == jnp.float32
 
 
+def test_mixture_branch_composes_router_gates_and_delta():
+    x, wr, a, b = _rand(0, 5, 6), _rand(1, 6, 4), _rand(2, 4, 6, 2), _rand(3, 4, 2, 3)
+    d, rt = mx.mixture_branch(x, wr, a, b, k=2, scale=0.5)
+    g, idx = mx.topk_gates(mx.router_logits(x, wr), 2)
+    np.testing.assert_allclose(rt.gates, g, rtol=1e-6)
+    np.testing.assert_allclose(d, _ref_delta(x, a, b, g, 0.5), rtol=1e-5, atol=1e-5)
+    d2, rt2 = mx.mixture_branch(x, wr, a, b, k=2, router="remix", key=jax.random.key(0))
+    np.testing.assert_allclose(d2, _ref_delta(x, a, b, rt2.gates), rtol=1e-5, atol=1e-5)
+    assert rt2.log_prob.shape == (5,) and np.all(np.asarray(rt2.log_prob) < 0)
+    with pytest.raises(ValueError, match="router"):
+        mx.mixture_branch(x, wr, a, b, k=2, router="soft")
+
+
 # ----------------------------------------------------------------------------------- NNX layer
 @pytest.mark.parametrize("router", ["topk", "remix"])
 def test_mixture_layer_composes_base_router_experts(router):

@@ -9,7 +9,8 @@ outside the ``k`` active experts. The math lives in pure functions so that the l
 used on its own as an activation-space branch at a targeted kernel of an unmodified model
 (``y = x W + branch(x)``):
 
-* :func:`mixture_delta` -- the mixture term ``s sum_e g_e (x a_e) b_e`` only, ``[..., N]``;
+* :func:`mixture_delta` -- the mixture term ``s sum_e g_e (x a_e) b_e`` only, ``[..., N]``, given
+  gates; :func:`mixture_branch` -- router + gates + mixture term in one call (the branch);
 * routers: :func:`router_logits` (``z = x W_r [+ b_r]``), :func:`router_probs` (``softmax(z / T)``),
   :func:`topk_gates` (softmax top-k), :func:`sample_subset` / :func:`subset_log_prob` /
   :func:`subset_gates` / :func:`remix_gates` (ReMix), :func:`rloo_advantages` /
@@ -93,8 +94,8 @@ from lrjax._validation import (check_array, check_bool, check_choice, check_fini
                                check_key, check_rank, is_concrete)
 
 __all__ = ["router_logits", "router_probs", "topk_gates", "sample_subset", "subset_log_prob", "subset_gates",
-           "remix_gates", "rloo_advantages", "rloo_surrogate", "effective_support", "mixture_delta", "pack_experts",
-           "unpack_experts", "expert_ids", "experts_from_finetuned", "Routing", "MixtureLoRA", "Frozen",
+           "remix_gates", "rloo_advantages", "rloo_surrogate", "effective_support", "mixture_delta", "mixture_branch",
+           "pack_experts", "unpack_experts", "expert_ids", "experts_from_finetuned", "Routing", "MixtureLoRA", "Frozen",
            "MAX_UNORDERED_K"]
 
 #: the largest ``k`` for which :func:`subset_log_prob` sums over the ``k!`` orders of a set
@@ -538,6 +539,25 @@ def mixture_delta(x, a, b, gates, *, ranks=None, scale: float = 1.0):
     return (scale * y).astype(out)
 
 
+def mixture_branch(x, w_router, a, b, *, k: int, router: str = "topk", key=None, ranks=None, scale: float = 1.0,
+                   omega: float | None = None, renormalize: bool = True, temperature: float = 1.0):
+    """Route and mix in one call: ``(delta [..., N], Routing)`` -- the activation-space branch
+    ``branch(x) = s sum_e g_e(x) (x a_e) b_e`` with ``z = x W_r`` (:func:`router_logits`) and
+    ``g = topk_gates(z, k)`` (``router="topk"``) or ``remix_gates(key, z, k)`` (``router="remix"``;
+    ``key=None`` = inference). Add it to ``x W_0 (+ bias)`` of an unmodified Dense:
+    :class:`MixtureLoRA` is exactly that. Factors as in :func:`mixture_delta`; the router's
+    ``log_prob`` (ReMix) is in the returned :class:`Routing` for :func:`rloo_surrogate`."""
+    router = check_choice(router, "router", ("topk", "remix"))
+    z = router_logits(x, w_router)
+    if router == "remix":
+        rt = remix_gates(key, z, k, omega=omega, temperature=temperature)
+    else:
+        gates, idx = topk_gates(z, k, renormalize=renormalize, temperature=temperature)
+        probs = router_probs(z, temperature=temperature)
+        rt = Routing(gates, idx, jnp.zeros(z.shape[:-1], probs.dtype), probs)
+    return mixture_delta(x, a, b, rt.gates, ranks=ranks, scale=scale), rt
+
+
 def experts_from_finetuned(w_base, w_experts, ranks):
     """FlexMoRE: low-rank experts from fully fine-tuned expert weights, packed for :func:`mixture_delta`.
 
@@ -662,15 +682,6 @@ class MixtureLoRA(nnx.Module):
         self.a = nnx.Param(jax.random.normal(k3, (m, sum(ranks)), param_dtype) / math.sqrt(m))
         self.b = nnx.Param(jnp.zeros((sum(ranks), n), param_dtype))
 
-    def route(self, x, *, key=None) -> Routing:
-        """The routing of ``x: [..., M]`` (see the class docstring)."""
-        z = router_logits(x, self.router[...])
-        if self.router_kind == "remix":
-            return remix_gates(key, z, self.k, omega=self.omega, temperature=self.temperature)
-        gates, idx = topk_gates(z, self.k, renormalize=self.renormalize, temperature=self.temperature)
-        probs = router_probs(z, temperature=self.temperature)
-        return Routing(gates, idx, jnp.zeros(z.shape[:-1], probs.dtype), probs)
-
     def __call__(self, x, *, key=None, return_aux: bool = False):
         x = _floating(x, "x")
         if x.shape[-1] != self.in_features:
@@ -678,12 +689,14 @@ class MixtureLoRA(nnx.Module):
         return_aux = check_bool(return_aux, "return_aux")
         if key is not None:
             key = check_key(key)
-        rt = self.route(x, key=key)
+        delta, rt = mixture_branch(x, self.router[...], self.a[...], self.b[...], k=self.k, router=self.router_kind,
+                                   key=key, ranks=self.ranks, scale=self.scale, omega=self.omega,
+                                   renormalize=self.renormalize, temperature=self.temperature)
         w0 = self.kernel[...]
         cd = _cd(x.dtype, w0.dtype)
         y = x.astype(cd) @ w0.astype(cd)
         if self.bias is not None:
             y = y + self.bias[...].astype(cd)
-        y = y + mixture_delta(x, self.a[...], self.b[...], rt.gates, ranks=self.ranks, scale=self.scale).astype(cd)
+        y = y + delta.astype(cd)
         y = y.astype(jnp.result_type(x.dtype, w0.dtype))
         return (y, rt) if return_aux else y
