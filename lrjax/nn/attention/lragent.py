@@ -288,7 +288,7 @@ def lragent_attention(q, cache: LRCache, b_v, scale=1.0, *, q_pos=None):
     Returns:
       ``[B, Tq, H, Dv]`` in ``result_type(q, cache.v)``: query ``i`` (absolute position ``p_i = q_pos + i``)
       attends keys ``j <= p_i`` with ``j < cache.pos``, scores ``q k / sqrt(Dk)``; computed in
-      ``compute_dtype`` of the inputs and rounded once. ``(P L)`` (``[B, H, Tq, r]``) is formed,
+      ``compute_dtype`` of the inputs and rounded once. ``(P L)`` (``[B, Tq, H, r]``) is formed,
       ``L B_v`` never is.
 
     Raises ``TypeError``/``ValueError`` naming the argument on a wrong kind, rank or size, or (concrete
@@ -321,18 +321,21 @@ def lragent_attention(q, cache: LRCache, b_v, scale=1.0, *, q_pos=None):
     cd = compute_dtype(q.dtype, cache.k.dtype, *(() if b_v is None else (b_v.dtype,)))
     g = h // hkv
     dv = cache.v.shape[-1]
-    qf = q.astype(cd).reshape(b, tq, hkv, g, dk)
-    scores = jnp.einsum("bqhgd,bshd->bhgqs", qf, cache.k.astype(cd)) / jnp.sqrt(jnp.asarray(dk, cd))
-    qi = jnp.asarray(q_pos, jnp.int32) + jnp.arange(tq, dtype=jnp.int32)
+    # query heads h = kv * G + j: fold the G query heads of each key/value head into the query axis
+    # ([B, Tq * G, Hkv, Dk], query (t, j) at row t * G + j), so every product below is a 4-D einsum
+    qf = q.astype(cd).reshape(b, tq, hkv, g, dk).transpose(0, 1, 3, 2, 4).reshape(b, tq * g, hkv, dk)
+    scores = jnp.einsum("bqhd,bshd->bhqs", qf, cache.k.astype(cd)) / jnp.sqrt(jnp.asarray(dk, cd))
+    qi = jnp.repeat(jnp.asarray(q_pos, jnp.int32) + jnp.arange(tq, dtype=jnp.int32), g)
     kj = jnp.arange(s, dtype=jnp.int32)
-    mask = (kj[None, :] <= qi[:, None]) & (kj[None, :] < cache.pos)          # [Tq, S]
+    mask = (kj[None, :] <= qi[:, None]) & (kj[None, :] < cache.pos)          # [Tq * G, S]
     scores = jnp.where(mask, scores, jnp.finfo(cd).min)
-    p = jax.nn.softmax(scores, axis=-1)                                      # [B, Hkv, G, Tq, S]
-    out = jnp.einsum("bhgqs,bshd->bqhgd", p, cache.v.astype(cd))
+    p = jax.nn.softmax(scores, axis=-1)                                      # [B, Hkv, Tq * G, S]
+    out = jnp.einsum("bhqs,bshd->bqhd", p, cache.v.astype(cd))               # P V_base: [B, Tq * G, Hkv, Dv]
     if b_v is not None:
-        pl = jnp.einsum("bhgqs,bsr->bhgqr", p, cache.l.astype(cd))          # P L: [.., Tq, r]
+        pl = jnp.einsum("bhqs,bsr->bqhr", p, cache.l.astype(cd))             # P L: [B, Tq * G, Hkv, r]
         bh = b_v.astype(cd).reshape(-1, hkv, dv)                             # B_v split per head
-        out = out + jnp.asarray(scale, cd) * jnp.einsum("bhgqr,rhd->bqhgd", pl, bh)
+        out = out + jnp.asarray(scale, cd) * jnp.einsum("bqhr,rhd->bqhd", pl, bh)
+    out = out.reshape(b, tq, g, hkv, dv).transpose(0, 1, 3, 2, 4)
     return out.reshape(b, tq, h, dv).astype(out_dtype)
 
 
