@@ -82,7 +82,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
