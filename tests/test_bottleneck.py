@@ -141,6 +141,10 @@ def test_init_grad_bfloat16_and_refusals():
     grads = jax.jit(jax.grad(lambda a: jnp.sum(g(base, a, x) ** 2)))(ad)["fc/kernel"]
     assert all(float(jnp.abs(grads[n]).sum()) > 0 for n in ("down", "down_bias", "up", "up_bias"))
     assert float(jnp.abs(grads["bias"]).sum()) == 0.0
+    stacked = jax.tree_util.tree_map(lambda t: jnp.stack([t, 0 * t]), ad)  # vmap over two adapter sets
+    ys = jax.vmap(g, in_axes=(None, 0, None))(base, stacked, x)
+    np.testing.assert_allclose(ys[0], g(base, ad, x), rtol=1e-6)
+    np.testing.assert_allclose(ys[1], fn(p, x), rtol=1e-6)  # a zero adapter (and zero bias copy) is the base
     for op in ("merge", "materialize", "delta"):
         with pytest.raises(NotMergeable, match=f"SeqBottleneck.{op}"):
             getattr(rp, op)(base, ad)
