@@ -17,7 +17,12 @@ and one short file per variant:
 * activation-space adapters (``activation_space = True``: the layer computes ``x W + branch(x)``,
   input-dependent, so ``merge`` raises :class:`NotMergeable`): run through :func:`factored`, whose
   jaxpr interpreter lives in :mod:`lrjax.interpreter` (the extension point
-  :meth:`Reparam.kernel_value`).
+  :meth:`Reparam.kernel_value`): :class:`FlyLoRA` (top-k routed ranks, load-balancing state),
+  :class:`NeRA` (KAN-spline branch), :class:`SeqBottleneck` (Pfeiffer adapter; NICE coupling in
+  :mod:`~lrjax.reparam.bottleneck`), :class:`MoLoRA` (mixture of LoRA experts, top-k router),
+  :class:`AdapterBank` (many adapters in one batch, one per example);
+* task axes: :class:`MTLoRA` (shared + task-specific adapters, per-task streams);
+  :class:`MarkBoard` (swappable per-bit LoRA watermark branches).
 
 Optimizer-side LoRA variants (LoRA-Pro, LoRA-FA, Riemannian) are optax transformations in
 :mod:`lrjax.optim.lora_pro`.
@@ -38,7 +43,18 @@ from lrjax.reparam.conv import ConvLoRA, CPLoRA, ConvDoRA, CPDoRA
 from lrjax.reparam.hypelora import HypeLoRA
 from lrjax.reparam import loram
 from lrjax.interpreter import NotMergeable
+from lrjax.reparam import bank, bottleneck, flylora, markboard, molora, mtlora, nera
+from lrjax.reparam.bank import AdapterBank
+from lrjax.reparam.bottleneck import SeqBottleneck
+from lrjax.reparam.flylora import FlyLoRA
+from lrjax.reparam.markboard import MarkBoard
+from lrjax.reparam.molora import MoLoRA
+from lrjax.reparam.mtlora import MTLoRA
+from lrjax.reparam.nera import NeRA
 
 __all__ = ["Reparam", "LowRankForm", "Adapters", "LoRA", "RSLoRA", "DoRA", "PiSSA", "factored",
            "FactoredStats", "multi", "estimate_grads", "LoRAGA", "LoRASB", "LoRAXS", "NOLA", "BlockLoRA",
-           "CoDyRA", "ConvLoRA", "CPLoRA", "ConvDoRA", "CPDoRA", "HypeLoRA", "loram", "NotMergeable"]
+           "CoDyRA", "ConvLoRA", "CPLoRA", "ConvDoRA", "CPDoRA", "HypeLoRA", "loram", "NotMergeable",
+           # issue 12: activation-space adapters, mixtures, many adapters per batch
+           "FlyLoRA", "NeRA", "SeqBottleneck", "MoLoRA", "MTLoRA", "AdapterBank", "MarkBoard",
+           "flylora", "nera", "bottleneck", "molora", "mtlora", "bank", "markboard"]

@@ -39,8 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax import _validation as V
-from lrjax.nn import mixture as mx
 from lrjax.reparam.base import Reparam
+
+
+def _mx():
+    from lrjax.nn import mixture  # lazily: `import lrjax` does not load the layers package
+    return mixture
 
 __all__ = ["MoLoRA", "router_probs"]
 
@@ -93,12 +97,13 @@ class MoLoRA(Reparam):
 
     def gates(self, x, f):
         """``(gates [..., E], idx [..., k])`` of ``x: [..., M]`` for one leaf's factors."""
+        mx = _mx()
         return mx.topk_gates(mx.router_logits(x, f["router"]), self.k, renormalize=self.renormalize,
                              temperature=self.temperature)
 
     def branch(self, x, y, f, path):
         g, _ = self.gates(x, f)
-        return mx.mixture_delta(x, f["a"], f["b"], g, scale=self.scale)
+        return _mx().mixture_delta(x, f["a"], f["b"], g, scale=self.scale)
 
 
 def router_probs(rp: MoLoRA, adapters: dict, path: str, x):
@@ -109,4 +114,5 @@ def router_probs(rp: MoLoRA, adapters: dict, path: str, x):
         raise TypeError(f"rp must be an lrjax.MoLoRA, got {type(rp).__name__}")
     if not isinstance(adapters, dict) or path not in adapters:
         raise ValueError(f"path: no MoLoRA adapter at {path!r}; adapters have {list(adapters)[:6]}")
+    mx = _mx()
     return mx.router_probs(mx.router_logits(x, adapters[path]["router"]), temperature=rp.temperature)

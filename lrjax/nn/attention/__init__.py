@@ -6,6 +6,9 @@
   float32-safe under strong decay): :func:`chunk_kda`, :func:`chunk_gdn`.
 * :mod:`~lrjax.nn.attention.kda` -- the layers (Flax NNX): :class:`KimiDeltaAttention` (KDA or,
   with ``gate='gdn'``, Gated DeltaNet), :class:`SoftmaxAttention`, :class:`HybridStack` (3:1).
+* :mod:`~lrjax.nn.attention.lragent` -- LRAgent: several LoRA agents share one base KV cache plus a
+  low-rank value cache ``L = s X A_v`` (shared ``A_v``); attention computes ``P V_base + (P L) B_v``
+  without forming ``L B_v``: :func:`lragent_prefill`, :func:`lragent_decode_step`, :class:`LRCache`.
 
 Shapes follow fla (flash-linear-attention): ``q, k: [B, T, H, K]``, ``v: [B, T, HV, V]``,
 ``g: [B, T, HV, K]`` (KDA) or ``[B, T, HV]`` (GDN), ``beta: [B, T, HV]``, states ``[B, HV, K, V]``.
@@ -13,7 +16,11 @@ Shapes follow fla (flash-linear-attention): ``q, k: [B, T, H, K]``, ``v: [B, T, 
 from lrjax.nn.attention.chunk import DEFAULT_CHUNK, chunk_gdn, chunk_kda
 from lrjax.nn.attention.kda import GATES, MODES, HybridStack, KimiDeltaAttention, ShortConvolution, SoftmaxAttention
 from lrjax.nn.attention.naive import gdn_step, kda_step, recurrent_gdn, recurrent_kda
+from lrjax.nn.attention import lragent
+from lrjax.nn.attention.lragent import (LRCache, cache_nbytes, init_lrcache, lragent_append, lragent_attention,
+                                        lragent_cache, lragent_decode_step, lragent_prefill, materialize_values)
 
 __all__ = ["recurrent_kda", "kda_step", "recurrent_gdn", "gdn_step", "chunk_kda", "chunk_gdn",
            "DEFAULT_CHUNK", "KimiDeltaAttention", "SoftmaxAttention", "HybridStack", "ShortConvolution",
-           "GATES", "MODES"]
+           "GATES", "MODES", "lragent", "LRCache", "init_lrcache", "lragent_cache", "lragent_append",
+           "lragent_attention", "lragent_prefill", "lragent_decode_step", "materialize_values", "cache_nbytes"]
