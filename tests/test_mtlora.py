@@ -78,13 +78,13 @@ def test_linear_is_the_official_layer(mode, own_inputs):
     base, ad = _random_adapters(rp, params)
     f, w, bias = ad["fc2/kernel"], params["fc2"]["kernel"], params["fc2"]["bias"]
     rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.standard_normal((7, 8)), jnp.float32)
-    xt = jnp.asarray(rng.standard_normal((NT, 7, 8)), jnp.float32) if own_inputs else None
+    x = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)  # leading batch dims [..., M]
+    xt = jnp.asarray(rng.standard_normal((NT, 2, 4, 8)), jnp.float32) if own_inputs else None
     y_sh, y_t = rp.linear(w, f, x, x_tasks=xt, bias=bias)
     r_sh, r_t = _official(x, w, bias, f, 4.0, (1.0, 2.0, 0.5), mode, xt)
     np.testing.assert_allclose(np.asarray(y_sh), r_sh, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(y_t), r_t, rtol=1e-5, atol=1e-5)
-    assert y_t.shape == (NT, 7, 5)
+    assert y_sh.shape == (2, 4, 5) and y_t.shape == (NT, 2, 4, 5)
 
 
 @pytest.mark.parametrize("mode", ["matrix", "matrixv2"])
