@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/bench_multi_adapter", help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method, default 10 (quick: 2)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=None, help="default 2 (quick: 1)")
     p.add_argument("--width", type=int, default=None, help="default 1024 (quick: 64)")
     p.add_argument("--layers", type=int, default=None, help="default 4 (quick: 2)")
     p.add_argument("--batch", type=int, default=None, help="default 512 (quick: 64)")
@@ -80,12 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     dflt = dict(repeats=(2, 10), width=(64, 1024), layers=(2, 4), batch=(64, 512), bits=(2, 8), mb_steps=(20, 300),
-                signatures=(3, 20), adapters=(4, 16))
+                signatures=(3, 20), adapters=(4, 16), warmup=(1, 2))
     for k, (q, full) in dflt.items():
         if getattr(a, k) is None:
             setattr(a, k, q if a.quick else full)
-    if a.quick:
-        a.warmup = 1
     return a
 
 
