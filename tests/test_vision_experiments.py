@@ -45,6 +45,7 @@ def test_dsclora_quick(tmp_path):
     assert all(h[-1] > 0 for s in r["students"]["with_ad"]["seeds"] for h in s["loss_history"])
     inf = r["inference"]
     assert inf["params"]["merged_student"] == inf["params"]["teacher"]
+    assert inf["merged_same_hlo_as_teacher"] is True
     assert set(inf["methods"]) == {"teacher", "merged_student", "unmerged_adapted_student"}
     assert all(m["median_ms"] > 0 for m in inf["methods"].values())
 
