@@ -593,6 +593,8 @@ def test_every_public_function_is_swept():
     # tests/test_codyra.py (test_bad_prox_inputs, test_bad_schedule_inputs)
     covered |= {"lora_pro", "scale_by_lora_pro", "lora_fa", "scale_by_lora_fa", "riemannian_lora",
                 "scale_by_riemannian_lora", "prox_soft_threshold", "codyra_lambda_schedule", "factor_mask"}
+    # issue 12: swept in tests/test_flexmore.py (test_lowrank_delta_bad_input and the sqrt_split cases)
+    covered |= {"lowrank_delta", "sqrt_split"}
     # data containers, argument-free bases, constants and nbytes (any pytree is valid) take nothing to check
     exempt = {"SVD", "ProjectionState", "OwLoreState", "ScaleByAdam8bitState", "ScaleByAdamTorchState", "Quantized",
               "LeafPlan", "Basis", "Variant", "ExactSVD", "GramEigh", "REFRESHES", "DEFAULT_LAYERS", "nbytes",

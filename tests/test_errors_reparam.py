@@ -346,8 +346,11 @@ SWEPT = {
                       # test_loram.py
                       "LoRAGA", "LoRASB", "LoRAXS", "NOLA", "BlockLoRA", "CoDyRA", "ConvLoRA", "CPLoRA", "ConvDoRA",
                       "CPDoRA", "HypeLoRA", "loram",
-                      # issue 12: the activation-space protocol, swept in tests/test_interpreter.py
-                      "NotMergeable"},
+                      # issue 12: the activation-space protocol, swept in tests/test_interpreter.py; the new
+                      # Reparam subclasses in tests/test_errors_zoo.py; MarkBoard in tests/test_markboard.py;
+                      # module-level helpers in test_flylora/test_bottleneck/test_nera/test_molora/test_bank
+                      "NotMergeable", "FlyLoRA", "NeRA", "SeqBottleneck", "MoLoRA", "MTLoRA", "AdapterBank",
+                      "MarkBoard", "flylora", "nera", "bottleneck", "molora", "mtlora", "bank", "markboard"},
     "lrjax.reparam.multi": {"use", "merge", "combine", "NameNotFound"},
     "lrjax.tree": {"Targets", "PathNotFound", "path_str", "flatten", "paths", "select", "get", "replace"},
     "lrjax.axes": {"Axes", "AxesSpec", "default_axes", "resolve", "to_matrix", "from_matrix", "matrix_shape",
