@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--expert-steps", type=int, default=None, help="FlexMoRE full fine-tuning steps, default 300 "
                    "(quick: 5)")
     p.add_argument("--no-flexmore", action="store_true")
+    p.add_argument("--sections", default="steps,digits,flexmore",
+                   help="comma-separated sections to run (steps, digits, flexmore)")
     p.add_argument("--no-alternatives", action="store_true", help="skip the rejected implementations' timings")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -451,6 +453,17 @@ def bench_flexmore(args, progress):
 
 # ---------------------------------------------------------------------------------- report
 def tables(out):
+    rows = []
+    if "steps" in out:
+        rows += _steps_table(out)
+    if "digits" in out:
+        rows += _digits_table(out)
+    if "flexmore" in out:
+        rows += _flexmore_table(out)
+    return "\n".join(rows)
+
+
+def _steps_table(out):
     st, dev = out["steps"], out["device"]
     s = st["shape"]
     rows = [f"**Training step**, MLP {s['layers']} x Dense({s['width']}->{s['width']}), batch {s['batch']}, "
@@ -463,6 +476,11 @@ def tables(out):
             f"<= {r['target_ratio_to_lora']:.2f}: {'met' if r['meets_target'] else 'NOT met'}"
         rows.append(f"| {k_} | {r['what']} | {r['trainable_params']:,} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
                     f"{r['ratio_to_lora']:.2f} | {tgt} | {r['ratio_to_limit']:.2f} |")
+    return rows
+
+
+def _digits_table(out):
+    rows = []
     dg = out["digits"]
     rows += ["", f"**ReMix vs softmax top-2**, digits MLP 64-256-256-10, union of {', '.join(dg['tasks'])}; "
              f"{dg['experts']} experts of rank {dg['rank']} on fc1/fc2/out, top-{dg['k']}, {dg['steps']} steps of "
@@ -481,6 +499,11 @@ def tables(out):
             used = " / ".join(f"{m['experts_used_ge_1pct'][n]:.1f}" for n in D.LAYERS)
             rows.append(f"| {k_} | {acc} | {fmt(m['ess_pi_entropy'])} | {fmt(m['ess_gates_entropy'])} | {used} | "
                         f"{m['train_s_mean']:.1f} |")
+    return rows
+
+
+def _flexmore_table(out):
+    rows = []
     if "flexmore" in out:
         fm = out["flexmore"]
         rows += ["", f"**FlexMoRE** (oracle routing): test accuracy of each domain through its own expert, "
@@ -495,7 +518,7 @@ def tables(out):
                         f" | {a['full_expert']:.3f} |")
         rows.append("| params per expert | | " + " | ".join(f"{fm['params'][str(r)]:,}" for r in fm["ranks"]) +
                     f" | {fm['params']['full_expert_kernels']:,} |")
-    return "\n".join(rows)
+    return rows
 
 
 def plot(out, path):
@@ -504,6 +527,18 @@ def plot(out, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    if "steps" not in out or "digits" not in out:  # a partial run: the step-time panel only, if any
+        for ax in axes:
+            ax.axis("off")
+        if "steps" in out:
+            ms = out["steps"]["methods"]
+            axes[0].axis("on")
+            axes[0].bar(list(ms), [ms[n]["ratio_to_lora"] for n in ms])
+            axes[0].set(ylabel="step time / dense LoRA step")
+            axes[0].tick_params(axis="x", rotation=60, labelsize=7)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
     ms = out["steps"]["methods"]
     names = list(ms)
     ax = axes[0]
@@ -554,7 +589,7 @@ def main(argv=None):
            "device": device_info(), "config": vars(args), "load_avg_before": os.getloadavg()}
     out["section_s"] = {}
     for name, fn in (("steps", bench_steps), ("digits", bench_digits), ("flexmore", bench_flexmore)):
-        if name == "flexmore" and args.no_flexmore:
+        if (name == "flexmore" and args.no_flexmore) or name not in args.sections.split(","):
             continue
         t1 = time.perf_counter()
         out[name] = fn(args, progress)
