@@ -195,7 +195,9 @@ def test_nice_forward_inverse_and_unit_jacobian(d):
     np.testing.assert_allclose(nice_inverse(ip, y), e, rtol=1e-5, atol=1e-5)
     j = jax.jacfwd(lambda v: nice_forward(ip, v))(e[0, 0])
     assert abs(np.linalg.det(np.asarray(j, np.float64)) - 1.0) < 1e-4
-    # vmap over parameter sets, grad, bfloat16
+    if d != 8:
+        return
+    # vmap over parameter sets, grad, bfloat16 (once)
     ips = jax.tree_util.tree_map(lambda t: jnp.stack([t, 2 * t]), ip)
     ys = jax.vmap(nice_forward, in_axes=(0, None))(ips, e)
     np.testing.assert_allclose(ys[0], y, rtol=1e-6)
