@@ -227,8 +227,10 @@ def build_steps(args):
     sub = {n: {"bias": v["bias"]} for n, v in params.items()}
 
     def limit_step(sub, x, y):
-        p = {n: {"kernel": params[n]["kernel"], "bias": sub[n]["bias"]} for n in params}
-        return jax.grad(lambda p: jnp.mean((_mlp(p, x, lambda i, h: 0.0) - y) ** 2))(p)
+        def loss(sub):  # differentiate the biases only: the kernels are constants (no kernel gradient)
+            p = {n: {"kernel": params[n]["kernel"], "bias": sub[n]["bias"]} for n in params}
+            return jnp.mean((_mlp(p, x, lambda i, h: 0.0) - y) ** 2)
+        return jax.grad(loss)(sub)
 
     built = {}
     for name, (fn, tp_, what) in methods.items():
