@@ -163,6 +163,10 @@ def test_init_grad_bfloat16_and_refusals():
                           (dict(bias_name=3), TypeError, "bias_name"), (dict(bias_name=""), TypeError, "bias_name")):
         with pytest.raises(exc, match=name):
             SeqBottleneck(**kw)
+    with pytest.raises(ValueError, match="reduction_factor"):
+        bottleneck_size(64, 0)
+    with pytest.raises(TypeError, match="n must"):
+        bottleneck_size(64.0, 16)
     with pytest.raises(ValueError, match="bias leaf 'fc/bias'.*shape"):
         SeqBottleneck().init(jax.random.key(0), {"fc": {"kernel": jnp.ones((8, 64)), "bias": jnp.ones(3)}})
     with pytest.raises(ValueError, match=r"'down'.*shape.*bottleneck"):

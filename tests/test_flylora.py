@@ -301,6 +301,10 @@ def test_bad_config_and_leaf():
                           (dict(detach_input=1), TypeError, "detach_input")):
         with pytest.raises(exc, match=name):
             FlyLoRA(rank=8, **kw)
+    with pytest.raises(ValueError, match="p must"):
+        sparse_projection(jax.random.key(0), 4, 2, 5)
+    with pytest.raises(TypeError, match="key"):
+        sparse_projection("k", 4, 2, 1)
     rp = FlyLoRA(rank=8, top_k=1)  # the rank rule (M >= rank) also keeps p = M // (r // k) >= 1
     with pytest.raises(ValueError, match="rank=8 exceeds"):
         rp.init(jax.random.key(0), {"kernel": jnp.ones((4, 16))})

@@ -183,6 +183,13 @@ def test_not_mergeable_and_bad_input(mlp):
                           (dict(knot_range="3"), TypeError, "knot_range"), (dict(alpha=-1.0), ValueError, "alpha")):
         with pytest.raises(exc, match=name):
             NeRA(**kw)
+    f = ad["params/fc1/kernel"]
+    with pytest.raises(ValueError, match="disagree"):
+        nera_features(jnp.ones((2, 4)), f["s"], f["t"], f["C"])
+    with pytest.raises(TypeError, match="x"):
+        nera_features(jnp.ones((2, 5), jnp.int32), f["s"], f["t"], f["C"])
+    with pytest.raises(ValueError, match="c"):
+        nera_features(jnp.ones((2, 5)), f["s"], f["t"], f["C"][0])
     k = "params/fc1/kernel"
     bad = {**ad, k: {**ad[k], "C": ad[k]["C"][..., :2]}}
     with pytest.raises(ValueError, match=r"'C'.*shape.*rank=3"):

@@ -70,7 +70,10 @@ BERT_STD = 0.02
 
 
 def bottleneck_size(n: int, reduction_factor) -> int:
-    """``max(1, int(n // reduction_factor))`` (the ``adapters`` library's ``down_sample``)."""
+    """``max(1, int(n // reduction_factor))`` (the ``adapters`` library's ``down_sample``). Raises
+    ``TypeError``/``ValueError`` naming ``n`` (an int ``>= 1``) or ``reduction_factor`` (finite ``> 0``)."""
+    n = V.check_int(n, "n", low=1)
+    reduction_factor = V.check_float(reduction_factor, "reduction_factor", low=0.0, low_open=True)
     return max(1, int(n // reduction_factor))
 
 

@@ -67,8 +67,16 @@ def hat_basis(x, s, t):
 def nera_features(x, s, t, c):
     """``phi(x) [..., r]`` from ``x [..., M]``, ``s [M]``, ``t [M, K]``, ``C [M, K, r]``: the basis
     ``[..., M, K]`` flattened to ``[..., M K]`` times ``C`` as ``[M K, r]`` (one matrix product;
-    ``[..., M, K, r]`` is never formed)."""
+    ``[..., M, K, r]`` is never formed). Raises ``TypeError``/``ValueError`` naming ``x``, ``s``, ``t``
+    or ``c`` for non-floating arrays or disagreeing shapes."""
+    x = V.check_array(x, "x", min_ndim=1, kind="floating")
+    c = V.check_array(c, "c", ndim=3, kind="floating")
     m, k, r = c.shape
+    s = V.check_array(s, "s", ndim=1, kind="floating")
+    t = V.check_array(t, "t", ndim=2, kind="floating")
+    if x.shape[-1] != m or s.shape != (m,) or t.shape != (m, k):
+        raise ValueError(f"nera_features: x [..., M], s [M], t [M, K] and c [M, K, r] disagree: x{tuple(x.shape)}, "
+                         f"s{tuple(s.shape)}, t{tuple(t.shape)}, c{tuple(c.shape)}")
     h = hat_basis(x, s, t)
     return h.reshape(h.shape[:-2] + (m * k,)) @ c.reshape(m * k, r)
 
