@@ -50,7 +50,10 @@ per row:
    matmuls ``h = x_t A_t`` (``[T, r_max]``), ``y_t = (s_k h * mask_k) B_t`` where ``mask_k`` keeps the
    first ``ranks[k]`` columns (``jnp.where``, so columns owned by a neighbour slot contribute exactly
    zero and get zero gradient);
-3. the tile outputs are gathered back to the rows' original order.
+3. the tile outputs are gathered back to the rows' original order. Both row permutations are
+   gathers in the forward *and* the backward (a custom VJP: the transpose of a permutation is its
+   inverse), so XLA:CPU runs no row scatter-add; the factor windows' gradients are scatter-adds
+   into the packed columns.
 
 Exact (no approximation, no padding in storage). Cost per step: the base product ``x W`` plus
 ``2 (M + N) r_max P`` flops with ``P = n_t T <= n + K (T - 1)`` padded rows, and gathers of
@@ -93,6 +96,27 @@ from lrjax.reparam.lora import LoRA
 __all__ = ["AdapterBank"]
 
 _TABLE = ("offsets", "ranks", "scales")
+
+
+@jax.custom_vjp
+def _permute_rows(v, idx, inv):
+    """``[v; 0][idx]``: rows of ``v`` (index ``len(v)`` = a zero row). ``idx`` must be injective on
+    the real rows with ``inv`` its inverse (``[g; 0][inv]`` is then the exact transpose), so the
+    backward pass is a gather too, not a scatter-add (slow on XLA:CPU)."""
+    return jnp.concatenate([v, jnp.zeros((1,) + v.shape[1:], v.dtype)])[idx]
+
+
+def _permute_fwd(v, idx, inv):
+    return _permute_rows(v, idx, inv), (idx, inv)
+
+
+def _permute_bwd(res, g):
+    idx, inv = res
+    zero = lambda i: np.zeros(i.shape, jax.dtypes.float0)  # noqa: E731 - integer inputs get float0 cotangents
+    return jnp.concatenate([g, jnp.zeros((1,) + g.shape[1:], g.dtype)])[inv], zero(idx), zero(inv)
+
+
+_permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,18 +232,17 @@ class AdapterBank(Reparam):
         dest_sorted = jnp.where(sg < k, pad_start[sg] + jnp.arange(n) - row_start[sg], p)
         dest = jnp.zeros((n,), jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
         src = jnp.full((p,), n, jnp.int32).at[dest].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
-        xp = jnp.concatenate([xr, jnp.zeros((1, m), cd)])[src].reshape(n_t, t, m)
+        xp = _permute_rows(xr, src, dest).reshape(n_t, t, m)
         slot = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(n_t), side="right"), k - 1)  # [n_t]
         off = f["offsets"].astype(jnp.int32)[slot]
         cols = jnp.clip(off[:, None] + jnp.arange(r), 0, c - 1)      # [n_t, r]
-        at = jnp.take(a, cols, axis=1).astype(cd)                    # [m, n_t, r]
+        at = jnp.take(a.T, cols, axis=0).astype(cd)                  # [n_t, r, M] (contiguous rows)
         bt = jnp.take(b, cols, axis=0).astype(cd)                    # [n_t, r, N]
-        h = jnp.einsum("tpm,mtr->tpr", xp, at)
+        h = jnp.einsum("tpm,trm->tpr", xp, at)
         keep = jnp.arange(r)[None, :] < f["ranks"].astype(jnp.int32)[slot][:, None]   # [n_t, r]
         h = jnp.where(keep[:, None, :], h * f["scales"].astype(cd)[slot][:, None, None], 0)
         yp = jnp.einsum("tpr,trn->tpn", h, bt).reshape(p, n_out)
-        out = jnp.concatenate([yp, jnp.zeros((1, n_out), cd)])[dest]
-        return out.reshape(lead + (n_out,))
+        return _permute_rows(yp, dest, src).reshape(lead + (n_out,))
 
     # ------------------------------------------------------------------ routing
     def route(self, adapters: Adapters, ids) -> Adapters:
