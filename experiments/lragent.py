@@ -525,7 +525,9 @@ def plot(out, path):
         axs[1].bar(np.arange(n) + 0.2 * j, [x - y for x, y in zip(gaps[k], gaps["per_agent"])], width=0.2,
                    label=LABELS[k], color=(cols[1:] + ["0.5"])[j])
     axs[1].axhline(0, color="k", lw=0.5)
-    axs[1].set(title="next-char loss gap vs per-agent caches", xlabel="agent", ylabel="nats")
+    axs[1].set(title="next-char loss gap vs per-agent caches", ylabel="nats")
+    axs[1].set_xticks(np.arange(n) + 0.3)
+    axs[1].set_xticklabels([f"agent {i}" for i in range(n)])
     axs[1].legend(fontsize=6)
     d = out["decode"]
     keys = ["base_limit", "per_agent", "lragent_base_read", "lragent"]
