@@ -12,7 +12,7 @@ settings.load_profile("lrjax")
 # The long tests (notebooks, experiment smoke runs, 8-device subprocesses) first, longest first:
 # pytest-xdist hands out tests in collection order, so starting them early keeps both workers busy
 # until the end instead of leaving one long test running alone on one core while the other idles.
-_LONG = ("test_bench_pvd_quick", "04_fields", "06_adapter", "05_separable", "test_bench_adapters_quick",
+_LONG = ("04_fields", "06_adapter", "05_separable", "test_bench_adapters_quick", "test_bench_pvd_quick",
          "10_compression", "test_bench_compress_quick", "test_quickstart_quick", "03_eggroll",
          "test_bench_optim_quick", "test_bench_adapter_speed_quick", "01_lora", "test_bench_lora_quick",
          "test_bench_attention_quick", "test_es_sharding.py", "02_galore", "test_bench_es_quick", "test_mqar_quick",
@@ -23,7 +23,11 @@ def _rank(item) -> int:
     for i, s in enumerate(_LONG):
         if s in item.nodeid:
             return i
-    return len(_LONG) + (0 if item.get_closest_marker("slow") else 1)
+    # then the long tests not named above (another experiment's --quick smoke run, a new notebook), then
+    # tests marked slow, then the rest
+    if "_quick" in item.name or item.nodeid.startswith("tests/test_notebooks.py"):
+        return len(_LONG)
+    return len(_LONG) + (1 if item.get_closest_marker("slow") else 2)
 
 
 def pytest_collection_modifyitems(session, config, items):
