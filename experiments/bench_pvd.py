@@ -51,7 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/bench_pvd")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--teacher", choices=["hash", "mlp"], default="hash")
-    ap.add_argument("--students", default="mlp,grid,cp,vm,sh,hash")
+    ap.add_argument("--students", default=None,
+                    help="comma-separated student fields (default mlp,grid,cp,vm,sh,hash; quick: grid); "
+                         "'' for none (only the teacher)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--views", type=int, default=30)
     ap.add_argument("--test-views", type=int, default=6)
@@ -88,7 +90,9 @@ def parse_args(argv=None):
     if args.quick:
         args.size, args.views, args.test_views = 16, 8, 2
         args.teacher_steps, args.max_steps, args.mlp_max_steps, args.eval_every = 40, 20, 20, 10
-        args.batch, args.samples, args.students, args.stages = 256, 24, "grid", "4,10"
+        args.batch, args.samples, args.stages = 256, 24, "4,10"
+    if args.students is None:
+        args.students = "grid" if args.quick else "mlp,grid,cp,vm,sh,hash"
     return args
 
 

@@ -120,7 +120,9 @@ def test_errors():
 
 
 def test_bench_pvd_quick(tmp_path):
-    """Smoke run of experiments/bench_pvd.py --quick: JSON, PNG and table are written."""
+    """Smoke run of experiments/bench_pvd.py --quick: JSON, PNG and table are written. One full quick run
+    (with the PVD-AL and alpha-density flags) trains and caches the teacher; a second, student-less run
+    only restores the cached teacher (the rest of that run would repeat the first)."""
     import json
     import os
     import subprocess
@@ -137,24 +139,26 @@ def test_bench_pvd_quick(tmp_path):
         return subprocess.run([sys.executable, str(root / "experiments" / "bench_pvd.py"), "--quick", "--out",
                                str(out), "--no-progress", "--teacher-cache", str(cache), *extra], cwd=root,
                               env=env, capture_output=True, text=True, timeout=600)
-    proc = run()
+    proc = run("--students", "grid", "--density-space", "alpha", "--active")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| student | params |" in proc.stdout
+    assert "| student | params |" in proc.stdout and "teacher loaded from" not in proc.stdout
     res = json.loads((out / "bench_pvd.json").read_text())
     assert (out / "bench_pvd.png").stat().st_size > 0
     for k in ("command", "device", "config", "teacher", "target_psnr", "students", "table_markdown"):
         assert k in res, k
     assert res["teacher"]["forward_ms_per_step"] > 0
+    assert set(res["students"]) == {"grid"}
     for name, info in res["students"].items():
         for k in ("params", "bytes", "scratch", "pvd", "speedup_time", "pvd_step_over_teacher_forward"):
             assert k in info, (name, k)
 
     # a second run restores the cached teacher (orbax checkpoint + JSON), same target
-    again = run("--students", "grid", "--density-space", "alpha", "--active", out=tmp_path / "res2")
+    again = run("--students", "", out=tmp_path / "res2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "teacher loaded from" in again.stdout
     res2 = json.loads((tmp_path / "res2" / "bench_pvd.json").read_text())
-    assert res2["target_psnr"] == res["target_psnr"]
+    assert res2["target_psnr"] == res["target_psnr"] and res2["students"] == {}
+    assert (tmp_path / "res2" / "bench_pvd.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("space,where", [("alpha", "points"), ("alpha", "floor"), ("log", "points")])
