@@ -222,8 +222,9 @@ def build(args):
 
     infer["base"] = (lambda x: apply(params, x), (x,))
     train["base"] = (lim_step, (sub, x, y))
-    check = {"bank_vs_loop_max_abs": float(jnp.max(jnp.abs(jax.jit(bank_fwd)(btr, bfr, x) - jax.jit(loop_fwd)(ads, x)))),
-             "packed_vs_loop_max_abs": float(jnp.max(jnp.abs(jax.jit(packed_fwd)(packed, x) - jax.jit(loop_fwd)(ads, x))))}
+    ref = jax.jit(loop_fwd)(ads, x)
+    check = {"bank_vs_loop_max_abs": float(jnp.max(jnp.abs(jax.jit(bank_fwd)(btr, bfr, x) - ref))),
+             "packed_vs_loop_max_abs": float(jnp.max(jnp.abs(jax.jit(packed_fwd)(packed, x) - ref)))}
     return infer, train, dict(params=params, x=x, ids=ids, ranks=ranks, adapters=adapters,
                               bank_out=np.asarray(jax.jit(bank_fwd)(btr, bfr, x)), check=check,
                               bank_cfg=dict(slots=K, rank=max(ranks), capacity=sum(ranks), tile=args.tile),
@@ -374,9 +375,10 @@ def bench_markboard(args, progress):
     flip = sig.copy()
     flip[0] ^= 1
     resign = jax.jit(lambda p: mb.resign(p, br, sig, flip))
+    copy = jax.jit(lambda p: jax.tree.map(lambda v: v + 0, p))
     times = time_round_robin({"sign_all_branches": blocking(sign, jnp.asarray(sig)),
                               "resign_one_bit": blocking(resign, p),
-                              "limit: copy of the weights": blocking(jax.jit(lambda p: jax.tree.map(lambda v: v + 0, p)), p)},
+                              "limit: copy of the weights": blocking(copy, p)},
                              max(args.repeats, 5), args.warmup, "markboard swaps", progress)
     ctrl = np.asarray(mb.verify(jax.jit(lambda q: D.forward(params, q)), xt, lab))
     accs = [r["clean_acc"] for r in rows]
@@ -397,7 +399,8 @@ def tables(out):
     rows = [f"**Mixed-adapter batch**: MLP {s['layers']} x Dense({s['width']}->{s['width']}), batch {s['batch']}, "
             f"{s['adapters']} LoRA adapters of ranks {s['ranks'][0]}..{s['ranks'][-1]} (sum {sum(s['ranks'])}), "
             f"bank window {s['bank']['rank']}, capacity {s['bank']['capacity']}, tile {s['bank']['tile']} "
-            f"({out['device']['platform']}, {out['device']['usable_cpus']} CPUs, load {out['load_avg_before'][0]:.1f})\n",
+            f"({out['device']['platform']}, {out['device']['usable_cpus']} CPUs, "
+            f"load {out['load_avg_before'][0]:.1f})\n",
             "| method | train step (ms) | x one adapter | x base | infer (ms) | x one adapter | x base |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for k in b["train"]:
@@ -475,7 +478,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     progress = not args.no_progress
     t0 = time.perf_counter()
-    out = {"command": "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
+    cmd = [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))
+    out = {"command": "python " + " ".join(cmd),
            "device": device_info(), "config": vars(args), "load_avg_before": os.getloadavg()}
     out["batch"] = bench_batch(args, progress)
     out["markboard"] = bench_markboard(args, progress)

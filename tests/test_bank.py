@@ -27,8 +27,8 @@ def _loras(params, dtype=jnp.float32, seed=10):
     for j, r in enumerate(RANKS):
         rp = lrjax.LoRA(rank=r, alpha=2.0 * r + 1, dtype=dtype)
         _, ad = rp.init(jax.random.key(seed + j), params)
-        ad = {p: {"a": f["a"], "b": (0.3 * jax.random.normal(jax.random.key(seed + 20 + j), f["b"].shape)).astype(dtype)}
-              for p, f in ad.items()}
+        kb = jax.random.key(seed + 20 + j)
+        ad = {p: {"a": f["a"], "b": (0.3 * jax.random.normal(kb, f["b"].shape)).astype(dtype)} for p, f in ad.items()}
         out.append((rp, ad))
     return out
 

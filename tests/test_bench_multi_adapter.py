@@ -15,7 +15,7 @@ def test_bench_multi_adapter_quick(tmp_path):
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_multi_adapter.py"), "--quick",
                            "--out", str(out), "--no-progress", "--repeats", "1", "--warmup", "0",
-                           "--mb-steps", "5", "--signatures", "1"],
+                           "--mb-steps", "5", "--signatures", "1", "--layers", "1", "--adapters", "3"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert "| method |" in proc.stdout and "Hot-Swap MarkBoard" in proc.stdout

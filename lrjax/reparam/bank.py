@@ -83,7 +83,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -132,7 +132,8 @@ class MarkBoard:
 
     def _check_branches(self, branches):
         if not isinstance(branches, Mapping):
-            raise TypeError(f"branches must be the dict {{name: adapters}} from MarkBoard.init, got {_leaf_kind(branches)}")
+            raise TypeError(f"branches must be the dict {{name: adapters}} from MarkBoard.init, got "
+                            f"{_leaf_kind(branches)}")
         missing = [n for n in self.names if n not in branches]
         if missing:
             raise ValueError(f"branches is missing {missing[:4]}; make them with MarkBoard(bits={self.bits}).init")
