@@ -237,3 +237,33 @@ def test_bad_input():
         bank.merge(base, bank.route(bk, ids))
     with pytest.raises(ValueError, match="rank"):
         AdapterBank(slots=2, rank=8).init(jax.random.key(0), params)  # fc2 has 7 outputs
+
+
+def test_scanned_stack_gets_per_layer_slices():
+    """An [L, M, N] kernel stack scanned by lax.scan: the bank's factors, tables and ids carry the
+    leading L and the branch sees one layer's slice."""
+    n_layers, m = 3, 8
+    params = {"w": jax.random.normal(jax.random.key(0), (n_layers, m, m)) / 3}
+
+    def fn(p, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+
+    ax = lrjax.axes.Axes(batch=(0,), inp=(1,), out=(2,))
+    bank = AdapterBank(slots=3, rank=4, targets="w", axes=ax)
+    base, bk = bank.init(jax.random.key(1), params)
+    loras = []
+    for j, r in enumerate((2, 4)):
+        rp = lrjax.LoRA(rank=r, targets="w", axes=ax)
+        _, ad = rp.init(jax.random.key(5 + j), params)
+        ad = {p: {"a": f["a"], "b": 0.3 * jax.random.normal(jax.random.key(9 + j), f["b"].shape)} for p, f in ad.items()}
+        loras.append((rp, ad))
+        bk = bank.load(bk, j, ad, rp)
+    assert bk["w"]["a"].shape == (n_layers, m, 6) and bk["w"]["ranks"].shape == (n_layers, 3)
+    x = jax.random.normal(jax.random.key(2), (6, m))
+    ids = jnp.array([0, 1, 2, 1, 0, 2])
+    st = lrjax.reparam.FactoredStats()
+    y = lrjax.factored(fn, bank, stats=st)(base, bank.route(bk, ids), x)
+    assert st.factored == 1 and not st.fallback
+    for i, k in enumerate(np.asarray(ids)):
+        p = params if k == 2 else loras[k][0].materialize(params, loras[k][1])
+        np.testing.assert_allclose(np.asarray(y[i]), np.asarray(fn(p, x[i:i + 1])[0]), rtol=1e-5, atol=1e-6)
