@@ -40,9 +40,9 @@ of low-rank experts the whole expert bank is a rank-``R`` matmul, far cheaper th
 ``x W_0`` (``R << min(M, N)``), and dense matmuls beat computing only the ``k`` active experts on
 XLA:CPU. Measured (``experiments/bench_mixtures.py``: training step of a 4 x Dense(1024) MLP,
 batch 512, 8 experts of rank 8, top-2, 2 shared CPU cores; step time / a dense LoRA of the active
-rank 16): packed 1.12x; stacked ``einsum`` over ``[E, M, r]`` 1.43x; Python loop over experts
-2.8x; per-row gather of the top-k experts' factors (``[B, k, M, r]``) 6.3x; tokens sorted by expert
-with ``jax.lax.ragged_dot`` 6.6x (``docs/bench_mixtures.md``). So :func:`mixture_delta` converts
+rank 16): packed 1.14x; stacked ``einsum`` over ``[E, M, r]`` 1.28x; Python loop over experts
+2.9x; per-row gather of the top-k experts' factors (``[B, k, M, r]``) 5.1x; tokens sorted by expert
+with ``jax.lax.ragged_dot`` 6.4x (``docs/bench_mixtures.md``). So :func:`mixture_delta` converts
 stacked factors to the packed layout (a transpose of ``a``, a free reshape of ``b``) and runs the
 packed form. (On accelerators with a grouped-matmul kernel and many experts, a sorted
 ``ragged_dot`` dispatch that computes only the active experts would win; not implemented.)
