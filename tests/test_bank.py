@@ -249,7 +249,7 @@ def test_scanned_stack_gets_per_layer_slices():
         return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
 
     ax = lrjax.axes.Axes(batch=(0,), inp=(1,), out=(2,))
-    bank = AdapterBank(slots=3, rank=4, targets="w", axes=ax)
+    bank = AdapterBank(slots=3, rank=4, capacity=6, targets="w", axes=ax)
     base, bk = bank.init(jax.random.key(1), params)
     loras = []
     for j, r in enumerate((2, 4)):
