@@ -200,12 +200,32 @@ class Reparam:
     #: ``d``): :func:`lrjax.factored` then returns ``(output, state)`` (see :meth:`update_state`);
     #: always a subset of ``frozen_keys``
     state_keys = ()
+    #: groups of factor names that are present together or not at all at a leaf (MTLoRA's task pair
+    #: ``("ta", "tb")`` exists only at its task-specific leaves); every other factor is required
+    optional_groups = ()
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if not set(cls.state_keys) <= set(cls.frozen_keys):
             raise TypeError(f"{cls.__name__}.state_keys {cls.state_keys} must be a subset of frozen_keys "
                             f"{cls.frozen_keys}: rule-updated state must get no gradient")
+        if not {k for g in cls.optional_groups for k in g} <= set(cls.factor_keys):
+            raise TypeError(f"{cls.__name__}.optional_groups {cls.optional_groups} must name factor_keys")
+
+    def _present_keys(self, f: Mapping, argname: str, path: str) -> list:
+        """The factor names a leaf's adapter must hold: every required key plus each optional group
+        it holds any of (a group held in part is refused)."""
+        opt = {k for g in self.optional_groups for k in g}
+        keys = [k for k in self.factor_keys if k not in opt]
+        for g in self.optional_groups:
+            have = [k for k in g if k in f]
+            if have and len(have) != len(g):
+                miss = [k for k in g if k not in f]
+                raise ValueError(f"{argname}[{path!r}] has {have[0]!r} but no {miss[0]!r}; the factors {list(g)} "
+                                 "come together")
+            if have:
+                keys.extend(g)
+        return [k for k in self.factor_keys if k in keys]
 
     # ----------------------------------------------------------------- config
     def __post_init__(self):
@@ -515,7 +535,7 @@ class Reparam:
                 if nm not in self.factor_keys:
                     raise ValueError(f"{argname}[{path!r}] has an unknown factor {nm!r}: {self._suggest(nm)}")
             if complete:
-                for nm in self.factor_keys:
+                for nm in self._present_keys(f, argname, path):
                     if nm not in f:
                         raise ValueError(f"{argname}[{path!r}] has no factor {nm!r}; {type(self).__name__} needs "
                                          f"{list(self.factor_keys)}: adapters made by another variant?")
@@ -608,12 +628,13 @@ class Reparam:
             for nm in f:
                 if nm not in self.factor_keys:
                     raise ValueError(f"{argname}[{path!r}] has an unknown factor {nm!r}: {self._suggest(nm)}")
-            for nm in self.factor_keys:
+            present = self._present_keys(f, argname, path)
+            for nm in present:
                 if nm not in f:
                     raise ValueError(f"{argname}[{path!r}] has no factor {nm!r}; {type(self).__name__} needs "
                                      f"{list(self.factor_keys)}"
                                      + (": these are not DoRA adapters" if nm == "m" else ""))
-            for nm in self.factor_keys:
+            for nm in present:
                 x = f[nm]
                 if not _is_array(x):
                     raise TypeError(f"{argname}[{path!r}][{nm!r}] must be an array, got {_leaf_kind(x)}; "
@@ -657,6 +678,8 @@ class Reparam:
     def _check_finite(self, flat, adapters, argname="adapters", basename="params"):
         for path, f in adapters.items():
             for nm in self.factor_keys:
+                if nm not in f:  # an absent optional group
+                    continue
                 x = f[nm]
                 if nm in self.seed_keys:
                     continue

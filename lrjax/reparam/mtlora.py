@@ -90,7 +90,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +99,7 @@ import numpy as np
 from lrjax import _validation as V
 from lrjax import tree as tree_lib
 from lrjax._validation import check_params
-from lrjax.reparam.base import Adapters, LowRankForm, Reparam, _all_finite, _is_array, _is_concrete, _leaf_kind
+from lrjax.reparam.base import Adapters, LowRankForm, Reparam, _is_array, _leaf_kind
 
 __all__ = ["MTLoRA"]
 
@@ -139,6 +139,7 @@ class MTLoRA(Reparam):
 
     #: ``a``, ``b`` at every targeted leaf; ``ta``, ``tb`` (leading task axis) only at TS leaves
     factor_keys = ("a", "b", "ta", "tb")
+    optional_groups = (("ta", "tb"),)  # the task pair exists only at task-specific leaves
 
     def __post_init__(self):
         super().__post_init__()
@@ -235,61 +236,9 @@ class MTLoRA(Reparam):
         return base, adapters
 
     # -------------------------------------------------------------- validation
-    def _check_adapters_dict(self, adapters, argname, complete=True):
-        """A dict ``{path: {factor: x}}`` with ``a``, ``b`` everywhere and ``ta``, ``tb`` together or not
-        at all (``complete=False``: any subset of the known factors, as :meth:`split` halves hold)."""
-        if not isinstance(adapters, Mapping):
-            raise TypeError(f"{argname} must be the dict {{leaf path: {{factor: array}}}} returned by "
-                            f"MTLoRA.init(), got {_leaf_kind(adapters)}")
-        for path, f in adapters.items():
-            if not isinstance(path, str):
-                raise TypeError(f"{argname}: keys must be leaf path strings, got {_leaf_kind(path)}")
-            if not isinstance(f, Mapping):
-                raise TypeError(f"{argname}[{path!r}] must be a dict of factors, got {_leaf_kind(f)}")
-            for nm in f:
-                if nm not in self.factor_keys:
-                    raise ValueError(f"{argname}[{path!r}] has an unknown factor {nm!r}: {self._suggest(nm)}")
-            if complete:
-                for nm in ("a", "b"):
-                    if nm not in f:
-                        raise ValueError(f"{argname}[{path!r}] has no factor {nm!r}; MTLoRA needs the shared pair "
-                                         "'a', 'b' at every leaf (and 'ta', 'tb' at task-specific leaves): "
-                                         "adapters made by another variant?")
-                if ("ta" in f) != ("tb" in f):
-                    have, miss = ("ta", "tb") if "ta" in f else ("tb", "ta")
-                    raise ValueError(f"{argname}[{path!r}] has {have!r} but no {miss!r}; task-specific factors come "
-                                     "in pairs")
-
     def _suggest(self, key):
         return (f"MTLoRA reads only {list(self.factor_keys)} ('ta', 'tb' only at task-specific leaves); "
                 "adapters made by another variant or edited by hand?")
-
-    def _check(self, base, adapters, argname="adapters", basename="params"):
-        """Validate ``base`` and ``adapters`` eagerly (the protocol's checks, with ``ta``/``tb``
-        optional per leaf); returns the flat base."""
-        flat = check_params(base, basename)
-        self._check_adapters_dict(adapters, argname)
-        if not adapters:
-            raise ValueError(f"{argname} is empty; pass the adapters returned by MTLoRA.init()")
-        for path, f in adapters.items():
-            if path not in flat:
-                raise ValueError(f"{argname}: adapter for {path!r} has no matching leaf in the {basename}; adapters "
-                                 f"made for another base? Nearest paths: {tree_lib._nearest(path, flat)}")
-            for nm, x in f.items():
-                if not _is_array(x):
-                    raise TypeError(f"{argname}[{path!r}][{nm!r}] must be an array, got {_leaf_kind(x)}; wrap it "
-                                    "with jnp.asarray")
-                if not jnp.issubdtype(x.dtype, jnp.floating):
-                    raise TypeError(f"{argname}[{path!r}][{nm!r}] has dtype {x.dtype}; factors must be floating")
-            leaf = flat[path]
-            if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                raise TypeError(f"{basename} leaf {path!r} has dtype {leaf.dtype}; expected floating")
-            try:
-                bshape, m, n = self.view_shape(path, leaf.shape)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"{argname}[{path!r}]: {e}") from None
-            self.check_factors(path, f, bshape, m, n, argname, leaf.shape)
-        return flat
 
     def check_factors(self, path, f, bshape, m, n, argname, shape=None):
         """The shared pair as the protocol checks it (rank ``rank``), then the TS pair:
@@ -318,16 +267,6 @@ class MTLoRA(Reparam):
         if ta.shape[-1] != self.task_rank:
             raise ValueError(f"{argname}[{path!r}]: task factors have rank {ta.shape[-1]} but this MTLoRA has "
                              f"task_rank={self.task_rank}; use the config the adapters were made with")
-
-    def _check_finite(self, flat, adapters, argname="adapters", basename="params"):
-        for path, f in adapters.items():
-            for nm, x in f.items():
-                if _is_concrete(x) and not _all_finite(x):
-                    raise ValueError(f"{argname}[{path!r}][{nm!r}] contains NaN or Inf; refusing to fold "
-                                     "non-finite factors into weights (training diverged?)")
-            leaf = flat[path]
-            if _is_concrete(leaf) and not _all_finite(leaf):
-                raise ValueError(f"{basename}: leaf {path!r} contains NaN or Inf")
 
     def check_factor_rank(self, path, r, argname="adapters"):
         """Refuse a shared pair whose rank is not ``rank`` (``r_shared``)."""
