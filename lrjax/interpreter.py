@@ -297,10 +297,11 @@ class Branch(KernelValue):
     def materialize(self, why: str = ""):
         raise NotMergeable(
             f"{self.kind} at {self.path!r} depends on the input x, so it has no dense weight"
-            + (f"; the model uses its kernel in a `{why}` that lrjax's interpreter cannot follow (only "
-               "dot_general contracting the kernel's input axes, casts and lax.scan stacks are followed)"
-               if why else "")
-            + "; run it through lrjax.factored(fn, rp) with the kernel used as x @ W")
+            + (f"; the model uses its kernel in a `{why}` that lrjax's interpreter cannot follow (it follows "
+               "dot_general contracting the kernel's input axes, casts, jit/remat bodies and lax.scan stacks; "
+               "not lax.cond, custom_jvp/custom_vjp functions, gathers or transposes of the kernel): use the "
+               "kernel as x @ W outside such constructs" if why else
+               "; run the model through lrjax.factored(fn, rp) with the kernel used as x @ W"))
 
     def astype(self, dtype):
         return Branch(self.w.astype(dtype), self.ax, self.factors, self.fn, self.path, self.kind)
@@ -326,6 +327,10 @@ class Branch(KernelValue):
         ym = y.reshape(lead + (n,))
         res = self.fn(xm, ym, self.factors)
         delta, aux = (res.y, res.aux) if isinstance(res, WithAux) else (res, None)
+        if not hasattr(delta, "shape") or not jnp.issubdtype(getattr(delta, "dtype", None), jnp.floating):
+            raise TypeError(f"{self.kind} at {self.path!r}: its branch must return a floating array [..., {n}] "
+                            f"(or WithAux(array, aux)), got {type(delta).__name__} "
+                            f"{getattr(delta, 'dtype', '')}")
         if tuple(delta.shape) != lead + (n,):
             raise ValueError(f"{self.kind} at {self.path!r}: its branch returned shape {tuple(delta.shape)}, "
                              f"expected {lead + (n,)} (the input's leading axes and the kernel's {n} outputs)")
@@ -375,7 +380,9 @@ def _add_aux(sink: dict, path: str, aux):
     sink[path] = aux if path not in sink else jax.tree_util.tree_map(jnp.add, sink[path], aux)
 
 
-_PASSTHROUGH_CALLS = {"pjit", "jit", "closed_call", "core_call"}
+# calls whose body is inlined (values unchanged; a remat region loses its rematerialization for the
+# kernel's uses, which now run factored)
+_PASSTHROUGH_CALLS = {"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2"}
 
 
 def _eval(jaxpr, consts, args, stats: FactoredStats, sink: dict):
@@ -451,6 +458,10 @@ def interpret(fn: Callable[..., Any], params, values: dict, args=(), *, stats: F
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = [tree_lib.path_str(p) for p, _ in leaves]
     vals = [v for _, v in leaves]
+    unknown = [k for k in values if k not in set(keys)]
+    if unknown:
+        raise ValueError(f"values: no leaf at path {unknown[0]!r} in params; nearest paths: "
+                         f"{tree_lib._nearest(unknown[0], dict(zip(keys, vals)))}")
     arg_leaves, arg_tree = jax.tree_util.tree_flatten(tuple(args))
 
     def flat_fn(leaf_vals, arg_vals):

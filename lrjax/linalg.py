@@ -250,7 +250,8 @@ def sqrt_split(u, s, vt, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
         raise ValueError(f"u: [*batch, m, r], s: [*batch, r] and vt: [*batch, r, n] must agree in r and batch; got "
                          f"u {tuple(u.shape)}, s {tuple(s.shape)}, vt {tuple(vt.shape)}")
     cd = jnp.promote_types(jnp.promote_types(jnp.promote_types(u.dtype, s.dtype), vt.dtype), jnp.float32)
-    root = jnp.sqrt(jnp.maximum(s.astype(cd), 0) / scale)
+    sc = jnp.maximum(s.astype(cd), 0) / scale
+    root = jnp.where(sc > 0, jnp.sqrt(jnp.where(sc > 0, sc, 1)), 0)  # finite gradient at S = 0
     return u.astype(cd) * root[..., None, :], root[..., :, None] * vt.astype(cd)
 
 
@@ -278,6 +279,10 @@ def lowrank_delta(w_expert, w_base, rank: int) -> tuple[jax.Array, jax.Array]:
 
     Raises ``TypeError`` for non-floating or non-array inputs, ``ValueError`` for a shape
     mismatch, fewer than 2 axes, an empty matrix, NaN/Inf, or a rank outside ``[1, min(M, N)]``.
+
+    Differentiating through it (``jax.grad``) inherits the SVD's derivative, which is undefined
+    (NaN) at repeated singular values, e.g. a zero delta; it is an initialization tool: build
+    the experts once, then train them.
     """
     we = _f32(w_expert, "w_expert")
     wb = _f32(w_base, "w_base")

@@ -234,3 +234,9 @@ def test_nice_tied_head_round_trip_and_refusals():
         nice_forward({"F": ip["F"]}, e)
     with pytest.raises(TypeError, match="y"):
         nice_inverse(ip, [[1.0] * 6])
+
+
+def test_bias_name_typo_is_refused():
+    params = {"fc": {"kernel": jnp.ones((4, 32)), "bias": jnp.ones(32)}}
+    with pytest.raises(ValueError, match="bias_name='b'.*no leaf 'fc/b'"):
+        lrjax.SeqBottleneck(bias_name="b").init(jax.random.key(0), params)

@@ -113,3 +113,4 @@ def test_experts_from_finetuned_mixture_reproduces_the_experts():
         mx.experts_from_finetuned(w0, [ws[0], ws[1].T], 1)
     with pytest.raises(ValueError, match="w_experts must hold"):
         mx.experts_from_finetuned(w0, [], 1)
+

@@ -315,3 +315,47 @@ def test_es_and_reparam_use_only_public_interpreter_names():
             src = f.read_text()
             assert not re.search(rf"from lrjax\.{other}[.\w]* import [^\n]*\b_\w", src), f
             assert not re.search(r"from lrjax\.interpreter import [^\n]*\b_\w", src), f
+
+
+def test_remat_bodies_are_followed():
+    class RematMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.remat(MLP)(name="inner")(x)
+
+    model = RematMLP()
+    x = jax.random.normal(jax.random.key(0), (6, 8))
+    params = model.init(jax.random.key(1), x)
+    rp = GatedLoRA(rank=4, alpha=8.0)
+    base, ad = rp.init(jax.random.key(2), params)
+    stats = FactoredStats()
+    y, _ = lrjax.factored(model.apply, rp, stats=stats)(base, ad, x)
+    ref, _ = _mlp_ref(params["params"]["inner"], {k.replace("inner/", ""): v for k, v in ad.items()}, x, rp.scale)
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-4, atol=2e-5)
+    assert stats.fallback == [] and stats.factored == 2
+    jax.grad(lambda a: jnp.sum(lrjax.factored(model.apply, rp)(base, a, x)[0]))(ad)
+
+
+def test_misuse_is_refused_clearly(setup):
+    model, x, params, rp, base, ad = setup
+    w = {"w": jnp.ones((3, 4))}
+    with pytest.raises(ValueError, match="values: no leaf at path 'v'"):
+        interpret(lambda p, x: x @ p["w"], w, {"v": jnp.zeros((3, 4))}, (jnp.ones((2, 3)),))
+    g = lrjax.factored(model.apply, rp)
+    with pytest.raises(TypeError, match="keyword 'train'.*close over"):
+        g(base, ad, x, train=True)
+    with pytest.raises(TypeError, match=r"args\[1\] is a Python bool.*close over"):
+        g(base, ad, x, True)
+
+    @dataclasses.dataclass(frozen=True)
+    class NoneBranch(GatedLoRA):
+        def branch(self, x, y, f, path):
+            return None
+
+    rp2 = NoneBranch(rank=2, targets="w")
+    b2, a2 = rp2.init(jax.random.key(0), w)
+    with pytest.raises(TypeError, match="NoneBranch at 'w'.*floating array"):
+        lrjax.factored(lambda p, x: x @ p["w"], rp2)(b2, a2, jnp.ones((2, 3)))
+    k = "params/fc1/kernel"
+    with pytest.raises(ValueError, match="NaN"):
+        rp.with_state(ad, {k: {"d": jnp.full_like(ad[k]["d"], jnp.nan)}})

@@ -398,7 +398,9 @@ def effective_support(probs, *, kind: str = "entropy", threshold: float = 0.05):
     they are normalized to sum 1 first, so un-renormalized top-k gates are fine; an all-zero row
     gives 0. ``kind``: ``"entropy"`` -- ``exp(-sum p log p)`` (``0 log 0 = 0``; Hill number of order
     1, the perplexity); ``"simpson"`` -- ``1 / sum p^2`` (Hill number of order 2, inverse Simpson);
-    ``"threshold"`` -- ``#{e : p_e > threshold}`` (``0 <= threshold < 1``). All are in ``[1, E]``
+    ``"threshold"`` -- ``#{e : p_e > threshold}`` (``0 <= threshold < 1``; it is 0 when no
+    expert exceeds the threshold, e.g. a uniform distribution over more than ``1 / threshold``
+    experts). ``"entropy"`` and ``"simpson"`` are in ``[1, E]``
     for a non-zero row, ``n`` for a uniform distribution on ``n`` experts, 1 for a one-hot one, and
     ``exp(H) >= 1/sum p^2`` always. See the module docstring for the source (Hill 1973) and ReMix."""
     p = check_array(probs, "probs", kind="floating", min_ndim=1)
@@ -503,7 +505,7 @@ def mixture_delta(x, a, b, gates, *, ranks=None, scale: float = 1.0):
     the module docstring; cost proportional to the sum of the ranks, exact) and rounded once to
     ``result_type(x, a, b)``. Add ``x W_0 + bias`` for the full layer.
 
-    Raises ``TypeError`` for non-floating arrays or a non-tuple ``ranks``; ``ValueError`` for an
+    Raises ``TypeError`` for non-floating arrays or ``ranks`` that is not a sequence of ints; ``ValueError`` for an
     expert-axis mismatch between ``a``, ``b`` and ``gates``, ranks that do not match the factors,
     ``M`` or batch mismatches with ``x``, and NaN/Inf in concrete inputs."""
     x = _floating(x, "x")

@@ -24,8 +24,11 @@ stack gets a leading ``L`` on everything):
 * ``a: [M, C]``, ``b: [C, N]`` -- the packed columns of all slots (``C = capacity``); slot ``k`` owns
   columns ``offsets[k] ... offsets[k] + ranks[k] - 1`` of ``a`` and the same rows of ``b``;
 * ``offsets, ranks, scales: [K]`` -- the slot table, as **data** (float32 arrays holding exact
-  integers for offsets/ranks, so the whole dict is a floating pytree that ``jax.grad``, optax and
-  checkpoints treat like any adapters); ``ranks[k] = 0`` is an empty slot (the base model);
+  integers for offsets/ranks, so the whole dict is a floating pytree that ``jax.grad`` and
+  checkpoints treat like any adapters). The table is frozen (``frozen_keys``): train only the
+  trainable part, ``trainable, frozen = bank.split(banked)`` then ``optax.adamw(...)`` on
+  ``trainable`` (or ``optax.masked`` with ``bank.trainable_mask(banked)``) -- an optimizer applied
+  to the whole dict would move the table (weight decay does); ``ranks[k] = 0`` is an empty slot (the base model);
   ``scales[k]`` is the loaded adapter's own ``s`` (``alpha / r``, rsLoRA's ``alpha / sqrt(r)``...);
 * ``ids: [B]`` -- the per-call slot id of each example, put in by :meth:`AdapterBank.route`
   (``[0]`` outside a call).

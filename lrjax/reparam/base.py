@@ -307,6 +307,13 @@ class Reparam:
         """The input-dependent term of an activation-space adapter (``activation_space = True``):
         the adapted product is ``x W + branch(x, x W, f)``.
 
+        A complete activation-space variant (see ``GatedLoRA`` in ``tests/test_interpreter.py``)
+        sets ``activation_space = True`` and ``factor_keys`` (the names of its factors), returns
+        ``(w_base, {name: array})`` from :meth:`init_leaf`, overrides :meth:`check_factors` (or
+        ``_check_extra`` when its factors include an ``(a [M, r], b [r, N])`` pair) to check their
+        shapes, and defines this method; rule-updated factors go in ``state_keys``, which must be a
+        subset of ``frozen_keys`` (checked when the class is created).
+
         ``x: [..., M]`` is the layer input in the kernel's matrix view (its contracted axes
         flattened last; the input's dtype), ``y: [..., N]`` the base product ``x W`` (before any
         bias), ``f`` the leaf's factors (frozen ones behind ``stop_gradient``; for an ``[L, ...]``
@@ -351,8 +358,11 @@ class Reparam:
             for k, v in upd.items():
                 old = new[k]
                 if not _is_array(v) or tuple(v.shape) != tuple(old.shape) or v.dtype != old.dtype:
+                    got = f"{v.dtype}{tuple(v.shape)}" if _is_array(v) else type(v).__name__
                     raise ValueError(f"state[{path!r}][{k!r}] must be an array of shape {tuple(old.shape)} and "
-                                     f"dtype {old.dtype} (like the adapter's), got {_leaf_kind(v)}")
+                                     f"dtype {old.dtype} (like the adapter's), got {got}")
+                if _is_concrete(v) and not _all_finite(v):
+                    raise ValueError(f"state[{path!r}][{k!r}] contains NaN or Inf; refusing non-finite state")
                 new[k] = v
             out[path] = new
         return out

@@ -140,7 +140,12 @@ class SeqBottleneck(Reparam):
 
     def _bias_for(self, flat, path, bshape, n, argname="params"):
         bp = self._bias_path(path)
-        if bp is None or bp not in flat or bp == path:
+        if bp is None or bp == path:
+            return None
+        if bp not in flat:
+            if self.bias_name != "bias":  # an explicit name that matches nothing is a typo, not "no bias"
+                raise ValueError(f"bias_name={self.bias_name!r}: no leaf {bp!r} next to the kernel {path!r}; "
+                                 "pass the name of the bias leaf, or bias_name=None to adapt x W")
             return None
         b = flat[bp]
         if not jnp.issubdtype(b.dtype, jnp.floating):

@@ -102,7 +102,11 @@ def factored(fn: Callable[..., Any], rp, *, mode: str = "auto", stats: FactoredS
     stateful = bool(rp.state_keys)
 
     @functools.wraps(fn)
-    def g(base, adapters, *args):
+    def g(base, adapters, *args, **kwargs):
+        if kwargs:
+            raise TypeError(f"the factored function takes positional pytree arguments only, got keyword "
+                            f"{sorted(kwargs)[0]!r}; close over static options instead, e.g. "
+                            f"lrjax.factored(lambda p, x: fn(p, x, {sorted(kwargs)[0]}=...), rp)")
         flat = rp._check(base, adapters, basename="base")
         _check_args(args)
         values = {}
@@ -126,7 +130,12 @@ def _check_args(args):
             raise TypeError(f"args[{i}] is a {type(a).__name__} of Python numbers, which fn would receive as "
                             "a list, not an array; wrap it with jnp.asarray(...)")
         for p, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
-            if isinstance(leaf, (jax.Array, np.ndarray, jax.core.Tracer, bool, int, float, complex, np.generic)):
+            if isinstance(leaf, (bool, np.bool_)):
+                where = f"args[{i}]" + (f" at {tree_lib.path_str(p)!r}" if p else "")
+                raise TypeError(f"{where} is a Python bool, which fn would receive traced (a flag such as "
+                                "train=True cannot steer Python control flow there); close over it instead: "
+                                "lrjax.factored(lambda p, x: fn(p, x, True), rp)")
+            if isinstance(leaf, (jax.Array, np.ndarray, jax.core.Tracer, int, float, complex, np.generic)):
                 continue
             where = f"args[{i}]" + (f" at {tree_lib.path_str(p)!r}" if p else "")
             raise TypeError(f"{where} must be a pytree of arrays (close over static options instead of "

@@ -77,6 +77,7 @@ class MoLoRA(Reparam):
         V.check_float(self.temperature, "temperature", low=0.0, low_open=True)
 
     def init_leaf(self, key, w, path):
+        """``(w, {"a": [*b, E, M, r] ~ U(+-1/sqrt(M)), "b": 0, "router": [*b, M, E] ~ N(0, 1/M)})``."""
         *bs, m, n = w.shape
         e, r = self.num_experts, self.rank
         dt = self.factor_dtype(w)
@@ -87,6 +88,8 @@ class MoLoRA(Reparam):
         return w, {"a": a, "b": jnp.zeros((*bs, e, r, n), dt), "router": router}
 
     def check_factors(self, path, f, bshape, m, n, argname, shape=None):
+        """Refuse factors whose shapes are not ``a [*b, E, M, r]``, ``b [*b, E, r, N]``,
+        ``router [*b, M, E]`` (``ValueError`` naming the entry)."""
         e, r = self.num_experts, self.rank
         want = {"a": bshape + (e, m, r), "b": bshape + (e, r, n), "router": bshape + (m, e)}
         for k, s in want.items():
@@ -102,6 +105,7 @@ class MoLoRA(Reparam):
                              temperature=self.temperature)
 
     def branch(self, x, y, f, path):
+        """``s sum_e g_e(x) (x a_e) b_e`` with the softmax top-k gates of ``x W_r``: ``[..., N]``."""
         g, _ = self.gates(x, f)
         return _mx().mixture_delta(x, f["a"], f["b"], g, scale=self.scale)
 

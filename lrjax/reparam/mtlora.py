@@ -58,11 +58,12 @@ Reference model (per-task streams)::
                 task_targets="fc2/kernel")
     base, ad = rp.init(key, params)
 
+    # heads: {"kernel": [T, 256, C], "bias": [T, C]}, one classifier per task (trained with ad)
     def forward(ad, x):                       # -> logits [T, B, C]
         p = rp.materialize_tasks(base, ad)   # fc2/kernel: [T, 256, 256]; fc1: shared weight
-        h = gelu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])        # backbone, shared adapter
+        h = jax.nn.gelu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])  # backbone, shared adapter
         def last_block(k2, b2):                                      # one task stream
-            return gelu(h @ k2 + b2)
+            return jax.nn.gelu(h @ k2 + b2)
         hs = jax.vmap(last_block, in_axes=(0, None))(p["fc2"]["kernel"], p["fc2"]["bias"])
         return jnp.einsum("tbh,thc->tbc", hs, heads["kernel"]) + heads["bias"][:, None]
 
