@@ -30,10 +30,8 @@ Writes ``<out>/bench_activation_adapters.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -44,9 +42,10 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _digits_bench as D  # noqa: E402
+import _report as R  # noqa: E402
 
 import lrjax  # noqa: E402
-from lrjax.benchmark import blocking, device_info, summarize, time_round_robin  # noqa: E402
+from lrjax.benchmark import blocking, summarize, time_round_robin  # noqa: E402
 from lrjax.reparam.bottleneck import SeqBottleneck  # noqa: E402
 from lrjax.reparam.flylora import FlyLoRA, average_adapters  # noqa: E402
 from lrjax.reparam.nera import NeRA  # noqa: E402
@@ -326,7 +325,7 @@ def tables(out):
         star = "*" if name in mg["best"].values() else ""
         rows.append(f"| {name}{star} | {r['trainable']:,} | {cells} | {r['before_mean']:.3f} | {r['after_mean']:.3f} | "
                     f"**{r['drop_mean']:.3f}** ± {r['drop_std_over_seeds']:.3f} |")
-    rows.append(f"| base (no adapter) | 0 | " + " | ".join(f"{mg['base_acc'][t]:.3f}" for t in mg["tasks"]) + " | | | |")
+    rows.append("| base (no adapter) | 0 | " + " | ".join(f"{mg['base_acc'][t]:.3f}" for t in mg["tasks"]) + " | | | |")
     nr = out["nera"]
     rows += ["", f"**(b) NeRA vs LoRA on a nonlinear shift** (teacher: h1 -> h1 + {nr['beta']} sin({nr['omega']} h1); "
              f"student adapts fc2; logit MSE on the test images; {nr['steps']} Adam steps, lr {nr['lr']}; NeRA alpha0 "
@@ -380,27 +379,12 @@ def plot(out, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     progress = not args.no_progress
-    t0 = time.perf_counter()
-    out = {"command": "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
-           "device": device_info(), "config": vars(args), "load_avg_before": os.getloadavg()}
+    out = R.start(__file__, argv, args)
     out["merge"] = merge_study(args, progress)
     out["nera"] = nera_study(args, progress)
     out["timing"] = timing_study(args, progress)
-    out["load_avg_after"] = os.getloadavg()
-    out["total_s"] = time.perf_counter() - t0
-    md = tables(out)
-    print(md)
-    print(f"reproduce: {out['command']}")
-    with open(os.path.join(args.out, "bench_activation_adapters.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    with open(os.path.join(args.out, "bench_activation_adapters.md"), "w") as f:
-        f.write(md + f"\n\nReproduce: `{out['command']}` ({out['total_s']:.0f} s); load average before/after "
-                f"{out['load_avg_before']} / {out['load_avg_after']}.\n")
-    plot(out, os.path.join(args.out, "bench_activation_adapters.png"))
-    print(f"wrote {args.out}/bench_activation_adapters.{{json,md,png}} ({out['total_s']:.0f}s)")
-    return out
+    return R.finish(out, args, "bench_activation_adapters", tables, plot)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ Timings are medians of ``block_until_ready`` calls after warm-up, interleaved ro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -51,10 +50,11 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _digits_bench as D  # noqa: E402
+import _report as R  # noqa: E402
 from bench_lora import compile_fn  # noqa: E402
 
 from lrjax import linalg  # noqa: E402
-from lrjax.benchmark import blocking, device_info, summarize, time_round_robin  # noqa: E402
+from lrjax.benchmark import blocking, summarize, time_round_robin  # noqa: E402
 from lrjax.nn import mixture as mx  # noqa: E402
 
 
@@ -584,11 +584,8 @@ def plot(out, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     progress = not args.no_progress
-    t0 = time.perf_counter()
-    out = {"command": "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
-           "device": device_info(), "config": vars(args), "load_avg_before": os.getloadavg()}
+    out = R.start(__file__, argv, args)
     out["section_s"] = {}
     for name, fn in (("steps", bench_steps), ("digits", bench_digits), ("flexmore", bench_flexmore)):
         if (name == "flexmore" and args.no_flexmore) or name not in args.sections.split(","):
@@ -596,18 +593,7 @@ def main(argv=None):
         t1 = time.perf_counter()
         out[name] = fn(args, progress)
         out["section_s"][name] = time.perf_counter() - t1
-    out["load_avg_after"] = os.getloadavg()
-    out["total_s"] = time.perf_counter() - t0
-    md = tables(out)
-    print(md)
-    with open(os.path.join(args.out, "bench_mixtures.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    with open(os.path.join(args.out, "bench_mixtures.md"), "w") as f:
-        f.write(md + f"\n\nReproduce: `{out['command']}`; load average before/after {out['load_avg_before']} / "
-                f"{out['load_avg_after']}.\n")
-    plot(out, os.path.join(args.out, "bench_mixtures.png"))
-    print(f"wrote {args.out}/bench_mixtures.{{json,md,png}} ({out['total_s']:.0f}s)")
-    return out
+    return R.finish(out, args, "bench_mixtures", tables, plot)
 
 
 if __name__ == "__main__":

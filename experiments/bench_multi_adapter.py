@@ -40,7 +40,6 @@ Writes ``<out>/bench_multi_adapter.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -53,9 +52,10 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _digits_bench as D  # noqa: E402
+import _report as R  # noqa: E402
 
 import lrjax  # noqa: E402
-from lrjax.benchmark import blocking, device_info, summarize, time_round_robin, usable_cpus  # noqa: E402
+from lrjax.benchmark import blocking, summarize, time_round_robin, usable_cpus  # noqa: E402
 from lrjax.reparam.bank import AdapterBank  # noqa: E402
 from lrjax.reparam.markboard import MarkBoard  # noqa: E402
 
@@ -475,26 +475,11 @@ def plot(out, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     progress = not args.no_progress
-    t0 = time.perf_counter()
-    cmd = [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))
-    out = {"command": "python " + " ".join(cmd),
-           "device": device_info(), "config": vars(args), "load_avg_before": os.getloadavg()}
+    out = R.start(__file__, argv, args)
     out["batch"] = bench_batch(args, progress)
     out["markboard"] = bench_markboard(args, progress)
-    out["load_avg_after"] = os.getloadavg()
-    out["total_s"] = time.perf_counter() - t0
-    md = tables(out)
-    print(md)
-    with open(os.path.join(args.out, "bench_multi_adapter.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    with open(os.path.join(args.out, "bench_multi_adapter.md"), "w") as f:
-        f.write(md + f"\n\nReproduce: `{out['command']}`; load average before/after {out['load_avg_before']} / "
-                f"{out['load_avg_after']}; {out['total_s']:.0f} s.\n")
-    plot(out, os.path.join(args.out, "bench_multi_adapter.png"))
-    print(f"wrote {args.out}/bench_multi_adapter.{{json,md,png}} ({out['total_s']:.0f}s)")
-    return out
+    return R.finish(out, args, "bench_multi_adapter", tables, plot)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -68,8 +67,11 @@ import optax
 from tqdm.auto import tqdm
 
 import lrjax
-from lrjax.benchmark import blocking, describe, device_info, summarize, time_round_robin
+from lrjax.benchmark import blocking, describe, summarize, time_round_robin
 from lrjax.losses import spatial_affinity_loss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _report as R  # noqa: E402
 
 BLOCK_TARGETS = r"blocks/\d+/c(1|2)/kernel"
 HEAD_TARGETS = r"(conv_2|upsampler)/kernel"
@@ -441,28 +443,18 @@ def plot(out, ex, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     progress = not args.no_progress
-    t0 = time.perf_counter()
-    out = {"command": "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
-           "device": device_info(), "config": vars(args), "load_avg_before": list(os.getloadavg())}
+    out = R.start(__file__, argv, args)
     print(f"device: {describe(out['device'])}")
     res = run(args, progress)
     ex = res.pop("_examples")
     out["results"] = res
-    out["load_avg_after"] = list(os.getloadavg())
-    out["total_s"] = time.perf_counter() - t0
-    md = table(out)
-    out["table_markdown"] = md
-    print(md)
-    with open(os.path.join(args.out, "dsclora.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    with open(os.path.join(args.out, "dsclora.md"), "w") as f:
-        f.write(md + f"\n\nReproduce: `{out['command']}` ({out['total_s']:.0f} s); load average before/after "
-                f"{out['load_avg_before']} / {out['load_avg_after']}.\n")
-    plot(out, ex, os.path.join(args.out, "dsclora.png"))
-    print(f"wrote {args.out}/dsclora.{{json,md,png}} ({out['total_s']:.0f}s)")
-    return out
+
+    def tables(out):
+        out["table_markdown"] = table(out)
+        return out["table_markdown"]
+
+    return R.finish(out, args, "dsclora", tables, lambda out, path: plot(out, ex, path))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ Writes ``<out>/lola_specvit.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -53,8 +52,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import lrjax
-from lrjax.benchmark import blocking, describe, device_info, summarize, time_round_robin
+from lrjax.benchmark import blocking, describe, summarize, time_round_robin
 from lrjax.models.window_vit import ADAPTER_TARGETS, ENHANCED_TRAINABLE, WindowViT
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _report as R  # noqa: E402
 
 METHODS = ("full_cosine", "lora_cosine", "lora_sgdr", "enhanced_sgdr", "head_only")
 LABELS = {"full_cosine": "full fine-tuning, cosine", "lora_cosine": "LoRA r={r}, cosine",
@@ -420,26 +422,16 @@ def plot(out, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     progress = not args.no_progress
-    t0 = time.perf_counter()
-    out = {"command": "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
-           "device": device_info(), "config": vars(args), "load_avg_before": list(os.getloadavg())}
+    out = R.start(__file__, argv, args)
     print(f"device: {describe(out['device'])}")
     out["results"] = run(args, progress)
-    out["load_avg_after"] = list(os.getloadavg())
-    out["total_s"] = time.perf_counter() - t0
-    md = table(out)
-    out["table_markdown"] = md
-    print(md)
-    with open(os.path.join(args.out, "lola_specvit.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    with open(os.path.join(args.out, "lola_specvit.md"), "w") as f:
-        f.write(md + f"\n\nReproduce: `{out['command']}` ({out['total_s']:.0f} s); load average before/after "
-                f"{out['load_avg_before']} / {out['load_avg_after']}.\n")
-    plot(out, os.path.join(args.out, "lola_specvit.png"))
-    print(f"wrote {args.out}/lola_specvit.{{json,md,png}} ({out['total_s']:.0f}s)")
-    return out
+
+    def tables(out):
+        out["table_markdown"] = table(out)
+        return out["table_markdown"]
+
+    return R.finish(out, args, "lola_specvit", tables, plot)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,8 @@ the "3-stream forward" row. Writes ``<out>/mtlora_digits.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -59,9 +57,10 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _digits_bench as D  # noqa: E402
+import _report as R  # noqa: E402
 
 import lrjax  # noqa: E402
-from lrjax.benchmark import blocking, describe, device_info, summarize, time_round_robin  # noqa: E402
+from lrjax.benchmark import blocking, summarize, time_round_robin  # noqa: E402
 from lrjax.reparam.mtlora import MTLoRA  # noqa: E402
 
 TASKS = ("class", "parity", "gt4")
@@ -372,11 +371,8 @@ def plot(out, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     progress = not args.no_progress
-    t0 = time.perf_counter()
-    out = {"command": "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
-           "device": device_info(), "config": vars(args)}
+    out = R.start(__file__, argv, args)
     pre = D.pretrain(0, args.pretrain_steps)
     dat = data(args.shift)
     ms = methods(args, pre)
@@ -399,16 +395,7 @@ def main(argv=None):
             "test_acc_by_seed": te.tolist()}
     out["merge_check_max_abs_logit_diff"] = merge_check(ms, trained, dat)
     out["timing"] = time_methods(ms, trained, pre, args, progress)
-    out["total_s"] = time.perf_counter() - t0
-    md = table(out)
-    print(md)
-    with open(os.path.join(args.out, "mtlora_digits.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    with open(os.path.join(args.out, "mtlora_digits.md"), "w") as f:
-        f.write(md + f"\n\n{describe(out['device'])}; {out['total_s']:.0f} s. Reproduce: `{out['command']}`.\n")
-    plot(out, os.path.join(args.out, "mtlora_digits.png"))
-    print(f"wrote {args.out}/mtlora_digits.{{json,md,png}} ({out['total_s']:.0f}s)")
-    return out
+    return R.finish(out, args, "mtlora_digits", table, plot)
 
 
 if __name__ == "__main__":

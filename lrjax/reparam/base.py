@@ -80,7 +80,6 @@ propagate to the outputs like any ``jax.numpy`` operation.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import zlib
 from typing import Any, Mapping, NamedTuple
 

@@ -100,7 +100,7 @@ import numpy as np
 from lrjax import _validation as V
 from lrjax import tree as tree_lib
 from lrjax._validation import check_params
-from lrjax.reparam.base import Adapters, LowRankForm, Reparam, _is_array, _leaf_kind
+from lrjax.reparam.base import LowRankForm, Reparam, _is_array, _leaf_kind
 
 __all__ = ["MTLoRA"]
 
