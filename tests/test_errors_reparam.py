@@ -366,7 +366,7 @@ SWEPT = {
                         "check_factors", "leaf_key", "uses_leaf_shape", "frozen_view",
                         # issue 12 activation-space protocol, swept in tests/test_interpreter.py
                         "activation_space", "state_keys", "branch", "update_state", "next_state", "with_state",
-                        "kernel_value"},
+                        "kernel_value", "optional_groups"},
 }
 
 
