@@ -104,8 +104,11 @@ class KernelValue:
         return None
 
     def materialize(self, why: str = ""):
-        """The dense weight with the leaf's shape and dtype."""
-        raise NotImplementedError
+        """The dense weight with the leaf's shape and dtype (the fallback for a use the value
+        declined); a subclass without one raises :class:`NotMergeable`, never a wrong value."""
+        raise NotMergeable(f"{type(self).__name__} at {self.path!r} has no dense weight"
+                           + (f" for the `{why}` that uses it" if why else "")
+                           + "; define materialize() or use the kernel only in products it follows")
 
 
 def _dot_views(x, ax: axes_lib.Axes, wshape, params):

@@ -359,3 +359,10 @@ def test_misuse_is_refused_clearly(setup):
     k = "params/fc1/kernel"
     with pytest.raises(ValueError, match="NaN"):
         rp.with_state(ad, {k: {"d": jnp.full_like(ad[k]["d"], jnp.nan)}})
+
+
+def test_activation_variant_without_branch_is_refused_at_class_creation():
+    with pytest.raises(TypeError, match="defines neither branch"):
+        @dataclasses.dataclass(frozen=True)
+        class NoBranch(Reparam):
+            activation_space = True

@@ -210,6 +210,9 @@ class Reparam:
                             f"{cls.frozen_keys}: rule-updated state must get no gradient")
         if not {k for g in cls.optional_groups for k in g} <= set(cls.factor_keys):
             raise TypeError(f"{cls.__name__}.optional_groups {cls.optional_groups} must name factor_keys")
+        if cls.activation_space and cls.branch is Reparam.branch and cls.kernel_value is Reparam.kernel_value:
+            raise TypeError(f"{cls.__name__} sets activation_space = True but defines neither branch(x, y, f, path) "
+                            "nor kernel_value(): the interpreter would have nothing to compute")
 
     def _present_keys(self, f: Mapping, argname: str, path: str) -> list:
         """The factor names a leaf's adapter must hold: every required key plus each optional group
@@ -320,7 +323,8 @@ class Reparam:
         :class:`lrjax.interpreter.WithAux` ``(term, aux)`` where ``aux`` (a pytree of arrays) feeds
         :meth:`update_state`. Compute in ``promote_types(x, factors, float32)``; the interpreter adds
         the term to ``y`` in float32 and rounds once to the product's dtype."""
-        raise NotImplementedError(f"{type(self).__name__} sets activation_space but does not define branch()")
+        raise TypeError(f"{type(self).__name__}.branch is only defined for activation-space variants "
+                        "(activation_space = True), which override it")
 
     def update_state(self, f: dict, aux, path: str) -> dict:
         """The rule that updates the ``state_keys`` of one leaf after a forward: ``f`` the leaf's
