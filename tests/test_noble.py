@@ -121,62 +121,44 @@ def tiny_lm():
 
 def test_char_transformer_at_init_equals_base(tiny_lm):
     state, apply, ids = tiny_lm
-    for kind in ("cosnet", "relu"):
-        rp = NOBLE(2, branch=kind, targets=ct.ADAPTER_TARGETS)
-        base, ad = rp.init(jax.random.key(2), state)
-        assert base is state and len(ad) == 12
-        y = lrjax.factored(apply, rp)(base, ad, ids)
-        assert np.array_equal(y, apply(state, ids))  # op by op: bitwise
-    # one jitted program: XLA may fuse the ops around the extra branch differently (last-ulp level)
+    rp = NOBLE(2, targets=ct.ADAPTER_TARGETS)
+    base, ad = rp.init(jax.random.key(2), state)
+    assert base is state and len(ad) == 12
+    y = lrjax.factored(apply, rp)(base, ad, ids)
+    assert np.array_equal(y, apply(state, ids))  # op by op: bitwise
+    # in one jitted program XLA may fuse the ops around the extra branch differently (last-ulp level)
     yj = jax.jit(lrjax.factored(apply, rp))(base, ad, ids)
     np.testing.assert_allclose(yj, jax.jit(apply)(state, ids), rtol=1e-6, atol=1e-6)
 
 
-def test_grad_at_init_reaches_w_up_only_and_base_grads_unchanged(tiny_lm):
-    """At init the output is the base's and only W_up gets a gradient (the branch trains from step
-    one); the base gets the base model's gradient."""
+def test_pretraining_grads_at_init_and_steps(tiny_lm):
+    """At init only W_up gets a gradient (the branch trains from step one) and the base gets the base
+    model's gradient; then a few SGD steps on base AND branch lower the loss and move both."""
     state, apply, ids = tiny_lm
     rp = NOBLE(2, targets=ct.ADAPTER_TARGETS)
     base, ad = rp.init(jax.random.key(2), state)
     g = lrjax.factored(apply, rp)
 
-    def loss(b, a):
-        return jnp.mean(jax.nn.log_softmax(g(b, a, ids))[..., 0])
+    def nll(logits):
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1))
 
-    gb, ga = jax.jit(jax.grad(loss, argnums=(0, 1)))(base, ad)
-    gref = jax.jit(jax.grad(lambda s: jnp.mean(jax.nn.log_softmax(apply(s, ids))[..., 0])))(state)
+    vg = jax.jit(jax.value_and_grad(lambda params: nll(g(*params, ids))))
+    l0, (gb, ga) = vg((base, ad))
+    gref = jax.jit(jax.grad(lambda s: nll(apply(s, ids))))(state)
     for p, f in ga.items():
         assert float(jnp.abs(f["w_up"]).max()) > 1e-6, p
         for k in ("w_down", "w1", "p1", "mix", "w2", "p2"):
             assert float(jnp.abs(f[k]).max()) == 0.0, (p, k)
     for a, b in zip(jax.tree_util.tree_leaves(gb), jax.tree_util.tree_leaves(gref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_pretraining_steps_train_base_and_branch(tiny_lm):
-    state, apply, ids = tiny_lm
-    rp = NOBLE(2, branch="gelu", targets=ct.ADAPTER_TARGETS)
-    base, ad = rp.init(jax.random.key(2), state)
-    g = lrjax.factored(apply, rp)
-
-    def loss(params):
-        b, a = params
-        logits = g(b, a, ids[:, :-1][:, :7])
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
-
-    @jax.jit
-    def step(params):
-        l, gr = jax.value_and_grad(loss)(params)
-        return jax.tree_util.tree_map(lambda p, d: p - 0.5 * d, params, gr), l
-
     params = (base, ad)
-    l0 = None
     for _ in range(4):
-        params, l = step(params)
-        l0 = l if l0 is None else l0
-    assert float(loss(params)) < float(l0)
-    k = "blocks/0/attn/q/kernel"
-    assert float(jnp.abs(params[1][k]["w_up"]).max()) > 0 and float(jnp.abs(params[1][k]["w_down"] - ad[k]["w_down"]).max()) > 0
+        l, gr = vg(params)
+        params = jax.tree_util.tree_map(lambda p, d: p - 0.5 * d, params, gr)
+    assert float(vg(params)[0]) < float(l0)
+    k = "blocks/0/mlp/fc1/kernel"  # (q/k gradients are tiny at this init: near-uniform attention)
+    assert float(jnp.abs(params[1][k]["w_down"] - ad[k]["w_down"]).max()) > 0
+    assert float(jnp.abs(params[1][k]["p1"] - ad[k]["p1"]).max()) > 0
     assert not np.array_equal(lrjax.tree.flatten(params[0])[k], lrjax.tree.flatten(base)[k])
 
 
@@ -220,7 +202,7 @@ def test_grad_matches_finite_differences_and_vmap():
     def ref_loss(ff):
         return np.sum((np.asarray(x, np.float64) @ np.asarray(w, np.float64) + _ref_branch(x, ff, "cosnet")) ** 2)
 
-    grads = jax.grad(lambda f: jnp.sum(noble_linear(x, w, f) ** 2))(f)
+    grads = jax.jit(jax.grad(lambda f: jnp.sum(noble_linear(x, w, f) ** 2)))(f)
     for nm, idx in (("w1", (1,)), ("p2", (0,)), ("mix", (1, 0)), ("w_down", (2, 1)), ("w_up", (1, 3))):
         def at(d):
             v = np.asarray(f[nm], np.float64).copy()
