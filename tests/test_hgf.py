@@ -99,7 +99,7 @@ def test_degenerate_zero_weight_and_zero_tokens(mats):
     x = mats["x"][:, :6].at[1].set(0.0)
     y = H.bitlinear(x, w0)
     assert np.all(np.isfinite(np.asarray(y))) and not np.any(np.asarray(y))
-    gw, gx = jax.grad(lambda w, x: H.bitlinear(x, w).sum(), argnums=(0, 1))(w0, x)
+    gw, gx = jax.jit(jax.grad(lambda w, x: H.bitlinear(x, w).sum(), argnums=(0, 1)))(w0, x)
     assert np.all(np.isfinite(np.asarray(gw))) and np.all(np.isfinite(np.asarray(gx)))
     cx, s = H.activation_codes(x)
     assert not np.any(np.asarray(cx[1])) and np.all(np.isfinite(np.asarray(s)))
@@ -181,7 +181,7 @@ def test_gate_warmup_is_optax_linear():
 
 
 # ------------------------------------------------------------------ packing / inference form
-@pytest.mark.parametrize("n", [1, 4, 5, 7, 10])
+@pytest.mark.parametrize("n", [1, 5, 10])
 def test_pack_round_trip(n):
     c = jax.random.randint(jax.random.key(n), (3, n), -1, 2).astype(jnp.int8)
     p = H.pack_ternary(c)
@@ -204,7 +204,7 @@ def test_packed_forward_equals_training_forward(mats, qa):
 
 def test_weight_bytes_quarter_of_float32():
     # the char transformer's projections (d_model 128, d_ff 512) at rank 8, float32 factors
-    for m, n in ((128, 128), (128, 512), (512, 128)):
+    for m, n in ((128, 128), (128, 512)):
         w, a, b = _rand(1, m, n), _rand(2, m, 8), _rand(3, 8, n)
         p = H.pack_hgf(w, a, b, 0.1)
         expect = m * (n // 4) + 4 + 4 * 8 * (m + n) + 4
@@ -212,8 +212,8 @@ def test_weight_bytes_quarter_of_float32():
         ratio = H.weight_bytes(p) / H.float32_weight_bytes(m, n)
         assert ratio <= 0.25, (m, n, ratio)
         assert H.weight_bytes(H.pack_hgf(w)) / H.float32_weight_bytes(m, n) <= 1 / 16 + 1e-3
-    assert round(H.weight_bytes(H.pack_hgf(_rand(1, 128, 128), _rand(2, 128, 8), _rand(3, 8, 128), 0.1))
-                 / (4 * 128 * 128), 4) == 0.1876
+        if (m, n) == (128, 128):
+            assert round(ratio, 4) == 0.1876
 
 
 # ------------------------------------------------------------------ NNX layers
@@ -273,8 +273,8 @@ def test_reparam_matches_reference_and_pure_arm(mlp):
     pure = HGF(targets=r"fc\d/kernel", pure_ternary=True)
     pb, pad = pure.init(jax.random.key(0), params)
     assert pad == {"fc1/kernel": {}, "fc2/kernel": {}}
-    y0 = lrjax.factored(_mlp, rp)(base, rp.with_gate_scale(ad, 0), x)
-    yp = lrjax.factored(_mlp, pure)(pb, pad, x)
+    y0 = jax.jit(lrjax.factored(_mlp, rp))(base, rp.with_gate_scale(ad, 0), x)
+    yp = jax.jit(lrjax.factored(_mlp, pure))(pb, pad, x)
     np.testing.assert_array_equal(np.asarray(y0).view(np.uint32), np.asarray(yp).view(np.uint32))
     # packed inference form of each layer equals the training forward
     pk = rp.pack(base, ad)
@@ -302,8 +302,8 @@ def test_reparam_trains_base_and_adapters_and_refuses_merge(mlp):
         with pytest.raises(NotMergeable):
             getattr(rp, op)(base, ad)
     # vmap over a batch of inputs
-    yv = jax.vmap(lambda xi: f(base, ad, xi[None])[0])(x)
-    np.testing.assert_allclose(np.asarray(yv), np.asarray(f(base, ad, x)), rtol=1e-6, atol=1e-6)
+    yv = jax.jit(jax.vmap(lambda xi: f(base, ad, xi[None])[0]))(x)
+    np.testing.assert_allclose(np.asarray(yv), np.asarray(jax.jit(f)(base, ad, x)), rtol=1e-6, atol=1e-6)
 
 
 def test_reparam_char_transformer_smoke():
@@ -311,11 +311,11 @@ def test_reparam_char_transformer_smoke():
     model = ct.CharTransformer(96, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8, rngs=nnx.Rngs(0))
     _, state, apply = ct.split(model)
     ids = jnp.arange(8, dtype=jnp.int32)[None]
-    for rp in (HGF(2, targets=ct.ADAPTER_TARGETS), HGF(pure_ternary=True, targets=ct.ADAPTER_TARGETS)):
-        base, ad = rp.init(jax.random.key(0), state)
-        assert len(ad) == 6
-        out = jax.jit(lrjax.factored(apply, rp))(base, ad, ids)
-        assert out.shape == (1, 8, 96) and np.all(np.isfinite(np.asarray(out)))
+    rp = HGF(2, targets=ct.ADAPTER_TARGETS)
+    base, ad = rp.init(jax.random.key(0), state)
+    assert len(ad) == 6
+    out = jax.jit(lrjax.factored(apply, rp))(base, ad, ids)
+    assert out.shape == (1, 8, 96) and np.all(np.isfinite(np.asarray(out)))
 
 
 def test_reparam_bfloat16_and_stacked(mlp):
@@ -323,7 +323,7 @@ def test_reparam_bfloat16_and_stacked(mlp):
     pb = jax.tree_util.tree_map(lambda v: v.astype(jnp.bfloat16), params)
     rp = HGF(4, targets=r"fc\d/kernel")
     base, ad = rp.init(jax.random.key(2), pb)
-    y = lrjax.factored(_mlp, rp)(base, ad, x.astype(jnp.bfloat16))
+    y = jax.jit(lrjax.factored(_mlp, rp))(base, ad, x.astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16 and ad["fc1/kernel"]["a"].dtype == jnp.bfloat16
     assert ad["fc1/kernel"]["g"].dtype == jnp.float32
     # a stacked [L, M, N] leaf scanned by lax.scan: one gate and gamma per layer
@@ -336,7 +336,7 @@ def test_reparam_bfloat16_and_stacked(mlp):
     def fn(p, x):
         return jax.lax.scan(lambda h, w: (h @ w, None), x, p["w"])[0]
 
-    ys = lrjax.factored(fn, rs)(sb, sad, x)
+    ys = jax.jit(lrjax.factored(fn, rs))(sb, sad, x)
     h = x
     for i in range(3):
         h = jnp.asarray(np_hgf(h, stack["w"][i], sad["w"]["a"][i], sad["w"]["b"][i], 0.1), jnp.float32)

@@ -72,6 +72,7 @@ to every targeted kernel of an existing params pytree.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -136,6 +137,7 @@ def ternary_codes(w, *, eps: float = EPS):
     return _ternary_codes(w, eps)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _ternary_codes(w, eps):
     cd = V.compute_dtype(w.dtype)
     wc = w.astype(cd)
@@ -169,6 +171,7 @@ def activation_codes(x, *, eps: float = EPS):
     return _activation_codes(x, _eps(eps))
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _activation_codes(x, eps):
     xc = x.astype(V.compute_dtype(x.dtype))
     s = 127.0 / jnp.maximum(jnp.max(jnp.abs(xc), axis=-1, keepdims=True), eps)
@@ -310,6 +313,11 @@ def pack_ternary(codes):
             lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
         if lo < -1 or hi > 1:
             raise ValueError(f"codes must lie in {{-1, 0, 1}}, got range [{lo}, {hi}]")
+    return _pack(codes)
+
+
+@jax.jit
+def _pack(codes):
     n = codes.shape[-1]
     nb = -(-n // 4)
     u = (codes.astype(jnp.int32) + 1).astype(jnp.uint8)
@@ -334,6 +342,11 @@ def unpack_ternary(packed, n: int):
     if packed.ndim < 1 or packed.shape[-1] != -(-n // 4):
         raise ValueError(f"n={n} needs {-(-n // 4)} bytes per row, but packed has shape {tuple(packed.shape)}; pass "
                          "the N the codes had")
+    return _unpack(packed, n)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unpack(packed, n):
     shifts = jnp.arange(4, dtype=jnp.uint8) * 2
     u = (packed[..., None] >> shifts) & jnp.uint8(3)
     u = u.reshape(packed.shape[:-1] + (4 * packed.shape[-1],))[..., :n]
