@@ -20,7 +20,10 @@ Quantizers (BitNet b1.58, Ma et al. 2024, arXiv:2402.17764, and its training-tip
       Q_w(W) = C * gamma
 
   ``eps = 1e-5``. An all-zero ``W`` has ``gamma = 0``, ``C = 0`` and ``Q_w(W) = 0`` (no NaN).
-  ``round`` is round-half-to-even (``jnp.round``; torch's ``round`` is the same).
+  ``round`` is round-half-to-even (``jnp.round``; torch's ``round`` is the same). The division by
+  ``gamma + eps`` is the b1.58 paper's equation; the training-tips code divides by
+  ``max(gamma, eps)`` and dequantizes by the same clamped value -- the two differ only for
+  ``gamma`` of order ``eps``.
 * activations, per-token absmax int8 (:func:`activation_quantize`, :func:`activation_codes`)::
 
       s    = 127 / max(max_k |x_k|, eps)                 (per token: over the last axis)

@@ -78,7 +78,7 @@ class HGFKernel(KernelValue):
         lc, in_shape, out_shape = views
         free = tuple(i for i in range(x.ndim) if i not in lc)
         lead = tuple(x.shape[i] for i in free)
-        m, n = int(np.prod(in_shape)), int(np.prod(out_shape))
+        m = int(np.prod(in_shape))
         xm = jnp.transpose(x, free + lc).reshape(lead + (m,))
         wm = axes_lib.to_matrix(self.w, self.ax)
         cfg = self.cfg
