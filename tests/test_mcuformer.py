@@ -153,12 +153,14 @@ def test_masked_gradient_is_the_subnet_gradient(sup, x):
 
 
 # --------------------------------------------------------------------------- memory model
-def test_subnet_memory_monotone_in_rank_and_width(sup):
+def test_subnet_memory_monotone_in_rank_width_and_patch(sup):
     base = {"patch": 4, "embed": 16, "depth": 1, "mlp_ratio": 2}
     m_lo = M.subnet_memory(sup, {**base, "rank_ratio": 0.25})
     m_hi = M.subnet_memory(sup, {**base, "rank_ratio": 1.0})
     m_wide = M.subnet_memory(sup, {**base, "embed": 32, "rank_ratio": 1.0})
     assert m_lo < m_hi < m_wide
+    # smaller patches = more tokens = more memory (same weights but the patch embedding)
+    assert M.subnet_memory(sup, {**base, "patch": 2, "rank_ratio": 1.0}) > m_hi
     full = M.subnet_memory(sup, {**base, "embed": 32, "rank_ratio": 1.0}, breakdown=True)
     # the weights are arguments: argument bytes = deployed params + the one input image
     n = M.num_params(M.deploy(M.subnet(sup, {**base, "embed": 32, "rank_ratio": 1.0})))
