@@ -3,7 +3,8 @@
     python experiments/pretrain_lowrank.py --out results/pretrain_lowrank   # the default run (< 30 min, 2 CPU cores)
     python experiments/pretrain_lowrank.py --quick                          # smoke test, tiny model, seconds
 
-Every arm trains :class:`lrjax.models.CharTransformer` **from scratch** on the ``stdlib_chars``
+Every arm trains :class:`lrjax.models.CharTransformer` (the quickstart model: d_model 128, 2 layers,
+4 heads, d_ff 512, T = 128; 500 steps of 16 x 128 characters by default) **from scratch** on the ``stdlib_chars``
 train split (same initial dense weights, same batch order, same seed, same learning-rate schedule:
 linear warm-up over 10% of the steps, cosine decay to 10% of the peak, global-norm clipping 1.0,
 Adam ``b1 = 0.9, b2 = 0.999``, no weight decay) and is evaluated on a fixed subset of the ``test``
@@ -31,9 +32,11 @@ Arms (``--arms``; each says which budget it is matched at):
   correction (:class:`lrjax.reparam.hgf.HGF`) and the pure ternary backbone (its ternary mode), vs
   ``dense`` as the float arm: same architecture, HGF adds ``r (d_in + d_out)`` floats per kernel.
 
-Reported per arm: validation loss vs steps and vs wall-clock (cumulative step time; the first,
-compiling step is counted at the arm's median step time; evaluation excluded), the steps at which the
-dense arm's final validation loss is first reached, parameter bytes and optimizer-state bytes
+Reported per arm: validation loss vs steps and vs wall-clock (cumulative step time of the training
+loop, evaluation excluded, the first, compiling step counted at the loop's median; the plotted axis is
+rescaled by the arm's interleaved median / its loop median so that load changes between the arms'
+sequential runs cancel), the first evaluated step (every ``--eval-every``) at which the dense arm's
+final validation loss is reached, parameter bytes and optimizer-state bytes
 (summed ``nbytes`` of the actual pytrees: trainable + frozen parameters; the optax state) and the
 step time: every arm's jitted train step (compiled and warmed up), timed interleaved round robin
 with ``block_until_ready`` (:func:`lrjax.benchmark.time_round_robin`), medians over ``--repeats``;
@@ -85,11 +88,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/pretrain_lowrank", help="output directory")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="training steps per arm, default 600 (quick: 6)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per arm, default 500 (quick: 6)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step, default 16 (quick: 4)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (every arm)")
     p.add_argument("--d-model", type=int, default=None, help="default 128 (quick: 32)")
-    p.add_argument("--n-layers", type=int, default=None, help="default 4 (quick: 1)")
+    p.add_argument("--n-layers", type=int, default=None, help="default 2, the quickstart model (quick: 1)")
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--d-ff", type=int, default=None, help="default 512 (quick: 64)")
     p.add_argument("--rank", type=int, default=None, help="SLTrain / low-rank / GaLore / HGF rank, default d/4")
@@ -101,14 +104,14 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=None,
                    help="SLTrain / low-rank alpha (scale alpha/r); default: the module's default")
     p.add_argument("--galore-gap", type=int, default=None, help="GaLore refresh period, default steps/10")
-    p.add_argument("--eval-every", type=int, default=None, help="default 50 (quick: 3)")
+    p.add_argument("--eval-every", type=int, default=None, help="default 25 (quick: 3)")
     p.add_argument("--eval-windows", type=int, default=None, help="validation windows, default 64 (quick: 8)")
     p.add_argument("--repeats", type=int, default=None, help="timed round-robin steps per arm, default 20 (quick: 2)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per arm before the timed rounds")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm bars")
     a = p.parse_args(argv)
-    dflt = dict(steps=(6, 600), batch=(4, 16), d_model=(32, 128), n_layers=(1, 4), d_ff=(64, 512),
-                eval_every=(3, 50), eval_windows=(8, 64), repeats=(2, 20))
+    dflt = dict(steps=(6, 500), batch=(4, 16), d_model=(32, 128), n_layers=(1, 2), d_ff=(64, 512),
+                eval_every=(3, 25), eval_windows=(8, 64), repeats=(2, 20))
     for k, (q, full) in dflt.items():
         if getattr(a, k) is None:
             setattr(a, k, q if a.quick else full)
@@ -236,8 +239,11 @@ def _reparam_arm(name, label, budget, rp, state, apply, key, prepare=None, info=
     if has_state:
         def update(fr, new_state):
             return rp.split(rp.with_state(rp.join({k: {} for k in fr}, fr), new_state))[1]
+    info = dict(info or {}, adapted_leaves=len(adapters), adapter_params=rp.num_params(adapters))
+    if all("values" in f for f in adapters.values()):  # SLTrain: int32 support, regenerated, not in any pytree
+        info["support_bytes_not_in_pytrees"] = int(sum(4 * f["values"].size for f in adapters.values()))
     return Arm(name, label, budget, {"base": base, "ad": tr_ad}, fr_ad, forward, update=update, prepare=prepare,
-               info=dict(info or {}, adapted_leaves=len(adapters), adapter_params=rp.num_params(adapters)), rp=rp)
+               info=info, rp=rp)
 
 
 def build_arm(name, args, state, apply, key):
@@ -411,6 +417,10 @@ def main(argv=None):
     for name, run in runs.items():
         arm, h = arms[name], run["hist"]
         st = summarize(times[name])
+        # wall-clock axis: the loop's cumulative step times, rescaled by (interleaved median / loop median) so
+        # that load changes between the arms' (sequential) runs cancel; refresh spikes (GaLore's SVD) stay
+        k = st["median_ms"] / h["loop_median_step_ms"]
+        h["eval_wall_s_normalized"] = [w * k for w in h["eval_wall_s"]]
         rec = {"label": arm.label, "budget": arm.budget,
                "trainable_params": tree_count(run["trainable"]),
                "param_bytes": tree_bytes(run["trainable"]) + tree_bytes(run["frozen"]),
@@ -526,9 +536,9 @@ def plot(out, path):
     for k, r in out["arms"].items():
         h = r["history"]
         ax[0].plot(h["eval_step"], h["eval"], marker=".", label=r["label"])
-        ax[1].plot(h["eval_wall_s"], h["eval"], marker=".", label=r["label"])
+        ax[1].plot(h["eval_wall_s_normalized"], h["eval"], marker=".", label=r["label"])
     ax[0].set_xlabel("step")
-    ax[1].set_xlabel("cumulative train-step wall-clock (s)")
+    ax[1].set_xlabel("train-step wall-clock (s; load-normalized, evals excluded)")
     for a in ax:
         a.set_ylabel("validation loss (nats/char)")
         a.grid(alpha=0.3)
