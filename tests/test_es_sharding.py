@@ -68,7 +68,8 @@ def _free_port():
 def _env(ndev):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+    # keep the conftest's XLA flags (compile options), add the device count
+    env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ndev}").strip()
     return env
 
 
