@@ -15,7 +15,9 @@ So :meth:`SLTrain.init` returns the base with every targeted leaf replaced by a 
 dtype): the dense ``W`` is not held, not trained and not checkpointed. A base that still holds the
 full-size leaf is accepted too (its values are ignored). Because the placeholder has another
 shape, call the model through :func:`lrjax.factored` (or :meth:`SLTrain.materialize` first);
-``fn(base, x)`` alone fails with a shape error, never silently.
+``fn(base, x)`` alone does not compute the model: Flax layers refuse the placeholder
+(``ScopeParamShapeError`` / a ``dot_general`` shape error), and a broadcasting ``x @ W`` returns
+an empty array.
 
 Adapters, per targeted leaf (matrix view ``[*batch, M=in, N=out]`` of :mod:`lrjax.axes`):
 ``{"a": [*batch, M, r], "b": [*batch, r, N], "values": [*batch, nnz]}``, all trainable
