@@ -404,6 +404,10 @@ def test_bad_input_kinds_and_values():
         SLTrain(rank=2, seed=-1)
     with pytest.raises(TypeError, match="rngs"):
         S.SLTrainLinear(8, 6, rank=2, rngs=0)
+    with pytest.raises(TypeError, match="seed"):  # abstract init needs an explicit support seed
+        nnx.eval_shape(lambda: S.SLTrainLinear(8, 6, rank=2, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match="seed"):
+        S.sparse_support(8, 6, 0.2, seed=1.5)
     with pytest.raises(ValueError, match="x must"):
         S.SLTrainLinear(8, 6, rank=2, rngs=nnx.Rngs(0))(jnp.ones((2, 5)))
     params = {"Dense_0": {"kernel": jnp.ones((8, 6))}}
