@@ -42,7 +42,7 @@ both factors nonzero at init (:func:`lrjax.nn.sltrain.lowrank_init`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -114,25 +114,24 @@ class SLTrainKernel(KernelValue):
 
         return arrays, rebuild
 
-    def _apply(self, prim):
+    def _apply(self, prim, x):
+        """``prim(x, W)`` with ``W`` built inside :func:`jax.checkpoint` (rebuilt in the backward)."""
         idx = None if self.values is None else jnp.asarray(self.idx)
 
         @jax.checkpoint
         def f(x, a, b, values, idx):
             return prim(x, self._build(a, b, values, idx))
 
-        return f
+        return f(x, self.a, self.b, self.values, idx)
 
     def dot(self, x, params, out_aval):
         def prim(x, w):
             return jax.lax.dot_general(x, w, params["dimension_numbers"], precision=params.get("precision"),
                                        preferred_element_type=params.get("preferred_element_type"))
-        idx = None if self.values is None else jnp.asarray(self.idx)
-        return self._apply(prim)(x, self.a, self.b, self.values, idx).astype(out_aval.dtype)
+        return self._apply(prim, x).astype(out_aval.dtype)
 
     def conv(self, eqn, x):
-        idx = None if self.values is None else jnp.asarray(self.idx)
-        return self._apply(lambda x, w: bind_like(eqn, x, w))(x, self.a, self.b, self.values, idx)
+        return self._apply(lambda x, w: bind_like(eqn, x, w), x)
 
 
 @dataclasses.dataclass(frozen=True)
