@@ -246,6 +246,8 @@ def test_config_and_not_mergeable():
     assert NOBLE(**fields) == rp and hash(NOBLE(**fields)) == hash(rp)
     p = {"w": jnp.ones((8, 8))}
     base, ad = rp.init(jax.random.key(0), p)
+    tr, fr = rp.split(ad)  # nothing is frozen: pretraining trains the whole branch
+    assert set(tr["w"]) == {"w_down", "w_up"} and fr == {"w": {}} and rp.join(tr, fr).keys() == ad.keys()
     for op in (rp.materialize, rp.merge, rp.unmerge, rp.delta):
         with pytest.raises(NotMergeable, match="activation-space"):
             op(base, ad)
