@@ -227,6 +227,8 @@ def test_bfloat16():
     assert y.dtype == jnp.bfloat16
     ref = np.asarray(x, np.float64) @ np.asarray(lin.kernel[...], np.float64) + _ref_branch(x, f, "cosnet")
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=3e-2, atol=3e-2)
+    lin16 = NOBLELinear(16, 8, rank=4, branch="relu", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert lin16(jnp.ones((2, 16))).dtype == jnp.bfloat16 and lin16.kernel[...].dtype == jnp.float32
     # bfloat16 factors on a float32 base: float32 output; the branch is computed in float32
     rp = NOBLE(2, dtype=jnp.bfloat16, targets="w")
     p = {"w": jax.random.normal(jax.random.key(3), (16, 8))}
