@@ -446,6 +446,15 @@ def _eval(jaxpr, consts, args, stats: FactoredStats, sink: dict):
     return [concrete(read(v), "output") for v in jaxpr.outvars]
 
 
+def _trace_like(value: KernelValue, leaf):
+    """What ``fn`` is traced with at a kernel value's leaf: the leaf itself, or a
+    ``jax.ShapeDtypeStruct`` of ``value.w`` when that has another shape or dtype."""
+    w = value.w
+    if tuple(w.shape) == tuple(leaf.shape) and jnp.dtype(w.dtype) == jnp.dtype(leaf.dtype):
+        return leaf
+    return jax.ShapeDtypeStruct(tuple(w.shape), w.dtype)
+
+
 def interpret(fn: Callable[..., Any], params, values: dict, args=(), *, stats: FactoredStats | None = None,
               return_aux: bool = False):
     """Evaluate ``fn(params, *args)`` with the leaves named in ``values`` (``{path: KernelValue or
@@ -457,6 +466,12 @@ def interpret(fn: Callable[..., Any], params, values: dict, args=(), *, stats: F
     output, or ``(output, aux)`` with ``return_aux=True`` (``aux``: ``{path: pytree}`` of the
     kernels that reported :class:`WithAux`). ``stats`` (a :class:`FactoredStats`) records which
     uses were symbolic and which fell back to the dense weight.
+
+    Placeholder leaves: when a :class:`KernelValue`'s ``w`` (an array or ``jax.ShapeDtypeStruct``)
+    has another shape or dtype than the leaf of ``params`` it replaces, ``fn`` is traced with ``w``'s
+    shape and dtype. A variant whose weight never reads the base kernel (SLTrain, ``W = s B A + S``
+    from scratch: :mod:`lrjax.reparam.sltrain`) keeps a zero-size placeholder in ``params`` and
+    hands in a value whose ``w`` is the logical ``jax.ShapeDtypeStruct``.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = [tree_lib.path_str(p) for p, _ in leaves]
@@ -470,7 +485,11 @@ def interpret(fn: Callable[..., Any], params, values: dict, args=(), *, stats: F
     def flat_fn(leaf_vals, arg_vals):
         return fn(jax.tree_util.tree_unflatten(treedef, leaf_vals), *jax.tree_util.tree_unflatten(arg_tree, arg_vals))
 
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(vals, arg_leaves)
+    # A kernel value whose ``w`` differs in shape/dtype from the leaf it replaces (a placeholder leaf
+    # of a variant that never reads the base kernel) is traced with ``w``'s shape and dtype.
+    trace_vals = [_trace_like(values[k], v) if isinstance(values.get(k), KernelValue) else v
+                  for k, v in zip(keys, vals)]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(trace_vals, arg_leaves)
     inputs = [values.get(k, v) for k, v in zip(keys, vals)]
     st = stats if stats is not None else FactoredStats()
     sink: dict = {}
