@@ -16,9 +16,9 @@ settings.register_profile("lrjax", deadline=None, max_examples=25, derandomize=T
 settings.load_profile("lrjax")
 
 
-# The long tests (notebooks, experiment smoke runs, 8-device subprocesses) first, longest first:
-# pytest-xdist hands out tests in collection order, so starting them early keeps both workers busy
-# until the end instead of leaving one long test running alone on one core while the other idles.
+# The long tests (notebooks, experiment smoke runs, 8-device subprocesses) first, longest first, handed
+# out one at a time (pytest_configure below) so both workers share them and end together instead of
+# leaving one long test running alone on one core while the other idles.
 _LONG = ("04_fields", "06_adapter", "05_separable", "test_bench_adapters_quick", "test_bench_pvd_quick",
          "10_compression", "test_bench_compress_quick", "test_quickstart_quick", "03_eggroll",
          "test_bench_optim_quick", "test_bench_adapter_speed_quick", "01_lora", "test_bench_lora_quick",
@@ -39,3 +39,12 @@ def _rank(item) -> int:
 
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=_rank)
+
+
+def pytest_configure(config):
+    # pytest-xdist's default `--dist load` first gives each worker a run of CONSECUTIVE tests (a quarter of
+    # its share: ~900 here), so every long test sorted first above went to worker gw0, one after another,
+    # while gw1 ran the short ones. One test at a time per send is longest-first greedy scheduling over
+    # both workers; the extra messages cost ~ms per test. An explicit --maxschedchunk wins.
+    if getattr(config.option, "maxschedchunk", "absent") is None:
+        config.option.maxschedchunk = 1
