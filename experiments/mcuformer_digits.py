@@ -20,7 +20,7 @@ peak-memory budget with the rank ratio in the search space vs fixed at 1.
    the weights are the call's arguments; Sigma folded into u, and a linear whose factors are not
    smaller than its dense kernel served dense, so ``rank_ratio = 1`` is the plain ViT). Budgets are
    fractions ``--budgets`` of the memory of the largest plain (rank ratio 1) subnet. Two arms per
-   budget: ``rank`` (rank ratio in {0.25, 0.375, 0.5, 0.75, 1}) and ``no_rank`` (rank ratio fixed 1).
+   budget: ``rank`` (rank ratio in {0.25, 0.5, 0.75, 1}) and ``no_rank`` (rank ratio fixed 1).
    Reported: the best spec, its memory, validation and test accuracy, the number of distinct
    candidates measured/scored and the duplicates skipped, per search seed (``--search-seeds``).
    The *limit* row: the largest subnet (every dim at its maximum; what any budget can at most reach).
@@ -50,7 +50,7 @@ import _report as R  # noqa: E402
 from lrjax.nn import mcuformer as M  # noqa: E402
 from lrjax.search import arch_hash, evolution_search  # noqa: E402
 
-RANKS = (0.25, 0.375, 0.5, 0.75, 1.0)
+RANKS = (0.25, 0.5, 0.75, 1.0)
 
 
 def parse_args(argv=None):
@@ -59,20 +59,20 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny supernet and search (smoke test)")
     p.add_argument("--out", default="runs/mcuformer_digits", help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="supernet Adam steps, default 600 (quick: 3)")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=None, help="supernet Adam steps, default 300 (quick: 3)")
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--budgets", default="0.2,1.0", help="budgets as fractions of the largest plain subnet's memory")
-    p.add_argument("--search-seeds", type=int, default=None, help="search seeds per arm, default 2 (quick: 1)")
-    p.add_argument("--population", type=int, default=None, help="default 16 (quick: 4)")
+    p.add_argument("--search-seeds", type=int, default=None, help="search seeds per arm, default 1 (quick: 1)")
+    p.add_argument("--population", type=int, default=None, help="default 12 (quick: 4)")
     p.add_argument("--select", type=int, default=None, help="default 4 (quick: 2)")
-    p.add_argument("--mutation", type=int, default=None, help="default 6 (quick: 1)")
-    p.add_argument("--crossover", type=int, default=None, help="default 6 (quick: 1)")
-    p.add_argument("--epochs", type=int, default=None, help="default 4 (quick: 1)")
+    p.add_argument("--mutation", type=int, default=None, help="default 4 (quick: 1)")
+    p.add_argument("--crossover", type=int, default=None, help="default 4 (quick: 1)")
+    p.add_argument("--epochs", type=int, default=None, help="default 3 (quick: 1)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    dflt = dict(steps=(3, 600), search_seeds=(1, 2), population=(4, 16), select=(2, 4), mutation=(1, 6),
-                crossover=(1, 6), epochs=(1, 4))
+    dflt = dict(steps=(3, 300), search_seeds=(1, 1), population=(4, 12), select=(2, 4), mutation=(1, 4),
+                crossover=(1, 4), epochs=(1, 3))
     for k, (q, full) in dflt.items():
         if getattr(a, k) is None:
             setattr(a, k, q if a.quick else full)
