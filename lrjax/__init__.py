@@ -5,7 +5,10 @@ Submodules with heavier imports load on first use: ``lrjax.checkpoint`` (orbax),
 ``lrjax.optim``, ``lrjax.nn`` (layers: attention, SNA), ``lrjax.fields`` (radiance fields, renderer, PVD),
 ``lrjax.compress`` (post-training low-rank compression), ``lrjax.metrics`` (calibration metrics),
 ``lrjax.losses`` (training losses such as DSCLoRA's spatial-affinity distillation).
-``lrjax.interpreter`` is the jaxpr interpreter behind :func:`lrjax.factored` and ``lrjax.es``.
+``lrjax.search`` (FSAP ``arch_hash``, compiled peak memory, evolutionary search under a memory
+budget). ``lrjax.interpreter`` is the jaxpr interpreter behind :func:`lrjax.factored` and ``lrjax.es``.
+The pretraining reparameterizations ``SLTrain``, ``PureLowRank``, ``NOBLE`` and ``HGF`` load with
+:mod:`lrjax.nn` on first use.
 """
 import importlib
 
@@ -17,15 +20,19 @@ from lrjax.reparam import (NOLA, AdapterBank, BlockLoRA, CoDyRA, ConvDoRA, ConvL
 
 __version__ = "0.1.0"
 
-_LAZY = ("checkpoint", "interop", "data", "models", "es", "optim", "nn", "fields", "compress", "metrics", "losses")
+_LAZY = ("checkpoint", "interop", "data", "models", "es", "optim", "nn", "fields", "compress", "metrics", "losses",
+         "search")
+_LAZY_REPARAM = ("SLTrain", "PureLowRank", "NOBLE", "HGF")
 
 __all__ = ["axes", "linalg", "tree", "reparam", "Axes", "Reparam", "LoRA", "RSLoRA", "DoRA", "PiSSA",
            "LoRAGA", "LoRASB", "LoRAXS", "NOLA", "BlockLoRA", "CoDyRA", "ConvLoRA", "CPLoRA", "ConvDoRA", "CPDoRA",
            "HypeLoRA", "factored", "FlyLoRA", "NeRA", "SeqBottleneck", "MoLoRA", "MTLoRA", "AdapterBank", "MarkBoard",
-           "interpreter", *_LAZY]
+           "interpreter", *_LAZY_REPARAM, *_LAZY]
 
 
 def __getattr__(name):
     if name in _LAZY:
         return importlib.import_module(f"lrjax.{name}")
+    if name in _LAZY_REPARAM:
+        return getattr(reparam, name)
     raise AttributeError(f"module 'lrjax' has no attribute {name!r}")

@@ -53,7 +53,8 @@ from lrjax import _validation as V
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
 
-__all__ = ["interpret", "KernelValue", "LowRank", "Branch", "WithAux", "FactoredStats", "NotMergeable"]
+__all__ = ["interpret", "KernelValue", "LowRank", "Branch", "WithAux", "FactoredStats", "NotMergeable",
+           "dot_views", "shift_axes", "bind_like"]
 
 
 class NotMergeable(TypeError):
@@ -111,8 +112,9 @@ class KernelValue:
                            + "; define materialize() or use the kernel only in products it follows")
 
 
-def _dot_views(x, ax: axes_lib.Axes, wshape, params):
-    """``(x's contracted axes in the order of the view's input axes, input shape, output shape)``
+def dot_views(x, ax: axes_lib.Axes, wshape, params):
+    """For a :class:`KernelValue` subclass's ``dot``: ``(x's contracted axes in the order of the
+    view's input axes, input shape, output shape)``
     when ``dot_general(x, W)`` contracts exactly the leaf's input axes (in any order, as
     ``jnp.einsum`` may emit them) and keeps its output axes in order; ``None`` otherwise."""
     (lc, rc), (lb, rb) = params["dimension_numbers"]
@@ -127,8 +129,9 @@ def _dot_views(x, ax: axes_lib.Axes, wshape, params):
     return tuple(pair[i] for i in ax.inp), in_shape, out_shape
 
 
-def _shift(ax: axes_lib.Axes) -> axes_lib.Axes:
-    """Axes of a leaf after its leading (scanned) axis is sliced off."""
+def shift_axes(ax: axes_lib.Axes) -> axes_lib.Axes:
+    """For a :class:`KernelValue` subclass's ``scan_slices``: the :class:`lrjax.axes.Axes` of a leaf
+    after its leading (scanned) axis is sliced off."""
     dec = lambda t: tuple(i - 1 for i in t)  # noqa: E731
     return axes_lib.Axes(dec(ax.batch[1:]), dec(ax.inp), dec(ax.out))
 
@@ -172,10 +175,10 @@ class LowRank(KernelValue):
     def scan_slices(self):
         if self.ax.batch[:1] != (0,) or self.c is not None:
             return None
-        return (self.w, self.a, self.b), lambda sl: self._like(sl[0], sl[1], sl[2], None, _shift(self.ax))
+        return (self.w, self.a, self.b), lambda sl: self._like(sl[0], sl[1], sl[2], None, shift_axes(self.ax))
 
     def dot(self, x, params, out_aval):
-        views = _dot_views(x, self.ax, self.w.shape, params)
+        views = dot_views(x, self.ax, self.w.shape, params)
         if views is None:
             return None
         lc, in_shape, out_shape = views
@@ -314,10 +317,10 @@ class Branch(KernelValue):
         n = self.w.shape[0] if self.w.ndim else None
         if self.ax.batch[:1] != (0,) or any(getattr(x, "ndim", 0) < 1 or x.shape[0] != n for x in leaves):
             return None
-        return (self.w, self.factors), lambda sl: Branch(sl[0], _shift(self.ax), sl[1], self.fn, self.path, self.kind)
+        return (self.w, self.factors), lambda sl: Branch(sl[0], shift_axes(self.ax), sl[1], self.fn, self.path, self.kind)
 
     def dot(self, x, params, out_aval):
-        views = _dot_views(x, self.ax, self.w.shape, params)
+        views = dot_views(x, self.ax, self.w.shape, params)
         if views is None:
             return None
         lc, in_shape, out_shape = views

@@ -350,7 +350,10 @@ SWEPT = {
                       # Reparam subclasses in tests/test_errors_zoo.py; MarkBoard in tests/test_markboard.py;
                       # module-level helpers in test_flylora/test_bottleneck/test_nera/test_molora/test_bank
                       "NotMergeable", "FlyLoRA", "NeRA", "SeqBottleneck", "MoLoRA", "MTLoRA", "AdapterBank",
-                      "MarkBoard", "flylora", "nera", "bottleneck", "molora", "mtlora", "bank", "markboard"},
+                      "MarkBoard", "flylora", "nera", "bottleneck", "molora", "mtlora", "bank", "markboard",
+                      # issue 14: Reparam subclasses in tests/test_errors_zoo.py; module helpers in
+                      # tests/test_sltrain.py, test_noble.py, test_hgf.py
+                      "SLTrain", "PureLowRank", "NOBLE", "HGF", "sltrain", "noble", "hgf"},
     "lrjax.reparam.multi": {"use", "merge", "combine", "NameNotFound"},
     "lrjax.tree": {"Targets", "PathNotFound", "path_str", "flatten", "paths", "select", "get", "replace"},
     "lrjax.axes": {"Axes", "AxesSpec", "default_axes", "resolve", "to_matrix", "from_matrix", "matrix_shape",

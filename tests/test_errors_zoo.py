@@ -58,7 +58,16 @@ ZOO = {
     "MoLoRA": (lambda **k: R.MoLoRA(rank=2, num_experts=3, **k), _dense),
     "AdapterBank": (lambda **k: R.AdapterBank(rank=2, slots=3, **k), _dense),
     "MTLoRA": (lambda **k: R.MTLoRA(rank=2, num_tasks=2, task_rank=1, **k), _dense),
+    # issue 14: pretraining layers on any model (SLTrain replaces the kernel; NOBLE, HGF are not mergeable)
+    "SLTrain": (lambda **k: R.SLTrain(rank=2, delta=0.2, **k), _dense),
+    "PureLowRank": (lambda **k: R.PureLowRank(rank=2, **k), _dense),
+    "NOBLE": (lambda **k: R.NOBLE(rank=2, **k), _dense),
+    "HGF": (lambda **k: R.HGF(rank=2, **k), _dense),
 }
+#: variants whose weight replaces the kernel: ``delta`` (W_eff - W) is refused with a TypeError
+_NO_DELTA = ("SLTrain", "PureLowRank")
+#: variants without an ``alpha / r`` scale: any ``alpha`` is refused (ValueError naming alpha)
+_NO_ALPHA = ("NOBLE", "HGF")
 _WEIGHT_OPS = ("materialize", "merge", "delta", "unmerge")
 
 
@@ -126,6 +135,7 @@ _STRUCTURAL = ("not a dict", "a string", "int key", "factors as a list", "unknow
 
 ADAPTER_CASES = [(n, m, i) for n in ZOO for m in METHODS
                  if not (m == "unmerge" and n in _NO_UNMERGE) and not (m in _WEIGHT_OPS and _activation(n))
+                 and not (m == "delta" and n in _NO_DELTA)
                  for i, (what, _, _) in enumerate(_bad_adapters(n))
                  if m not in ("split", "trainable_mask") or what in _STRUCTURAL]
 
@@ -146,6 +156,10 @@ def test_good_adapters_work_in_every_method(name):
             with pytest.raises(NotMergeable, match=f"{type(rp).__name__}.{m}: .*activation-space"):
                 call(rp, base, ad)
             continue
+        if m == "delta" and name in _NO_DELTA:
+            with pytest.raises(T, match=f"{type(rp).__name__}.delta: .*no delta on a base weight"):
+                call(rp, base, ad)
+            continue
         if m == "unmerge" and name in _NO_UNMERGE:
             with pytest.raises(V, match="unmerge|invertible"):
                 call(rp, base, ad)
@@ -158,7 +172,8 @@ def test_good_adapters_work_in_every_method(name):
 # ---------------------------------------------------------------------------------- base params
 BAD_PARAMS = [("abc", T), (None, T), (3, T), ({"d": {"kernel": [[1.0, 2.0]]}}, T), ({}, V), (jnp.ones((4, 3)), T)]
 PARAM_CASES = [(n, m, i) for n in ZOO for m in ("init", "materialize", "merge", "delta", "factored")
-               if not (m in _WEIGHT_OPS and _activation(n)) for i in range(len(BAD_PARAMS))]
+               if not (m in _WEIGHT_OPS and _activation(n)) and not (m == "delta" and n in _NO_DELTA)
+               for i in range(len(BAD_PARAMS))]
 
 
 @pytest.mark.parametrize("name,meth,i", PARAM_CASES, ids=[f"{n}-{m}-{i}" for n, m, i in PARAM_CASES])
@@ -218,7 +233,15 @@ def _zoo_class(name):
     return type(ZOO[name][0]())
 
 
-CONFIG_CASES = [(n, f, i) for n in ZOO for f, bad in FIELD_BAD.items() for i in range(len(bad))]
+CONFIG_CASES = [(n, f, i) for n in ZOO for f, bad in FIELD_BAD.items() for i in range(len(bad))
+                if not (f == "alpha" and n in _NO_ALPHA)]
+
+
+@pytest.mark.parametrize("name", _NO_ALPHA)
+def test_alpha_is_refused_where_there_is_no_scale(name):
+    for alpha in (1.0, 16, float("nan")):
+        with pytest.raises(V, match="alpha"):
+            _zoo_class(name)(rank=2, alpha=alpha)
 
 
 @pytest.mark.parametrize("name,field,i", CONFIG_CASES, ids=[f"{n}-{f}-{i}" for n, f, i in CONFIG_CASES])

@@ -22,7 +22,12 @@ and one short file per variant:
   :mod:`~lrjax.reparam.bottleneck`), :class:`MoLoRA` (mixture of LoRA experts, top-k router),
   :class:`AdapterBank` (many adapters in one batch, one per example);
 * task axes: :class:`MTLoRA` (shared + task-specific adapters, per-task streams);
-  :class:`MarkBoard` (swappable per-bit LoRA watermark branches).
+  :class:`MarkBoard` (swappable per-bit LoRA watermark branches);
+* pretraining layers on any model's kernels (their math and Flax layers are in :mod:`lrjax.nn`;
+  loaded on first use): :class:`SLTrain` (``W = s B A + S`` with a fixed random support, replacing the
+  kernel) and :class:`PureLowRank` (``W = s B A`` from scratch), :class:`NOBLE` (a permanent nonlinear
+  low-rank branch, CosNet), :class:`HGF` (a ternary BitNet b1.58 kernel plus a gated low-rank
+  correction; ``pure_ternary=True`` for plain BitNet).
 
 Optimizer-side LoRA variants (LoRA-Pro, LoRA-FA, Riemannian) are optax transformations in
 :mod:`lrjax.optim.lora_pro`.
@@ -52,9 +57,25 @@ from lrjax.reparam.molora import MoLoRA
 from lrjax.reparam.mtlora import MTLoRA
 from lrjax.reparam.nera import NeRA
 
+import importlib as _importlib
+
+#: names whose modules import :mod:`lrjax.nn` (Flax layers): loaded on first use
+_LAZY = {"SLTrain": "sltrain", "PureLowRank": "sltrain", "NOBLE": "noble", "HGF": "hgf",
+         "sltrain": "sltrain", "noble": "noble", "hgf": "hgf"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        mod = _importlib.import_module(f"lrjax.reparam.{_LAZY[name]}")
+        return mod if name == _LAZY[name] else getattr(mod, name)
+    raise AttributeError(f"module 'lrjax.reparam' has no attribute {name!r}")
+
+
 __all__ = ["Reparam", "LowRankForm", "Adapters", "LoRA", "RSLoRA", "DoRA", "PiSSA", "factored",
            "FactoredStats", "multi", "estimate_grads", "LoRAGA", "LoRASB", "LoRAXS", "NOLA", "BlockLoRA",
            "CoDyRA", "ConvLoRA", "CPLoRA", "ConvDoRA", "CPDoRA", "HypeLoRA", "loram", "NotMergeable",
            # issue 12: activation-space adapters, mixtures, many adapters per batch
            "FlyLoRA", "NeRA", "SeqBottleneck", "MoLoRA", "MTLoRA", "AdapterBank", "MarkBoard",
-           "flylora", "nera", "bottleneck", "molora", "mtlora", "bank", "markboard"]
+           "flylora", "nera", "bottleneck", "molora", "mtlora", "bank", "markboard",
+           # issue 14: pretraining layers as reparameterizations (lazy)
+           "SLTrain", "PureLowRank", "NOBLE", "HGF", "sltrain", "noble", "hgf"]

@@ -43,7 +43,7 @@ import numpy as np
 from lrjax import _validation as V
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
-from lrjax.interpreter import KernelValue, _dot_views, _shift
+from lrjax.interpreter import KernelValue, dot_views, shift_axes
 from lrjax.nn import hgf as H
 from lrjax.reparam.base import Reparam
 
@@ -69,10 +69,10 @@ class HGFKernel(KernelValue):
         leaves = jax.tree_util.tree_leaves(self.f)
         if self.ax.batch[:1] != (0,) or any(x.ndim < 1 or x.shape[0] != n for x in leaves):
             return None
-        return (self.w, self.f), lambda sl: HGFKernel(sl[0], _shift(self.ax), sl[1], self.cfg, self.path)
+        return (self.w, self.f), lambda sl: HGFKernel(sl[0], shift_axes(self.ax), sl[1], self.cfg, self.path)
 
     def dot(self, x, params, out_aval):
-        views = _dot_views(x, self.ax, self.w.shape, params)
+        views = dot_views(x, self.ax, self.w.shape, params)
         if views is None:
             return None
         lc, in_shape, out_shape = views

@@ -32,9 +32,10 @@ interpreter runs :class:`SLTrainKernel`: ``W = s a b + S`` is built by one scatt
 ``s a b`` inside :func:`jax.checkpoint` and used in the model's own product (one matmul ``x W``),
 so ``W`` is rebuilt in the backward instead of being stored between forward and backward.
 ``materialize``/``merge`` give the dense ``W`` (a weight-space method); ``unmerge`` returns the
-placeholder base. The config field ``delta`` (the paper's support density) takes the name of
-:meth:`Reparam.delta`, which SLTrain does not have: its weight *replaces* the kernel, so there is no
-delta on a base weight (``rp.merge(base, adapters)`` is the weight).
+placeholder base. The paper's support density ``delta`` is given as ``SLTrain(delta=0.03)`` and
+stored as the field ``density`` (the name ``delta`` is :meth:`Reparam.delta`'s). :meth:`SLTrain.delta`
+refuses: SLTrain's weight *replaces* the kernel, so there is no delta on a base weight
+(``rp.merge(base, adapters)`` is the weight).
 
 :class:`PureLowRank` is the paper's "low-rank" arm at the same ``r``: ``W = s a b`` from scratch,
 both factors nonzero at init (:func:`lrjax.nn.sltrain.lowrank_init`).
@@ -134,7 +135,7 @@ class SLTrainKernel(KernelValue):
         return self._apply(lambda x, w: bind_like(eqn, x, w), x)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class SLTrain(Reparam):
     """Sparse plus low-rank reparameterization ``W = (alpha / r) a b + S`` of every targeted kernel
     (see the module docstring; math in :mod:`lrjax.nn.sltrain`).
@@ -149,6 +150,8 @@ class SLTrain(Reparam):
         stacks.
       dtype: factor dtype (default: the leaf's).
       delta: support density in ``(0, 1)`` (default 0.03); ``nnz = floor(delta M N) >= 1`` per matrix.
+        Stored as the field ``density`` (``density=`` is accepted too, e.g. by
+        :func:`dataclasses.replace`).
       seed: support seed, an int ``>= 0`` (default 0): leaf ``path`` (layer ``l`` of a stack) gets
         ``sparse_support(M, N, delta, (seed, crc32(path)[, l]))``. Independent of ``init``'s key, so
         the support is regenerated from the config alone.
@@ -160,15 +163,25 @@ class SLTrain(Reparam):
     """
 
     alpha: float | None = DEFAULT_ALPHA
-    delta: float = DEFAULT_DELTA
+    density: float = DEFAULT_DELTA
     seed: int = 0
 
     factor_keys = ("a", "b", "values")
 
+    def __init__(self, rank: int = 8, alpha: float | None = DEFAULT_ALPHA, targets="kernel", axes=None, dtype=None,
+                 *, delta: float | None = None, density: float | None = None, seed: int = 0):
+        if delta is not None and density is not None and delta != density:
+            raise ValueError(f"delta={delta!r} and density={density!r} disagree; pass delta= only")
+        d = delta if delta is not None else (density if density is not None else DEFAULT_DELTA)
+        for nm, v in (("rank", rank), ("alpha", alpha), ("targets", targets), ("axes", axes), ("dtype", dtype),
+                      ("density", d), ("seed", seed)):
+            object.__setattr__(self, nm, v)
+        self.__post_init__()
+
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "delta", V.check_float(self.delta, "delta", low=0.0, high=1.0, low_open=True,
-                                                        high_open=True))
+        object.__setattr__(self, "density", V.check_float(self.density, "delta", low=0.0, high=1.0, low_open=True,
+                                                          high_open=True))
         V.check_int(self.seed, "seed", low=0)
 
     @property
@@ -179,7 +192,7 @@ class SLTrain(Reparam):
     def nnz(self, path: str, m: int, n: int) -> int:
         """``floor(delta M N)``; ValueError naming ``delta`` and the leaf when it is 0."""
         try:
-            return nnz_count(m, n, self.delta)
+            return nnz_count(m, n, self.density)
         except ValueError as e:
             raise ValueError(f"{e} (leaf {path!r})") from None
 
@@ -223,6 +236,9 @@ class SLTrain(Reparam):
             if not jnp.issubdtype(dt, jnp.floating):
                 raise TypeError(f"targets: leaf {path!r} has dtype {dt}; only floating leaves can be "
                                 "reparameterized")
+            if not is_placeholder(leaf) and _is_concrete(leaf) and not _all_finite(leaf):
+                raise ValueError(f"params: leaf {path!r} contains NaN or Inf; SLTrain replaces the kernel, but "
+                                 "a non-finite base says the weights are broken: fix them before init")
             bshape, m, n = self.view_shape(path, shape)
             self.check_leaf_rank(path, m, n)
             if self.sparse:
@@ -250,7 +266,7 @@ class SLTrain(Reparam):
             want = tuple(bshape) + (self.nnz(path, m, n),)
             if tuple(v.shape) != want:
                 raise ValueError(f"{argname}[{path!r}]['values'] has shape {tuple(v.shape)} but the leaf (matrix "
-                                 f"view {tuple(bshape) + (m, n)}, delta={self.delta}) needs {want}; adapters made "
+                                 f"view {tuple(bshape) + (m, n)}, delta={self.density}) needs {want}; adapters made "
                                  "with another `delta` or for another base?")
 
     # ------------------------------------------------------------ weights
@@ -294,6 +310,12 @@ class SLTrain(Reparam):
         return tree_lib.replace(merged, {p: flat[p] if is_placeholder(flat[p]) else placeholder(flat[p])
                                          for p in adapters})
 
+    def delta(self, base, adapters):
+        """Refused (TypeError): SLTrain's ``W = s a b + S`` replaces the kernel, so there is no delta on a
+        base weight; ``rp.merge(base, adapters)`` gives the weight itself."""
+        raise TypeError(f"{type(self).__name__}.delta: {type(self).__name__} replaces the kernel (W = s a b + S), "
+                        "so there is no delta on a base weight; use rp.merge(base, adapters) for the dense weight")
+
     def factors(self, w, f):
         raise TypeError(f"{type(self).__name__} replaces the kernel (W = s a b + S); it is not a low-rank delta "
                         "on W, so it has no (A, B, s, c) form: use materialize/merge or lrjax.factored")
@@ -303,7 +325,7 @@ class SLTrain(Reparam):
                         "rp.materialize(base, adapters) or rp.merge(base, adapters)")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class PureLowRank(SLTrain):
     """The pure low-rank arm: ``W = (alpha / r) a b`` trained from scratch, no sparse part (the
     paper's "low-rank" column at the same ``r``). Adapters ``{"a", "b"}``; ``delta`` and ``seed`` are
