@@ -73,7 +73,11 @@ experiment compares against.
 Layers: :class:`LowRankSS2D` (one block, NNX) and :class:`DLRMambaClassifier` (pixels as ``H W``
 tokens: a linear token embedding plus a learned position embedding, ``n_layers`` pre-norm residual
 SS2D blocks, mean pooling, LayerNorm, linear head) [ours: the classifier]. Study:
-``experiments/dlrmamba_digits.py``.
+``experiments/dlrmamba_digits.py`` (``docs/dlrmamba_digits.md``): on 8x8 digits (2 seeds, rank-2
+students, 59% of the teacher's parameters) the dense teacher reaches 0.958, the task-only student
+0.834, logit KD 0.857 and state distillation 0.841: state distillation aligns the states (relative
+error 0.63 vs 75) but closes less of the gap than logit KD there, so the paper's direction did not
+reproduce at this scale.
 """
 from __future__ import annotations
 
