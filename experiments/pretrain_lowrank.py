@@ -194,10 +194,19 @@ def tree_count(tree) -> int:
 
 
 def lr_schedule(peak, steps):
-    """Linear warm-up over the first 10% of steps, then cosine decay to ``peak / 10``."""
-    sched = optax.warmup_cosine_decay_schedule(0.0, peak, max(1, steps // 10), max(steps, steps // 10 + 2),
-                                               peak * 0.1)
-    return lambda i: np.float32(sched(i))
+    """Linear warm-up over the first 10% of steps, then cosine decay to ``peak / 10`` (the values of
+    ``optax.warmup_cosine_decay_schedule(0, peak, w, max(steps, w + 2), peak / 10)``, computed on the
+    host so no eager JAX op runs per step)."""
+    w = max(1, steps // 10)
+    total = max(steps, w + 2)
+    end = peak * 0.1
+
+    def lr(i):
+        if i < w:
+            return np.float32(peak * i / w)
+        t = min(i - w, total - w) / (total - w)
+        return np.float32(end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * t)))
+    return lr
 
 
 def adam():
