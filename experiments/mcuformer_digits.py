@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="supernet Adam steps, default 300 (quick: 3)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--budgets", default="0.2,1.0", help="budgets as fractions of the largest plain subnet's memory")
+    p.add_argument("--budgets", default="0.1,0.2,1.0", help="budgets as fractions of the largest plain subnet's memory")
     p.add_argument("--search-seeds", type=int, default=None, help="search seeds per arm, default 1 (quick: 1)")
     p.add_argument("--population", type=int, default=None, help="default 12 (quick: 4)")
     p.add_argument("--select", type=int, default=None, help="default 4 (quick: 2)")
