@@ -546,6 +546,10 @@ def plot(out, path):
         h = r["history"]
         ax[0].plot(h["eval_step"], h["eval"], marker=".", label=r["label"])
         ax[1].plot(h["eval_wall_s_normalized"], h["eval"], marker=".", label=r["label"])
+    lo = min(min(r["history"]["eval"]) for r in out["arms"].values())
+    hi = max(max(r["history"]["eval"]) for r in out["arms"].values())
+    for a in ax:  # the early drop from ~4.6 would squeeze the part where the arms differ
+        a.set_ylim(lo - 0.05, min(hi, lo + 1.2) + 0.05)
     ax[0].set_xlabel("step")
     ax[1].set_xlabel("train-step wall-clock (s; load-normalized, evals excluded)")
     for a in ax:
