@@ -3,6 +3,7 @@ joined by jax.distributed gives bit-identical updates with the DEFAULT settings 
 ``member_chunk`` depends on the population only), and with a fixed ``member_chunk`` whose chunk
 count is not a multiple of the device count (dummy chunks). Each layout runs in a subprocess (this
 file doubles as the worker: ``python tests/test_es_sharding.py OUT [PORT PROCESS_ID]``)."""
+import fcntl
 import os
 import socket
 import subprocess
@@ -83,9 +84,7 @@ def _wait(proc, timeout=240):
     assert proc.returncode == 0, out[-4000:]
 
 
-@pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("es_shard")
+def _run_layouts(d):
     port = _free_port()
     # launch everything at once; the 2-process pair (2 forced devices each -> a 4-device mesh)
     procs = [_launch([d / "one.npz"], 1), _launch([d / "eight.npz"], 8),
@@ -97,6 +96,24 @@ def layouts(tmp_path_factory):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if uid is None:
+        d = tmp_path_factory.mktemp("es_shard")
+        _run_layouts(d)
+    else:
+        # under pytest-xdist the tests below may land on different workers: the first one runs the four
+        # layouts (~25 s of subprocesses), the others wait for it and read the same files
+        d = tmp_path_factory.getbasetemp().parent / f"es_shard_{uid}"
+        with open(f"{d}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (d / "done").exists():
+                d.mkdir(exist_ok=True)
+                _run_layouts(d)
+                (d / "done").write_text("ok")
     return {k: dict(np.load(d / f"{k}.npz")) for k in ("one", "eight", "p0", "p1")}
 
 
