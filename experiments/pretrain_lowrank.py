@@ -472,24 +472,49 @@ def _hgf_bytes(arm, run, dense_target_bytes):
                     f"lrjax.nn.hgf.float32_weight_bytes; the {len(packed)} targeted kernels (embeddings/head stay float)."}
 
 
+#: validation-loss differences below this (nats) are not read as orderings (one seed)
+NOISE = 0.02
+
+
 def claims(res):
-    """The papers' qualitative claims, checked on this run's final validation losses."""
+    """The papers' qualitative claims, checked on this run's final validation losses. A difference
+    counts only when it exceeds :data:`NOISE`; each claim is split into its parts so that a formal
+    ordering within the noise is not reported as a reproduction."""
     L = {k: v["final_val_loss"] for k, v in res.items()}
     c = {}
     if {"dense", "sltrain", "lowrank"} <= set(L):
-        c["sltrain"] = {"claim": "SLTrain ~= full << pure low-rank (SLTrain closes most of the gap)",
-                        "dense": L["dense"], "sltrain": L["sltrain"], "lowrank": L["lowrank"],
-                        "gap_closed": _gap(L["lowrank"], L["sltrain"], L["dense"])}
-        c["sltrain"]["reproduced"] = bool(L["sltrain"] < L["lowrank"] and c["sltrain"]["gap_closed"] >= 0.5)
+        gap = _gap(L["lowrank"], L["sltrain"], L["dense"])
+        c["sltrain"] = {"claim": f"SLTrain ~= full (within {NOISE} nats) << pure low-rank", "dense": L["dense"],
+                        "sltrain": L["sltrain"], "lowrank": L["lowrank"], "gap_closed": gap,
+                        "better_than_lowrank": bool(L["sltrain"] < L["lowrank"] - NOISE),
+                        "parity_with_full": bool(L["sltrain"] <= L["dense"] + NOISE)}
+        c["sltrain"]["reproduced"] = c["sltrain"]["better_than_lowrank"] and c["sltrain"]["parity_with_full"]
+        c["sltrain"]["verdict"] = ("reproduced" if c["sltrain"]["reproduced"] else
+                                   "SLTrain << low-rank reproduced, parity with full NOT reproduced"
+                                   if c["sltrain"]["better_than_lowrank"] else "NOT reproduced")
     for k in ("noble_cosnet", "noble_gelu"):
         if {"dense", k} <= set(L):
             s, sd = res[k]["steps_to_dense_final"], res["dense"]["steps_to_dense_final"]
-            c[k] = {"claim": "fewer steps to the dense arm's final validation loss", "steps": s, "dense_steps": sd,
-                    "reproduced": bool(s is not None and sd is not None and s < sd)}
+            rec = {"claim": "fewer steps (and less wall-clock) to the dense arm's final validation loss", "steps": s,
+                   "dense_steps": sd, "fewer_steps": bool(s is not None and sd is not None and s < sd)}
+            if s is not None and sd is not None:  # in dense-step equivalents, at the interleaved step-time ratio
+                rec["dense_step_equivalents"] = s * res[k]["ratio_to_dense"]
+                rec["less_wall_clock"] = bool(rec["dense_step_equivalents"] < sd)
+            else:
+                rec["less_wall_clock"] = False
+            rec["reproduced"] = rec["fewer_steps"]
+            rec["verdict"] = ("NOT reproduced" if not rec["fewer_steps"] else "reproduced" if rec["less_wall_clock"]
+                              else "reproduced in steps, NOT in wall-clock")
+            c[k] = rec
     if {"dense", "hgf", "bitnet"} <= set(L):
-        c["hgf"] = {"claim": "loss FP < HGF < BitNet (gap recovery > 0)", "fp": L["dense"], "hgf": L["hgf"],
-                    "bitnet": L["bitnet"], "gap_recovery": _gap(L["bitnet"], L["hgf"], L["dense"])}
-        c["hgf"]["reproduced"] = bool(L["dense"] < L["hgf"] < L["bitnet"])
+        c["hgf"] = {"claim": f"loss FP < HGF < BitNet (each by more than {NOISE} nats; gap recovery > 0)",
+                    "fp": L["dense"], "hgf": L["hgf"], "bitnet": L["bitnet"],
+                    "gap_recovery": _gap(L["bitnet"], L["hgf"], L["dense"]),
+                    "fp_better": bool(L["dense"] < L["hgf"] - NOISE), "hgf_better_than_bitnet": bool(L["hgf"] < L["bitnet"] - NOISE)}
+        c["hgf"]["reproduced"] = c["hgf"]["fp_better"] and c["hgf"]["hgf_better_than_bitnet"]
+        c["hgf"]["verdict"] = ("reproduced" if c["hgf"]["reproduced"] else
+                               "FP best, but HGF = BitNet within the noise: NOT reproduced" if c["hgf"]["fp_better"]
+                               else "NOT reproduced")
     return c
 
 
@@ -530,8 +555,8 @@ def tables(out):
         lines += ["", "**Papers' claims at this scale**", ""]
         for k, c in out["claims"].items():
             nums = ", ".join(f"{kk} {vv:.4f}" if isinstance(vv, float) else f"{kk} {vv}"
-                             for kk, vv in c.items() if kk not in ("claim", "reproduced"))
-            lines.append(f"- {k}: {c['claim']}: {'reproduced' if c['reproduced'] else 'NOT reproduced'} ({nums})")
+                             for kk, vv in c.items() if kk not in ("claim", "reproduced", "verdict"))
+            lines.append(f"- {k}: {c['claim']}: {c['verdict']} ({nums})")
     if out["skipped"]:
         lines += ["", "Skipped arms: " + "; ".join(f"{k} ({v})" for k, v in out["skipped"].items())]
     return "\n".join(lines)
