@@ -227,7 +227,7 @@ class Arm:
         self.name, self.label, self.budget = name, label, budget
         self.trainable, self.frozen, self.forward = trainable, frozen, forward
         self.opt = opt or adam()
-        self.update = update  # (fr, state) -> fr: rule-updated factors after the forward
+        self.update = update  # (tr, fr, state) -> fr: rule-updated factors after the forward
         self.prepare = prepare  # (tr, fr, step) -> fr: frozen factors set from the step count (HGF's gate warmup)
         self.info = info or {}
         self.rp = rp
@@ -244,19 +244,17 @@ def _reparam_arm(name, label, budget, rp, state, apply, key, prepare=None, info=
     def forward(tr, fr, ids):
         return g(tr["base"], rp.join(tr["ad"], fr), ids)
 
-    update = None
-    if has_state:
-        def update(fr, new_state):
-            return rp.split(rp.with_state(rp.join({k: {} for k in fr}, fr), new_state))[1]
+    def update(tr, fr, new_state):  # rule-updated state (rp.state_keys) back into the frozen factors
+        return rp.split(rp.with_state(rp.join(tr["ad"], fr), new_state))[1]
     info = dict(info or {}, adapted_leaves=len(adapters), adapter_params=rp.num_params(adapters))
     if all("values" in f for f in adapters.values()):  # SLTrain: int32 support, regenerated, not in any pytree
         info["support_bytes_not_in_pytrees"] = int(sum(4 * f["values"].size for f in adapters.values()))
-    return Arm(name, label, budget, {"base": base, "ad": tr_ad}, fr_ad, forward, update=update, prepare=prepare,
-               info=info, rp=rp)
+    return Arm(name, label, budget, {"base": base, "ad": tr_ad}, fr_ad, forward,
+               update=update if has_state else None, prepare=prepare, info=info, rp=rp)
 
 
 def build_arm(name, args, state, apply, key):
-    d, r, rn = args.d_model, args.rank, args.noble_rank
+    r, rn = args.rank, args.noble_rank
     if name == "dense":
         return Arm(name, "dense (Adam)", "reference: full model", state, None, lambda tr, fr, ids: apply(tr, ids))
     if name == "galore":
@@ -273,7 +271,7 @@ def build_arm(name, args, state, apply, key):
             kw["alpha"] = args.alpha
         if name == "sltrain":
             rp = SLTrain(delta=args.delta, **kw)
-            return _reparam_arm(name, f"SLTrain r={r}, delta={args.delta}", f"params: r(m+n) + delta mn, r=d/4",
+            return _reparam_arm(name, f"SLTrain r={r}, delta={args.delta}", "params: r(m+n) + delta mn, r=d/4",
                                 rp, state, apply, key)
         from lrjax.reparam.sltrain import PureLowRank
         rp = PureLowRank(**kw)
@@ -289,7 +287,7 @@ def build_arm(name, args, state, apply, key):
         rh, wu = args.hgf_rank, max(1, args.steps // 10)
         if name == "hgf":
             rp = HGF(rh, targets=ADAPTER_TARGETS, warmup_steps=wu)
-            lab, bud = f"HGF ternary + gated LR r={rh}", f"architecture: dense's, + r(m+n) floats, r=d/16"
+            lab, bud = f"HGF ternary + gated LR r={rh}", "architecture: dense's, + r(m+n) floats, r=d/16"
         else:
             rp = HGF(targets=ADAPTER_TARGETS, pure_ternary=True)
             lab, bud = "BitNet b1.58 (pure ternary)", "architecture: dense's"
@@ -319,7 +317,7 @@ def make_step(arm):
         updates, opt_state = arm.opt.update(grads, opt_state, tr)
         updates = jax.tree.map(lambda u: -lr * u, updates)
         if arm.update is not None:
-            fr = arm.update(fr, st)
+            fr = arm.update(tr, fr, st)
         return optax.apply_updates(tr, updates), opt_state, fr, loss
 
     return jax.jit(step), jax.jit(lambda tr, fr, tok: loss_of(tr, fr, tok)[0])
