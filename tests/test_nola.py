@@ -271,8 +271,7 @@ _CHILD = textwrap.dedent("""
 def test_bases_regenerate_identically_in_a_new_process_on_8_devices(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "c.npy")], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
