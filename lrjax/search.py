@@ -23,11 +23,13 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import random
 import tokenize
 from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 
 from lrjax._validation import check_bool, check_float, check_int
 
@@ -46,6 +48,20 @@ def _strip_comments(code: str) -> str:
     except (tokenize.TokenError, IndentationError, SyntaxError) as e:
         raise ValueError(f"spec_or_code: strip_comments=True needs Python source that tokenizes ({e}); "
                          "pass strip_comments=False to hash the raw text") from None
+
+
+def _check_spec_keys(obj, where):
+    # json.dumps turns int keys into strings ({1: 2} would hash as {"1": 2}) and cannot sort mixed keys
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"spec_or_code: every dict key of a spec must be a str, got {k!r} "
+                                f"({type(k).__name__}) in {where}; convert keys with str(k) yourself (json "
+                                "would turn 1 into '1' silently, so {1: 2} and {'1': 2} would hash alike)")
+            _check_spec_keys(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_spec_keys(v, f"{where}[{i}]")
 
 
 def arch_hash(spec_or_code, *, strip_comments: bool = False) -> str:
@@ -67,7 +83,8 @@ def arch_hash(spec_or_code, *, strip_comments: bool = False) -> str:
     as do ``True`` and ``1`` in a spec. Cheap (one pass + MD5, microseconds for a spec).
 
     Raises ``TypeError`` for other kinds (bytes, numbers, None, a spec holding non-JSON values such as
-    arrays), ``TypeError`` for a non-bool ``strip_comments`` and ``ValueError`` for
+    arrays), ``TypeError`` naming the key for a dict key that is not a ``str`` at any nesting level
+    (JSON would turn ``1`` into ``"1"``, so ``{1: 2}`` and ``{"1": 2}`` would collide), ``TypeError`` for a non-bool ``strip_comments`` and ``ValueError`` for
     ``strip_comments=True`` on a spec or on text that does not tokenize.
     """
     strip_comments = check_bool(strip_comments, "strip_comments")
@@ -77,6 +94,7 @@ def arch_hash(spec_or_code, *, strip_comments: bool = False) -> str:
         if strip_comments:
             raise ValueError("strip_comments: a spec (dict/list) has no comments; pass strip_comments=False "
                              "or pass source code as a str")
+        _check_spec_keys(spec_or_code, "spec_or_code")
         try:
             text = json.dumps(spec_or_code, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -149,11 +167,18 @@ class SearchResult:
     """What :func:`evolution_search` returns.
 
     ``best``: the highest-scoring spec under the budget; ``best_score``, ``best_memory``: its score
-    and memory; ``top``: the final top-``select`` specs (best first) with their records;
+    and memory as Python ``float`` (``float(score_fn(spec))``, ``float(memory_fn(spec))``; an int or a
+    0-d NumPy/JAX array returned by the functions comes back as a float); ``top``: the final top-``select`` specs (best first) with their records;
     ``history``: one record per distinct spec met, in order, ``{"spec", "hash", "memory", "score"
     (None if over budget), "epoch"}``; ``evaluations``: calls of ``score_fn`` (= distinct specs under
     the budget); ``memory_evaluations``: calls of ``memory_fn`` (= distinct specs met);
-    ``duplicates``: candidates skipped because their hash was already seen; ``min_memory``: the
+    ``duplicates``: the number of *draws* skipped because their spec's hash was already met
+    (``fill_duplicates + child_duplicates``); it counts draws, not distinct specs, so it can exceed
+    the size of the space: once a small space is exhausted (or most of it is over budget) the random
+    fill keeps drawing up to ``max_tries x population`` times per fill, and every such draw is a
+    duplicate. ``fill_duplicates``: the random-fill draws (initial population and each epoch's
+    top-up) that hit a seen spec -- retries, which cost one hash each and no function call;
+    ``child_duplicates``: the mutation/crossover children that hit a seen spec. ``min_memory``: the
     smallest memory met; ``top_scores``: the best score after each epoch.
     """
 
@@ -167,6 +192,8 @@ class SearchResult:
     duplicates: int
     min_memory: float
     top_scores: list
+    fill_duplicates: int = 0
+    child_duplicates: int = 0
 
 
 def _check_space(space) -> dict:
@@ -221,7 +248,10 @@ def evolution_search(space: Mapping[str, Any], score_fn: Callable[[dict], float]
     a non-positive/NaN budget, bad counts (``select <= population``, ``mutation + crossover <=
     population``) or probabilities outside [0, 1], ``structural`` keys not in ``space``; and
     ``ValueError`` naming ``budget`` and the smallest memory met when no candidate meets the budget
-    (before any ``score_fn`` call), or when ``score_fn``/``memory_fn`` return NaN or a non-number.
+    (before any ``score_fn`` call; when ``memory_fn`` returned ``inf`` for every candidate the message
+    says so); ``TypeError`` naming ``score_fn``/``memory_fn`` and the candidate spec when one returns a
+    non-number (a ``str`` such as ``'1'``, a ``bool``, ``None``, a non-scalar array: refused, not
+    converted); ``ValueError`` naming it and the spec for NaN, or for a negative memory.
     """
     space = _check_space(space)
     for name, f in (("score_fn", score_fn), ("memory_fn", memory_fn)):
@@ -253,23 +283,31 @@ def evolution_search(space: Mapping[str, Any], score_fn: Callable[[dict], float]
     keys = list(space)
     records: dict[str, dict] = {}
     history: list[dict] = []
-    counters = {"evaluations": 0, "memory": 0, "duplicates": 0, "epoch": 0}
+    counters = {"evaluations": 0, "memory": 0, "fill": 0, "child": 0, "epoch": 0}
 
     def number(v, name, spec):
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} returned {v!r} for {spec}; it must return a real number") from None
+        # a real number: int/float (not bool), a NumPy scalar or a 0-d real array (NumPy or JAX);
+        # strings, bools and other kinds are refused, not converted
+        kind = getattr(v, "dtype", None)
+        ok = (isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))) if kind is None else (
+            getattr(v, "shape", None) == () and (np.issubdtype(kind, np.floating) or np.issubdtype(kind, np.integer)))
+        if not ok:
+            raise TypeError(f"{name} returned {v!r} ({type(v).__name__}) for the candidate spec {spec}; it must "
+                            "return a real number (int, float or a 0-d float array), not a str, bool or array")
+        v = float(v)
         if math.isnan(v):
-            raise ValueError(f"{name} returned NaN for {spec}; it must return a real number")
+            raise ValueError(f"{name} returned NaN for the candidate spec {spec}; it must return a real number")
         return v
 
-    def legal(spec) -> bool:
+    def legal(spec, source) -> bool:
         h = arch_hash(spec)
         if h in records:
-            counters["duplicates"] += 1
+            counters[source] += 1
             return False
         mem = number(memory_fn(dict(spec)), "memory_fn", spec)
+        if mem < 0:
+            raise ValueError(f"memory_fn returned {mem:g} for the candidate spec {spec}; a memory must be >= 0 "
+                             "(bytes or another non-negative size); fix memory_fn")
         counters["memory"] += 1
         rec = {"spec": dict(spec), "hash": h, "memory": mem, "score": None, "epoch": counters["epoch"]}
         records[h] = rec
@@ -288,7 +326,7 @@ def evolution_search(space: Mapping[str, Any], score_fn: Callable[[dict], float]
         while len(cands) < target and tries > 0:
             tries -= 1
             s = random_spec()
-            if legal(s):
+            if legal(s, "fill"):
                 cands.append(s)
         return cands
 
@@ -296,6 +334,11 @@ def evolution_search(space: Mapping[str, Any], score_fn: Callable[[dict], float]
         return min(r["memory"] for r in history) if history else math.inf
 
     candidates = fill([], population)
+    if not any(r["score"] is not None for r in history) and history and all(
+            math.isinf(r["memory"]) for r in history):
+        raise ValueError(f"budget={budget:g} is met by no candidate: memory_fn returned inf for every one of the "
+                         f"{len(history)} distinct specs sampled; check memory_fn (inf marks a spec that cannot "
+                         "run) or add choices it can measure to the space")
     if not any(r["score"] is not None for r in history):
         raise ValueError(f"budget={budget:g} is met by no candidate: the smallest memory among the "
                          f"{len(history)} distinct specs sampled is {min_memory():g}; raise `budget` to at "
@@ -316,7 +359,7 @@ def evolution_search(space: Mapping[str, Any], score_fn: Callable[[dict], float]
         while len(out) < count and tries > 0:
             tries -= 1
             s = make()
-            if legal(s):
+            if legal(s, "child"):
                 out.append(s)
         return out
 
@@ -346,4 +389,5 @@ def evolution_search(space: Mapping[str, Any], score_fn: Callable[[dict], float]
     return SearchResult(best=dict(best["spec"]), best_score=best["score"], best_memory=best["memory"],
                         top=[dict(records[arch_hash(s)]) for s in top], history=history,
                         evaluations=counters["evaluations"], memory_evaluations=counters["memory"],
-                        duplicates=counters["duplicates"], min_memory=min_memory(), top_scores=top_scores)
+                        duplicates=counters["fill"] + counters["child"], min_memory=min_memory(),
+                        top_scores=top_scores, fill_duplicates=counters["fill"], child_duplicates=counters["child"])

@@ -205,3 +205,32 @@ def test_search_nan_score_refused():
     with pytest.raises(ValueError, match="score_fn"):
         S.evolution_search(SPACE, lambda s: float("nan"), lambda s: 0.0, 1.0, population=2, select=1,
                            mutation=1, crossover=1, epochs=1)
+
+
+@pytest.mark.parametrize("fn, bad, exc", [
+    ("score_fn", "1", TypeError), ("score_fn", True, TypeError), ("score_fn", None, TypeError),
+    ("memory_fn", "3", TypeError), ("memory_fn", -1.0, ValueError)])
+def test_search_non_number_or_negative_memory_refused(fn, bad, exc):
+    fns = {"score_fn": lambda s: 1.0, "memory_fn": lambda s: 0.0, fn: lambda s: bad}
+    with pytest.raises(exc, match=f"{fn}.*candidate spec"):
+        S.evolution_search(SPACE, fns["score_fn"], fns["memory_fn"], 1.0, population=2, select=1,
+                           mutation=1, crossover=1, epochs=1)
+    # real numbers of other kinds are fine, and come back as float
+    res = S.evolution_search(SPACE, lambda s: np.float32(s["a"]), lambda s: jnp.asarray(1), 1.0, population=2,
+                             select=1, mutation=1, crossover=1, epochs=1)
+    assert type(res.best_score) is float and type(res.best_memory) is float
+    assert res.duplicates == res.fill_duplicates + res.child_duplicates
+
+
+def test_search_all_memory_inf_message():
+    with pytest.raises(ValueError, match="memory_fn returned inf for every"):
+        S.evolution_search(SPACE, lambda s: 1.0, lambda s: float("inf"), 5.0, population=2, select=1,
+                           mutation=1, crossover=1, epochs=1)
+
+
+def test_arch_hash_refuses_non_str_keys():
+    with pytest.raises(TypeError, match="key.*1"):
+        S.arch_hash({1: 2})
+    with pytest.raises(TypeError, match="key"):
+        S.arch_hash({"a": [{"b": 1, 2: 3}]})  # nested, mixed keys
+    assert S.arch_hash({"1": 2}) != S.arch_hash({"2": 2})
