@@ -204,3 +204,27 @@ def test_bad_input_other(sup, x):
         M.init_supernet(0)
     with pytest.raises(ValueError, match="params"):
         M.subnet({"blocks": {}}, SPEC)
+    # bool flags are bools (a truthy 'no' was read as True)
+    with pytest.raises(TypeError, match="breakdown"):
+        M.subnet_memory(sup, SPEC, breakdown="no")
+    with pytest.raises(TypeError, match="deployed"):
+        M.subnet_memory(sup, SPEC, deployed="no")
+    # factorized_linear: eager checks naming the argument (were a bare KeyError / raw dot_general errors)
+    p = M.svd_factorize(jnp.ones((4, 3)), 2) | {"bias": jnp.zeros(3)}
+    with pytest.raises(ValueError, match="p has keys"):
+        M.factorized_linear(jnp.ones((2, 4)), {"foo": jnp.ones(1)})
+    with pytest.raises(ValueError, match="x must be"):
+        M.factorized_linear(jnp.ones((2, 5)), p)
+    with pytest.raises(ValueError, match=r"p\['s'\]"):
+        M.factorized_linear(jnp.ones((2, 4)), {**p, "s": jnp.ones((3, 3))})
+    with pytest.raises(TypeError, match="x must be a floating"):
+        M.factorized_linear(jnp.ones((2, 4), jnp.int32), p)
+    with pytest.raises(ValueError, match="kernel"):
+        M.svd_factorize(jnp.full((4, 3), jnp.nan), 2)
+    # supernet_forward checks concrete dims (embed 0 gave NaN) and the patch size
+    with pytest.raises(ValueError, match="dims: embed"):
+        M.supernet_forward(sup, x, [0, 0, 0, 0], patch=4)
+    with pytest.raises(ValueError, match="dims: rank"):
+        M.supernet_forward(sup, x, [16, 1, 32, 32], patch=4)
+    with pytest.raises(ValueError, match="patch"):
+        M.supernet_forward(sup, x, [16, 1, 32, 8], patch=3)

@@ -64,7 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax._validation import check_array, check_float, check_int, check_key, check_rank, compute_dtype
+from lrjax._validation import (check_array, check_bool, check_finite, check_float, check_int, check_key, check_rank,
+                                compute_dtype, is_concrete)
 
 __all__ = ["HEAD_DIM", "SPEC_KEYS", "LINEARS", "SPACE", "rank_of", "svd_factorize", "factorized_linear",
            "init_supernet", "check_spec", "spec_dims", "subnet", "apply", "supernet_apply", "supernet_forward",
@@ -94,8 +95,11 @@ def svd_factorize(kernel, rank: int) -> dict:
     ``[d_in, d_out] = P diag(sigma) Q^T``: ``v = P[:, :r]``, ``s = diag(sigma[:r])``, ``u =
     Q^T[:r]``; ``v s u`` is the best rank-``r`` approximation (exactly ``kernel`` at full rank, to
     float rounding). Computed in float32 (``compute_dtype``), returned in the kernel's dtype.
-    ``rank`` obeys lrjax's rank rule (``1 <= r <= min(d_in, d_out)``, else ``ValueError``)."""
+    ``rank`` obeys lrjax's rank rule (``1 <= r <= min(d_in, d_out)``, else ``ValueError``); a
+    concrete ``kernel`` holding NaN/Inf is refused (``ValueError`` naming ``kernel``: its SVD would be
+    NaN factors)."""
     kernel = check_array(kernel, "kernel", ndim=2, kind="floating")
+    check_finite(kernel, "kernel")
     rank = check_rank(rank, *kernel.shape)
     cd = compute_dtype(kernel.dtype)
     p, sig, qt = jnp.linalg.svd(kernel.astype(cd), full_matrices=False)
@@ -107,7 +111,14 @@ def factorized_linear(x, p: Mapping):
     """``y = ((x @ v) @ s) @ u + bias`` for ``p = {v [d_in, r], s [r, r], u [r, d_out], bias
     [d_out]}``; also ``{v, u, bias}`` (deployed: ``(x @ v) @ u + bias``) and ``{kernel, bias}``
     (dense). ``x [..., d_in]``; computed in ``promote_types(x, weights, float32)``, rounded once to
-    ``promote_types(x, weights)``. ``bias`` optional."""
+    ``promote_types(x, weights)``. ``bias`` optional.
+
+    Checked eagerly (shapes only, so also under ``jit``): ``TypeError`` naming ``p`` for a non-dict or
+    a non-array entry, naming ``x`` for a non-floating ``x``; ``ValueError`` naming ``p`` for keys that
+    are none of the three forms (e.g. ``{"foo": 1}``) or factor shapes that do not chain (``v [d_in,
+    r]``, ``s [r, r]``, ``u [r, d_out]``, ``bias [d_out]``), naming ``x`` when ``x.shape[-1]`` is not
+    ``d_in``."""
+    _check_linear(x, p)
     leaves = [p[k] for k in ("kernel", "v", "s", "u", "bias") if k in p]
     out_dt = jnp.result_type(x.dtype, *[w.dtype for w in leaves])
     cd = compute_dtype(out_dt)
@@ -122,6 +133,36 @@ def factorized_linear(x, p: Mapping):
     if "bias" in p:
         h = h + p["bias"].astype(cd)
     return h.astype(out_dt)
+
+
+_FORMS = ({"kernel"}, {"v", "u"}, {"v", "s", "u"})
+
+
+def _check_linear(x, p):
+    if not isinstance(p, Mapping):
+        raise TypeError(f"p must be a dict of a linear's weights ({{v, s, u, bias}}, {{v, u, bias}} or "
+                        f"{{kernel, bias}}), got {type(p).__name__}")
+    keys = set(p) - {"bias"}
+    if keys not in _FORMS:
+        raise ValueError(f"p has keys {sorted(p)}; a linear is {{v, s, u[, bias]}} (factorized), {{v, u[, bias]}} "
+                         "(deployed) or {kernel[, bias]} (dense)")
+    for k in p:
+        check_array(p[k], f"p[{k!r}]", ndim=1 if k == "bias" else 2, kind="floating")
+    x = check_array(x, "x", min_ndim=1, kind="floating")
+    if "kernel" in p:
+        d_in, d_out = p["kernel"].shape
+    else:
+        d_in, r = p["v"].shape
+        if "s" in p and p["s"].shape != (r, r):
+            raise ValueError(f"p['s'] must be [r, r] = [{r}, {r}] (r from p['v'] [d_in, r]), got {tuple(p['s'].shape)}")
+        if p["u"].shape[0] != r:
+            raise ValueError(f"p['u'] must be [r, d_out] with r = {r} (from p['v']), got {tuple(p['u'].shape)}")
+        d_out = p["u"].shape[1]
+    if "bias" in p and p["bias"].shape != (d_out,):
+        raise ValueError(f"p['bias'] must be [d_out] = [{d_out}], got {tuple(p['bias'].shape)}")
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x must be [..., d_in] with d_in = {d_in} (the linear's input width), got shape "
+                         f"{tuple(x.shape)}")
 
 
 # --------------------------------------------------------------------------- supernet params
@@ -375,8 +416,22 @@ def supernet_forward(params, x, dims, *, patch: int):
     ffn units ``>= ffn`` and rank components ``>= rank`` are zeroed, blocks ``>= depth`` are skipped
     (``jnp.where`` on the residual stream), LayerNorm statistics use the first ``embed`` features.
     Equals :func:`apply` of :func:`subnet` to float rounding (zero-padding), including gradients
-    to the used slices (unused weights get zero gradient). No argument checks (the jitted inner
-    function); use :func:`supernet_apply` from outside."""
+    to the used slices (unused weights get zero gradient).
+
+    **Mostly unchecked: call :func:`supernet_apply` (which checks ``spec`` against ``params`` and
+    ``x``) unless you need traced dims.** This is the jitted inner function; when ``dims`` is traced
+    nothing about its values can be checked, and dims that are no subnet give wrong numbers
+    silently: ``embed = 0`` gives NaN (LayerNorm over zero features), and dims above the supernet's
+    (or a rank above ``min(embed, ffn)``, an embed not a multiple of :data:`HEAD_DIM`) give a net
+    that is no subnet of it. When ``dims`` is concrete (a list/tuple/NumPy/eager array) it is checked
+    here (``ValueError`` naming ``dims``: shape ``[4]``, ``1 <= embed <= E`` a multiple of
+    :data:`HEAD_DIM`, ``1 <= depth <= D``, ``1 <= ffn <= F``, ``1 <= rank <= min(embed, ffn, R)``);
+    ``patch`` must be a patch size of the supernet (``ValueError``)."""
+    if f"p{patch}" not in params["patch_embed"]:
+        raise ValueError(f"patch={patch!r} is not a patch size of the supernet "
+                         f"{sorted(int(k[1:]) for k in params['patch_embed'])}")
+    if is_concrete(dims):
+        _check_dims(dims, params)
     cd = compute_dtype(x.dtype)
     params = jax.tree.map(lambda a: a.astype(cd), params)
     dims = jnp.asarray(dims, jnp.int32)
@@ -407,6 +462,24 @@ def supernet_forward(params, x, dims, *, patch: int):
     return pooled @ params["head"]["kernel"] + params["head"]["bias"]
 
 
+def _check_dims(dims, params):
+    d = np.asarray(dims)
+    if d.shape != (4,) or not np.issubdtype(d.dtype, np.integer):
+        raise ValueError(f"dims must be 4 ints (embed, depth, ffn, rank), got {dims!r}")
+    e, dep, f, r = (int(v) for v in d)
+    E, D, F, _ = _maxima(params)
+    R = params["blocks"]["block_0"]["fc1"]["v"].shape[-1]
+    if not (1 <= e <= E and e % HEAD_DIM == 0):
+        raise ValueError(f"dims: embed={e} must be a multiple of {HEAD_DIM} in [{HEAD_DIM}, {E}] (the supernet's)")
+    if not 1 <= dep <= D:
+        raise ValueError(f"dims: depth={dep} must be in [1, {D}] (the supernet's)")
+    if not 1 <= f <= F:
+        raise ValueError(f"dims: ffn={f} must be in [1, {F}] (the supernet's)")
+    if not 1 <= r <= min(e, f, R):
+        raise ValueError(f"dims: rank={r} must be in [1, min(embed, ffn, {R})] = [1, {min(e, f, R)}]; "
+                         "use spec_dims(spec) to get a subnet's dims")
+
+
 _forward_jit = jax.jit(supernet_forward, static_argnames=("patch",))
 
 
@@ -429,8 +502,12 @@ def subnet_memory(params, spec, *, batch: int = 1, deployed: bool = True, breakd
     setting), from XLA's compiled memory analysis (:func:`lrjax.search.memory_analysis`): the
     (deployed, by default) subnet's weights and the input are the call's arguments, so the number is
     ``weights + input + output + peak temporaries`` in bytes, as XLA:CPU lays them out. Shapes
-    only (``jax.eval_shape``; nothing runs). ``breakdown=True`` returns the whole field dict."""
+    only (``jax.eval_shape``; nothing runs). ``breakdown=True`` returns the whole field dict.
+    ``deployed`` and ``breakdown`` must be ``bool`` (``TypeError`` naming the flag otherwise: a
+    string such as ``'no'`` is refused, not read as truthy)."""
     from lrjax.search import memory_analysis
+    deployed = check_bool(deployed, "deployed")
+    breakdown = check_bool(breakdown, "breakdown")
     s = check_spec(spec, params)
     batch = check_int(batch, "batch", low=1)
     shapes = jax.eval_shape(lambda p: deploy(subnet(p, s)) if deployed else subnet(p, s), params)
