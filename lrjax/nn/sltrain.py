@@ -75,7 +75,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax._validation import check_bool, check_dtype, check_float, check_int, check_rank, compute_dtype
+from lrjax import _validation as V
+from lrjax._validation import check_bool, check_dtype, check_float, check_int, check_key, check_rank, compute_dtype
 
 __all__ = ["SLTrainLinear", "LowRankLinear", "SparseSupport", "nnz_count", "sparse_support", "sltrain_init",
            "lowrank_init", "sltrain_weight", "sltrain_matmul", "sltrain_num_params", "lowrank_num_params",
@@ -148,13 +149,20 @@ def sparse_support(d_in: int, d_out: int, delta: float = DEFAULT_DELTA, seed=0) 
 
 
 def path_seed(seed: int, path: str) -> tuple:
-    """The support seed of a leaf ``path``: ``(seed, crc32(path))`` (stable across processes)."""
-    return (int(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    """The support seed of a leaf ``path``: ``(seed, crc32(path))`` (stable across processes).
+    TypeError naming ``seed`` / ``path`` for a non-int seed or a non-str path."""
+    seed = check_int(seed, "seed", low=0)
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str (a leaf path such as 'Dense_0/kernel'), got {path!r:.60} "
+                        f"({type(path).__name__})")
+    return (seed, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def sltrain_init(key, d_in: int, d_out: int, rank: int, delta: float = DEFAULT_DELTA, *, dtype=jnp.float32):
     """``{"a": [d_in, r] ~ U(+-1/sqrt(d_in)), "b": zeros [r, d_out], "values": [nnz] ~ U(+-1/sqrt(d_in))}``
-    (the official init; ``W = S`` at init). ``rank`` must satisfy ``1 <= rank <= min(d_in, d_out)``."""
+    (the official init; ``W = S`` at init). ``rank`` must satisfy ``1 <= rank <= min(d_in, d_out)``.
+    ``key``: one JAX PRNG key (TypeError naming ``key`` otherwise)."""
+    check_key(key, "key")
     d_in = check_int(d_in, "d_in", low=1)
     d_out = check_int(d_out, "d_out", low=1)
     check_rank(rank, d_in, d_out, "rank")
@@ -170,7 +178,9 @@ def sltrain_init(key, d_in: int, d_out: int, rank: int, delta: float = DEFAULT_D
 def lowrank_init(key, d_in: int, d_out: int, rank: int, scale: float, *, dtype=jnp.float32):
     """Pure low-rank factors trained from scratch: ``a ~ U(+-1/sqrt(d_in))``, ``b ~ U(+-sqrt(3/r)/s)``
     so that ``s a b`` has the entry variance ``1/(3 d_in)`` of a kaiming-uniform dense weight
-    [ours]. Both nonzero (a zero factor would start the layer as the zero map)."""
+    [ours]. Both nonzero (a zero factor would start the layer as the zero map). ``key``: one JAX
+    PRNG key (TypeError naming ``key`` otherwise)."""
+    check_key(key, "key")
     d_in = check_int(d_in, "d_in", low=1)
     d_out = check_int(d_out, "d_out", low=1)
     check_rank(rank, d_in, d_out, "rank")
@@ -203,13 +213,74 @@ def _weight(a, b, values, idx, scale, dtype):
     return w.astype(dtype)
 
 
+def _check_scale(scale):
+    if isinstance(scale, jax.core.Tracer) and scale.ndim == 0 and jnp.issubdtype(scale.dtype, jnp.floating):
+        return scale
+    return check_float(scale, "scale")
+
+
+def _check_weight_args(a, b, values, idx, scale, *, sparse=True):
+    """Eager checks of ``(a, b, values, idx, scale)``; returns ``(a, b, values, idx, scale, m, n)``.
+
+    ``idx`` (when ``values`` is given): an integer array of ``values``' shape; when its contents
+    are known (NumPy / a concrete jax array, not a tracer) every row must be strictly increasing
+    (sorted, no duplicates) positions in ``[0, M N)`` -- the scatter assumes it and would otherwise
+    drop, wrap or sum entries silently."""
+    a = V.check_array(a, "a", min_ndim=2, kind="floating")
+    b = V.check_array(b, "b", min_ndim=2, kind="floating")
+    *bs, m, r = a.shape
+    if b.ndim != a.ndim or tuple(b.shape[:-2]) != tuple(bs) or b.shape[-2] != r:
+        raise ValueError(f"b must have shape [*batch, r, N] = [{', '.join(map(str, (*bs, r)))}, N] to match "
+                         f"a {tuple(a.shape)} ([*batch, M, r]), got {tuple(b.shape)}")
+    n = b.shape[-1]
+    scale = _check_scale(scale)
+    if values is None:  # pure low-rank: idx is not used
+        return a, b, None, None, scale, m, n
+    values = V.check_array(values, "values", min_ndim=1, kind="floating")
+    if tuple(values.shape[:-1]) != tuple(bs):
+        raise ValueError(f"values must have shape [*batch, nnz] with batch {tuple(bs)} (as a), got "
+                         f"{tuple(values.shape)}")
+    if idx is None:
+        raise ValueError("idx is None but values is given; pass the support positions "
+                         "(sparse_support(d_in, d_out, delta, seed)) or values=None for pure low-rank")
+    idx = V.check_array(idx, "idx", kind="integer", convert=True)
+    if tuple(idx.shape) != tuple(values.shape):
+        raise ValueError(f"idx must have the shape of values {tuple(values.shape)} ([*batch, nnz], one position "
+                         f"per value), got {tuple(idx.shape)}")
+    if V.is_concrete(idx) and idx.size:
+        iv = np.asarray(idx).astype(np.int64)
+        lo, hi = int(iv.min()), int(iv.max())
+        if lo < 0 or hi >= m * n:
+            raise ValueError(f"idx holds positions in [{lo}, {hi}] but a [{m}, {n}] matrix has row-major "
+                             f"positions 0 <= idx < {m * n}; build idx with sparse_support({m}, {n}, delta, seed)")
+        if iv.shape[-1] > 1 and not np.all(np.diff(iv, axis=-1) > 0):
+            raise ValueError("idx must be strictly increasing along its last axis (sorted, no duplicate "
+                             "positions); sort it together with values (order = np.argsort(idx); "
+                             "idx, values = idx[order], values[order]) and merge duplicates")
+    return a, b, values, idx, scale, m, n
+
+
+def _check_x(x, m):
+    x = V.check_array(x, "x", min_ndim=1, kind="floating")
+    if x.shape[-1] != m:
+        raise ValueError(f"x must be an array [..., {m}] (its last axis is d_in), got shape {tuple(x.shape)}")
+    return x
+
+
 def sltrain_weight(a, b, values, idx, scale: float, dtype=None):
     """Dense ``W = s a b + S`` ``[*batch, d_in, d_out]`` (``S`` holds ``values`` at the flat row-major
-    positions ``idx``; ``values=None`` gives the pure low-rank ``s a b``).
+    positions ``idx``; ``values=None`` gives the pure low-rank ``s a b`` and ``idx`` is not used).
 
     ``a: [*batch, d_in, r]``, ``b: [*batch, r, d_out]``, ``values``/``idx: [*batch, nnz]``. Computed in
     ``promote_types(a, b, values, float32)`` and rounded once to ``dtype`` (default: that compute
-    dtype). Differentiable in ``a``, ``b``, ``values``; not checkpointed (see :func:`sltrain_matmul`)."""
+    dtype). Differentiable in ``a``, ``b``, ``values``; not checkpointed (see :func:`sltrain_matmul`).
+
+    Raises (eagerly, naming the argument): TypeError for non-array / non-floating ``a``, ``b``,
+    ``values``, a non-integer ``idx`` or a non-number ``scale``; ValueError for shapes that do not
+    agree, and -- when ``idx`` is concrete -- positions outside ``[0, d_in d_out)`` or not strictly
+    increasing (the scatter would drop, wrap or sum them silently)."""
+    a, b, values, idx, scale, _, _ = _check_weight_args(a, b, values, idx, scale)
+    dtype = check_dtype(dtype, "dtype", allow_none=True)
     cd = compute_dtype(a.dtype, b.dtype, *(() if values is None else (values.dtype,)))
     return _weight(a, b, values, idx, scale, cd if dtype is None else jnp.dtype(dtype))
 
@@ -219,7 +290,20 @@ def sltrain_matmul(x, a, b, values, idx, scale: float, bias=None, *, dtype=None)
     only ``x`` and the factors, and the backward rebuilds ``W`` for ``dx = dy W^T`` (so no dense
     weight lives between forward and backward). ``x: [..., d_in]``; ``values=None`` gives the pure
     low-rank ``x (s a b)``. ``W`` is formed in float32 (or wider) and rounded once to ``dtype``
-    (default ``x.dtype``), the dtype the product runs in; the result has that dtype."""
+    (default ``x.dtype``), the dtype the product runs in; the result has that dtype.
+
+    ``x`` must be a floating array (an integer ``x`` would round ``W`` to integers: TypeError,
+    cast with ``x.astype(jnp.float32)``); ``bias``: ``[..., d_out]`` floating. Other checks as
+    :func:`sltrain_weight` (TypeError/ValueError naming the argument, before tracing)."""
+    a, b, values, idx, scale, m, n = _check_weight_args(a, b, values, idx, scale)
+    x = _check_x(x, m)
+    if bias is not None:
+        bias = V.check_array(bias, "bias", min_ndim=1, last=n, kind="floating")
+    dtype = check_dtype(dtype, "dtype", allow_none=True)
+    return _matmul(x, a, b, values, idx, scale, bias, dtype)
+
+
+def _matmul(x, a, b, values, idx, scale, bias, dtype):
     dt = jnp.dtype(x.dtype if dtype is None else dtype)
     idx = None if values is None else jnp.asarray(idx)
 
@@ -310,7 +394,17 @@ class SLTrainLinear(nnx.Module):
     Parameters (``nnx.Param``): ``a [d_in, r]``, ``b [r, d_out]`` (zeros), ``values [nnz]``,
     ``bias [d_out]``; ``support`` is a :class:`SparseSupport` (int32 ``[nnz]``, not trained).
     Raises TypeError/ValueError naming the argument for bad input (delta outside ``(0, 1)``,
-    rank above ``min(d_in, d_out)``, a non-int or bool rank, ...).
+    rank above ``min(d_in, d_out)``, a non-int or bool rank, ...); calling it with a non-floating
+    ``x`` (an integer ``x`` would round ``W`` to integers) or a non-array ``x`` is a TypeError.
+
+    Stacks: the support is fixed by ``seed`` alone. A stack built with ``nnx.vmap`` over the
+    constructor (``nnx.vmap(lambda r: SLTrainLinear(..., seed=7, rngs=r))(nnx.Rngs(...))``) with one
+    ``seed`` therefore gives **every layer the same support** (only ``a``/``b``/``values`` differ).
+    For a support per layer, build the layers with a seed each, e.g. ``[SLTrainLinear(...,
+    seed=(7, l), rngs=rngs) for l in range(L)]``, or stack the supports yourself
+    (``jnp.stack([sparse_support(m, n, delta, (7, l)) for l in range(L)])`` into the vmapped
+    module's ``support``). :class:`lrjax.reparam.sltrain.SLTrain` does this per leaf and per layer
+    of an ``[L, M, N]`` stack (``seed=(seed, crc32(path), l)``).
     """
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, delta: float = DEFAULT_DELTA,
@@ -349,11 +443,9 @@ class SLTrainLinear(nnx.Module):
                               self.a[...].dtype)
 
     def __call__(self, x):
-        if not hasattr(x, "shape") or x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must be an array [..., {self.in_features}], got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        return sltrain_matmul(x, self.a[...], self.b[...], self.values[...], self.support[...], self.scale,
-                              None if self.bias is None else self.bias[...], dtype=self.dtype)
+        x = _check_x(x, self.in_features)
+        return _matmul(x, self.a[...], self.b[...], self.values[...], self.support[...], self.scale,
+                       None if self.bias is None else self.bias[...], self.dtype)
 
 
 class LowRankLinear(nnx.Module):
@@ -388,8 +480,6 @@ class LowRankLinear(nnx.Module):
         return sltrain_weight(self.a[...], self.b[...], None, None, self.scale, self.a[...].dtype)
 
     def __call__(self, x):
-        if not hasattr(x, "shape") or x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must be an array [..., {self.in_features}], got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        return sltrain_matmul(x, self.a[...], self.b[...], None, None, self.scale,
-                              None if self.bias is None else self.bias[...], dtype=self.dtype)
+        x = _check_x(x, self.in_features)
+        return _matmul(x, self.a[...], self.b[...], None, None, self.scale,
+                       None if self.bias is None else self.bias[...], self.dtype)

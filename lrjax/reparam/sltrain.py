@@ -156,6 +156,15 @@ class SLTrain(Reparam):
         ``sparse_support(M, N, delta, (seed, crc32(path)[, l]))``. Independent of ``init``'s key, so
         the support is regenerated from the config alone.
 
+    The base returned by :meth:`init` holds zero-size placeholders for the targeted kernels: call
+    the model through :func:`lrjax.factored` (``x @ kernel`` on a placeholder silently gives an
+    empty array; see :meth:`init`).
+
+    Checkpoints: the support is not saved with the adapters, so **keep this config with them** --
+    ``lrjax.checkpoint.save_adapters(dir, adapters, rp=rp)`` -- and reload with the same ``seed``,
+    ``delta`` and ``targets``. An ``SLTrain`` with another ``seed`` accepts the same adapters (same
+    shapes) but puts ``values`` on another support: a different model, silently.
+
     Init [code]: ``a ~ U(+-1/sqrt(M))``, ``b = 0`` (``W = S`` at init), ``values ~ U(+-1/sqrt(M))``,
     per-leaf key ``fold_in(key, crc32(path))``. Raises TypeError/ValueError naming the argument:
     ``delta`` outside ``(0, 1)`` or too small for a leaf, ``rank`` above ``min(M, N)``, a non-int or
@@ -223,7 +232,13 @@ class SLTrain(Reparam):
 
     def init(self, key, params, *, grads=None):
         """``(base, adapters)``: ``base`` is ``params`` with each targeted leaf replaced by its
-        zero-size :func:`placeholder`; ``adapters[path]`` the factors (see the class docstring)."""
+        zero-size :func:`placeholder`; ``adapters[path]`` the factors (see the class docstring).
+
+        Warning: the returned ``base`` is not a model by itself. Run it only through
+        ``lrjax.factored(fn, rp)(base, adapters, x)`` or ``fn(rp.materialize(base, adapters), x)``;
+        ``fn(base, x)`` fails in Flax layers, but a hand-written ``x @ base[...]["kernel"]``
+        broadcasts against the ``[0, M, N]`` placeholder and returns an **empty array** without
+        an error."""
         check_key(key, "key")
         flat = check_params(params, "params")
         if grads is not None:
@@ -237,8 +252,8 @@ class SLTrain(Reparam):
                 raise TypeError(f"targets: leaf {path!r} has dtype {dt}; only floating leaves can be "
                                 "reparameterized")
             if not is_placeholder(leaf) and _is_concrete(leaf) and not _all_finite(leaf):
-                raise ValueError(f"params: leaf {path!r} contains NaN or Inf; SLTrain replaces the kernel, but "
-                                 "a non-finite base says the weights are broken: fix them before init")
+                raise ValueError(f"params: leaf {path!r} contains NaN or Inf; {type(self).__name__} replaces the "
+                                 "kernel, but a non-finite base says the weights are broken: fix them before init")
             bshape, m, n = self.view_shape(path, shape)
             self.check_leaf_rank(path, m, n)
             if self.sparse:
@@ -328,8 +343,26 @@ class SLTrain(Reparam):
 @dataclasses.dataclass(frozen=True, init=False)
 class PureLowRank(SLTrain):
     """The pure low-rank arm: ``W = (alpha / r) a b`` trained from scratch, no sparse part (the
-    paper's "low-rank" column at the same ``r``). Adapters ``{"a", "b"}``; ``delta`` and ``seed`` are
-    ignored. Init [ours]: ``a ~ U(+-1/sqrt(M))``, ``b ~ U(+-sqrt(3/r)/s)`` (both nonzero; ``s a b`` has
-    the entry variance ``1/(3M)`` of a kaiming-uniform dense kernel)."""
+    paper's "low-rank" column at the same ``r``). Adapters ``{"a", "b"}``. Init [ours]:
+    ``a ~ U(+-1/sqrt(M))``, ``b ~ U(+-sqrt(3/r)/s)`` (both nonzero; ``s a b`` has the entry variance
+    ``1/(3M)`` of a kaiming-uniform dense kernel).
+
+    Args: ``rank``, ``alpha``, ``targets``, ``axes``, ``dtype`` as :class:`SLTrain`. It has no sparse
+    part, so it takes **no** ``delta`` and no ``seed``: ``PureLowRank(delta=...)`` and a ``seed``
+    other than 0 (or a ``density`` other than the default) raise TypeError naming the argument. (The
+    inherited fields ``density``/``seed`` keep their defaults so that :func:`dataclasses.replace` and
+    checkpoint reloads, which pass every field, work.)"""
 
     factor_keys = ("a", "b")
+
+    def __init__(self, rank: int = 8, alpha: float | None = DEFAULT_ALPHA, targets="kernel", axes=None, dtype=None,
+                 *, delta: float | None = None, density: float | None = None, seed: int = 0):
+        name = type(self).__name__
+        if delta is not None:
+            raise TypeError(f"delta: {name} has no sparse part, so it takes no delta; drop delta= (use SLTrain "
+                            "for sparse + low-rank)")
+        if density is not None and not (isinstance(density, (int, float)) and density == DEFAULT_DELTA):
+            raise TypeError(f"density: {name} has no sparse part, so it takes no density/delta; drop density=")
+        if isinstance(seed, bool) or not (isinstance(seed, int) and seed == 0):
+            raise TypeError(f"seed: {name} has no sparse support, so it takes no seed; drop seed=")
+        super().__init__(rank, alpha, targets, axes, dtype)
