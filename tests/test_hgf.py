@@ -106,6 +106,12 @@ def test_degenerate_zero_weight_and_zero_tokens(mats):
     assert not np.any(np.asarray(H.activation_quantize(x)[1]))
     y = H.bitlinear(x, mats["w"][:6])
     assert np.all(np.asarray(y[1]) == 0) and np.all(np.isfinite(np.asarray(y)))
+    # zero-size feature axis / empty matrix: the empty result, never NaN
+    assert H.activation_quantize(jnp.ones((3, 0))).shape == (3, 0)
+    cx, s = H.activation_codes(jnp.ones((3, 0)))
+    assert cx.shape == (3, 0) and s.shape == (3, 1) and np.all(np.isfinite(np.asarray(s)))
+    c, gamma = H.ternary_codes(jnp.ones((2, 0, 4)))
+    assert c.shape == (2, 0, 4) and np.all(np.asarray(gamma) == 0)
 
 
 # ------------------------------------------------------------------ STE
@@ -401,6 +407,17 @@ def test_bad_input(mats, mlp):
         H.pack_hgf(w, a)
     with pytest.raises(TypeError, match="quantize"):
         H.ste(w, "ternary")
+    # pack is the export step: concrete NaN/Inf refused, naming the argument
+    with pytest.raises(ValueError, match="w contains NaN"):
+        H.pack_hgf(w.at[0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="a contains NaN"):
+        H.pack_hgf(w, a.at[0, 0].set(jnp.inf), b, 0.1)
+    with pytest.raises(ValueError, match="b contains NaN"):
+        H.pack_hgf(w, a, b.at[0, 0].set(jnp.nan), 0.1)
+    with pytest.raises(ValueError, match="g"):
+        H.pack_hgf(w, a, b, jnp.array(jnp.nan))
+    with pytest.raises(ValueError, match="g must be a scalar"):
+        H.hgf_forward(x, w, a, b, jnp.ones(3))
     rp = HGF(2, targets=r"fc\d/kernel")
     base, ad = rp.init(jax.random.key(0), params)
     with pytest.raises(TypeError, match="step"):
@@ -409,6 +426,21 @@ def test_bad_input(mats, mlp):
         rp.with_gate_scale(ad, -1)
     with pytest.raises(TypeError, match="step"):
         H.set_gate_scale(H.HGFLinear(4, 3, rank=1, rngs=nnx.Rngs(0)), 1.5)
+    with pytest.raises(ValueError, match="step must be a scalar"):
+        rp.with_gate_scale(ad, jnp.array([1, 2]))
+    with pytest.raises(ValueError, match="step must be a scalar"):
+        H.set_gate_scale(H.HGFLinear(4, 3, rank=1, rngs=nnx.Rngs(0)), jnp.array([1, 2]))
+    with pytest.raises(TypeError, match="step must be an int >= 0 or an integer scalar array"):
+        rp.with_gate_scale(ad, 2.5)
+    with pytest.raises(TypeError, match="step"):
+        rp.with_gate_scale(ad, jnp.array(2.0))
+    with pytest.raises(ValueError, match="step"):
+        rp.with_gate_scale(ad, jnp.array(-1))
+    nan_base = {**base, "fc1": {**base["fc1"], "kernel": base["fc1"]["kernel"].at[0, 0].set(jnp.nan)}}
+    with pytest.raises(ValueError, match="NaN"):
+        rp.pack(nan_base, ad)
+    with pytest.raises(ValueError, match="'g'.*NaN"):
+        rp.pack(base, {**ad, "fc1/kernel": {**ad["fc1/kernel"], "g": jnp.array(jnp.nan)}})
     pure = HGF(targets=r"fc\d/kernel", pure_ternary=True)
     with pytest.raises(ValueError, match="pure_ternary"):
         lrjax.factored(_mlp, pure)(base, ad, mlp[1])

@@ -15,7 +15,7 @@ from flax import nnx
 import lrjax
 from lrjax.interpreter import NotMergeable
 from lrjax.models import char_transformer as ct
-from lrjax.nn.noble import (BRANCHES, NOBLELinear, init_noble, noble_branch, noble_linear, noble_num_params)
+from lrjax.nn.noble import (BRANCHES, NOBLELinear, cosnet, init_noble, noble_branch, noble_linear, noble_num_params)
 from lrjax.reparam.noble import NOBLE
 
 try:
@@ -307,3 +307,16 @@ def test_bad_input():
         noble_linear(jnp.ones((3, 8)), jnp.ones((8, 4)), f, jnp.ones(3))
     with pytest.raises(ValueError, match="factors"):
         noble_linear(jnp.ones((3, 8)), jnp.ones((8, 5)), f)
+    # mismatched factor shapes name the factor and the expected shape
+    with pytest.raises(ValueError, match=r"factors\['w_up'\] must have shape \(2, 4\)"):
+        noble_linear(jnp.ones((3, 8)), jnp.ones((8, 4)), {**f, "w_up": jnp.ones((3, 4))})
+    with pytest.raises(ValueError, match=r"factors\['w_down'\] must have shape \(8, r\)"):
+        noble_linear(jnp.ones((3, 8)), jnp.ones((8, 4)), {**f, "w_down": jnp.ones((6, 2))})
+    with pytest.raises(ValueError, match=r"factors\['mix'\].*expected \(2, 2\)"):
+        noble_branch(jnp.ones((3, 8)), {**f, "mix": jnp.ones((2, 3))})
+    with pytest.raises(ValueError, match=r"w1 must have shape \(2,\)"):
+        cosnet(jnp.ones((3, 2)), jnp.ones(3), f["p1"], f["mix"], f["w2"], f["p2"])
+    with pytest.raises(ValueError, match=r"mix must have shape \(2, 2\)"):
+        cosnet(jnp.ones((3, 2)), f["w1"], f["p1"], jnp.ones((2, 3)), f["w2"], f["p2"])
+    with pytest.raises(TypeError, match="h"):
+        cosnet(jnp.ones((3, 2), jnp.int32), f["w1"], f["p1"], f["mix"], f["w2"], f["p2"])

@@ -19,7 +19,8 @@ Quantizers (BitNet b1.58, Ma et al. 2024, arXiv:2402.17764, and its training-tip
       C     = clip(round(W / (gamma + eps)), -1, 1)      in {-1, 0, 1}   (int8 codes)
       Q_w(W) = C * gamma
 
-  ``eps = 1e-5``. An all-zero ``W`` has ``gamma = 0``, ``C = 0`` and ``Q_w(W) = 0`` (no NaN).
+  ``eps = 1e-5``. An all-zero ``W`` has ``gamma = 0``, ``C = 0`` and ``Q_w(W) = 0`` (no NaN); an
+  empty ``[0, N]`` / ``[M, 0]`` matrix has ``gamma = 0``.
   ``round`` is round-half-to-even (``jnp.round``; torch's ``round`` is the same). The division by
   ``gamma + eps`` is the b1.58 paper's equation; the training-tips code divides by
   ``max(gamma, eps)`` and dequantizes by the same clamped value -- the two differ only for
@@ -30,7 +31,8 @@ Quantizers (BitNet b1.58, Ma et al. 2024, arXiv:2402.17764, and its training-tip
       c    = clip(round(x s), -128, 127)                 (int8 codes)
       Q_a(x) = c / s
 
-  An all-zero token row gives ``c = 0`` and ``Q_a(x) = 0`` (no NaN).
+  An all-zero token row gives ``c = 0`` and ``Q_a(x) = 0`` (no NaN); a zero-size feature axis
+  (``M = 0``) gives the empty result (``s = 127 / eps``).
 * straight-through estimator (:func:`ste`): the forward value is ``q(w)``, the gradient is the
   identity, ``d ste(w) / dw = I``. Written ``q(w) + (w - stop_gradient(w))`` rather than the
   literal ``w + stop_gradient(q(w) - w)``: the same gradient, but the forward value is ``q(w)``
@@ -91,7 +93,7 @@ from lrjax import _validation as V
 __all__ = ["EPS", "ternary_codes", "ternary_quantize", "activation_codes", "activation_quantize", "ste",
            "bitlinear", "hgf_forward", "gate_warmup", "pack_ternary", "unpack_ternary", "PackedHGF", "pack_hgf",
            "packed_forward", "weight_bytes", "float32_weight_bytes", "GateScale", "BitLinear", "HGFLinear",
-           "set_gate_scale"]
+           "set_gate_scale", "check_step"]
 
 #: BitNet's epsilon (weights: ``gamma + eps``; activations: ``max(|x|, eps)``)
 EPS = 1e-5
@@ -144,16 +146,23 @@ def ternary_codes(w, *, eps: float = EPS):
 def _ternary_codes(w, eps):
     cd = V.compute_dtype(w.dtype)
     wc = w.astype(cd)
-    gamma = jnp.mean(jnp.abs(wc), axis=(-2, -1))
+    gamma = _absmean(wc, keepdims=False)
     c = jnp.clip(jnp.round(wc / (gamma[..., None, None] + eps)), -1, 1)
     return c.astype(jnp.int8), gamma.astype(jnp.float32)
+
+
+def _absmean(wc, keepdims):
+    """``gamma = mean |W|`` per matrix; 0 (not NaN) for an empty ``[0, N]`` / ``[M, 0]`` matrix."""
+    if wc.shape[-2] * wc.shape[-1] == 0:
+        return jnp.zeros(wc.shape[:-2] + ((1, 1) if keepdims else ()), wc.dtype)
+    return jnp.mean(jnp.abs(wc), axis=(-2, -1), keepdims=keepdims)
 
 
 def _ternary_value(w, eps):
     """``C * gamma`` in the compute dtype (unrounded)."""
     cd = V.compute_dtype(w.dtype)
     wc = w.astype(cd)
-    gamma = jnp.mean(jnp.abs(wc), axis=(-2, -1), keepdims=True)
+    gamma = _absmean(wc, keepdims=True)
     return jnp.clip(jnp.round(wc / (gamma + eps)), -1, 1) * gamma
 
 
@@ -177,14 +186,14 @@ def activation_codes(x, *, eps: float = EPS):
 @functools.partial(jax.jit, static_argnums=1)
 def _activation_codes(x, eps):
     xc = x.astype(V.compute_dtype(x.dtype))
-    s = 127.0 / jnp.maximum(jnp.max(jnp.abs(xc), axis=-1, keepdims=True), eps)
+    s = 127.0 / jnp.maximum(jnp.max(jnp.abs(xc), axis=-1, keepdims=True, initial=0.0), eps)
     c = jnp.clip(jnp.round(xc * s), -128, 127)
     return c.astype(jnp.int8), s.astype(jnp.float32)
 
 
 def _activation_value(x, eps):
     xc = x.astype(V.compute_dtype(x.dtype))
-    s = 127.0 / jnp.maximum(jnp.max(jnp.abs(xc), axis=-1, keepdims=True), eps)
+    s = 127.0 / jnp.maximum(jnp.max(jnp.abs(xc), axis=-1, keepdims=True, initial=0.0), eps)
     return jnp.clip(jnp.round(xc * s), -128, 127) / s
 
 
@@ -278,6 +287,9 @@ def hgf_forward(x, w, a, b, g, *, eps: float = EPS, quantize_activations: bool =
     x, w = _check_x_w(x, w)
     a, b = _check_ab(a, b, w.shape[0], w.shape[1])
     g = _check_gate(g)
+    if jnp.ndim(g):
+        raise ValueError(f"g must be a scalar gate (one per projection; pass warmup * g), got shape "
+                         f"{tuple(jnp.shape(g))}")
     V.check_bool(quantize_activations, "quantize_activations")
     return _hgf_cd(x, w, a, b, g, _eps(eps), quantize_activations).astype(_out_dtype(x, w))
 
@@ -374,7 +386,11 @@ class PackedHGF(NamedTuple):
 
 def pack_hgf(w, a=None, b=None, g=None, *, eps: float = EPS, quantize_activations: bool = True) -> PackedHGF:
     """Quantize and pack a trained latent weight ``w: [M, N]`` (and, for HGF, its ``a``, ``b`` and
-    effective gate ``g``; all three or none). Gradients are stopped (an inference artifact)."""
+    effective gate ``g``; all three or none). Gradients are stopped (an inference artifact).
+
+    Raises TypeError (non-floating arrays, a bool gate, non-bool ``quantize_activations``) /
+    ValueError (a stacked ``w``, shapes, rank > min(M, N), a non-scalar ``g``, and -- for concrete
+    arrays -- NaN/Inf in ``w``, ``a``, ``b`` or ``g``: packing is the export step)."""
     w = _matrix(w)
     if w.ndim != 2:
         raise ValueError(f"w must be a matrix [M, N], got shape {tuple(w.shape)}; pack each matrix of a stack")
@@ -383,13 +399,16 @@ def pack_hgf(w, a=None, b=None, g=None, *, eps: float = EPS, quantize_activation
     have = [v is not None for v in (a, b, g)]
     if any(have) and not all(have):
         raise ValueError("a, b and g come together: pass all three (HGF) or none (pure ternary)")
-    c, gamma = _ternary_codes(lax.stop_gradient(w), eps)
+    V.check_finite(w, "w")
     if all(have):
         a, b = _check_ab(a, b, *w.shape)
+        V.check_finite(a, "a")
+        V.check_finite(b, "b")
         g = jnp.asarray(_check_gate(g), jnp.float32)
         if g.ndim:
             raise ValueError(f"g must be a scalar gate, got shape {tuple(g.shape)}")
         a, b, g = (lax.stop_gradient(v) for v in (a, b, g))
+    c, gamma = _ternary_codes(lax.stop_gradient(w), eps)
     return PackedHGF(pack_ternary(c), gamma, a, b, g, int(w.shape[1]), eps, quantize_activations)
 
 
@@ -514,17 +533,36 @@ class HGFLinear(BitLinear):
         return self._finish(x, y)
 
 
+def check_step(step, name: str = "step"):
+    """A training step for the gate warmup: an int >= 0 or an integer scalar array (a tracer under jit).
+    TypeError for a bool, a float or a non-integer array; ValueError for a non-scalar array or a
+    (concrete) negative value. Returns ``step``."""
+    if isinstance(step, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int >= 0 or an integer scalar array, got a bool ({step!r})")
+    if isinstance(step, (int, np.integer)):
+        return V.check_int(step, name, low=0)
+    if not isinstance(step, (jax.Array, np.ndarray, jax.core.Tracer)):
+        raise TypeError(f"{name} must be an int >= 0 or an integer scalar array (e.g. the optimizer's step count), "
+                        f"got {step!r} ({type(step).__name__}); pass int(step)")
+    if step.dtype == jnp.bool_ or not jnp.issubdtype(step.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an int >= 0 or an integer scalar array, got an array of dtype {step.dtype}; "
+                        "cast with .astype(jnp.int32)")
+    if step.ndim:
+        raise ValueError(f"{name} must be a scalar (one step count for every layer), got shape {tuple(step.shape)}")
+    if V.is_concrete(step):
+        with jax.ensure_compile_time_eval():
+            v = int(step)
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    return step
+
+
 def set_gate_scale(module: nnx.Module, step) -> None:
     """Set every :class:`HGFLinear` in ``module`` to its warmup multiplier at ``step``
     (``layer.gate_scale = layer.schedule(step)``; ``step`` an int >= 0 or an integer array)."""
     if not isinstance(module, nnx.Module):
         raise TypeError(f"module must be an nnx.Module, got {type(module).__name__}")
-    if isinstance(step, (bool, np.bool_)):
-        raise TypeError("step must be an int >= 0 or an integer array, got a bool")
-    if isinstance(step, (int, np.integer)):
-        V.check_int(step, "step", low=0)
-    else:
-        step = V.check_array(step, "step", kind="integer")
+    step = check_step(step)
     for _, m in nnx.iter_graph(module):
         if isinstance(m, HGFLinear):
             m.gate_scale[...] = jnp.asarray(m.schedule(step), jnp.float32)

@@ -149,13 +149,16 @@ def check_factors(factors, branch: str, name: str = "factors", m: int | None = N
             raise ValueError(f"{name} has no {k!r}; a branch={branch!r} NOBLE needs {list(want)}")
         V.check_array(factors[k], f"{name}[{k!r}]", kind="floating")
     d, u = factors["w_down"], factors["w_up"]
-    if d.ndim != 2 or u.ndim != 2 or d.shape[1] != u.shape[0]:
-        raise ValueError(f"{name}: w_down [M, r] and w_up [r, N] disagree: w_down{tuple(d.shape)}, "
-                         f"w_up{tuple(u.shape)}")
+    if d.ndim != 2:
+        raise ValueError(f"{name}['w_down'] must be a matrix [M, r] (one layer's factors), got shape {tuple(d.shape)}")
     mm, r = d.shape
+    if m is not None and mm != m:
+        raise ValueError(f"{name}['w_down'] must have shape ({m}, r) for a [{m}, {n}] layer, got {tuple(d.shape)}")
+    want_u = (r, n if n is not None else (u.shape[-1] if u.ndim else "N"))
+    if u.ndim != 2 or u.shape[0] != r or (n is not None and u.shape[1] != n):
+        raise ValueError(f"{name}['w_up'] must have shape {want_u} (r from w_down{tuple(d.shape)}"
+                         f"{'' if n is None else f', N={n} from the kernel'}), got {tuple(u.shape)}")
     nn_ = u.shape[1]
-    if (m is not None and mm != m) or (n is not None and nn_ != n):
-        raise ValueError(f"{name}: w_down{tuple(d.shape)} / w_up{tuple(u.shape)} do not fit a [{m}, {n}] layer")
     if branch == "cosnet":
         for k, sh in (("w1", (r,)), ("p1", (r,)), ("w2", (r,)), ("p2", (r,)), ("mix", (r, r))):
             if tuple(factors[k].shape) != sh:
@@ -164,8 +167,16 @@ def check_factors(factors, branch: str, name: str = "factors", m: int | None = N
 
 
 def cosnet(h, w1, p1, mix, w2, p2):
-    """CosNet on the bottleneck: ``cos(w2 * (cos(w1 * h + p1) M) + p2)`` for ``h [..., r]``
-    (computed in the inputs' promoted dtype; no checks -- see :func:`noble_branch`)."""
+    """CosNet on the bottleneck: ``cos(w2 * (cos(w1 * h + p1) M) + p2)`` for ``h [..., r]`` with
+    ``w1, p1, w2, p2 [r]`` and ``mix [r, r]``, all floating (computed in the inputs' promoted dtype).
+    Raises TypeError (a non-array or non-floating input) / ValueError naming the argument whose
+    shape does not fit ``r = h.shape[-1]``."""
+    h = V.check_array(h, "h", min_ndim=1, kind="floating")
+    r = h.shape[-1]
+    for nm, v, sh in (("w1", w1, (r,)), ("p1", p1, (r,)), ("mix", mix, (r, r)), ("w2", w2, (r,)), ("p2", p2, (r,))):
+        V.check_array(v, nm, kind="floating")
+        if tuple(v.shape) != sh:
+            raise ValueError(f"{nm} must have shape {sh} (r={r} from h's last axis), got {tuple(v.shape)}")
     h1 = jnp.cos(w1 * h + p1)
     return jnp.cos(w2 * (h1 @ mix) + p2)
 

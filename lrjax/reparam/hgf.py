@@ -176,14 +176,11 @@ class HGF(Reparam):
     # ------------------------------------------------------------------ extras
     def with_gate_scale(self, adapters, step):
         """``adapters`` with every leaf's ``warm`` set to ``gate_schedule(step)`` (``step``: an int >= 0
-        or an integer array, e.g. the optimizer's step count under ``jit``). No-op for pure ternary."""
+        or an integer scalar array, e.g. the optimizer's step count under ``jit``). No-op for pure
+        ternary. Raises TypeError (bool, float, non-integer array ``step``) / ValueError (non-scalar or
+        concrete negative ``step``)."""
         self._check_adapters_dict(adapters, "adapters")
-        if isinstance(step, (bool, np.bool_)):
-            raise TypeError("step must be an int >= 0 or an integer array, got a bool")
-        if isinstance(step, (int, np.integer)):
-            V.check_int(step, "step", low=0)
-        else:
-            V.check_array(step, "step", kind="integer")
+        step = H.check_step(step)
         if self.pure_ternary:
             return dict(adapters)
         v = jnp.asarray(self.gate_schedule(step), jnp.float32)
