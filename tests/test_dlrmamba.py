@@ -362,3 +362,37 @@ def test_bad_input():
         M.distill_loss(jnp.float32(0), [hs], [hs], lam=True)
     with pytest.raises(ValueError, match="temperature"):
         M.logit_kd_loss(hs, hs, temperature=0.0)
+    # empty batches, NaN kernels, malformed factored weights, a rank with nothing to factorize
+    with pytest.raises(ValueError, match="student_logits has no elements"):
+        M.logit_kd_loss(jnp.ones((0, 3)), jnp.ones((0, 3)))
+    with pytest.raises(ValueError, match=r"student_states\[0\].*empty"):
+        M.state_distill_loss([hs[:0]], [hs[:0]])
+    with pytest.raises(ValueError, match="w contains NaN"):
+        M.factorize_weight(jnp.full((3, 3), jnp.nan), 2)
+    with pytest.raises(ValueError, match=r"w\['u'\].*w\['v'\]"):
+        M.dense_weight({"u": jnp.ones((3, 2)), "v": jnp.ones((3, 4))})
+    with pytest.raises(TypeError, match="w must be an array"):
+        M.dense_weight([1.0, 2.0])
+    with pytest.raises(ValueError, match="factorize=\\(\\)"):
+        M.LowRankSS2D(8, rank=1, factorize=(), rngs=rngs)
+
+
+def test_kd_masked_teacher_and_zero_teacher_normalize():
+    # a teacher class masked with -inf has p_t = 0 and contributes 0 log 0 = 0 (it gave NaN)
+    zs = jnp.asarray([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]])
+    zt = jnp.asarray([[1.0, -jnp.inf, 3.0], [2.0, 0.0, -jnp.inf]])
+    T = 2.0
+    ls, lt = np.asarray(zs, np.float64) / T, np.asarray(zt, np.float64) / T
+    ls = ls - np.log(np.exp(ls).sum(-1, keepdims=True))
+    lt = lt - np.log(np.exp(lt).sum(-1, keepdims=True))
+    pt = np.exp(lt)
+    kd = T * T * np.mean(np.sum(np.where(pt > 0, pt * (np.where(pt > 0, lt, 0.0) - ls), 0.0), -1))
+    np.testing.assert_allclose(M.logit_kd_loss(zs, zt, temperature=T), kd, rtol=1e-5)
+    g = jax.grad(lambda s: M.logit_kd_loss(s, zt, temperature=T))(zs)
+    # d/dz_s of T^2 KL = T (p_s - p_t)
+    np.testing.assert_allclose(g, T * (np.exp(ls) - pt) / 2, rtol=1e-5, atol=1e-7)
+    # normalize=True with an all-zero teacher: the plain MSE (it was divided by 1e-12)
+    s = jnp.full((1, 2, 2), 0.5)
+    val = M.state_distill_loss([s], [jnp.zeros((1, 2, 2))], normalize=True)
+    np.testing.assert_allclose(val, 0.25, rtol=1e-6)
+    assert np.isfinite(jax.grad(lambda s: M.state_distill_loss([s], [jnp.zeros((1, 2, 2))], normalize=True))(s)).all()

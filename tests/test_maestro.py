@@ -365,3 +365,23 @@ def test_bad_input():
         M.mlp_apply([lay], x, [1, 2])
     with pytest.raises(TypeError, match="rngs"):
         MaestroLinear(3, 2, rngs=0)
+    # labels outside 0..C-1 (-1 used to count as the last class, C gave NaN), empty batches
+    lg = np.ones((2, 3), np.float32)
+    for bad in ([0, -1], [0, 3]):
+        with pytest.raises(ValueError, match="labels must be class indices in 0..2"):
+            M.distillation_loss(lg, lg, np.asarray(bad, np.int32))
+    lay3 = _rand_layer(19, 5, 3)
+    for fp in (True, False):
+        with pytest.raises(ValueError, match="labels must be class indices in 0..2"):
+            M.maestro_loss([lay3], x, np.asarray([1, 3], np.int32), jax.random.key(0), full_pass=fp)
+    with pytest.raises(ValueError, match="logits_full has an empty batch"):
+        M.distillation_loss(lg[:0], lg[:0], np.zeros(0, np.int32))
+    with pytest.raises(ValueError, match="x has an empty batch"):
+        M.maestro_loss([lay3], x[:0], np.zeros(0, np.int32), jax.random.key(0))
+    # non-finite factors are refused by shrink (they used to shrink silently), empty kernels by from_dense
+    nan_lay = {**lay, "v": lay["v"].copy()}
+    nan_lay["v"][0, 1] = np.nan
+    with pytest.raises(ValueError, match=r"layers\[1\]\['v'\] contains NaN"):
+        M.shrink([_rand_layer(20, 3, 5), nan_lay], 0.1)
+    with pytest.raises(ValueError, match="kernel has shape"):
+        M.from_dense(np.ones((0, 3), np.float32))

@@ -89,18 +89,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax._validation import (check_array, check_bool, check_choice, check_float, check_int, check_rank,
-                               compute_dtype)
+from lrjax._validation import (check_array, check_bool, check_choice, check_finite, check_float, check_int,
+                               check_rank, compute_dtype)
 
 __all__ = ["selective_scan", "scan_orders", "cross_scan", "cross_merge", "ss2d", "factorize_weight",
            "dense_weight", "state_distill_loss", "logit_kd_loss", "distill_loss", "LowRankSS2D",
-           "DLRMambaClassifier", "FACTORIZE", "FACTORIZABLE", "SCAN_METHODS"]
+           "DLRMambaClassifier", "FACTORIZE", "FACTORIZABLE", "SCAN_METHODS", "SS2D_KEYS"]
 
 #: the matrices a low-rank SS2D factorizes by default [ours]
 FACTORIZE = ("in_proj", "x_proj", "out_proj", "A_log")
 #: the matrices that may be named in ``factorize``
 FACTORIZABLE = ("in_proj", "x_proj", "out_proj", "A_log")
+#: the :func:`selective_scan` methods: ``lax.scan`` or ``lax.associative_scan``
 SCAN_METHODS = ("scan", "associative")
+#: the number of SS2D scan directions (VMamba's ``K``)
 K_DIRECTIONS = 4
 
 
@@ -271,8 +273,10 @@ def cross_merge(y, height: int, width: int):
 def factorize_weight(w, rank: int) -> dict:
     """Balanced truncated SVD of ``w [..., m, n]``: ``{"u": U sqrt(S) [..., m, r], "v": sqrt(S) V^T
     [..., r, n]}`` (the best rank-``r`` approximation; exact at ``r = min(m, n)``). float32 math
-    (float64 for float64 input). Raises ValueError unless ``1 <= rank <= min(m, n)``."""
+    (float64 for float64 input). Raises ValueError unless ``1 <= rank <= min(m, n)``, and for a
+    concrete ``w`` holding NaN/Inf (the SVD would return NaN factors)."""
     w = _float_array(w, "w", min_ndim=2)
+    check_finite(w, "w")
     m, n = w.shape[-2:]
     rank = check_rank(rank, m, n, "rank", where="w")
     cd = compute_dtype(w.dtype)
@@ -283,12 +287,24 @@ def factorize_weight(w, rank: int) -> dict:
 
 
 def dense_weight(w):
-    """A weight as a dense array: ``w`` itself, or ``U V`` for a factored ``{"u", "v"}`` dict."""
+    """A weight as a dense array: ``w`` itself (a floating array), or ``U V`` for a factored
+    ``{"u": [..., m, r], "v": [..., r, n]}`` dict (``[..., m, n]``, computed in float32 or wider and
+    rounded to ``result_type(u, v)``). Raises TypeError for anything else (a list, an integer
+    array) and ValueError naming ``w['u']``/``w['v']`` for factors that do not chain."""
     if isinstance(w, dict):
         if set(w) != {"u", "v"}:
             raise ValueError(f"w: a factored weight is a dict with keys {{'u', 'v'}}, got keys {sorted(w)}")
-        return jnp.matmul(w["u"], w["v"])
-    return w
+        u = _float_array(w["u"], "w['u']", min_ndim=2)
+        v = _float_array(w["v"], "w['v']", min_ndim=2)
+        if u.shape[:-2] != v.shape[:-2] or u.shape[-1] != v.shape[-2]:
+            raise ValueError(f"w['u'] {tuple(u.shape)} and w['v'] {tuple(v.shape)} must be [..., m, r] and "
+                             "[..., r, n] (same leading axes, u's last axis = v's second-to-last)")
+        cd = compute_dtype(u.dtype, v.dtype)
+        return jnp.matmul(u.astype(cd), v.astype(cd)).astype(jnp.result_type(u.dtype, v.dtype))
+    if isinstance(w, (list, tuple)):
+        raise TypeError(f"w must be an array or a {{'u', 'v'}} dict, got a {type(w).__name__}; wrap it with "
+                        "jnp.asarray")
+    return _float_array(w, "w")
 
 
 def _apply(x, w, eq):
@@ -306,6 +322,7 @@ def _apply(x, w, eq):
 # the SS2D block, pure
 # ----------------------------------------------------------------------------------------------
 
+#: the keys of an SS2D params dict (:func:`ss2d`, :meth:`LowRankSS2D.weights`)
 SS2D_KEYS = ("in_proj", "conv_w", "conv_b", "x_proj", "dt_proj", "dt_bias", "A_log", "D", "norm_scale",
              "norm_bias", "out_proj")
 
@@ -352,6 +369,11 @@ def _ss2d_shapes(params):
 
 def ss2d(params: dict, x, *, height: int, width: int, return_states: bool = False, method: str = "scan"):
     """The (low-rank) SS2D block of the module docstring as a pure function.
+
+    From a module: ``ss2d(block.weights(), x, height=block.height, width=block.width)`` equals
+    ``block(x)`` for a :class:`LowRankSS2D` ``block`` (:meth:`LowRankSS2D.weights` turns its
+    ``<name>_u``/``<name>_v`` params into the ``{"u", "v"}`` dicts this function takes; the module's
+    ``nnx.state(...).to_pure_dict()`` keeps the ``_u``/``_v`` names and is NOT an ``ss2d`` params dict).
 
     Args:
       params: dict with keys :data:`SS2D_KEYS`: ``in_proj [d_model, 2 d_inner]``, ``conv_w [k, k,
@@ -435,10 +457,16 @@ def state_distill_loss(student_states, teacher_states, proj=None, *, normalize: 
         :class:`DLRMambaClassifier`); the teacher's are behind ``stop_gradient``.
       proj: None (identity; needs ``N_s == N_t``) or a per-layer list of ``P_l [N_t, N_s]`` (an entry
         may be None for identity); gradients reach ``P``.
-      normalize: divide layer ``l``'s term by ``mean((h_t P)^2)`` (stop-gradient; +1e-12).
+      normalize: divide layer ``l``'s term by ``mean((h_t P)^2)`` (stop-gradient). A layer whose
+        target ``h_t P`` is all zero (nothing to be relative to) keeps its plain
+        ``mean((h_s - h_t P)^2)`` (no division, no epsilon blow-up).
 
-    Returns a float32 (compute dtype) scalar. Raises TypeError for non-lists / non-arrays and
-    ValueError for a layer-count or shape mismatch.
+    Returns a float32 (compute dtype) scalar. The loss depends only on the states, so parameters
+    that act after the scan (``out_proj``, the LayerNorm after the merge, the ``z`` gate's half of
+    ``in_proj``, and in :class:`DLRMambaClassifier` the head and final norm) get no gradient from
+    it: train them with the task loss (:func:`distill_loss`). Raises TypeError for non-lists /
+    non-arrays and ValueError for a layer-count or shape mismatch or an empty state array (a mean
+    over no elements, named ``student_states[l]``).
     """
     hs = _as_list(student_states, "student_states")
     ht = _as_list(teacher_states, "teacher_states")
@@ -459,6 +487,9 @@ def state_distill_loss(student_states, teacher_states, proj=None, *, normalize: 
         if s.shape[:-1] != t.shape[:-1]:
             raise ValueError(f"student_states[{l}] {tuple(s.shape)} and teacher_states[{l}] {tuple(t.shape)} "
                              "must agree on every axis but the last (state size N)")
+        if s.size == 0 or t.size == 0:
+            raise ValueError(f"student_states[{l}] {tuple(s.shape)} / teacher_states[{l}] {tuple(t.shape)} "
+                             "are empty (e.g. a batch of 0); the loss is a mean, pass at least one example")
         if P is None:
             if s.shape[-1] != t.shape[-1]:
                 raise ValueError(f"proj[{l}] is None but the state sizes differ (student N_s={s.shape[-1]}, "
@@ -475,24 +506,33 @@ def state_distill_loss(student_states, teacher_states, proj=None, *, normalize: 
             target = target @ P.astype(cd)
         term = jnp.mean(jnp.square(s.astype(cd) - target))
         if normalize:
-            term = term / (jax.lax.stop_gradient(jnp.mean(jnp.square(target))) + 1e-12)
+            den = jax.lax.stop_gradient(jnp.mean(jnp.square(target)))
+            term = jnp.where(den > 0, term / jnp.where(den > 0, den, 1.0), term)
         total = total + term
     return total
 
 
 def logit_kd_loss(student_logits, teacher_logits, *, temperature: float = 2.0):
     """Logit distillation ``T^2 KL(softmax(z_t / T) || softmax(z_s / T))``, mean over the batch
-    (Hinton et al. 2015); teacher behind ``stop_gradient``. ``[..., classes]`` logits of equal shape;
-    ``temperature > 0``. Returns a compute-dtype scalar."""
+    (Hinton et al. 2015); teacher behind ``stop_gradient``. ``[..., classes]`` logits of equal shape
+    with at least one row (an empty batch raises ValueError naming ``student_logits``);
+    ``temperature > 0``. Teacher classes masked with ``-inf`` (``p_t = 0``) contribute 0
+    (``0 log 0 = 0``): the value and the student's gradient stay finite. Returns a compute-dtype scalar."""
     s = _float_array(student_logits, "student_logits", min_ndim=1)
     t = _float_array(teacher_logits, "teacher_logits", min_ndim=1)
     if s.shape != t.shape:
         raise ValueError(f"student_logits {tuple(s.shape)} and teacher_logits {tuple(t.shape)} must have the same shape")
+    if s.size == 0:
+        raise ValueError(f"student_logits has no elements (shape {tuple(s.shape)}, e.g. a batch of 0); the "
+                         "loss is a mean over the batch, pass at least one example")
     T = check_float(temperature, "temperature", low=0.0, low_open=True)
     cd = compute_dtype(s.dtype, t.dtype)
     lt = jax.nn.log_softmax(jax.lax.stop_gradient(t.astype(cd)) / T)
     ls = jax.nn.log_softmax(s.astype(cd) / T)
-    return (T * T) * jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), -1))
+    pt = jnp.exp(lt)
+    live = pt > 0                                           # 0 log 0 = 0 for masked teacher classes
+    kl = jnp.where(live, pt * (jnp.where(live, lt, 0.0) - ls), 0.0)
+    return (T * T) * jnp.mean(jnp.sum(kl, -1))
 
 
 def distill_loss(task_loss, student_states, teacher_states, *, lam: float, proj=None, normalize: bool = False):
@@ -525,13 +565,15 @@ class LowRankSS2D(nnx.Module):
       dt_rank: ``R`` (default ``ceil(d_model / 16)``, Mamba's ``"auto"``). d_conv: depthwise
       kernel size (3, odd). height, width: the token grid (8 x 8). rank: None (dense teacher) or the
       rank ``r`` of every matrix in ``factorize`` (``1 <= r <= min(m, n)`` of each, else ValueError
-      naming the matrix). factorize: names from :data:`FACTORIZABLE` (default :data:`FACTORIZE`).
+      naming the matrix). factorize: names from :data:`FACTORIZABLE` (default :data:`FACTORIZE`);
+      an empty ``factorize`` with a ``rank`` is refused (ValueError: nothing would be low-rank).
       param_dtype: parameter dtype (float32). rngs: ``nnx.Rngs``.
 
     ``__call__(x, *, return_states=False)``: ``x [..., H W, d_model]`` -> ``[..., H W, d_model]``
     (and the states ``[..., 4, H W, d_inner, N]``). Parameters: ``in_proj``, ``x_proj``,
     ``out_proj``, ``A_log`` (or ``<name>_u``/``<name>_v`` when factored), ``conv_w``, ``conv_b``,
-    ``dt_proj``, ``dt_bias``, ``D``, ``norm_scale``, ``norm_bias``.
+    ``dt_proj``, ``dt_bias``, ``D``, ``norm_scale``, ``norm_bias``. :meth:`weights` returns them as
+    the params dict of the pure :func:`ss2d` (the route from the module to the pure function).
     """
 
     def __init__(self, d_model: int, *, d_state: int = 8, expand: int = 2, dt_rank: int | None = None,
@@ -553,6 +595,10 @@ class LowRankSS2D(nnx.Module):
                 "A_log": (di, n)}
         if rank is not None:
             check_int(rank, "rank", low=1)
+            if not factorize:
+                raise ValueError(f"rank={rank} with factorize=() factorizes nothing (the block would be dense "
+                                 "and ignore rank); pass rank=None for the dense block or name matrices in "
+                                 f"factorize (from {list(FACTORIZABLE)})")
             for f in factorize:
                 check_rank(rank, *mats[f], name="rank", where=f)
         self.d_model, self.d_inner, self.d_state, self.dt_rank, self.rank = d_model, di, n, R, rank
@@ -589,7 +635,9 @@ class LowRankSS2D(nnx.Module):
         self.norm_bias = nnx.Param(jnp.zeros((di,), dt))
 
     def weights(self) -> dict:
-        """The params dict :func:`ss2d` takes (factored matrices as ``{"u", "v"}`` dicts)."""
+        """The params dict :func:`ss2d` takes (keys :data:`SS2D_KEYS`; factored matrices as ``{"u", "v"}``
+        dicts): ``ss2d(self.weights(), x, height=self.height, width=self.width) == self(x)``. Use this,
+        not ``nnx.state(self).to_pure_dict()``, whose factored entries are named ``<name>_u``/``_v``."""
         out = {}
         for k in SS2D_KEYS:
             if k in self.factorize:

@@ -203,8 +203,12 @@ def from_dense(kernel, bias=None) -> dict:
     concrete; ``kernel = A diag(S) B^T`` (thin SVD, ``S`` descending) gives ``u = A sqrt(S)``
     ``[d_in, d]``, ``v = B sqrt(S)`` ``[d_out, d]`` (so ``to_dense(from_dense(W)) == W`` and
     ``truncate(., k)`` is the best rank-``k`` approximation). The SVD runs in float32 (or wider) and
-    the factors are rounded to ``kernel.dtype``; ``bias`` ``[d_out]`` is copied."""
+    the factors are rounded to ``kernel.dtype``; ``bias`` ``[d_out]`` is copied. Errors: ValueError
+    naming ``kernel`` for an empty axis or (concrete) NaN/Inf entries."""
     kernel = check_array(kernel, "kernel", ndim=2, kind="floating")
+    if min(kernel.shape) < 1:
+        raise ValueError(f"kernel has shape {tuple(kernel.shape)}; a Maestro layer needs d_in >= 1 and "
+                         "d_out >= 1 (it keeps d = min(d_in, d_out) >= 1 components)")
     check_finite(kernel, "kernel")
     ct = compute_dtype(kernel.dtype)
     a, s, bt = jnp.linalg.svd(kernel.astype(ct), full_matrices=False)
@@ -345,8 +349,15 @@ def group_lasso(layer, *, hierarchical: bool = True):
 
 
 def importance(layer, *, hierarchical: bool = True):
-    """Per-component importance ``in_k * out_k`` ``[d]`` (same norms as :func:`group_lasso`);
-    ``hierarchical=False`` gives ``||u_k|| ||v_k||`` (``= sigma_k`` at the SVD)."""
+    """Per-component importance ``in_k * out_k`` ``[d]`` (same norms as :func:`group_lasso`).
+
+    The paper's SVD-recovery claim (``importance_k = sigma_k`` once the factors hold the balanced
+    SVD, e.g. after :func:`from_dense`) holds for the NON-hierarchical product
+    ``||u_k|| ||v_k||`` (``hierarchical=False``). The default ``hierarchical=True`` gives the
+    suffix-norm product ``sqrt(sum_{j>=k} ||u_j||^2) sqrt(sum_{j>=k} ||v_j||^2)`` (non-increasing in
+    ``k``), which is what the official code's progressive shrinking thresholds (its
+    ``_compute_lasso(hierarchical=True)`` norms in ``cifar_mnist_main.py``) and :func:`shrink`'s
+    default."""
     layer = _check_layer(layer)
     hierarchical = check_bool(hierarchical, "hierarchical")
     a, b = _norms(layer, hierarchical)
@@ -366,7 +377,8 @@ def shrink(layers, threshold: float = 1e-5, *, hierarchical: bool = True, min_ra
     it has). Eager (the kept count sets shapes): call it between jitted epochs and re-create the
     optimizer state for the new shapes. Returns a new list of layers.
 
-    Errors: ``threshold`` negative or not finite (ValueError), ``min_rank`` not an int >= 1."""
+    Errors: ``threshold`` negative or not finite (ValueError), ``min_rank`` not an int >= 1, a
+    layer whose factors hold NaN/Inf (ValueError naming ``layers[i]``), traced layers (TypeError)."""
     layers = _check_layers(layers)
     threshold = check_float(threshold, "threshold", low=0.0)
     hierarchical = check_bool(hierarchical, "hierarchical")
@@ -375,6 +387,11 @@ def shrink(layers, threshold: float = 1e-5, *, hierarchical: bool = True, min_ra
     for i, lay in enumerate(layers):
         if not all(is_concrete(lay[k]) for k in ("u", "v")):
             raise TypeError(f"layers[{i}] is traced; shrink changes shapes, so call it outside jax.jit")
+        bad = [k for k in ("u", "v") if not np.all(np.isfinite(np.asarray(lay[k], np.float64)))]
+        if bad:
+            raise ValueError(f"layers[{i}]['{bad[0]}'] contains NaN or Inf; shrink would rank its components "
+                             "by non-finite importances (and silently keep the wrong ones): fix the "
+                             "diverged layer (lower the learning rate / restore a checkpoint) first")
         imp = np.asarray(importance(lay, hierarchical=hierarchical), np.float64)
         keep = imp >= threshold
         need = min(min_rank, imp.size)
@@ -421,17 +438,38 @@ def mlp_apply(layers, x, ranks=None, *, activation: Callable = jax.nn.relu):
     return h
 
 
+def _check_labels(labels, num_classes: int, batch: int, name: str = "labels"):
+    """Integer ``[batch]`` labels; concrete values must lie in ``0..num_classes-1`` (traced ones are not
+    checked: there an out-of-range label reads a clipped/undefined log-probability)."""
+    labels = check_array(labels, name, ndim=1, kind="integer")
+    if labels.shape[0] != batch:
+        raise ValueError(f"{name} must have shape ({batch},) (one label per row of the logits), got "
+                         f"{tuple(labels.shape)}")
+    if is_concrete(labels) and labels.size:
+        with jax.ensure_compile_time_eval():
+            lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} must be class indices in 0..{num_classes - 1} (C = {num_classes} logits), "
+                             f"got {bad}; negative labels would silently index from the end and labels >= C "
+                             "give NaN: remap or drop them")
+    return labels
+
+
 def distillation_loss(logits_full, logits_trunc, labels):
     """``CE(full, y) + CE(trunc, stop_gradient(softmax(full)))``, means over the batch (float32).
 
-    ``logits_*``: ``[B, C]`` floating; ``labels``: integer ``[B]`` in ``0..C-1``."""
+    ``logits_*``: ``[B, C]`` floating with ``B >= 1`` (an empty batch has no mean: ValueError naming
+    ``logits_full``); ``labels``: integer ``[B]`` in ``0..C-1`` (concrete labels outside it raise
+    ValueError naming ``labels``; traced labels are not checked)."""
     lf = check_array(logits_full, "logits_full", ndim=2, kind="floating")
     lt = check_array(logits_trunc, "logits_trunc", ndim=2, kind="floating")
-    labels = check_array(labels, "labels", ndim=1, kind="integer")
     if lf.shape != lt.shape:
         raise ValueError(f"logits_full {tuple(lf.shape)} and logits_trunc {tuple(lt.shape)} must have the same shape")
-    if labels.shape[0] != lf.shape[0]:
-        raise ValueError(f"labels must have shape ({lf.shape[0]},), got {tuple(labels.shape)}")
+    if lf.shape[0] < 1:
+        raise ValueError(f"logits_full has an empty batch (shape {tuple(lf.shape)}); the loss is a mean over "
+                         "the batch, pass at least one example")
+    labels = _check_labels(labels, lf.shape[1], lf.shape[0])
     ct = compute_dtype(lf.dtype, lt.dtype)
     lsf = jax.nn.log_softmax(lf.astype(ct), -1)
     lst = jax.nn.log_softmax(lt.astype(ct), -1)
@@ -449,9 +487,15 @@ def maestro_loss(layers, x, labels, key, *, sampler: str = "per_layer", gp_lambd
         L = CE(f(x), y) + CE(f_ranks(x), sg(softmax(f(x)))) + gp_lambda * group_lasso_penalty
 
     (``full_pass=False``: ``CE(f_ranks(x), y) + gp_lambda * penalty``). ``x [B, d_in]``,
-    ``labels`` int ``[B]``; ``gp_lambda >= 0`` (official default 5e-3). A float32 scalar;
-    differentiate with ``jax.grad`` w.r.t. ``layers``."""
+    ``labels`` int ``[B]`` in ``0..C-1`` (``C`` = the last layer's ``d_out``; concrete labels
+    outside it raise ValueError naming ``labels``), ``B >= 1``; ``gp_lambda >= 0`` (official default
+    5e-3). A float32 scalar; differentiate with ``jax.grad`` w.r.t. ``layers``."""
     layers = _check_layers(layers)
+    xa = check_array(x, "x", min_ndim=2, kind="floating")
+    if xa.shape[0] < 1:
+        raise ValueError(f"x has an empty batch (shape {tuple(xa.shape)}); the loss is a mean over the batch, "
+                         "pass at least one example")
+    _check_labels(labels, layers[-1]["v"].shape[0], xa.shape[0])
     key = check_key(key, "key")
     gp_lambda = check_float(gp_lambda, "gp_lambda", low=0.0)
     hierarchical = check_bool(hierarchical, "hierarchical")
@@ -461,7 +505,6 @@ def maestro_loss(layers, x, labels, key, *, sampler: str = "per_layer", gp_lambd
     if full_pass:
         loss = distillation_loss(mlp_apply(layers, x, activation=activation), trunc, labels)
     else:
-        labels = check_array(labels, "labels", ndim=1, kind="integer")
         ls = jax.nn.log_softmax(trunc.astype(compute_dtype(trunc.dtype)), -1)
         loss = -jnp.mean(jnp.take_along_axis(ls, labels[:, None], -1))
     if gp_lambda:
