@@ -36,3 +36,7 @@ def __getattr__(name):
     if name in _LAZY_REPARAM:
         return getattr(reparam, name)
     raise AttributeError(f"module 'lrjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -44,11 +44,20 @@ def _fmt(value) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
+def _static_hint(value) -> str:
+    """For a traced value where a Python number is needed: why, and the fix."""
+    if isinstance(value, jax.core.Tracer):
+        return ("; it is a traced value (an argument of a jax.jit / grad / vmap'd function), but this "
+                "setting must be static: pass it as a Python number from outside the transform (close over "
+                "it, or mark it with jax.jit(..., static_argnames=...))")
+    return ""
+
+
 def check_bool(value, name: str) -> bool:
     """``value`` must be a ``bool`` (or ``np.bool_``); strings, ints and None are refused."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
-    raise TypeError(f"{name} must be True or False, got {_fmt(value)} ({type(value).__name__})")
+    raise TypeError(f"{name} must be True or False, got {_fmt(value)} ({type(value).__name__}){_static_hint(value)}")
 
 
 def check_int(value, name: str, *, low: int | None = None, high: int | None = None,
@@ -58,7 +67,8 @@ def check_int(value, name: str, *, low: int | None = None, high: int | None = No
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
         rng = _range_text(low, high, False, False)
-        raise TypeError(f"{name} must be an int{rng}, got {_fmt(value)} ({type(value).__name__})")
+        raise TypeError(f"{name} must be an int{rng}, got {_fmt(value)} ({type(value).__name__})"
+                        f"{_static_hint(value)}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be an int{_range_text(low, high, False, False)}, got {value}")
@@ -88,7 +98,8 @@ def check_float(value, name: str, *, low: float | None = None, high: float | Non
         value = np.asarray(value).item()
     rng = _range_text(low, high, low_open, high_open)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a real number{rng}, got {_fmt(value)} ({type(value).__name__})")
+        raise TypeError(f"{name} must be a real number{rng}, got {_fmt(value)} ({type(value).__name__})"
+                        f"{_static_hint(value)}")
     value = float(value)
     if math.isnan(value) or (math.isinf(value) and not allow_inf):
         raise ValueError(f"{name} must be a finite number{rng}, got {value}")

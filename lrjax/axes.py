@@ -12,12 +12,19 @@ leaf                                   shape                       (batch, in, o
 =====================================  ==========================  =====================
 Dense / nnx.Linear kernel              ``[in, out]``               ``((), (0,), (1,))``
 q/k/v DenseGeneral kernel (path ends   ``[embed, heads, head_dim]``  ``((), (0,), (1, 2))``
-``query|key|value/kernel``)
+``query|key|value|qkv/kernel``)
 attention ``out/kernel`` (3-D)         ``[heads, head_dim, embed]``  ``((), (0, 1), (2,))``
 Conv kernel (path contains ``conv``)  ``[*window, in, out]``      ``((), (0, .., n-2), (n-1,))``
 other 3-D leaf (``nn.scan`` stacks)    ``[L, in, out]``            ``((0,), (1,), (2,))``
 other 4-D+ leaf (Conv without name)    ``[h, w, in, out]``         ``((), (0, 1, 2), (3,))``
 =====================================  ==========================  =====================
+
+The attention rows use the names of Flax's ``MultiHeadDotProductAttention`` (``query``, ``key``,
+``value``, ``out``) and ``qkv``, and nothing else: a 3-D leaf named ``q``/``k``/``v``/``o`` or
+``q_proj``/``o_proj``/... (Flax ports of torch models use these names for 2-D ``Dense`` layers) is read
+as an ``nn.scan`` stack ``[L, in, out]``. The shape alone cannot tell the two apart: a *scanned*
+``Dense`` named ``query``/``key``/``value``/``out`` needs ``axes=Axes((0,), (1,), (2,))``, and a
+``DenseGeneral`` attention kernel with another name needs its ``Axes`` as well.
 
 Anything else, or any leaf where the default is wrong, takes a per-leaf override:
 ``axes={"pattern": Axes(batch=(0,), inp=(1, 2), out=(3,))}`` or a callable
@@ -108,9 +115,9 @@ class Axes(NamedTuple):
 
 AxesSpec = Union[None, Axes, Mapping[str, Axes], Callable[[str, tuple], Axes]]
 
-_QKV = re.compile(r"(^|.*/)(query|key|value|q|k|v|q_proj|k_proj|v_proj|qkv)/kernel$")
+_QKV = re.compile(r"(^|.*/)(query|key|value|qkv)/kernel$")
 _CONV = re.compile(r"conv", re.IGNORECASE)
-_OUT = re.compile(r"(^|.*/)(out|o|o_proj|out_proj)/kernel$")
+_OUT = re.compile(r"(^|.*/)out/kernel$")
 
 
 def default_axes(path: str, shape) -> Axes:

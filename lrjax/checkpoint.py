@@ -331,7 +331,7 @@ def _reparam_classes() -> dict:
     from lrjax import reparam
     from lrjax.reparam.base import Reparam
 
-    return {n: c for n in dir(reparam) if isinstance(c := getattr(reparam, n), type)
+    return {n: c for n in reparam.__all__ if isinstance(c := getattr(reparam, n), type)
             and issubclass(c, Reparam)}
 
 

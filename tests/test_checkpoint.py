@@ -101,6 +101,12 @@ def test_adapters_without_rp(tmp_path):
     lrjax.PiSSA(rank=2, n_iter=3),
     lrjax.LoRA(axes={"blk/kernel": Axes((0,), (1,), (2, 3)), "kernel": Axes((), (0,), (1,))}),
     lrjax.LoRA(axes=Axes((0,), (1,), (2,))),
+    # issue 14: configs with renamed fields (SLTrain's delta -> density, NOBLE's branch -> kind), loaded lazily
+    lrjax.SLTrain(rank=2, delta=0.2, seed=3),
+    lrjax.PureLowRank(rank=2),
+    lrjax.NOBLE(rank=2, branch="gelu"),
+    lrjax.HGF(rank=2, warmup_steps=5),
+    lrjax.HGF(pure_ternary=True),
 ])
 def test_reparam_config_json_roundtrip(rp):
     cfg = json.loads(json.dumps(ck.reparam_to_json(rp)))  # must be real JSON

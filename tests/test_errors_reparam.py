@@ -429,3 +429,11 @@ def test_axes_patterns_checked_in_one_place(bad, exc):
         lrjax.LoRA(rank=1, axes={bad: axes_lib.Axes((), (0,), (1,))})
     with pytest.raises(exc, match="axes"):
         axes_lib.resolve("w", (2, 3), {bad: axes_lib.Axes((), (0,), (1,))})
+
+
+def test_traced_value_where_a_static_number_goes_says_static():
+    """A jit argument passed where a config number goes: the TypeError says it must be static and how."""
+    with pytest.raises(TypeError, match=r"rank must be an int.*traced value.*static_argnames"):
+        jax.jit(lambda r: lrjax.LoRA(rank=r))(3)
+    with pytest.raises(TypeError, match=r"alpha must be a real number.*traced value.*static"):
+        jax.jit(lambda a: lrjax.LoRA(rank=2, alpha=a))(3.0)

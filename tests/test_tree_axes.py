@@ -67,6 +67,10 @@ def test_linen_and_nnx_paths_agree():
     ("attn/query/kernel", (8, 2, 4), Axes((), (0,), (1, 2))),
     ("attn/out/kernel", (2, 4, 8), Axes((), (0, 1), (2,))),
     ("ScanLayers/kernel", (3, 4, 5), Axes((0,), (1,), (2,))),
+    # torch-style names are 2-D Dense layers in Flax ports: a 3-D leaf of that name is a scanned stack
+    ("layers/q/kernel", (3, 8, 8), Axes((0,), (1,), (2,))),
+    ("layers/o_proj/kernel", (3, 8, 8), Axes((0,), (1,), (2,))),
+    ("layers/qkv/kernel", (8, 3, 8), Axes((), (0,), (1, 2))),
     ("Conv_0/kernel", (3, 3, 2, 5), Axes((), (0, 1, 2), (3,))),
 ])
 def test_default_axes(path, shape, want):
