@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from _stacks import scan_stack
 import lrjax
 from lrjax.interpreter import NotMergeable
 from lrjax.reparam.bottleneck import SeqBottleneck, bottleneck_size, nice_forward, nice_init, nice_inverse
@@ -96,15 +97,8 @@ def test_no_bias_nnx_plain_and_sync():
     np.testing.assert_array_equal(rp2.sync_bias(new, a2)["ffn/w_out"]["bias"], new["ffn"]["b_out"])
 
 
-class ScanFFN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        class Block(nn.Module):
-            @nn.compact
-            def __call__(self, h, _):
-                return h + nn.Dense(8, name="ffn")(h), None
-        h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(name="blocks")(x, None)
-        return h
+def ScanFFN():
+    return scan_stack(8, length=2, name="ffn")
 
 
 def test_scan_stack_per_layer_bias():

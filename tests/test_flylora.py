@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from _stacks import scan_stack
 import lrjax
 from lrjax.interpreter import NotMergeable
 from lrjax.reparam.flylora import FlyLoRA, average_adapters, sparse_projection
@@ -132,15 +133,8 @@ def test_nnx_and_plain_einsum(mlp):
     np.testing.assert_allclose(np.asarray(y2, np.float64), ref2, rtol=2e-4, atol=2e-5)
 
 
-class ScanMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        class Block(nn.Module):
-            @nn.compact
-            def __call__(self, h, _):
-                return h + nn.Dense(8, name="fc")(h), None
-        h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(name="blocks")(x, None)
-        return h
+def ScanMLP():
+    return scan_stack(8)
 
 
 def test_scan_stack_has_per_layer_state():

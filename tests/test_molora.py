@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _stacks import scan_stack
 import lrjax
 from lrjax.interpreter import NotMergeable
 from lrjax.reparam.molora import MoLoRA, router_probs
@@ -66,17 +67,7 @@ def test_starts_unchanged_grads_reach_router_and_merge_refuses():
 
 
 def test_scan_stack_and_bfloat16():
-    class Block(nn.Module):
-        @nn.compact
-        def __call__(self, h, _):
-            return h + nn.Dense(4, name="fc")(h), None
-
-    class Stack(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(name="s")(x, None)[0]
-
-    model = Stack()
+    model = scan_stack(4, length=2, stack="s")
     x = jax.random.normal(jax.random.key(0), (3, 4))
     params = model.init(jax.random.key(1), x)
     rp = MoLoRA(rank=1, num_experts=2, k=1)

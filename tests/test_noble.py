@@ -5,13 +5,13 @@ the char transformer and an nn.scan stack through lrjax.factored; bad input."""
 import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from _stacks import scan_stack
 import lrjax
 from lrjax.interpreter import NotMergeable
 from lrjax.models import char_transformer as ct
@@ -163,15 +163,8 @@ def test_pretraining_grads_at_init_and_steps(tiny_lm):
 
 
 # ---------------------------------------------------------------- reparam on linen / nn.scan
-class ScanMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        class Block(nn.Module):
-            @nn.compact
-            def __call__(self, h, _):
-                return h + nn.Dense(6, name="fc")(h), None
-        h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(name="blocks")(x, None)
-        return h
+def ScanMLP():
+    return scan_stack(6)
 
 
 def test_scan_stack_matches_float64():
