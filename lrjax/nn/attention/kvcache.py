@@ -344,12 +344,11 @@ def _check_x(x, name, d=None, ndim=3):
     return x
 
 
-def _check_qo(w_q, w_o, d, n_heads):
+def _check_qo(w_q, w_o, n_heads):
+    """``w_q: [d, N]``, ``w_o: [N, d]``; ``d`` is read from ``w_q`` and ``x`` is checked against it."""
     w_q = check_array(w_q, "w_q", ndim=2, kind="floating")
     w_o = check_array(w_o, "w_o", ndim=2, kind="floating")
-    if w_q.shape[0] != d:
-        raise ValueError(f"w_q must be [d={d}, N], got {tuple(w_q.shape)}")
-    n = w_q.shape[1]
+    d, n = w_q.shape
     n_heads, _ = _check_heads(n, n_heads)
     if w_o.shape != (n, d):
         raise ValueError(f"w_o must be [N={n}, d={d}], got {tuple(w_o.shape)}")
@@ -377,8 +376,8 @@ def latent_self_attention(x, w_q, w_o, kv: LatentKV, *, n_heads: int):
     ``promote_types(..., float32)``). With ``kv`` at full rank this is the dense attention of
     :func:`dense_self_attention` (the char transformer's ``CausalSelfAttention``) up to rounding.
     """
-    x = _check_x(x, "x")
-    w_q, w_o, n_heads = _check_qo(w_q, w_o, x.shape[-1], n_heads)
+    w_q, w_o, n_heads = _check_qo(w_q, w_o, n_heads)
+    x = _check_x(x, "x", w_q.shape[0])
     _check_kv(kv, d=x.shape[-1], n=w_q.shape[1])
     return _latent_full(x, w_q, w_o, kv, n_heads)
 
@@ -398,8 +397,8 @@ def _latent_full(x, w_q, w_o, kv, n_heads):
 def dense_self_attention(x, w_q, w_k, w_v, w_o, *, n_heads: int):
     """The exact reference: causal multi-head attention with dense ``W_k, W_v: [d, N]`` (the char
     transformer's ``CausalSelfAttention`` math), ``x: [B, T, d]`` -> ``[B, T, d]`` in ``x``'s dtype."""
-    x = _check_x(x, "x")
-    w_q, w_o, n_heads = _check_qo(w_q, w_o, x.shape[-1], n_heads)
+    w_q, w_o, n_heads = _check_qo(w_q, w_o, n_heads)
+    x = _check_x(x, "x", w_q.shape[0])
     w_k, w_v = _check_weights(w_k, w_v)
     if w_k.shape != w_q.shape:
         raise ValueError(f"w_k must have the shape of w_q {tuple(w_q.shape)}, got {tuple(w_k.shape)}")
@@ -450,8 +449,8 @@ def _check_cache(cache, kv, batch):
 def latent_prefill(x, w_q, w_o, kv: LatentKV, *, n_heads: int, capacity: int, cache_dtype=jnp.float32):
     """Causal attention over a prompt ``x: [B, T, d]`` that also fills a :class:`LatentCache` of
     ``capacity >= T`` positions (latents stored in ``cache_dtype``). Returns ``(y [B, T, d], cache)``."""
-    x = _check_x(x, "x")
-    w_q, w_o, n_heads = _check_qo(w_q, w_o, x.shape[-1], n_heads)
+    w_q, w_o, n_heads = _check_qo(w_q, w_o, n_heads)
+    x = _check_x(x, "x", w_q.shape[0])
     _check_kv(kv, d=x.shape[-1], n=w_q.shape[1])
     capacity = check_int(capacity, "capacity", low=x.shape[1])
     cache = init_latent_cache(kv, x.shape[0], capacity, cache_dtype)
@@ -489,8 +488,8 @@ def latent_decode_step(x, w_q, w_o, kv: LatentKV, cache: LatentCache, *, n_heads
     with the token's latents appended. Filling the cache past its capacity is the caller's error
     (positions beyond ``capacity`` are dropped by ``dynamic_update_slice`` clamping; check
     ``cache.length < capacity``)."""
-    x = _check_x(x, "x", ndim=2)
-    w_q, w_o, n_heads = _check_qo(w_q, w_o, x.shape[-1], n_heads)
+    w_q, w_o, n_heads = _check_qo(w_q, w_o, n_heads)
+    x = _check_x(x, "x", w_q.shape[0], ndim=2)
     _check_kv(kv, d=x.shape[-1], n=w_q.shape[1])
     cache = _check_cache(cache, kv, x.shape[0])
     return _decode(x, w_q, w_o, kv, cache, n_heads)
