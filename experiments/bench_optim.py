@@ -85,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (all methods)")
     p.add_argument("--eval-every", type=int, default=None, help="default 25 (quick 4)")
     p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--sections", default="mlp,transformer,layerwise",
+                   help="comma list of: mlp (timing), transformer (quality), layerwise (compiled memory)")
     a = p.parse_args(argv)
     dflt = dict(width=(64, 1024), rank=(8, 128), configs=("32:10", "64:50,512:200"), repeats=(3, 21),
                 refresh_repeats=(2, 5), train_steps=(12, 300), batch=(4, 16), tf_rank=(4, 32), tf_gap=(4, 50),
@@ -95,6 +97,10 @@ def parse_args(argv=None):
     if a.quick:
         a.eval_windows = min(a.eval_windows, 16)
     a.configs_parsed = [tuple(int(v) for v in c.split(":")) for c in a.configs.split(",")]
+    a.sections_parsed = [x for x in a.sections.split(",") if x]
+    bad = set(a.sections_parsed) - {"mlp", "transformer", "layerwise"}
+    if bad:
+        p.error(f"--sections: unknown {sorted(bad)}")
     return a
 
 
@@ -303,6 +309,85 @@ def bench_transformer(args, progress):
     return res
 
 
+# ----------------------------------------------------------------------------- layerwise memory
+def stacked_lm(vocab, d, layers, heads, d_ff):
+    """A pre-LN causal transformer LM whose blocks are one linen ``nn.scan`` stack (params [L, ...])."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            y = nn.LayerNorm(name="ln1")(x)
+            mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+            x = x + nn.MultiHeadDotProductAttention(num_heads=heads, name="attn")(y, y, mask=mask)
+            y = nn.LayerNorm(name="ln2")(x)
+            y = nn.Dense(d, name="fc2")(jax.nn.gelu(nn.Dense(d_ff, name="fc1")(y)))
+            return x + y, None
+
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, tok):
+            h = nn.Embed(vocab, d, name="embed")(tok)
+            h = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=layers)(name="blocks")(h, None)[0]
+            return nn.Dense(vocab, name="head")(nn.LayerNorm(name="ln_f")(h))
+    return LM()
+
+
+def compiled_memory(fn, *args):
+    """XLA's memory analysis of ``jax.jit(fn)`` (MiB): temp, arguments, outputs, peak = sum."""
+    m = jax.jit(fn).lower(*args).compile().memory_analysis()
+    t, a, o = m.temp_size_in_bytes, m.argument_size_in_bytes, m.output_size_in_bytes
+    return {"temp_bytes": int(t), "argument_bytes": int(a), "output_bytes": int(o), "peak_bytes": int(t + a + o)}
+
+
+def bench_layerwise(args, progress):
+    """Compiled step memory: Adam, plain GaLore, per-layer GaLore (lrjax.optim.layerwise), per-layer Adam."""
+    from lrjax.optim.layerwise import layerwise_init, layerwise_step
+    res = {}
+    workloads = {}
+    params, x, y, loss = mlp_workload(args.width, 64, args.seed)
+    workloads["mlp"] = dict(params=params, batch=(x, y), loss=loss, targets=r"layers/\d+/kernel", rank=args.rank,
+                            desc=f"MLP {args.width}x{args.width} x4, batch 64, rank {args.rank}")
+    cfg = dict(vocab=96, d=32, layers=2, heads=4, d_ff=64) if args.quick else \
+        dict(vocab=96, d=256, layers=6, heads=4, d_ff=1024)
+    lm = stacked_lm(**cfg)
+    seq, bsz = (16, 2) if args.quick else (64, 8)
+    tok = jax.random.randint(jax.random.key(args.seed), (bsz, seq + 1), 0, cfg["vocab"])
+    lp = lm.init(jax.random.key(args.seed), tok[:, :-1])
+
+    def lm_loss(p, tok):
+        logits = lm.apply(p, tok[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tok[:, 1:]).mean()
+    tf_rank = max(1, cfg["d"] // 8)
+    workloads["stacked_transformer"] = dict(
+        params=lp, batch=(tok,), loss=lm_loss, targets=r"blocks/.*(query|key|value|out|fc1|fc2)/kernel",
+        rank=tf_rank, desc=(f"nn.scan transformer d {cfg['d']}, {cfg['layers']} layers, d_ff {cfg['d_ff']}, "
+                            f"batch {bsz} x {seq}, rank {tf_rank}"))
+    for name, w in tqdm(workloads.items(), desc="layerwise memory", disable=not progress, file=sys.stdout):
+        adam = optax.chain(optax.scale_by_adam(), optax.scale(-1e-3))
+        gal = optax.chain(lo.galore(optax.scale_by_adam(), w["rank"], update_proj_gap=50, targets=w["targets"]),
+                          optax.scale(-1e-3))
+
+        def plain(tx, loss=w["loss"]):
+            def step(p, s, *b):
+                l, g = jax.value_and_grad(loss)(p, *b)
+                u, s = tx.update(g, s, p)
+                return l, optax.apply_updates(p, u), s
+            return step
+        p = w["params"]
+        rows = {"adam": compiled_memory(plain(adam), p, adam.init(p), *w["batch"]),
+                "galore": compiled_memory(plain(gal), p, gal.init(p), *w["batch"]),
+                "galore_layerwise": compiled_memory(layerwise_step(w["loss"], gal), p, layerwise_init(gal, p),
+                                                    *w["batch"]),
+                "adam_layerwise": compiled_memory(layerwise_step(w["loss"], adam), p, layerwise_init(adam, p),
+                                                  *w["batch"])}
+        pbytes = projection.nbytes(p)
+        res[name] = {"desc": w["desc"], "param_bytes": pbytes, "methods": rows,
+                     "grad_bytes_whole_model": pbytes}
+    return res
+
+
 # ----------------------------------------------------------------------------- report
 def mb(b):
     return f"{b / 2**20:.2f}"
@@ -310,7 +395,7 @@ def mb(b):
 
 def tables(out):
     lines = []
-    for key, w in out["mlp"].items():
+    for key, w in out.get("mlp", {}).items():
         lines += [f"\n**MLP {w['width']}x{w['width']} x4, batch {w['batch']}, rank {w['rank']}, "
                   f"gap {w['update_proj_gap']}** (limit = forward+backward alone: {w['limit_ms']:.1f} ms; "
                   f"projected moments / Adam's = {w['projected_moment_ratio']:.4f}, r/d = "
@@ -321,6 +406,17 @@ def tables(out):
             lines.append(f"| {n} | {r['normal_ms']:.1f} | {r['refresh_ms']:.1f} | {r['amortized_ms']:.1f} | "
                          f"{r['ratio_to_adam']:.3f} | {r['ratio_to_limit']:.3f} | {mb(r['state_bytes'])} | "
                          f"{r['state_ratio_to_adam']:.3f} |")
+    for key, w in out.get("layerwise", {}).items():
+        lines += [f"\n**Compiled step memory, {w['desc']}** (XLA memory_analysis; params {mb(w['param_bytes'])} MiB "
+                  f"= one full-size gradient of the whole model)\n",
+                  "| step | temp MiB | arguments MiB | outputs MiB | peak MiB | temp / plain GaLore |",
+                  "|---|---|---|---|---|---|"]
+        g = w["methods"]["galore"]["temp_bytes"]
+        for n, r in w["methods"].items():
+            lines.append(f"| {n} | {mb(r['temp_bytes'])} | {mb(r['argument_bytes'])} | {mb(r['output_bytes'])} | "
+                         f"{mb(r['peak_bytes'])} | {r['temp_bytes'] / g:.3f} |")
+    if "transformer" not in out:
+        return "\n".join(lines)
     t = out["transformer"]
     c = t["config"]
     lines += [f"\n**CharTransformer pretraining** (d_model {c['d_model']}, {c['n_layers']} layers, d_ff {c['d_ff']}, "
@@ -337,12 +433,20 @@ def tables(out):
 
 def targets_report(out):
     rep = {}
-    for key, w in out["mlp"].items():
+    for key, w in out.get("layerwise", {}).items():
+        m = w["methods"]
+        rep[f"layerwise_{key}"] = {
+            "temp_below_plain_galore": m["galore_layerwise"]["temp_bytes"] < m["galore"]["temp_bytes"],
+            "peak_below_plain_galore": m["galore_layerwise"]["peak_bytes"] < m["galore"]["peak_bytes"],
+            "peak_below_adam": m["galore_layerwise"]["peak_bytes"] < m["adam"]["peak_bytes"]}
+    for key, w in out.get("mlp", {}).items():
         m = w["methods"]
         og = m["optax_galore"]["amortized_ms"]
         rep[key] = {n: {"faster_than_optax_galore": m[n]["amortized_ms"] < og,
                         "ratio_to_adam": m[n]["ratio_to_adam"]}
                     for n in GALORES}
+    if "transformer" not in out:
+        return rep
     t = out["transformer"]["methods"]
     loss = {n: t[n]["final_eval_loss"] for n in t}
     rep["transformer"] = {
@@ -362,8 +466,8 @@ def plot(out, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(13, 4.5))
-    keys = list(out["mlp"])
+    fig, axs = plt.subplots(1, 3, figsize=(18, 4.5))
+    keys = list(out.get("mlp", {}))
     x = np.arange(len(METHODS))
     wdt = 0.8 / max(1, len(keys))
     for j, k in enumerate(keys):
@@ -376,13 +480,23 @@ def plot(out, path):
     axs[0].set_ylabel("amortized step time / Adam")
     axs[0].set_title("MLP step cost")
     axs[0].legend(fontsize=8)
-    for n, r in out["transformer"]["methods"].items():
+    for n, r in out.get("transformer", {}).get("methods", {}).items():
         h = r["history"]
         axs[1].plot(h["eval_step"], h["eval_loss"], label=n, lw=1.2)
     axs[1].set_xlabel("step")
     axs[1].set_ylabel("held-out loss (nats/char)")
     axs[1].set_title("CharTransformer pretraining")
     axs[1].legend(fontsize=8)
+    lw = out.get("layerwise", {})
+    for j, (k, w) in enumerate(lw.items()):
+        names = list(w["methods"])
+        axs[2].bar(np.arange(len(names)) + j * 0.4, [w["methods"][n]["peak_bytes"] / 2**20 for n in names], 0.4,
+                   label=k)
+        axs[2].set_xticks(np.arange(len(names)) + 0.2, names, rotation=20, ha="right")
+    axs[2].set_ylabel("compiled peak MiB (args + outputs + temp)")
+    axs[2].set_title("step memory (XLA memory_analysis)")
+    if lw:
+        axs[2].legend(fontsize=8)
     d = out["device"]
     fig.suptitle(f"lrjax.optim on {d['platform']} / {d['device_kind']}, jax {d['jax']}", fontsize=10)
     fig.tight_layout()
@@ -399,10 +513,15 @@ def main(argv=None):
     device = device_info()
     cmd = "python experiments/bench_optim.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"reproduce: {cmd}\ndevice: {describe(device)}")
-    out = {"command": cmd, "device": device, "config": {k: v for k, v in vars(args).items()}, "mlp": {}}
-    for batch, gap in args.configs_parsed:
-        out["mlp"][f"batch{batch}"] = bench_mlp(args, batch, gap, progress)
-    out["transformer"] = bench_transformer(args, progress)
+    out = {"command": cmd, "device": device, "config": {k: v for k, v in vars(args).items()},
+           "load_average_start": list(os.getloadavg())}
+    if "mlp" in args.sections_parsed:
+        out["mlp"] = {f"batch{batch}": bench_mlp(args, batch, gap, progress) for batch, gap in args.configs_parsed}
+    if "transformer" in args.sections_parsed:
+        out["transformer"] = bench_transformer(args, progress)
+    if "layerwise" in args.sections_parsed:
+        out["layerwise"] = bench_layerwise(args, progress)
+    out["load_average_end"] = list(os.getloadavg())
     out["targets"] = targets_report(out)
     out["table_markdown"] = tables(out)
     out["wall_s"] = time.perf_counter() - t0

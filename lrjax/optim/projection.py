@@ -74,6 +74,8 @@ residual).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -274,6 +276,10 @@ def plan(tree, *, rank: int, targets=None, axes=None, side: str = "std",
     if targets is None:
         chosen = [p for p, x in flat.items() if getattr(x, "ndim", 0) >= 2 and not _EMBED.search(p)
                   and jnp.issubdtype(x.dtype, jnp.floating)]
+    elif _PER_LEAF.get():
+        # one leaf of a larger tree (lrjax.optim.layerwise): a pattern may match none of it
+        match = _tree._matcher(targets)
+        chosen = [p for p, x in flat.items() if match(p, x)]
     else:
         chosen = _tree.select(tree, targets, argname="targets")
     out = {}
@@ -295,6 +301,21 @@ def plan(tree, *, rank: int, targets=None, axes=None, side: str = "std",
                              f"with `targets=`")
         out[p] = lp
     return out
+
+
+_PER_LEAF = contextvars.ContextVar("lrjax_projection_per_leaf", default=False)
+
+
+@contextlib.contextmanager
+def _per_leaf():
+    """Within this context :func:`plan` is applied to single-leaf trees (lrjax.optim.layerwise): a
+    ``targets`` pattern that matches no leaf of the tree selects nothing instead of raising (the whole
+    tree was checked once, at ``layerwise_init``)."""
+    tok = _PER_LEAF.set(True)
+    try:
+        yield
+    finally:
+        _PER_LEAF.reset(tok)
 
 
 def _mask_to(mask, x):
