@@ -26,6 +26,24 @@ Encoders in this package: :class:`MLPField` (NeRF positional encoding, Mildenhal
 (Instant-NGP, Müller et al. 2022), :class:`~lrjax.nn.sna.SNAField` (separable B-spline CP) and
 :class:`~lrjax.fields.plenoxels.SHGridField` (Plenoxels, Fridovich-Keil et al. 2022: SH colour, no MLP).
 
+**Per-axis resolution.** Grid-based fields (:class:`GridField`, the SH grid, CP, VM) take
+``resolution`` as an int ``N`` (a cube, ``N x N x N`` vertices) or a tuple ``(Nx, Ny, Nz)`` (each
+``>= 2``); :attr:`Field.grid_shape` always gives the 3-tuple. An int and ``(N, N, N)`` build the
+same parameters and the same results (bit-identical).
+
+**Encoder-level outputs.** ``field.apply(params, x, method="features")`` returns
+:class:`FieldFeatures` (the raw encoder output, the feature, ``sigma_pre`` and ``sigma``) without
+evaluating the colour head; ``field.apply(params, x, method="density")`` returns ``sigma`` only.
+Both take world points ``x`` like ``__call__`` (``d`` is not needed). ``encode`` itself is the
+subclass hook on normalised coordinates and is not meant for ``apply``.
+
+**Density-only fields.** ``appearance=False`` builds a field with no appearance parts at all:
+the feature is ``[s_pre]`` (``feature_dim = 1``), no colour head, no appearance factors (CP/VM:
+``rank_app`` is not used, no basis), no SH coefficients (SH grid), a 1-channel grid. Such a field's
+``__call__`` returns a constant mid-grey ``rgb = 0.5`` (documented placeholder, no parameters,
+zero gradient), so it renders: ``acc`` and ``depth`` are exact and the image is grey where opaque.
+:func:`check_compatible` refuses to pair a density-only field with a coloured one.
+
 Coordinates: a point must lie in the axis-aligned box ``[-bound, bound]^3``. Concrete (eager)
 inputs outside it raise ``ValueError``; traced inputs (under ``jit``) are clipped to the box, as
 the renderer's samples always are.
@@ -45,7 +63,7 @@ from flax.traverse_util import flatten_dict
 from lrjax._validation import (check_array, check_bool, check_finite, check_float, check_int,
                                check_key, is_concrete)
 
-__all__ = ["FieldOutput", "Field", "MLPField", "GridField", "positional_encoding", "sh_encoding",
+__all__ = ["FieldOutput", "FieldFeatures", "Field", "MLPField", "GridField", "positional_encoding", "sh_encoding",
            "interp_line", "interp_plane", "interp_grid", "init_field", "count_params", "param_bytes",
            "check_compatible"]
 
@@ -64,6 +82,20 @@ class FieldOutput(NamedTuple):
     rgb: jax.Array
 
 
+class FieldFeatures(NamedTuple):
+    """Encoder-level outputs (no colour head), from ``field.apply(params, x, method="features")``.
+
+    ``raw``: ``[..., feature_dim]`` the encoder's output ``F(u) = [s(u), g(u)]`` before the density
+    scale/shift/clip; ``feature``: ``[..., feature_dim]`` ``[s_pre, g]`` (as ``FieldOutput.feature``);
+    ``sigma_pre``: ``[...]``; ``sigma``: ``[...]``.
+    """
+
+    raw: jax.Array
+    feature: jax.Array
+    sigma_pre: jax.Array
+    sigma: jax.Array
+
+
 # --------------------------------------------------------------------------- validation helpers
 def _pos_int(value, name, minimum=1):
     """An int ``>= minimum`` (``TypeError`` for a non-int, ``ValueError`` below the minimum)."""
@@ -73,6 +105,30 @@ def _pos_int(value, name, minimum=1):
 def _pos_float(value, name):
     """A finite real number ``> 0`` (``TypeError`` for a non-number, ``ValueError`` otherwise)."""
     return check_float(value, name, low=0.0, low_open=True)
+
+
+def check_resolution(value, name="resolution", minimum=2):
+    """``value`` as a 3-tuple of ints ``(Nx, Ny, Nz)``: an int ``N`` means ``(N, N, N)``.
+
+    ``TypeError`` for a non-int / non-sequence (or a str), ``ValueError`` for a sequence whose length
+    is not 3 or an entry below ``minimum``; both name ``name``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 3:
+            raise ValueError(f"{name} must be an int N (a cube) or a tuple of 3 ints (Nx, Ny, Nz), "
+                             f"got {len(value)} entries: {tuple(value)!r}")
+        return tuple(check_int(v, f"{name}[{i}]", low=minimum) for i, v in enumerate(value))
+    if isinstance(value, (str, bytes)) or not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int N (a cube) or a tuple of 3 ints (Nx, Ny, Nz), got "
+                        f"{type(value).__name__} {value!r:.60}")
+    n = check_int(value, name, low=minimum)
+    return (n, n, n)
+
+
+def _freeze_tuple(module, attr):
+    """Store a list attribute of a (frozen) linen module as a tuple, so the module stays hashable."""
+    v = getattr(module, attr)
+    if isinstance(v, list):
+        object.__setattr__(module, attr, tuple(v))
 
 
 def _is_tracer(x):
@@ -245,7 +301,7 @@ def interp_plane(plane, a, b):
 
 
 def interp_grid(grid, u):
-    """Trilinear interpolation of ``grid: [N, N, N, C]`` (axis i = coordinate i) at ``u: [..., 3]``."""
+    """Trilinear interpolation of ``grid: [Nx, Ny, Nz, C]`` (axis i = coordinate i) at ``u: [..., 3]``."""
     grid = _array(grid, "grid", ndim=4, finite=False)
     u = _array(u, "u", min_ndim=1, last=3)
     if min(grid.shape[:3]) < 2:
@@ -279,6 +335,11 @@ class Field(nn.Module):
         the learning rate per step, and log-densities must travel several units (from 0 to the
         empty-space floor or to an opaque surface), so without the scale they need hundreds of
         steps (TensoRF's ``distance_scale=25`` plays the same role).
+      appearance: False builds a density-only field (see the module docstring: feature ``[s_pre]``,
+        no colour head or appearance parameters, ``rgb`` a constant grey 0.5).
+
+    Methods for ``apply``: ``__call__(x, d=None) -> FieldOutput`` (default),
+    ``features(x, d=None) -> FieldFeatures`` and ``density(x) -> sigma`` (no colour head).
     """
 
     bound: float = 1.0
@@ -290,9 +351,11 @@ class Field(nn.Module):
     density_clip: tuple = (-10.0, 7.0)
     density_shift: float = 0.0
     density_scale: float = 1.0
+    appearance: bool = True
 
     def __post_init__(self):
         _pos_float(self.bound, "bound")
+        check_bool(self.appearance, "appearance")
         _pos_int(self.geo_dim, "geo_dim")
         check_bool(self.view_dependent, "view_dependent")
         _pos_int(self.color_hidden, "color_hidden")
@@ -315,6 +378,11 @@ class Field(nn.Module):
     def apply(self, variables, *args, **kwargs):
         """``flax`` ``apply`` after checking that ``variables`` are this field's parameters
         (structure, shapes and kind; ``TypeError``/``ValueError`` naming ``params`` otherwise)."""
+        method = kwargs.get("method")
+        if method == "encode" or getattr(method, "__name__", None) == "encode":
+            raise TypeError("method='encode' cannot be applied: encode(u) is the subclass hook on normalised "
+                            "coordinates; use field.apply(params, x, method='features') for the raw encoder "
+                            "output (FieldFeatures.raw) or method='density' for sigma")
         _check_variables(self, variables, "params")
         return super().apply(variables, *args, **kwargs)
 
@@ -323,12 +391,14 @@ class Field(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return 1 + self.geo_dim
+        """``1 + geo_dim`` (``1`` for a density-only field, ``appearance=False``)."""
+        return 1 + self.geo_dim if self.appearance else 1
 
     @property
     def has_color_head(self) -> bool:
-        """True when the colour comes from the MLP head on ``g`` (every field but the SH grid)."""
-        return True
+        """True when the colour comes from the MLP head on ``g`` (every field with appearance but the
+        SH grid)."""
+        return bool(self.appearance)
 
     def encode(self, u):
         """Field-specific encoder ``u in [0, 1]^3 -> [..., feature_dim]`` (abstract hook)."""
@@ -343,7 +413,7 @@ class Field(nn.Module):
             h = nn.relu(nn.Dense(self.color_hidden, name=f"color_{i}")(h))
         return nn.sigmoid(nn.Dense(3, name="color_out")(h))
 
-    def _normalise(self, x, d):
+    def _normalise(self, x, d, need_d=True):
         if not isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)):
             raise TypeError(f"x must be an array of points [..., 3], got {type(x).__name__}; "
                             f"wrap it with jnp.asarray(...)")
@@ -360,7 +430,7 @@ class Field(nn.Module):
             if not m <= self.bound * (1 + 1e-5):
                 raise ValueError(f"x: coordinates must lie in the box [-bound, bound]^3 with "
                                  f"bound={self.bound}; got max |x| = {m:.6g}")
-        if self.view_dependent:
+        if self.view_dependent and need_d and self.appearance:
             if d is None:
                 raise ValueError("d (view directions) is required: this field is view_dependent")
             d = _array(d, "d", min_ndim=1, last=3)
@@ -370,15 +440,34 @@ class Field(nn.Module):
                 raise ValueError(f"d of shape {d.shape} does not broadcast to x's shape {x.shape}") from None
         return jnp.clip(x / self.bound, -1.0, 1.0), d
 
-    @nn.compact
     def __call__(self, x, d=None) -> FieldOutput:
-        u, d = self._normalise(x, d)
+        """``x: [..., 3]`` world points (``d: [..., 3]`` directions if view-dependent) -> :class:`FieldOutput`."""
+        return self._forward(x, d, "all")
+
+    def features(self, x, d=None) -> FieldFeatures:
+        """Encoder-level outputs without the colour head: ``field.apply(params, x, method="features")``.
+
+        ``x: [..., 3]`` world points (checked as in ``__call__``); ``d`` is accepted and ignored."""
+        return self._forward(x, None, "features")
+
+    def density(self, x):
+        """``sigma: [...]`` only (no colour head): ``field.apply(params, x, method="density")``."""
+        return self._forward(x, None, "features").sigma
+
+    @nn.compact
+    def _forward(self, x, d, what):
+        u, d = self._normalise(x, d, need_d=what == "all")
         f = self.encode(u)
         lo, hi = self.density_clip
         sigma_pre = jnp.clip(self.density_scale * f[..., 0] + self.density_shift, lo, hi)
         geo = f[..., 1:]
-        rgb = self.color(geo, d)
         feature = jnp.concatenate([sigma_pre[..., None], geo], axis=-1)
+        if what == "features":
+            return FieldFeatures(f, feature, sigma_pre, jnp.exp(sigma_pre))
+        if self.appearance:
+            rgb = self.color(geo, d)
+        else:
+            rgb = jnp.full(sigma_pre.shape + (3,), 0.5, sigma_pre.dtype)
         return FieldOutput(feature, sigma_pre, jnp.exp(sigma_pre), rgb)
 
 
@@ -416,23 +505,29 @@ class MLPField(Field):
 
 # --------------------------------------------------------------------------- dense voxel grid
 class GridField(Field):
-    """Dense voxel grid ``V: [N, N, N, 1 + geo_dim]``, ``F(u) = trilinear(V, u)`` (align corners).
+    """Dense voxel grid ``V: [Nx, Ny, Nz, feature_dim]``, ``F(u) = trilinear(V, u)`` (align corners).
 
     The explicit baseline of the family (PVD's "sparse tensors" are a Plenoxel grid; here dense).
+    ``resolution``: int ``N`` (cube) or ``(Nx, Ny, Nz)``, each ``>= 2`` (vertices along x, y, z);
     ``init_scale``: std of the Gaussian initial values.
     """
 
-    resolution: int = 32
+    resolution: int | tuple = 32
     init_scale: float = 0.1
     density_scale: float = 10.0
 
     def validate(self):
-        _pos_int(self.resolution, "resolution", 2)
+        _freeze_tuple(self, "resolution")
+        check_resolution(self.resolution, "resolution")
         _pos_float(self.init_scale, "init_scale")
 
+    @property
+    def grid_shape(self) -> tuple:
+        """``(Nx, Ny, Nz)`` vertices per axis."""
+        return check_resolution(self.resolution, "resolution")
+
     def encode(self, u):
-        n = self.resolution
-        grid = self.param("grid", nn.initializers.normal(self.init_scale), (n, n, n, self.feature_dim))
+        grid = self.param("grid", nn.initializers.normal(self.init_scale), self.grid_shape + (self.feature_dim,))
         return interp_grid(grid, u)
 
 
@@ -474,14 +569,15 @@ def param_bytes(params) -> int:
     return int(sum(p.size * np.dtype(p.dtype).itemsize for p in jax.tree.leaves(_check_tree(params))))
 
 
-_SHARED = ("bound", "density_clip")
+_SHARED = ("bound", "density_clip", "appearance")
 _SHARED_HEAD = ("geo_dim", "view_dependent", "sh_degree")
 
 
 def check_compatible(teacher: Field, student: Field):
     """Raise ``ValueError`` unless two fields share the interface PVD distils across.
 
-    Compared: ``bound`` and ``density_clip`` (both must see the same log-density range) and, when
+    Compared: ``bound``, ``density_clip`` (both must see the same log-density range) and
+    ``appearance`` (a density-only field has no colour to distil to or from) and, when
     both fields have an MLP colour head (:attr:`Field.has_color_head`), also ``geo_dim`` (so the
     features have the same size), ``view_dependent`` and ``sh_degree`` (so the head can be copied).
     """

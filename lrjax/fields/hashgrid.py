@@ -15,6 +15,12 @@ outside the box), while ``V_l^3 <= T``; otherwise the spatial hash of the paper 
 
     h(i, j, k) = (i * 1  XOR  j * 2654435761  XOR  k * 805459861) mod T        (uint32 arithmetic)
 
+**Per-axis resolution** (an extension; tiny-cuda-nn has none): ``min_res`` / ``max_res`` may be
+``(Nx, Ny, Nz)`` tuples. Each axis ``a`` then has its own growth ``b_a``, scale
+``S_{l,a} = N_min,a b_a^l - 1`` and ``V_{l,a} = ceil(S_{l,a}) + 2`` vertices; a level is dense
+(index ``i + j V_x + k V_x V_y``) while ``V_x V_y V_z <= T``, else hashed as above. Ints (a cube)
+give exactly the layout and values of the cubic code.
+
 Tables have ``min(V_l^3, T)`` rows of ``F`` features, initialised ``U(-1e-4, 1e-4)``.
 Paper defaults: ``L=16, F=2, T=2^14..2^24, N_min=16``; PVD: ``L=14, T=2^19, N_max=2048``; the CPU
 defaults here: ``L=8, F=2, T=2^14, N_min=16, N_max=128``.
@@ -28,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax._validation import check_int, is_concrete
-from lrjax.fields.fields import Field, _array, _pos_int
+from lrjax.fields.fields import Field, _array, _freeze_tuple, _pos_int, check_resolution
 
 __all__ = ["HashGridField", "hash_encode", "fast_hash", "level_layout", "PRIMES"]
 
@@ -46,11 +52,27 @@ def fast_hash(ijk):
 
 
 def level_layout(levels, min_res, max_res, log2_table_size):
-    """Per level ``(scale, vertices_per_side, rows, hashed)`` (pure Python, static)."""
+    """Per level ``(scale, vertices_per_side, rows, hashed)`` (pure Python, static).
+
+    ``min_res``, ``max_res``: ints (a cube) or ``(Nx, Ny, Nz)`` tuples (each ``>= 2``); with a tuple
+    (either one) ``scale`` and ``vertices_per_side`` are 3-tuples (per axis)."""
     levels = _pos_int(levels, "levels")
+    log2_table_size = check_int(log2_table_size, "log2_table_size", low=1, high=30)
+    if isinstance(min_res, (tuple, list)) or isinstance(max_res, (tuple, list)):
+        lo3, hi3 = check_resolution(min_res, "min_res"), check_resolution(max_res, "max_res")
+        if any(h < lo for lo, h in zip(lo3, hi3)):
+            raise ValueError(f"max_res={max_res!r} must be >= min_res={min_res!r} on every axis")
+        per_axis = [level_layout(levels, lo, h, log2_table_size) for lo, h in zip(lo3, hi3)]
+        table = 2 ** log2_table_size
+        out = []
+        for lvl in range(levels):
+            scale = tuple(ax[lvl][0] for ax in per_axis)
+            side = tuple(ax[lvl][1] for ax in per_axis)
+            n = side[0] * side[1] * side[2]
+            out.append((scale, side, n if n <= table else table, n > table))
+        return tuple(out)
     min_res = _pos_int(min_res, "min_res", 2)
     max_res = _pos_int(max_res, "max_res", 2)
-    log2_table_size = check_int(log2_table_size, "log2_table_size", low=1, high=30)
     if max_res < min_res:
         raise ValueError(f"max_res={max_res} must be >= min_res={min_res}")
     b = 1.0 if levels == 1 else math.exp((math.log(max_res) - math.log(min_res)) / (levels - 1))
@@ -82,7 +104,12 @@ def hash_encode(tables, u, layout):
     v = (u + 1.0) * 0.5
     feats = []
     for table, (scale, side, rows, hashed) in zip(tables, layout):
-        p = v * scale + 0.5
+        if isinstance(scale, tuple):                      # per-axis level
+            p = v * jnp.asarray(scale, v.dtype) + 0.5
+            sx, sy = side[0], side[1]
+        else:
+            p = v * scale + 0.5
+            sx = sy = side
         cell = jnp.floor(p)
         w = p - cell
         cell = cell.astype(jnp.int32)
@@ -92,7 +119,7 @@ def hash_encode(tables, u, layout):
             if hashed:
                 idx = (fast_hash(corner) & jnp.uint32(rows - 1)).astype(jnp.int32)
             else:
-                idx = corner[..., 0] + side * (corner[..., 1] + side * corner[..., 2])
+                idx = corner[..., 0] + sx * (corner[..., 1] + sy * corner[..., 2])
             wc = jnp.prod(jnp.where(jnp.asarray(c, bool), w, 1.0 - w), axis=-1)
             f = f + table[idx] * wc[..., None]
         feats.append(f)
@@ -100,13 +127,15 @@ def hash_encode(tables, u, layout):
 
 
 class HashGridField(Field):
-    """Hash-grid encoder + density MLP (``hidden`` units, ``mlp_layers`` hidden layers)."""
+    """Hash-grid encoder + density MLP (``hidden`` units, ``mlp_layers`` hidden layers).
+
+    ``min_res`` / ``max_res``: ints or per-axis ``(Nx, Ny, Nz)`` tuples (see the module docstring)."""
 
     levels: int = 8
     features_per_level: int = 2
     log2_table_size: int = 14
-    min_res: int = 16
-    max_res: int = 128
+    min_res: int | tuple = 16
+    max_res: int | tuple = 128
     hidden: int = 64
     mlp_layers: int = 1
 
@@ -114,10 +143,15 @@ class HashGridField(Field):
         _pos_int(self.levels, "levels")
         _pos_int(self.features_per_level, "features_per_level")
         check_int(self.log2_table_size, "log2_table_size", low=1, high=30)
-        _pos_int(self.min_res, "min_res", 2)
-        _pos_int(self.max_res, "max_res", 2)
-        if self.max_res < self.min_res:
-            raise ValueError(f"max_res={self.max_res} must be >= min_res={self.min_res}")
+        _freeze_tuple(self, "min_res")
+        _freeze_tuple(self, "max_res")
+        if isinstance(self.min_res, tuple) or isinstance(self.max_res, tuple):
+            level_layout(self.levels, self.min_res, self.max_res, self.log2_table_size)
+        else:
+            _pos_int(self.min_res, "min_res", 2)
+            _pos_int(self.max_res, "max_res", 2)
+            if self.max_res < self.min_res:
+                raise ValueError(f"max_res={self.max_res} must be >= min_res={self.min_res}")
         _pos_int(self.hidden, "hidden")
         _pos_int(self.mlp_layers, "mlp_layers", 0)
 

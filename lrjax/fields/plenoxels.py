@@ -1,7 +1,7 @@
 """Plenoxel-style spherical-harmonic voxel grid (Fridovich-Keil et al. 2022, *Plenoxels: Radiance
 Fields without Neural Networks*, CVPR) as a :class:`~lrjax.fields.fields.Field`.
 
-A dense grid ``V: [N, N, N, 1 + 3K]`` stores, per vertex, a log-density and ``K = sh_degree^2``
+A dense grid ``V: [Nx, Ny, Nz, 1 + 3K]`` (``resolution``: an int ``N`` or ``(Nx, Ny, Nz)``) stores, per vertex, a log-density and ``K = sh_degree^2``
 spherical-harmonic coefficients per colour channel (``sh_degree`` counts SH *bands*, as in
 :func:`~lrjax.fields.fields.sh_encoding`: 1, 2 or 3 bands = SH degree 0, 1 or 2; Plenoxels uses
 degree 2, i.e. 9 coefficients). Both are trilinearly interpolated (align corners) and there is no
@@ -19,6 +19,10 @@ several units, i.e. ``c_0 = logit / Y_0`` of ~10 at ``Y_0 = 0.28``). Here densit
 official PVD code does for its Plenoxel "tensors" model (``rgb = sigmoid(sum SH * coef)``). The
 grid can be refined with :func:`~lrjax.fields.tensorf.upsample` and regularised with
 :func:`~lrjax.fields.tensorf.tv_loss`.
+
+With ``appearance=False`` the grid holds the log-density only (``[Nx, Ny, Nz, 1]``, no SH
+coefficients; ``view_dependent`` is then not required) and the colour is the documented grey 0.5
+of :class:`~lrjax.fields.fields.Field`.
 
 The field's *feature* is ``[s_pre, c]`` (``1 + 3K`` values) and the colour is not computed by an
 MLP head, so ``geo_dim`` is unused and :attr:`has_color_head` is False: PVD then distils only the
@@ -40,7 +44,7 @@ class SHGridField(GridField):
 
     resolution: vertices per side ``N``; sh_degree: SH bands (1..3, default 3 = 9 coefficients per
     channel); color_scale: multiplier of the SH sum (see module docstring); init_scale: std of the
-    Gaussian initial grid values; view_dependent must be True.
+    Gaussian initial grid values; view_dependent must be True (unless ``appearance=False``).
     """
 
     view_dependent: bool = True
@@ -53,7 +57,7 @@ class SHGridField(GridField):
         if self.sh_degree > 3:
             raise ValueError(f"sh_degree must be 1, 2 or 3 SH bands (SH degree <= 2, Plenoxels: 3 bands "
                              f"= 9 coefficients) for SHGridField, got {self.sh_degree!r}")
-        if not self.view_dependent:
+        if not self.view_dependent and self.appearance:
             raise ValueError("view_dependent must be True for SHGridField: its colour is sum_k c_k Y_k(d) "
                              "of the view direction d (use GridField for a view-independent grid)")
 
@@ -67,7 +71,7 @@ class SHGridField(GridField):
 
     @property
     def feature_dim(self) -> int:
-        return 1 + 3 * self.num_coeffs
+        return 1 + 3 * self.num_coeffs if self.appearance else 1
 
     def color(self, geo, d=None):
         coef = geo.reshape(*geo.shape[:-1], 3, self.num_coeffs)
