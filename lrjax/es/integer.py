@@ -297,6 +297,11 @@ def _leaf_noise(plan: LeafPlan, key, generation, j, rank, noise_reuse):
     return e[0], e[1]
 
 
+@jax.jit
+def _has_min(leaves):
+    return jnp.stack([jnp.any(v == -128) for v in leaves])
+
+
 class IntEggroll:
     """Integer EGGROLL (int8 params, thresholded sign update), see the module docstring for the math.
 
@@ -435,7 +440,7 @@ class IntEggroll:
         if all(V.is_concrete(v) for v in vals) and all(
                 not isinstance(v, jax.Array) or v.is_fully_addressable for v in vals):
             with jax.ensure_compile_time_eval():
-                bad = np.asarray(jnp.stack([jnp.any(v == -128) for v in vals]))
+                bad = np.asarray(_has_min(vals))
             if bad.any():
                 p = [pl.path for pl in plans if pl.kind != FROZEN][int(np.argmax(bad))]
                 raise ValueError(f"params: int8 leaf {p!r} holds -128, outside the symmetric range [-127, 127] of "
@@ -493,7 +498,8 @@ class IntEggroll:
 
     def member_noise(self, state: EggrollState, params, member) -> dict:
         """``{path: IntLowRankNoise | int32 array}`` of member ``member``: the low-rank noise, and for
-        full leaves the int32 perturbation ``rshift(s_i e, sigma_shift)`` added to the leaf."""
+        full leaves the int32 change of the leaf, ``rshift(s_i e, sigma_shift)`` (after the clip to
+        ``[-127, 127]``)."""
         self._check_state(state)
         plans = self._plans(params)
         member = jnp.asarray(_check_member(member, self.population_size), jnp.int32)
