@@ -106,7 +106,7 @@ def test_full_rank_is_exact_attention_and_prefill_decode(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mla_absorbed_equals_reference_and_prefill_decode(dtype):
+def test_mla_direct_and_absorbed_equal_reference_and_prefill_decode(dtype):
     p = M.init_mla_params(jax.random.key(0), D, H, 3, std=0.5)
     x = jax.random.normal(jax.random.key(1), (2, 7, D)).astype(dtype)
     y = M.mla_forward(p, x, n_heads=H)
@@ -123,7 +123,7 @@ def test_mla_absorbed_equals_reference_and_prefill_decode(dtype):
     ref = np.einsum("bhqk,bkhd->bqhd", pr, v).reshape(2, 7, -1) @ pn["w_o"]
     tol = 1e-5 if dtype == jnp.float32 else 0.03 * np.abs(ref).max()
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=tol)
-    np.testing.assert_allclose(np.asarray(M.mla_reference(p, x, n_heads=H), np.float64), ref, atol=tol)
+    np.testing.assert_allclose(np.asarray(M.mla_forward(p, x, n_heads=H, absorb=True), np.float64), ref, atol=tol)
     yp, cache = M.mla_prefill(p, x[:, :4], n_heads=H, capacity=7)
     ys = [yp]
     for t in range(4, 7):

@@ -13,10 +13,15 @@ values by one shared latent per token:
 Shapes (lrjax's ``y = x W``): ``w_q: [d, H d_h]``, ``w_dkv: [d, d_c]``, ``kv_norm: [d_c]`` (the
 RMSNorm scale), ``w_uk, w_uv: [d_c, H d_h]``, ``w_o: [H d_h, d]``.
 
-Computation: the up-projections are *absorbed* (the paper's inference trick): scores are
-``(q_h W_uk,h^T) c_kv^T`` and outputs ``(P c_kv) W_uv,h``, so neither ``K`` nor ``V`` is ever formed
-and the decode step reads only the ``[T, d_c]`` cache. :func:`mla_reference` is the direct form
-(``K``, ``V`` materialized) that the tests compare against.
+Computation, two exact forms of the same function:
+
+* direct (``absorb=False``, the default of the full pass and of prefill, i.e. training): ``K = c_kv W_uk``,
+  ``V = c_kv W_uv`` are formed, then plain causal attention; its score cost is ``T^2 H d_h``.
+* absorbed (the paper's inference trick; :func:`mla_attend`, used by every decode step): scores are
+  ``(q_h W_uk,h^T) c_kv^T`` and outputs ``(P c_kv) W_uv,h``, so neither ``K`` nor ``V`` is formed and a
+  step reads only the ``[T, d_c]`` cache (``O(T H d_c)`` per token instead of ``O(T d_c H d_h)`` to
+  re-expand the cache). Over a whole sequence its score cost is ``T^2 H d_c``, more than the direct
+  form's when ``d_c > d_h``, hence the split.
 
 Choices [ours]: no query compression (DeepSeek-V2's ``W_dq``/``W_uq``, which saves activations in
 training, not cache) and **no decoupled RoPE**: the char transformer this is used with has learned
@@ -42,11 +47,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lrjax._validation import check_array, check_dtype, check_float, check_int, compute_dtype
+from lrjax._validation import check_array, check_bool, check_dtype, check_float, check_int, compute_dtype
 from lrjax.nn.attention.kvcache import causal_attention
 
 __all__ = ["MLACache", "MultiHeadLatentAttention", "PARAM_KEYS", "init_mla_params", "mla_latent", "mla_attend",
-           "mla_forward", "mla_reference", "init_mla_cache", "mla_prefill", "mla_decode_step"]
+           "mla_forward", "init_mla_cache", "mla_prefill", "mla_decode_step"]
 
 PARAM_KEYS = ("w_q", "w_dkv", "kv_norm", "w_uk", "w_uv", "w_o")
 RMS_EPS = 1e-6
@@ -136,36 +141,36 @@ def mla_attend(q, c, w_uk, w_uv, *, q_start=0, length=None):
     return jnp.einsum("bqhc,chd->bqhd", o_lat, uv)
 
 
-def mla_forward(params: dict, x, *, n_heads: int):
-    """Full causal MLA self-attention: ``x: [B, T, d]`` -> ``[B, T, d]`` in ``x``'s dtype."""
+def mla_forward(params: dict, x, *, n_heads: int, absorb: bool = False):
+    """Full causal MLA self-attention: ``x: [B, T, d]`` -> ``[B, T, d]`` in ``x``'s dtype.
+
+    ``absorb=False`` (default): the direct form (``K``, ``V`` formed); ``True``: the absorbed form of
+    :func:`mla_attend`. Both compute the same function (equal up to rounding)."""
     p, n_heads = _check_params(params, n_heads)
     x = _check_x(x, p["w_q"].shape[0])
-    return _forward(p, x, n_heads)
+    return _forward(p, x, n_heads, check_bool(absorb, "absorb"))
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _forward(p, x, n_heads):
-    cd = compute_dtype(x.dtype, p["w_q"].dtype)
+def _direct(p, x, c, n_heads, cd):
     b, t, _ = x.shape
     q = (x.astype(cd) @ p["w_q"].astype(cd)).reshape(b, t, n_heads, -1)
-    c = mla_latent(x, p["w_dkv"], p["kv_norm"])
-    o = mla_attend(q, c, p["w_uk"], p["w_uv"]).reshape(b, t, -1)
-    return (o @ p["w_o"].astype(cd)).astype(x.dtype)
+    tk = c.shape[1]
+    k = (c.astype(cd) @ p["w_uk"].astype(cd)).reshape(b, tk, n_heads, -1)
+    v = (c.astype(cd) @ p["w_uv"].astype(cd)).reshape(b, tk, n_heads, -1)
+    return q, k, v
 
 
-def mla_reference(params: dict, x, *, n_heads: int):
-    """The direct (non-absorbed) form: ``K = c_kv W_uk``, ``V = c_kv W_uv`` materialized, then plain
-    causal softmax attention. Same result as :func:`mla_forward` up to rounding."""
-    p, n_heads = _check_params(params, n_heads)
-    x = _check_x(x, p["w_q"].shape[0])
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _forward(p, x, n_heads, absorb):
     cd = compute_dtype(x.dtype, p["w_q"].dtype)
     b, t, _ = x.shape
-    q = (x.astype(cd) @ p["w_q"].astype(cd)).reshape(b, t, n_heads, -1)
     c = mla_latent(x, p["w_dkv"], p["kv_norm"])
-    k = (c @ p["w_uk"].astype(cd)).reshape(b, t, n_heads, -1)
-    v = (c @ p["w_uv"].astype(cd)).reshape(b, t, n_heads, -1)
-    o = causal_attention(q, k, v).reshape(b, t, -1)
-    return (o @ p["w_o"].astype(cd)).astype(x.dtype)
+    if absorb:
+        q = (x.astype(cd) @ p["w_q"].astype(cd)).reshape(b, t, n_heads, -1)
+        o = mla_attend(q, c, p["w_uk"], p["w_uv"])
+    else:
+        o = causal_attention(*_direct(p, x, c, n_heads, cd))
+    return (o.reshape(b, t, -1) @ p["w_o"].astype(cd)).astype(x.dtype)
 
 
 class MLACache(NamedTuple):
@@ -195,8 +200,8 @@ def _check_cache(cache, batch, dc):
 
 
 def mla_prefill(params: dict, x, *, n_heads: int, capacity: int, cache_dtype=jnp.float32):
-    """Causal MLA over a prompt ``x: [B, T, d]`` that fills an :class:`MLACache` of ``capacity >= T``
-    positions. Returns ``(y [B, T, d], cache)``."""
+    """Causal MLA over a prompt ``x: [B, T, d]`` (direct form) that fills an :class:`MLACache` of
+    ``capacity >= T`` positions. Returns ``(y [B, T, d], cache)``."""
     p, n_heads = _check_params(params, n_heads)
     x = _check_x(x, p["w_q"].shape[0])
     capacity = check_int(capacity, "capacity", low=x.shape[1])
@@ -206,10 +211,12 @@ def mla_prefill(params: dict, x, *, n_heads: int, capacity: int, cache_dtype=jnp
 
 @functools.partial(jax.jit, static_argnums=(3,))
 def _prefill(p, x, cache, n_heads):
+    cd = compute_dtype(x.dtype, p["w_q"].dtype)
     c = mla_latent(x, p["w_dkv"], p["kv_norm"])
     cache = MLACache(jax.lax.dynamic_update_slice(cache.c, c.astype(cache.c.dtype), (0, 0, 0)),
                      jnp.asarray(x.shape[1], jnp.int32))
-    return _attend_cache(p, x, cache, n_heads, 0), cache
+    o = causal_attention(*_direct(p, x, c, n_heads, cd)).reshape(x.shape[0], x.shape[1], -1)
+    return (o @ p["w_o"].astype(cd)).astype(x.dtype), cache
 
 
 def _attend_cache(p, x, cache, n_heads, q_start):
@@ -221,8 +228,8 @@ def _attend_cache(p, x, cache, n_heads, q_start):
 
 
 def mla_decode_step(params: dict, x, cache: MLACache, *, n_heads: int):
-    """One decode step: ``x: [B, d]`` at position ``cache.length`` -> ``(y [B, d], cache)`` with its
-    latent appended (keep ``cache.length < capacity``)."""
+    """One decode step (absorbed form, reads only the latent cache): ``x: [B, d]`` at position
+    ``cache.length`` -> ``(y [B, d], cache)`` with its latent appended (keep ``cache.length < capacity``)."""
     p, n_heads = _check_params(params, n_heads)
     x = _check_x(x, p["w_q"].shape[0], ndim=2)
     cache = _check_cache(cache, x.shape[0], p["w_dkv"].shape[1])
