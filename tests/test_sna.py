@@ -144,3 +144,91 @@ def test_errors():
     pc = mc.init(jax.random.key(0), jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match=r"categorical inputs must lie in \[0, 5\)"):
         mc.apply(pc, jnp.array([0, 5]))
+
+
+# --------------------------------------------------------------------------- fitting (issue 17)
+def _cp_target(d=3, r=2, g=5, n=120):
+    m = SNA(in_dim=d, out_dim=1, rank=r, kind="cp", num_basis=g, use_bias=False)
+    pt = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), m.init(jax.random.key(0), jnp.zeros((d,))))
+    pt["params"]["modes"] = jax.random.normal(jax.random.key(100), pt["params"]["modes"].shape, jnp.float64)
+    xs = jax.random.uniform(jax.random.key(1), (n, d), jnp.float64)
+    return m, pt, xs
+
+
+def test_als_recovers_rank_r_separable_target_float64():
+    """A rank-2 CP target on 3 coordinates: the rank schedule (1, 2) of ALS recovers it to float64
+    tolerance (at unseen points too); every ALS sweep is non-increasing; grow_rank keeps the function."""
+    from lrjax.nn.sna import fit_als, fit_rank_schedule, grow_rank
+    with jax.enable_x64(True):
+        m, pt, xs = _cp_target()
+        ys = m.apply(pt, xs)
+        model, p, hist = fit_rank_schedule(m, xs, ys, ranks=(1, 2), key=jax.random.key(0), iters=100)
+        assert model.rank == 2 and hist["ranks"] == [2 - 1, 2] and hist["loss"][0] > 1e-4
+        xt = jax.random.uniform(jax.random.key(2), (64, 3), jnp.float64)
+        scale = float(jnp.max(jnp.abs(m.apply(pt, xt))))
+        err = float(jnp.max(jnp.abs(model.apply(p, xt) - m.apply(pt, xt))))
+        assert hist["loss"][-1] < 1e-20 and err < 1e-8 * scale, (hist["loss"], err)
+        for curve in hist["curves"]:
+            c = np.asarray(curve)
+            assert np.all(np.diff(c) <= 1e-9 * c[0])                  # ALS never increases the loss
+        m3, p3 = grow_rank(model, p, 3, key=jax.random.key(3))
+        assert m3.rank == 3 and p3["params"]["modes"].shape[-1] == 3
+        np.testing.assert_allclose(m3.apply(p3, xt), model.apply(p, xt), rtol=0, atol=1e-14)
+        # one more ALS sweep from the exact solution stays exact (rank-deficient design: min-norm, no NaN)
+        p4, h4 = fit_als(m3, p3, xs, ys, iters=1)
+        assert np.all(np.isfinite(np.asarray(h4["loss"]))) and float(h4["loss"][-1]) < 1e-20
+
+
+def test_als_other_kinds_jit_and_adam():
+    """ALS works for every kind (here quadratic, 2 outputs, bias) inside an outer jax.jit; Adam fits
+    the rank-2 CP target too (looser)."""
+    from lrjax.nn.sna import fit_adam, fit_als
+    m = SNA(in_dim=3, out_dim=2, rank=2, kind="quadratic", num_basis=4)
+    pt = m.init(jax.random.key(4), jnp.zeros((3,)))
+    pt["params"]["modes"] = jax.random.normal(jax.random.key(5), pt["params"]["modes"].shape)
+    xs = jax.random.uniform(jax.random.key(6), (80, 3))
+    ys = m.apply(pt, xs)
+    p0 = m.init(jax.random.key(7), jnp.zeros((3,)))
+    p, h = jax.jit(lambda q, x, y: fit_als(m, q, x, y, iters=15))(p0, xs, ys)
+    c = np.asarray(h["loss"])
+    assert c.shape == (16,) and np.all(np.diff(c) <= 1e-5 * c[0]) and c[-1] < 1e-2 * c[0]
+    assert jax.tree.map(lambda a: a.dtype, p) == jax.tree.map(lambda a: a.dtype, p0)
+    with jax.enable_x64(True):
+        mc, pt64, xs64 = _cp_target()
+        ys64 = np.asarray(mc.apply(pt64, xs64), np.float32)
+    p0 = mc.init(jax.random.key(8), jnp.zeros((3,)))
+    p0 = {"params": {**p0["params"], "modes": jax.random.normal(jax.random.key(10), p0["params"]["modes"].shape)}}
+    pa, ha = fit_adam(mc, p0, np.asarray(xs64, np.float32), ys64, steps=3000, learning_rate=3e-2)
+    assert ha["loss"].shape == (3000,) and float(ha["final"]) < 2e-3 * float(np.var(ys64)), float(ha["final"])
+    _, hb = fit_adam(mc, pa, np.asarray(xs64, np.float32), ys64[:, 0], steps=3, batch_size=16,
+                     key=jax.random.key(9))
+    assert hb["loss"].shape == (3,)
+
+
+def test_fit_errors_name_the_argument():
+    from lrjax.nn.sna import fit_adam, fit_als, fit_rank_schedule, grow_rank
+    m = SNA(in_dim=2, rank=2, num_basis=4)
+    p = m.init(jax.random.key(0), jnp.zeros((2,)))
+    xs, ys = jnp.full((5, 2), 0.5), jnp.zeros((5,))
+    with pytest.raises(TypeError, match="model"):
+        fit_als("sna", p, xs, ys)
+    with pytest.raises(ValueError, match="xs"):
+        fit_als(m, p, jnp.full((5, 3), 0.5), ys)
+    with pytest.raises(ValueError, match="xs"):
+        fit_als(m, p, jnp.full((5, 2), 1.5), ys)
+    with pytest.raises(ValueError, match="ys"):
+        fit_als(m, p, xs, jnp.zeros((4,)))
+    with pytest.raises(ValueError, match="iters"):
+        fit_als(m, p, xs, ys, iters=0)
+    with pytest.raises(ValueError, match="ridge"):
+        fit_als(m, p, xs, ys, ridge=-1.0)
+    with pytest.raises(TypeError, match="optimizer"):
+        fit_adam(m, p, xs, ys, optimizer="adam")
+    with pytest.raises(TypeError, match="key"):
+        fit_adam(m, p, xs, ys, batch_size=2)
+    with pytest.raises(ValueError, match="new_rank"):
+        grow_rank(m, p, 1, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="ranks"):
+        fit_rank_schedule(m, xs, ys, ranks=(2, 1), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="method"):
+        fit_rank_schedule(m, xs, ys, ranks=(1,), key=jax.random.key(0), method="sgd")
