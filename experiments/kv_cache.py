@@ -9,7 +9,8 @@
    slice; every 10th window held out), with the quickstart's optimizer and schedule
    (``experiments/quickstart.py``: ``make_fns``, ``lr_schedule``).
 2. Calibration: the input of every layer's ``k``/``v`` projection (``ln1(h)``) on ``--calib-windows``
-   training windows, gathered by :func:`lrjax.compress.collect_activations`.
+   training windows (one jitted pass; :func:`lrjax.compress.collect_activations` finds the same rows
+   by interpreting the model's jaxpr op by op, which costs a compile per op on CPU).
 3. Post-training KV compression (:func:`lrjax.nn.attention.kvcache.compress_kv`, head groups of
    ``--group-size``): ``palu`` (whitened SVD) and ``svd`` (plain SVD), uniform ranks, at each
    ``--ratios`` cache ratio; also ``palu`` with the energy allocation across layers/groups. Each is
@@ -50,7 +51,6 @@ from quickstart import OPT, lr_schedule, make_fns  # noqa: E402
 
 from lrjax import data  # noqa: E402
 from lrjax.benchmark import blocking, summarize, time_round_robin  # noqa: E402
-from lrjax.compress import collect_activations  # noqa: E402
 from lrjax.models import CharTransformer, apply_fn  # noqa: E402
 from lrjax.models.char_transformer import MLP  # noqa: E402
 from lrjax.nn.attention.kvcache import compress_kv, latent_self_attention  # noqa: E402
@@ -157,6 +157,21 @@ def latent_forward(graphdef, n_heads):
     return fwd
 
 
+def calib_inputs(graphdef):
+    """Jitted ``(state, ids) -> [L, B T, d]``: every block's ``ln1(h)``, the rows its k/v projections see."""
+    @jax.jit
+    def fn(state, ids):
+        m = nnx.merge(graphdef, state)
+        h = m.tok_embed(ids) + m.pos_embed[...][:ids.shape[1]]
+        xs = []
+        for blk in m.blocks:
+            a = blk.ln1(h)
+            xs.append(a.reshape(-1, a.shape[-1]))
+            h = blk(h)
+        return jnp.stack(xs)
+    return fn
+
+
 def nll(logits, tok):
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     return -jnp.mean(jnp.take_along_axis(lp, tok[:, 1:, None], -1))
@@ -198,8 +213,7 @@ def main(argv=None):
 
     # ---- 2. calibration activations of the k/v projections
     calib_ids = jnp.asarray(train[:args.calib_windows, :-1])
-    acts = collect_activations(apply, state, r"blocks/\d+/attn/k/kernel", calib_ids)
-    x = jnp.stack([acts[f"blocks/{i}/attn/k/kernel"] for i in range(L)])
+    x = calib_inputs(graphdef)(state, calib_ids)
     w_k = jnp.stack([state["blocks"][i]["attn"]["k"]["kernel"][...] for i in range(L)])
     w_v = jnp.stack([state["blocks"][i]["attn"]["v"]["kernel"][...] for i in range(L)])
     out["calib_rows"] = int(x.shape[1])

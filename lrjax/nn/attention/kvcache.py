@@ -176,16 +176,27 @@ def _check_heads(n, n_heads, group_size=None):
 def _group_factors(w, x, n_groups, method, eps):
     """Full-rank per-group factors of ``w [d, N]``: ``a [G, d, f]``, ``b [G, f, G_h]``, ``s [G, f]``,
     ``f = min(d, G_h)``; truncating to the first ``r`` columns/rows gives the rank-``r`` factors."""
-    d, n = w.shape
-    gh = n // n_groups
-    wg = jnp.transpose(w.astype(jnp.float32).reshape(d, n_groups, gh), (1, 0, 2))  # [G, d, G_h]
     if method == "whitened":
-        xb = jnp.broadcast_to(x.astype(jnp.float32), (n_groups,) + tuple(x.shape))
+        wg, xb = _groups(w, x, n_groups)
         a, b, s = whitened_svd(wg, xb, None, eps=eps)
     else:
-        u, s, vt = linalg.svd(wg)
-        a, b = linalg.sqrt_split(u, s, vt)
+        a, b, s = _svd_factors(w, n_groups)
     return np.asarray(a), np.asarray(b), np.asarray(s, np.float64)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _groups(w, x, n_groups):
+    d, n = w.shape
+    wg = jnp.transpose(w.astype(jnp.float32).reshape(d, n_groups, n // n_groups), (1, 0, 2))  # [G, d, G_h]
+    return wg, jnp.broadcast_to(x.astype(jnp.float32), (n_groups,) + tuple(x.shape))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _svd_factors(w, n_groups):
+    wg, _ = _groups(w, w[:1], n_groups)
+    u, s, vt = linalg.svd(wg)
+    a, b = linalg.sqrt_split(u, s, vt)
+    return a, b, s
 
 
 def _allocate(spectra, full, cap, ratio, allocation):
