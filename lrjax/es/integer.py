@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import zlib
 from typing import Any, Callable, NamedTuple
 
@@ -95,8 +96,8 @@ _INT32_MAX = 2 ** 31 - 1
 
 @functools.lru_cache(maxsize=None)
 def _table_np() -> np.ndarray:
-    from scipy.special import ndtri
-    t = np.round((1 << FRAC_BITS) * ndtri((np.arange(256) + 0.5) / 256)).astype(np.int8)
+    inv = statistics.NormalDist().inv_cdf
+    t = np.round([(1 << FRAC_BITS) * inv((u + 0.5) / 256) for u in range(256)]).astype(np.int8)
     assert np.array_equal(t, -t[::-1])  # symmetric: mean exactly 0
     return t
 
@@ -267,8 +268,7 @@ def threshold(alpha: float, rank: int, num_pairs: int) -> int:
     """The integer update threshold ``ceil(z_{1-alpha/2} v_T sqrt(rank num_pairs))`` (see the module
     docstring); ``alpha`` in ``(0, 1]`` (1 moves every entry with ``Z != 0``)."""
     alpha = V.check_float(alpha, "alpha", low=0.0, high=1.0, low_open=True)
-    from scipy.special import ndtri
-    z = float(ndtri(1.0 - alpha / 2.0))
+    z = statistics.NormalDist().inv_cdf(1.0 - alpha / 2.0) if alpha < 1.0 else 0.0
     return max(1, int(math.ceil(z * _table_var() * math.sqrt(rank * num_pairs))))
 
 
