@@ -235,6 +235,20 @@ def test_refresh_schedule_and_moments_kept():
     assert int(s.count) == 7 and float(jnp.abs(s.inner.nu["w"]).min()) > 0
 
 
+def test_exact_refresh_has_one_cond_per_matrix_random_refresh_one_per_step():
+    """Exact refreshes: each unbatched matrix is refreshed in its own cond (no barrier over all the
+    gradients, as optax.contrib.galore); random refreshes and stacks: one cond for the whole step."""
+    params = {"a": jnp.zeros((6, 8)), "b": jnp.zeros((6, 8)), "c": jnp.zeros((8, 5)), "s": jnp.zeros((2, 6, 8)),
+              "bias": jnp.zeros((8,))}
+
+    def conds(refresh):
+        opt = galore(optax.scale_by_adam(), 2, refresh=refresh)
+        jaxpr = jax.make_jaxpr(lambda g, s: opt.update(g, s))(params, opt.init(params))
+        return sum(e.primitive.name == "cond" for e in jaxpr.jaxpr.eqns)
+    assert conds("svd") == conds("eigh") == 4          # a, b, c on their own; the stack s in one cond
+    assert conds("randomized") == conds("subspace") == 1
+
+
 # ----------------------------------------------------------------------------- refreshes
 def _low_rank_plus_noise(key, batch, m, n, r, noise=1e-2):
     k = jax.random.split(key, 4)

@@ -152,6 +152,9 @@ class Basis:
     """
 
     name = "basis"
+    #: ``refresh`` ignores its key (exact factorizations): each matrix can be refreshed on its own
+    #: without changing any result, so :func:`project` gives each unbatched matrix its own cond.
+    deterministic = False
 
     def init(self, lp: LeafPlan, dtype):
         return jnp.zeros(lp.batch + (lp.d, lp.rank), dtype)
@@ -451,16 +454,20 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
         gs = {i: _axes.to_matrix(flat[paths[i]], plans[paths[i]].ax).astype(compute_dtype(flat[paths[i]].dtype))
               for i in idx}
 
-        # 1. refresh the bases where due (one cond for all leaves: no SVD on other steps)
+        # 1. refresh the bases where due (no factorization on the other steps)
         due = count % gap == 0
-        if idx:
-            pred = due | jnp.any(jnp.stack([jnp.any(pend_leaves[i]) for i in idx]))
+        b_leaves = list(b_leaves)
+        pend_leaves = list(pend_leaves)
+
+        def refresh_set(sel, single):
+            """One ``lax.cond`` refreshing the leaves ``sel`` (positions in ``idx``-order leaf indices)."""
+            pred = due | jnp.any(jnp.stack([jnp.any(pend_leaves[i]) for i in sel]))
 
             # Matrices of the same shape, side and basis layout are refreshed as one batch: one
             # (batched) factorization per group instead of one per leaf, which keeps the compiled
             # program small for models with many same-shaped layers.
             groups: dict = {}
-            for j, i in enumerate(idx):
+            for j, i in enumerate(sel):
                 lp = plans[paths[i]]
                 gk = (lp.m, lp.n, lp.left, b_leaves[i].dtype, gs[i].dtype, b_leaves[i].shape[len(lp.batch):])
                 groups.setdefault(gk, []).append(j)
@@ -469,10 +476,21 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
                 olds, pends, g_in = operands
                 # "rbg" keys: XLA's RngBitGenerator compiles ~5x faster than threefry on CPU
                 key = jax.random.fold_in(jax.random.key(seed, impl="rbg"), count)
-                new_b, new_p = [None] * len(idx), [None] * len(idx)
+                new_b, new_p = [None] * len(sel), [None] * len(sel)
+                if single:
+                    # one matrix without batch axes: the factorization runs on the 2-D matrix (an
+                    # unbatched LAPACK call, the same routine on the same numbers as in a batch)
+                    lp = plans[paths[sel[0]]]
+                    g = g_in[0]
+                    finite = jnp.all(jnp.isfinite(g))
+                    g = jnp.where(finite, g, 0.0)
+                    cand = basis.refresh(key, g, olds[0], lp).astype(olds[0].dtype)
+                    need = due | pends[0]
+                    ok = need & finite
+                    return [jnp.where(ok, cand, olds[0])], [need & ~finite]
                 prev = None
                 for k, ((m, n, left, _, _, tail), members) in enumerate(groups.items()):
-                    sizes = [math.prod(plans[paths[idx[j]]].batch) for j in members]
+                    sizes = [math.prod(plans[paths[sel[j]]].batch) for j in members]
                     g = jnp.concatenate([g_in[j].reshape(-1, m, n) for j in members])
                     old = jnp.concatenate([olds[j].reshape((-1,) + tail) for j in members])
                     if prev is not None:
@@ -506,11 +524,23 @@ def project(inner: optax.GradientTransformation, basis: Basis, variant: Optional
 
             new_b, new_p = jax.lax.cond(
                 pred, do_refresh, keep,
-                ([b_leaves[i] for i in idx], [pend_leaves[i] for i in idx], [gs[i] for i in idx]))
-            b_leaves = list(b_leaves)
-            pend_leaves = list(pend_leaves)
-            for j, i in enumerate(idx):
+                ([b_leaves[i] for i in sel], [pend_leaves[i] for i in sel], [gs[i] for i in sel]))
+            for j, i in enumerate(sel):
                 b_leaves[i], pend_leaves[i] = new_b[j], new_p[j]
+
+        # A deterministic basis (exact SVD, Gram eigh) refreshes each matrix without batch axes in its own
+        # cond, as optax.contrib.galore does: the projection, inner update and back-projection of a
+        # layer then depend on that layer's gradient only, so XLA runs them while the backward pass
+        # of the other layers is still going and frees each gradient early (one cond over all
+        # leaves waits for every gradient: a barrier that cost ~4-10% of the step and held all
+        # gradients at once, see docs/bench_optim.md). Randomized bases keep one cond and one
+        # batched draw per shape group (their random streams are unchanged), as do stacks.
+        own = [i for i in idx if basis.deterministic and plans[paths[i]].batch == ()]
+        for i in own:
+            refresh_set([i], True)
+        rest = [i for i in idx if i not in own]
+        if rest:
+            refresh_set(rest, False)
 
         # 2. project, 3. inner transformation on the projected tree (compute dtype: float32 or wider)
         leaves = [flat[p] for p in paths]
