@@ -267,6 +267,62 @@ for name, call, exc, match in [
     case("config", "Eggroll", name, call, exc, match)
 
 
+# ---------------------------------------------------------------- integer EGGROLL (lrjax.es.integer)
+from lrjax.es import IntEggroll, dequantize, int_dense, int_embed, quantize  # noqa: E402
+
+IES = IntEggroll(N, rank=1, member_chunk=4)
+IST = IES.init(jax.random.key(0))
+I8 = jnp.ones((3, 4), jnp.int8)
+IP = {"w": I8}
+IFIT = lambda p, nz: 0.0  # noqa: E731
+for bad in ("no", 1, None):
+    case("bool", "IntEggroll.maximize", repr(bad), lambda bad=bad: IntEggroll(N, maximize=bad), TypeError, "maximize")
+for site, call, arg in (("IntEggroll.population_size", lambda v: IntEggroll(v), "population_size"),
+                        ("IntEggroll.rank", lambda v: IntEggroll(N, rank=v), "rank"),
+                        ("IntEggroll.sigma_shift", lambda v: IntEggroll(N, sigma_shift=v), "sigma_shift"),
+                        ("quantize.bits", lambda v: quantize(P, bits=v), "bits"),
+                        ("int_dense.out_shift", lambda v: int_dense(jnp.ones((2, 3), jnp.int8), I8, out_shift=v),
+                         "out_shift")):
+    for bad, exc in ((True, TypeError), (2.5, TypeError), ("8", TypeError), (-1, ValueError)):
+        case("int", site, repr(bad), lambda call=call, bad=bad: call(bad), exc, arg)
+case("config", "IntEggroll", "odd_population", lambda: IntEggroll(5), ValueError, "population_size")
+case("config", "IntEggroll", "chunk_not_divisor", lambda: IntEggroll(N, member_chunk=3), ValueError, "member_chunk")
+for bad, exc in ((0.0, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("0.1", TypeError), (None, TypeError)):
+    case("float", "IntEggroll.alpha", repr(bad), lambda bad=bad: IntEggroll(N, alpha=bad), exc, "alpha")
+    if bad is not None:  # thresholds(None) uses the estimator's own alpha
+        case("float", "IntEggroll.thresholds", repr(bad), lambda bad=bad: IES.thresholds(bad), exc, "alpha")
+for name, params, exc, match in (("float_leaf", {"w": jnp.ones((3, 4))}, TypeError, "quantize"),
+                                 ("int32_leaf", {"w": jnp.ones((3, 4), jnp.int32)}, TypeError, "int8"),
+                                 ("minus128", {"w": jnp.full((3, 4), -128, jnp.int8)}, ValueError, "-128"),
+                                 ("str", "abc", TypeError, "params")):
+    case("params", "IntEggroll.step", name, lambda params=params: IES.step(IST, params, IFIT), exc, match)
+    if name != "minus128":  # plan reads shapes and dtypes only; step checks the values
+        case("params", "IntEggroll.plan", name, lambda params=params: IES.plan(params), exc, match)
+case("params", "quantize", "str", lambda: quantize("abc"), TypeError, "params")
+case("params", "quantize", "nan", lambda: quantize({"w": jnp.array([jnp.nan])}), ValueError, "leaf 'w'")
+case("params", "dequantize", "str", lambda: dequantize("a", "b"), TypeError, "qparams")
+case("params", "dequantize", "mismatch", lambda: dequantize(IP, {"v": jnp.ones(())}), ValueError, "scales")
+case("params", "dequantize", "vector_scale", lambda: dequantize(IP, {"w": jnp.ones(3)}), ValueError, "scales")
+for name, f, exc, match in (("len", jnp.ones(5), ValueError, "fitness"), ("str", "abc", TypeError, "fitness")):
+    case("fitness", "IntEggroll.tell", name, lambda f=f: IES.tell(IST, IP, f), exc, match)
+case("key", "IntEggroll.init", "int", lambda: IES.init(3), TypeError, "key")
+case("members", "IntEggroll.member_noise", "past_end", lambda: IES.member_noise(IST, IP, N), ValueError, "member")
+case("members", "IntEggroll.member_inputs", "past_end", lambda: IES.member_inputs(IST, IP, N), ValueError, "member")
+for name, call, exc, match in (
+        ("float_x", lambda: int_dense(jnp.ones((2, 3)), I8), TypeError, "x must be int8"),
+        ("float_kernel", lambda: int_dense(jnp.ones((2, 3), jnp.int8), jnp.ones((3, 4))), TypeError, "kernel"),
+        ("width", lambda: int_dense(jnp.ones((2, 5), jnp.int8), I8), ValueError, "x must have a trailing axis"),
+        ("str_x", lambda: int_dense("x", I8), TypeError, "x must be an array")):
+    case("layer", "int_dense", name, call, exc, match)
+for name, call, exc, match in (
+        ("float_ids", lambda: int_embed(jnp.ones(3), I8), TypeError, "ids"),
+        ("float_table", lambda: int_embed(jnp.ones(3, jnp.int32), jnp.ones((3, 4))), TypeError, "table"),
+        ("ids_out_of_range", lambda: int_embed(jnp.array([5]), I8), ValueError, "ids"),
+        ("ids_negative", lambda: int_embed(jnp.array([-1]), I8), ValueError, "ids"),
+        ("table_1d", lambda: int_embed(jnp.array([0]), jnp.ones(4, jnp.int8)), ValueError, "table")):
+    case("layer", "int_embed", name, call, exc, match)
+
+
 @pytest.mark.parametrize("call,exc,match", CASES)
 def test_bad_input_raises_clear_error(call, exc, match):
     with pytest.raises(exc, match=match) as info:
@@ -288,7 +344,7 @@ def test_public_api_is_swept():
     import lrjax.es as es_mod
     sites = {c.id.split("-")[1].split(".")[0] for c in CASES}
     public = {n for n in es_mod.__all__ if callable(getattr(es_mod, n)) and n not in
-              ("EggrollState", "EstimateInfo", "LowRankNoise", "FactoredStats")}
+              ("EggrollState", "EstimateInfo", "LowRankNoise", "FactoredStats", "IntLowRankNoise", "IntStepInfo")}
     methods = {n for n in dir(Eggroll) if not n.startswith("_") and callable(getattr(Eggroll, n))}
     missing = (public | methods) - sites - {"Eggroll"}
     assert not missing, f"no bad-input case for {sorted(missing)}"

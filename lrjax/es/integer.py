@@ -226,6 +226,9 @@ def int_embed(ids, table, noise: IntLowRankNoise | None = None):
     if table.ndim != 2:
         raise ValueError(f"table must be a 2-D [V, d] int8 matrix, got shape {tuple(table.shape)}")
     noise = _check_noise(noise, "noise", *table.shape)
+    if V.is_concrete(ids) and ids.size and (int(jnp.min(ids)) < 0 or int(jnp.max(ids)) >= table.shape[0]):
+        raise ValueError(f"ids must lie in [0, {table.shape[0]}) (the rows of table), got values in "
+                         f"[{int(jnp.min(ids))}, {int(jnp.max(ids))}]; JAX would clamp them silently")
     rows = table[ids].astype(jnp.int32)
     if noise is not None:
         pert = lax.dot_general(noise.a[ids], noise.b, (((ids.ndim,), (1,)), ((), ())),
@@ -260,7 +263,16 @@ def quantize(params, *, bits: int = 8):
 
 
 def dequantize(qparams, scales):
-    """``q * scale`` per leaf, float32 (inverse of :func:`quantize` up to rounding)."""
+    """``q * scale`` per leaf, float32 (inverse of :func:`quantize` up to rounding). ``qparams`` and
+    ``scales`` are the two pytrees :func:`quantize` returns (same structure; ValueError otherwise)."""
+    qflat = V.check_params(qparams, "qparams")
+    sflat = V.check_params(scales, "scales")
+    if set(qflat) != set(sflat):
+        raise ValueError(f"scales must have the leaves of qparams (the pair quantize returned); leaves only in "
+                         f"qparams: {sorted(set(qflat) - set(sflat))}, only in scales: {sorted(set(sflat) - set(qflat))}")
+    for p, sc in sflat.items():
+        if sc.ndim:
+            raise ValueError(f"scales: leaf {p!r} must be a scalar (one scale per leaf), got shape {tuple(sc.shape)}")
     return jax.tree.map(lambda q, s: q.astype(jnp.float32) * s, qparams, scales)
 
 
