@@ -71,7 +71,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lrjax._validation import (check_array, check_choice, check_finite, check_float, check_int, check_key,
@@ -361,7 +360,7 @@ class TracksTo4D(nnx.Module):
         tracks = check_tracks(tracks)
         dt = compute_dtype(tracks.dtype)
         tracks = tracks.astype(dt)
-        t_len, n_pts = tracks.shape[-3], tracks.shape[-2]
+        t_len = tracks.shape[-3]
         vis = tracks[..., 2:3]
         xy = jnp.where(vis > 0, tracks[..., :2], 0.0)
         h = self.embed(jnp.concatenate([vis * _sincos(xy, self.n_freqs), vis], -1))       # [..., T, P, W]
