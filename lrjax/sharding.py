@@ -407,7 +407,10 @@ def gather(tree):
     out = []
     for x in leaves:
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-            x = multihost_utils.process_allgather(x, tiled=True)
+            if x.sharding.is_fully_replicated:
+                x = x.addressable_data(0)         # every process holds the whole array
+            else:
+                from jax.experimental import multihost_utils
+                x = multihost_utils.process_allgather(x, tiled=True)
         out.append(np.asarray(x))
     return jax.tree_util.tree_unflatten(treedef, out)
