@@ -287,7 +287,9 @@ def render_rays(apply_fn: Callable, rays: Rays, *, bound: float = 1.0, n_samples
     E.g. ``render_rays(lambda x, d: field.apply(params, x, d), rays)``; pass ``z_delta=(z, delta)``
     to reuse another model's samples (PVD's teacher and student see the same points). Directions
     are normalised first (see the module docstring), so ``z``, ``delta`` and ``depth`` are world
-    distances and the image does not depend on the directions' lengths.
+    distances and the image does not depend on the directions' lengths. A density-only field
+    (``appearance=False``) has the documented constant colour 0.5: its image is
+    ``0.5 acc + bg (1 - acc)`` while ``acc``, ``depth`` and ``weights`` are exact.
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be a callable (x, d) -> FieldOutput, got {type(apply_fn).__name__}")
