@@ -65,3 +65,45 @@ def test_mqar_batches():
         assert not mask[b, :6].any() and mask[b, 6:].all()
         for t in range(6, 12):
             assert tgt[b, t] == lut[toks[b, t]]
+
+
+def test_lama_keyword_quick(tmp_path):
+    out = tmp_path / "res"
+    proc = _run("lama_keyword.py", out, tmp_path)
+    assert "| pooling |" in proc.stdout and "reproduce:" in proc.stdout
+    res = json.loads((out / "lama_keyword.json").read_text())
+    assert (out / "lama_keyword.png").stat().st_size > 0
+    r = res["results"]
+    assert set(r) == {"lama", "ssa"}
+    # equal pooling parameters (within one d_a step), LAMA's is exactly 2 d m
+    d, m = 2 * res["config"]["hidden"], res["config"]["heads"]
+    assert r["lama"]["pool_params"] == 2 * d * m and abs(r["ssa"]["pool_params"] - 2 * d * m) <= d + m
+    for v in r.values():
+        assert 0.0 <= v["acc_mean"] <= 1.0 and 0.0 <= v["kw_mass_mean"] <= 1.0 + 1e-6
+        assert v["timing"]["forward_ms"] > 0 and v["timing"]["ratio_to_limit"] > 0
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        from lama_keyword import make_batch
+    finally:
+        sys.path.pop(0)
+    toks, mask, y, pos = make_batch(np.random.default_rng(0), 16, 10, 12, 3)
+    for b in range(16):
+        kw = sorted(toks[b, pos[b]])
+        assert mask[b, pos[b]].all() and (toks[b][mask[b]] < 3).sum() == 2
+        assert y[b] == kw[1] * (kw[1] + 1) // 2 + kw[0]
+
+
+def test_drrl_rank_quick(tmp_path):
+    out = tmp_path / "res"
+    proc = _run("drrl_rank.py", out, tmp_path)
+    assert "| planted rank |" in proc.stdout and "reproduce:" in proc.stdout
+    res = json.loads((out / "drrl_rank.json").read_text())
+    assert (out / "drrl_rank.png").stat().st_size > 0
+    acts = res["actions"]
+    for b in res["buckets"]:
+        assert min(acts) <= b["policy_rank"] <= max(acts) and min(acts) <= b["oracle_rank"] <= max(acts)
+        assert 1.0 <= b["eff_entropy_q"] <= res["config"]["dim"] and b["energy90_q"] <= b["energy99_q"]
+    pv = res["policy_vs_fixed"]
+    assert pv["oracle_mean_reward"] >= pv["policy_mean_reward"] - 1e-6
+    assert pv["oracle_mean_reward"] >= pv["fixed_mean_reward"] - 1e-6
+    assert res["timing_ms"]["full_attention (limit)"]["ratio_to_limit"] == 1.0
