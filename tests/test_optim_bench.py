@@ -37,3 +37,9 @@ def test_bench_optim_quick(tmp_path):
     for r in t.values():
         assert np.isfinite(r["final_eval_loss"]) and len(r["history"]["eval_loss"]) >= 2
     assert "targets" in res and "table_markdown" in res
+    lw = res["layerwise"]                     # compiled step memory: per-layer GaLore vs plain GaLore and Adam
+    assert set(lw) == {"mlp", "stacked_transformer"}
+    for w in lw.values():
+        assert {"adam", "galore", "galore_layerwise", "adam_layerwise"} <= set(w["methods"])
+        assert all(r["peak_bytes"] > 0 for r in w["methods"].values())
+    assert lw["mlp"]["methods"]["galore_layerwise"]["temp_bytes"] < lw["mlp"]["methods"]["galore"]["temp_bytes"]

@@ -14,18 +14,26 @@ the backward pass:
   leaf's new optimizer state ``s'`` as the cotangent of the state). ``jax.vjp`` of the tapped loss
   therefore returns the new parameters and the new state, and no full-size gradient outlives its
   own leaf's update.
-* A stacked leaf ``[L, ...]`` consumed by a ``lax.scan`` over layers (flax ``nn.scan`` stacks) is
+* A stacked leaf ``[L, ...]`` (flax ``nn.scan`` stacks) is one leaf: by default its update runs
+  once the backward scan has produced the whole stack's gradient of that leaf (one of the stack's
+  kernels, e.g. all layers' ``fc1``), so the step holds one stacked leaf's gradient at a time,
+  not the model's. With ``scan_layers=True`` a stack consumed by a top-level ``lax.scan`` is
   tapped *per layer*, inside the scan body: the loss's jaxpr is rewritten so the scan also walks
   the leaf's per-layer optimizer state, and the update of layer ``l`` runs in the backward scan's
-  iteration for ``l``. The backward scan then carries one layer's gradient, not the stack's.
+  iteration for ``l`` (the same math, tested equal). It is not the default because JAX saves the
+  tap's residuals (the layer's weight slice and state slice) as stacked copies in the forward
+  scan, which on the measured ``nn.scan`` transformer cost more than the per-layer gradient saves
+  (``docs/bench_optim.md``).
 
 ``tx`` is any optax transformation that acts on each leaf independently (every lrjax.optim
 projection -- GaLore, Fira, DCT --, ``optax.scale_by_adam``, chains with a learning rate,
 ``optax.MultiSteps`` of those): the state is the tree of ``tx.init({path: leaf})`` per leaf
 (:class:`LayerwiseState`), and a leaf's update is exactly ``tx.update`` on that leaf -- the same
 code as the whole-tree transformation. Hence, with an exact refresh (``"svd"``, ``"eigh"``) the
-trajectory equals plain ``tx`` on the whole tree (tested to float32 round-off; bitwise on CPU in
-the tests). Transformations that couple leaves do not factor this way: a global-norm clip becomes a
+trajectory equals plain ``tx`` on the whole tree up to float32 round-off (tested: the per-leaf
+math on the same gradients agrees to an ulp; over several steps with refreshes the parameters
+agree to ``1e-5`` relative -- the two compiled programs fuse the backward differently, and an SVD
+refresh amplifies last-bit differences of the gradient). Transformations that couple leaves do not factor this way: a global-norm clip becomes a
 per-leaf clip. Random refreshes (``"randomized"``, ``"subspace"``) draw their sketches from the
 transformation's seed and the step per call; run per leaf (or per layer) every leaf of one shape
 draws the same sketch at a step, while the whole-tree transformation draws one batch per shape
@@ -267,8 +275,8 @@ def layerwise_step(loss_fn: Callable, tx, *, has_aux: bool = False, scan_layers:
         updates are added to the parameters (``optax.apply_updates``).
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       scan_layers: tap the leaves that ``loss_fn`` scans over (``[L, ...]`` stacks fed to a
-        top-level ``lax.scan`` as ``xs``, e.g. by ``flax.linen.scan``) per layer inside the scan
-        (default ``True``); ``False`` taps each stack as one leaf.
+        top-level ``lax.scan`` as ``xs``, e.g. by ``flax.linen.scan``) per layer inside the scan;
+        default ``False``: each stack is tapped as one leaf (module doc: measured cheaper).
 
     Returns:
       ``step(params, state, *args) -> (loss, new_params, new_state)`` (``((loss, aux), ...)`` with
