@@ -228,21 +228,27 @@ def test_estimate_equals_fitness_then_tell(problem, es8):
 
 
 @pytest.mark.parametrize("noise", ["normal", "rademacher"])
-def test_stored_noise_equals_regenerated(problem, noise):
-    """Keeping the forwards' draws for the update (default for Gaussian noise without a mesh)
-    changes nothing: the
-    update regenerating them gives the same gradient, with a lax.map over several chunks too."""
+def test_stored_noise_equals_regenerated(problem, noise, monkeypatch):
+    """Keeping the forwards' draws for the update (store_noise='auto', the default without a
+    mesh when they fit in STORE_NOISE_AUTO_BYTES) changes nothing, bit for bit: the update
+    regenerating them gives the same gradient, with a lax.map over several chunks too."""
+    from lrjax.es import eggroll as eggroll_lib
     params, x = problem
     kw = dict(rank=2, sigma=0.1, noise=noise, member_chunk=4, update_chunk=2)
     st = Eggroll(16, **kw).init(jax.random.key(5))
     plans = Eggroll(16, **kw).plan(params)
-    assert not Eggroll(16, **kw)._stores_noise(plans)                       # the default: regenerate
+    assert Eggroll(16, **kw)._stores_noise(plans)                           # the default: 'auto', small
     assert not Eggroll(16, store_noise=False, **kw)._stores_noise(plans)
-    g1, _, i1 = Eggroll(16, store_noise=True, **kw).estimate(st, params, _fit, x)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("pop",))
+    assert not Eggroll(16, mesh=mesh, **kw)._stores_noise(plans)            # a mesh regenerates
+    monkeypatch.setattr(eggroll_lib, "STORE_NOISE_AUTO_BYTES", 0)
+    assert not Eggroll(16, **kw)._stores_noise(plans)                       # too large: regenerate
+    monkeypatch.undo()
+    g1, _, i1 = Eggroll(16, **kw).estimate(st, params, _fit, x)
     g0, _, i0 = Eggroll(16, store_noise=False, **kw).estimate(st, params, _fit, x)
     np.testing.assert_array_equal(i1.fitness, i0.fitness)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(a, b)
 
 
 def test_normal_draw_is_jax_normal_unpartitioned():
@@ -254,6 +260,12 @@ def test_normal_draw_is_jax_normal_unpartitioned():
         with jax.threefry_partitionable(False):
             ref = jax.random.normal(k, (n,), jnp.float32)
         np.testing.assert_array_equal(noise_lib._normal(k, n, jnp.float32), ref)
+    # the unrolled hash is jax's threefry_2x32 on the counters 0 .. size-1, word for word
+    from jax.extend.random import threefry_2x32
+    for n in (1, 2, 7, 64, 1001):
+        for k0, k1 in ((0, 0), (12345, 0xDEADBEEF)):
+            ref = threefry_2x32((jnp.uint32(k0), jnp.uint32(k1)), jnp.arange(n, dtype=jnp.uint32))
+            np.testing.assert_array_equal(noise_lib._threefry_2x32_iota(np.uint32(k0), np.uint32(k1), n), ref)
     z = noise_lib._normal(k, 200_000, jnp.float32)
     assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
     s = noise_lib._rademacher(k, 200_001, jnp.float32)
@@ -339,6 +351,7 @@ def test_validation_errors(problem):
         Eggroll(8, mesh=mesh, store_noise=True)
     with pytest.raises(TypeError, match="store_noise"):
         Eggroll(8, store_noise="yes")
+    assert Eggroll(8, store_noise="auto").store_noise == "auto"
     es = Eggroll(8, rank=1)
     st = es.init(jax.random.key(0))
     with pytest.raises(TypeError, match="fitness_fn cannot take"):

@@ -20,8 +20,8 @@ rate ``O(1/r)``. Vectors and biases (and every leaf when ``rank=None``) get full
 ``eps_i``. Perturbations are pure functions of ``(seed, generation, noise index)``
 (:mod:`lrjax.es.noise`): each index is drawn once for its antithetic pair's forwards and drawn
 again, chunk by chunk, by the update, so no perturbation is ever stored for the whole population
-and only fitness scalars cross devices. ``store_noise=True`` (single program, no mesh) trades
-that for speed: it keeps the forwards' flat draws (``N/2 x (r (m + n) per matrix + biases)``
+and only fitness scalars cross devices. ``store_noise`` (default ``'auto'``: single program, no
+mesh, draws up to 64 MiB) trades that for speed: it keeps the forwards' flat draws (``N/2 x (r (m + n) per matrix + biases)``
 floats, small next to the ``N x D`` population of full-rank ES) for the update.
 
 Scaling versus the official code: HyperscaleES hands optax ``-sqrt(N) sigma^2 g`` (its ``sigma``
@@ -89,6 +89,7 @@ def _largest_divisor_at_most(n: int, k: int) -> int:
 
 
 MAX_DEFAULT_MEMBER_CHUNK = 256
+STORE_NOISE_AUTO_BYTES = 64 * 2**20  # store_noise='auto' keeps one generation's draws up to this size
 
 
 def default_member_chunk(population_size: int, antithetic: bool = True) -> int:
@@ -190,9 +191,12 @@ class Eggroll:
       store_noise: keep each noise index's flat draw from the member forwards and reuse it in the
         update instead of drawing it a second time (on CPUs the Gaussian generator is most of a
         generation's overhead over inference). Costs ``N/2 x noise_size`` floats (``N x`` with
-        ``antithetic=False``) for the population. Default ``False``: the update regenerates the
-        noise, nothing population-sized is stored. Not available with ``mesh`` (each device draws
-        only its chunks' noise). Same values either way: the draws are the same pure functions of (seed, generation, index).
+        ``antithetic=False``) for the population. ``False``: the update regenerates the noise,
+        nothing population-sized is stored. Default ``'auto'``: store when there is no ``mesh``
+        and the draws take at most ``STORE_NOISE_AUTO_BYTES`` (64 MiB), else regenerate.
+        ``True`` is not available with ``mesh`` (each device draws only its chunks' noise). Same
+        values either way, bit for bit: the draws are the same pure functions of (seed,
+        generation, index) and the update sums them in the same chunks.
 
     Sign of the returned gradient: ``estimate`` and ``tell`` return an estimate of the gradient
     of the smoothed *loss* ``L``, with ``L = -fitness`` when ``maximize=True`` and ``L = fitness``
@@ -211,7 +215,8 @@ class Eggroll:
 
     Argument rules (checked at construction, before anything is traced): ``population_size``,
     ``rank``, ``noise_reuse``, ``member_chunk``, ``update_chunk`` are ints in range, ``sigma`` a
-    finite float ``> 0``, ``maximize``/``antithetic``/``store_noise`` real bools, ``shaping`` and
+    finite float ``> 0``, ``maximize``/``antithetic`` real bools, ``store_noise`` a real bool or
+    ``'auto'``, ``shaping`` and
     ``noise`` one of their names; a population of 1 (``antithetic=False``) is refused with
     ``'z_score'`` and ``'centered_rank'`` (no spread); ``rank > min(M, N)`` of a targeted leaf is
     refused naming the leaf (lrjax's one rank rule). Params must be a pytree of arrays with at
@@ -234,7 +239,7 @@ class Eggroll:
                  axes: axes_lib.AxesSpec = None, noise_reuse: int = 1, noise: str = "normal",
                  mesh: Mesh | None = None,
                  axis_name: str | None = None, member_chunk: int | None = None,
-                 update_chunk: int = 128, store_noise: bool = False):
+                 update_chunk: int = 128, store_noise: bool | str = "auto"):
         population_size = V.check_int(population_size, "population_size", low=1)
         rank = V.check_int(rank, "rank", low=1, allow_none=True)
         sigma = V.check_float(sigma, "sigma", low=0.0, low_open=True)
@@ -244,13 +249,17 @@ class Eggroll:
         noise_reuse = V.check_int(noise_reuse, "noise_reuse", low=1)
         V.check_choice(noise, "noise", noise_lib.DISTRIBUTIONS)
         update_chunk = V.check_int(update_chunk, "update_chunk", low=1)
-        store_noise = V.check_bool(store_noise, "store_noise")
+        if not (isinstance(store_noise, str) and store_noise == "auto"):
+            try:
+                store_noise = V.check_bool(store_noise, "store_noise")
+            except TypeError:
+                raise TypeError(f"store_noise must be True, False or 'auto' (the default), got {store_noise!r}") from None
         member_chunk = V.check_int(member_chunk, "member_chunk", low=1, allow_none=True)
         for name, t in (("targets", targets), ("frozen", frozen)):
             if isinstance(t, (bool, numbers.Number)):
                 raise TypeError(f"{name} must be an lrjax.tree pattern (a regex string, a list of "
                                 f"them, or a callable (path, leaf) -> bool), or None; got {t!r}")
-        if store_noise and mesh is not None:
+        if store_noise is True and mesh is not None:
             raise ValueError("store_noise=True needs mesh=None (with a mesh the update regenerates the noise)")
         if axis_name is not None and not isinstance(axis_name, str):
             raise TypeError(f"axis_name must be a mesh axis name (str) or None, got {axis_name!r}")
@@ -338,6 +347,10 @@ class Eggroll:
         """Whether this program keeps the forwards' draws for the update (see ``store_noise``)."""
         if self.mesh is not None or not any(pl.kind != FROZEN for pl in plans):
             return False
+        if self.store_noise == "auto":
+            size = noise_lib.noise_size(plans, self.rank) * self.num_noise
+            dt = functools.reduce(jnp.promote_types, [noise_lib.noise_dtype(p.dtype) for p in plans if p.kind != FROZEN])
+            return size * jnp.dtype(dt).itemsize <= STORE_NOISE_AUTO_BYTES
         return bool(self.store_noise)
 
     def _member_noise_flat(self, plans, key, generation, member):
@@ -565,29 +578,35 @@ class Eggroll:
                        keep_noise=False):
         """Fitness of members ``ids`` (global ids; pairs contiguous and starting even). Each noise
         index is drawn once: both members of an antithetic pair share it. With ``keep_noise``
-        also returns the flat draws ``[noise indices, noise_size]`` in index order."""
+        also returns the flat draws ``[noise indices, noise_size]`` in index order; then all of
+        them are drawn first, in one batched generator call (one large elementwise program
+        instead of one per chunk), and the chunks' forwards read them. The draws are the same
+        pure functions of ``(key, generation, index)`` either way, so is every fitness."""
         member = functools.partial(self._member_fitness, plans, fitness_fn, pass_noise, params)
         signs = jnp.array([1.0, -1.0], jnp.float32)
         rank = self.rank
 
-        def chunk(m):
+        def draw(m):
             js = m[0::2] // 2 if self.antithetic else m
-            z = jax.vmap(lambda j: self._draw_flat(plans, key, generation, j))(js)
+            return jax.vmap(lambda j: self._draw_flat(plans, key, generation, j))(js)
+
+        def forward(z):
             units = noise_lib.split(plans, z, rank)
             if self.antithetic:
                 both = jax.vmap(lambda u, s: member(u, s, args), in_axes=(None, 0))
-                f = jax.vmap(lambda u: both(u, signs))(units).reshape(-1)  # [+, -, +, -, ...]
-            else:
-                f = jax.vmap(lambda u: member(u, jnp.float32(1.0), args))(units)
-            return (f, z) if keep_noise else f
+                return jax.vmap(lambda u: both(u, signs))(units).reshape(-1)  # [+, -, +, -, ...]
+            return jax.vmap(lambda u: member(u, jnp.float32(1.0), args))(units)
 
         c = self.member_chunk
-        if ids.shape[0] == c:
-            return chunk(ids)
-        out = lax.map(chunk, ids.reshape(-1, c))
         if keep_noise:
-            return out[0].reshape(-1), out[1].reshape(-1, out[1].shape[-1])
-        return out.reshape(-1)
+            z = draw(ids)
+            if ids.shape[0] == c:
+                return forward(z), z
+            f = lax.map(forward, z.reshape(-1, z.shape[0] * c // ids.shape[0], z.shape[-1]))
+            return f.reshape(-1), z
+        if ids.shape[0] == c:
+            return forward(draw(ids))
+        return lax.map(lambda m: forward(draw(m)), ids.reshape(-1, c)).reshape(-1)
 
     def _device_ids(self, device):
         """Global member ids of ``device``'s whole chunks; ids ``>= N`` are dummies (discarded)."""
