@@ -192,3 +192,27 @@ def test_layer_names_x_for_empty_batch_and_nan_and_checks_cache_dtype():
         m(jnp.ones((1, 3, 8)).at[0, 0, 0].set(jnp.nan))
     with pytest.raises(TypeError, match="dtype must be a floating dtype"):
         m.init_cache(1, dtype=jnp.int32)
+
+
+def test_kda_layer_padding_mask_equals_unpadded(gate="kda"):
+    """Row 0 left-padded (2 pads), row 1 right-padded (3 pads): outputs at real tokens and the final
+    state equal the unpadded sequences'; padded rows give 0 and never NaN."""
+    m = KimiDeltaAttention(16, num_heads=2, head_dim=4, gate=gate, chunk_size=4, rngs=nnx.Rngs(0))
+    T = 9
+    x = _x(B=2, T=T, seed=3)
+    mask = jnp.array([[False] * 2 + [True] * 7, [True] * 6 + [False] * 3])
+    y, c = m(x, mask=mask)
+    ya, ca = m(x[0:1, 2:])
+    yb, cb = m(x[1:2, :6])
+    np.testing.assert_allclose(y[0, 2:], ya[0], atol=2e-5)
+    np.testing.assert_allclose(y[1, :6], yb[0], atol=2e-5)
+    np.testing.assert_allclose(c["state"][0], ca["state"][0], atol=2e-5)
+    np.testing.assert_allclose(c["state"][1], cb["state"][0], atol=2e-5)
+    assert float(jnp.abs(y[0, :2]).max()) == 0.0 and float(jnp.abs(y[1, 6:]).max()) == 0.0
+    # the mask changes nothing when everything is real
+    y1, _ = m(x, mask=jnp.ones((2, T), bool))
+    np.testing.assert_allclose(y1, m(x)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="mask"):
+        m(x, mask=jnp.ones((2, T + 1), bool))
+    with pytest.raises(TypeError, match="mask"):
+        m(x, mask=jnp.ones((2, T)))

@@ -203,11 +203,26 @@ class KimiDeltaAttention(nnx.Module):
         return cache
 
     # -------------------------------------------------------------------------------- forward
-    def __call__(self, x, cache: dict | None = None):
-        """``x: [B, T, hidden_size]`` -> ``(y [B, T, hidden_size], cache)``."""
+    def __call__(self, x, cache: dict | None = None, mask=None):
+        """``x: [B, T, hidden_size]`` -> ``(y [B, T, hidden_size], cache)``.
+
+        ``mask``: optional ``[B, T]`` bool, True = real token. A padded token neither updates the
+        state (its gate ``g`` and ``beta`` are set to 0, an exact no-op of the delta rule) nor feeds
+        the short convolutions (its input row is zeroed; the q/k/v projections have no bias), and
+        its output row is 0. So a left- or right-padded batch gives, at the real tokens, the
+        outputs and final state of the unpadded sequences. [ours] With right padding the returned
+        conv windows hold the padded (zero) rows, so continuing decode from that cache is exact
+        only for left-padded or unpadded rows."""
         x = _check_x(x, self.hidden_size)
         B, T, _ = x.shape
         cache = self._check_cache(cache, B)
+        if mask is not None:
+            mask = check_array(mask, "mask")
+            if mask.dtype != jnp.bool_:
+                raise TypeError(f"mask must be a bool array [B, T] (True = real token), got dtype {mask.dtype}")
+            if tuple(mask.shape) != (B, T):
+                raise ValueError(f"mask must have shape [B, T] = {(B, T)} (x's leading axes), got {tuple(mask.shape)}")
+            x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
         H, K, HV, V = self.num_heads, self.head_dim, self.num_v_heads, self.head_v_dim
         cq, ck, cv = (None, None, None) if cache is None else cache["conv"]
         q, cq = self.q_conv(self.q_proj(x), cq)
@@ -226,6 +241,9 @@ class KimiDeltaAttention(nnx.Module):
         beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         if self.allow_neg_eigval:
             beta = 2.0 * beta
+        if mask is not None:
+            g = jnp.where(mask.reshape((B, T) + (1,) * (g.ndim - 2)), g, 0.0)
+            beta = jnp.where(mask.reshape(B, T, 1), beta, 0.0)
         s0 = None if cache is None else cache["state"]
         if T == 1 or self.mode == "recurrent":
             o, s = recurrent_kda(q, k, v, g, beta, initial_state=s0)
@@ -235,6 +253,8 @@ class KimiDeltaAttention(nnx.Module):
         of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + self.norm_eps) * self.o_norm_weight[...]
         gate = jax.nn.sigmoid(self.g_proj2(self.g_proj1(x)).astype(jnp.float32)).reshape(B, T, HV, V)
         y = self.o_proj((of * gate).astype(x.dtype).reshape(B, T, HV * V))
+        if mask is not None:
+            y = jnp.where(mask[..., None], y, jnp.zeros((), y.dtype))
         return y, {"conv": (cq, ck, cv), "state": s}
 
 
