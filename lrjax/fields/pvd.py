@@ -60,6 +60,17 @@ so the feature stage teaches the student the teacher's feature space.
   each axis (official: lowest-PSNR 10 % of poses, perturbed roll/pitch/yaw in ``U(+-pi/20)``; here
   the perturbation rotates the camera about the scene centre).
 
+**Two modes, their costs.** *Ray mode* (:class:`PVD`, the paper's): per step ``batch_rays x
+n_samples`` teacher and student queries on the samples of camera rays, plus compositing of both;
+activation memory ``O(batch_rays n_samples (student + teacher width))``; it needs a camera pool and
+supervises the rendered colour too. *Point mode* (:class:`PointDistill`, any-to-any conversion by
+point queries): per step ``batch_points`` queries at points drawn from the teacher's occupied volume
+(found once by an occupancy probe of ``occupancy_res^3 x occupancy_samples`` queries) and uniform
+view directions, no compositing; memory ``O(batch_points x student width)``. The teacher may be any
+traceable callable ``f(x, d) -> (sigma, rgb)``, not only an lrjax field. Point mode is PVD's
+stage-2 loss at freely chosen points; it cannot see occlusion, so it teaches the whole occupied
+volume (also hidden interiors) and relies on the clipped log-density floor for empty space.
+
 Stages and weights where the paper is silent follow the official code (``megvii-research/
 AAAI2023-PVD``, branches ``main`` and ``PVD-AL``); the defaults here are rescaled for the mean
 square loss and short CPU runs and are documented on :class:`PVDConfig`.
@@ -75,11 +86,12 @@ import numpy as np
 import optax
 
 from lrjax._validation import check_bool, check_choice, check_float, check_int
-from lrjax.fields.fields import (Field, _check_key, _check_variables, _pos_float, _pos_int,
+from lrjax.fields.fields import (Field, FieldOutput, _check_key, _check_variables, _pos_float, _pos_int,
                                  check_compatible, init_field)
 from lrjax.fields.render import Rays, _check_poses, composite, near_far, stratified_samples
 
-__all__ = ["ActiveConfig", "PVDConfig", "ALState", "PVDState", "PVD", "inherit_head", "stage_of"]
+__all__ = ["ActiveConfig", "PVDConfig", "ALState", "PVDState", "PVD", "inherit_head", "stage_of",
+           "PointConfig", "PointState", "PointDistill"]
 
 
 @dataclass(frozen=True)
@@ -424,3 +436,328 @@ class PVD:
         self._check_state(state, key)
         stage = stage_of(int(state.step), self.config.stage_steps)
         return self._steps[stage](state, key)
+
+
+# =========================================================================== point-query distillation
+@dataclass(frozen=True)
+class PointConfig:
+    """Settings of :class:`PointDistill` (point-query distillation; see its docstring).
+
+    batch_points: points (teacher queries) per step.
+    occupied_ratio: fraction of each batch drawn inside the teacher's occupied cells (the rest is
+      uniform in the box, which teaches the student empty space).
+    occupancy_res, occupancy_samples, occupancy_threshold: the one-off occupancy probe: the teacher
+      is queried at ``occupancy_samples`` jittered points per cell of an ``occupancy_res^3`` grid; a
+      cell is occupied when its largest density is ``>= occupancy_threshold``; the mask is then
+      dilated by one cell (surfaces between probe points).
+    w_feature, w_sigma, w_color: weights of the geometry-feature term (only with a Field teacher
+      whose colour head the student shares), the log-density term and the point-colour term.
+    density_floor: log-densities below it count as empty (both raised to it, as in :class:`PVDConfig`);
+      point colours and features are compared only where the teacher is above it.
+    active_ratio, pool_size, min_pool, pool_jitter: point-level active learning (PVD-AL's "point"
+      level moved to point queries): the ``active_ratio`` fraction of each batch with the largest
+      error enters a ring pool; once it holds ``min_pool`` points, that fraction of every batch is
+      re-drawn from the pool, moved by ``N(0, (pool_jitter * cell)^2)``. ``active_ratio=0``: off.
+    inherit_head: copy the teacher's colour head into the student (Field teachers only).
+    """
+
+    batch_points: int = 16384
+    occupied_ratio: float = 0.75
+    occupancy_res: int = 32
+    occupancy_samples: int = 2
+    occupancy_threshold: float = 0.5
+    w_feature: float = 1.0
+    w_sigma: float = 1.0
+    w_color: float = 1.0
+    density_floor: float = -4.0
+    active_ratio: float = 0.0
+    pool_size: int = 65536
+    min_pool: int = 8192
+    pool_jitter: float = 0.5
+    inherit_head: bool = True
+
+    def __post_init__(self):
+        _pos_int(self.batch_points, "batch_points")
+        check_float(self.occupied_ratio, "occupied_ratio", low=0.0, high=1.0)
+        _pos_int(self.occupancy_res, "occupancy_res")
+        _pos_int(self.occupancy_samples, "occupancy_samples")
+        check_float(self.occupancy_threshold, "occupancy_threshold", low=0.0)
+        for n in ("w_feature", "w_sigma", "w_color"):
+            check_float(getattr(self, n), n, low=0.0)
+        check_float(self.density_floor, "density_floor")
+        check_float(self.active_ratio, "active_ratio", low=0.0, high=1.0, high_open=True)
+        _pos_int(self.pool_size, "pool_size")
+        _pos_int(self.min_pool, "min_pool")
+        if self.min_pool > self.pool_size:
+            raise ValueError(f"min_pool={self.min_pool} must be <= pool_size={self.pool_size}")
+        check_float(self.pool_jitter, "pool_jitter", low=0.0)
+        check_bool(self.inherit_head, "inherit_head")
+
+
+class PointState(NamedTuple):
+    """Student parameters, optimiser state, step and the hard-point pool ``[pool_size, 3]``."""
+
+    params: dict
+    opt_state: tuple
+    step: jax.Array
+    pool: jax.Array
+    size: jax.Array
+    ptr: jax.Array
+
+
+def _teacher_outputs(out, n_shape, where="teacher"):
+    """``(sigma [...], rgb [..., 3], feature or None)`` from a teacher's return value."""
+    if isinstance(out, FieldOutput):
+        return out.sigma, out.rgb, out.feature
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return out[0], out[1], None
+    raise TypeError(f"{where} must return (sigma, rgb) (or a FieldOutput), got {type(out).__name__}"
+                    + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+
+
+def _check_teacher_fn(fn, name="teacher"):
+    """Trace ``fn`` once on 4 points and refuse wrong kinds/shapes (eagerly, naming ``teacher``)."""
+    x = jax.ShapeDtypeStruct((4, 3), jnp.float32)
+    try:
+        out = jax.eval_shape(fn, x, x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a traceable callable f(x [N, 3], d [N, 3]) -> (sigma [N], rgb [N, 3]); "
+                        f"calling it on [4, 3] inputs failed: {e}") from None
+    sigma, rgb, _ = _teacher_outputs(out, (4,), name)
+    for v, nm, shape in ((sigma, "sigma", (4,)), (rgb, "rgb", (4, 3))):
+        if not hasattr(v, "shape") or not hasattr(v, "dtype"):
+            raise TypeError(f"{name} must return arrays (sigma [N], rgb [N, 3]); its {nm} is a {type(v).__name__}")
+        if tuple(v.shape) != shape:
+            raise ValueError(f"{name} must return sigma [N] and rgb [N, 3] for x [N, 3]; for N=4 its {nm} has "
+                             f"shape {tuple(v.shape)}, expected {shape}")
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            raise TypeError(f"{name} must return floating-point {nm}, got {v.dtype}")
+
+
+class PointDistill:
+    r"""Point-query distillation of any teacher into a field ``student`` (PVD's any-to-any conversion
+    without cameras or rays).
+
+    ``teacher`` is either an :class:`~lrjax.fields.fields.Field` with ``teacher_params``, or any
+    traceable callable ``f(x: [N, 3], d: [N, 3]) -> (sigma [N], rgb [N, 3])`` (a FieldOutput is
+    accepted too), so models from elsewhere can be converted. Each step draws ``batch_points`` points
+    ``x`` -- the ``occupied_ratio`` fraction uniformly inside the cells of the teacher's occupancy
+    grid (built once, :meth:`occupancy`), the rest uniformly in ``[-bound, bound]^3`` -- and unit view
+    directions ``d`` uniform on the sphere, then minimises (mean squares over the points; ``O`` = the
+    points where the teacher's log-density exceeds the floor ``f``)::
+
+        L = w_s mean_x (max(s_S(x), f) - max(s_T(x), f))^2
+          + w_c mean_{x in O} |c_S(x, d) - c_T(x, d)|^2 / 3
+          + w_F mean_{x in O} |g_S(x) - g_T(x)|^2 / geo_dim        (Field teacher sharing the head)
+          + reg(params)
+
+    with ``s = clip(log sigma, density_clip)`` of the *student's* ``density_clip`` (PVD's density
+    range constraint and log-domain density loss, official ``network.py``). This is PVD's stage-2
+    loss (features, point density, point colour) evaluated at freely drawn points instead of at the
+    samples of camera rays, so it needs no poses, no compositing and no stage schedule.
+
+    **Costs per step** (Q = teacher queries; memory = activations kept for the backward pass):
+
+    * ray mode (:class:`PVD`): ``Q = batch_rays * n_samples`` teacher and student queries plus
+      compositing of both; memory ``O(batch_rays * n_samples * (student width + teacher width))``;
+      supervision falls on samples along camera rays (most of them in empty space without an
+      occupancy grid), and the rendered-colour loss ties the student to what cameras see.
+    * point mode (this class): ``Q = batch_points`` teacher and student queries, no compositing;
+      memory ``O(batch_points * student width)`` (the teacher runs without gradients); once,
+      ``occupancy_res^3 * occupancy_samples`` teacher queries for the occupancy probe and an
+      ``occupancy_res^3`` boolean mask. Points concentrate where the teacher is occupied, so a
+      step's queries are spent where the image is made.
+
+    Point mode reproduces the teacher wherever the student can represent it: a student of the same
+    family and resolution as a grid teacher (or a dense grid for a VM/CP teacher of the same
+    resolution, whose interpolants are trilinear on each cell) is driven to the teacher to float
+    tolerance. It does not see occlusion, so a student with too little capacity spends it
+    uniformly over the occupied volume rather than on visible surfaces.
+
+    ``optimizer``: an optax transformation. ``regularizer``: optional ``reg(student_params) -> scalar``.
+    Raises ``TypeError`` for a teacher that is not a Field/callable or returns non-arrays, and
+    ``ValueError`` for wrong output shapes or a mismatched Field pair.
+    """
+
+    def __init__(self, teacher, student: Field, optimizer, *, teacher_params=None,
+                 config: PointConfig = PointConfig(), regularizer=None, key=None):
+        if not isinstance(student, Field):
+            raise TypeError(f"student must be an lrjax.fields Field instance, got {type(student).__name__}")
+        if not isinstance(config, PointConfig):
+            raise TypeError(f"config must be a PointConfig, got {type(config).__name__}")
+        if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+            raise TypeError(f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
+        if regularizer is not None and not callable(regularizer):
+            raise TypeError(f"regularizer must be a callable reg(student_params) -> scalar or None, "
+                            f"got {type(regularizer).__name__}")
+        if isinstance(teacher, Field):
+            check_compatible(teacher, student)
+            if teacher_params is None:
+                raise TypeError("teacher_params is required when teacher is a Field (its parameters from init_field)")
+            _check_variables(teacher, teacher_params, "teacher_params")
+            tparams = jax.tree.map(jnp.asarray, teacher_params)
+            self.tparams = tparams
+            self._tfn = lambda x, d: teacher.apply(tparams, x, d)
+            self.use_features = teacher.has_color_head and student.has_color_head
+        else:
+            if not callable(teacher):
+                raise TypeError(f"teacher must be a Field or a callable f(x, d) -> (sigma, rgb), "
+                                f"got {type(teacher).__name__}")
+            if teacher_params is not None:
+                raise TypeError("teacher_params is only for a Field teacher; close a callable teacher over "
+                                "its own parameters")
+            _check_teacher_fn(teacher)
+            self.tparams = None
+            self._tfn = teacher
+            self.use_features = False
+        self.teacher, self.student, self.optimizer, self.config = teacher, student, optimizer, config
+        self.regularizer = regularizer
+        self.bound = float(student.bound)
+        key = jax.random.key(0) if key is None else _check_key(key)
+        self.occupied = self._probe(key)                     # flat indices of occupied cells (numpy)
+        self._step_fn = jax.jit(self._step)
+
+    # ------------------------------------------------------------------ occupancy
+    def _teacher(self, x, d):
+        sigma, rgb, feat = _teacher_outputs(self._tfn(x, d), x.shape[:-1])
+        lo, hi = self.student.density_clip
+        s = jnp.clip(jnp.log(jnp.maximum(sigma.astype(jnp.float32), 1e-30)), lo, hi)
+        return s, rgb.astype(jnp.float32), feat
+
+    def _probe(self, key):
+        cfg, n = self.config, self.config.occupancy_res
+        cell = 2 * self.bound / n
+        idx = jnp.stack(jnp.meshgrid(*(jnp.arange(n),) * 3, indexing="ij"), -1).reshape(-1, 3)
+        base = -self.bound + idx * cell
+
+        @jax.jit
+        def dens(k):
+            x = base + jax.random.uniform(k, base.shape) * cell
+            d = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0]), x.shape)
+            return jax.lax.stop_gradient(self._teacher(x, d)[0])
+
+        smax = np.max([np.asarray(dens(k)) for k in jax.random.split(key, cfg.occupancy_samples)], axis=0)
+        occ = (np.exp(smax) >= cfg.occupancy_threshold).reshape(n, n, n)
+        for ax in range(3):                                   # dilate by one cell: separable 3x3x3 max
+            occ = occ | (np.roll(occ, 1, ax) & _not_wrapped(n, ax, 1)) | (np.roll(occ, -1, ax) & _not_wrapped(n, ax, -1))
+        return np.flatnonzero(occ).astype(np.int32)
+
+    def occupancy(self):
+        """Boolean ``[R, R, R]`` occupancy mask of the teacher used for sampling (R = occupancy_res)."""
+        n = self.config.occupancy_res
+        m = np.zeros(n ** 3, bool)
+        m[self.occupied] = True
+        return m.reshape(n, n, n)
+
+    # ------------------------------------------------------------------ sampling
+    def sample_points(self, key, state: PointState | None = None, num: int | None = None):
+        """``(x [B, 3], d [B, 3])`` of one step (B = ``num`` or batch_points; the hard-point pool of
+        ``state`` is used when active learning is on)."""
+        cfg, bd = self.config, self.bound
+        b = cfg.batch_points if num is None else num
+        n = cfg.occupancy_res
+        cell = 2 * bd / n
+        ko, kj, ku, kd, kp, kq = jax.random.split(key, 6)
+        n_occ = int(round(cfg.occupied_ratio * b)) if self.occupied.size else 0
+        x = jax.random.uniform(ku, (b, 3), minval=-bd, maxval=bd)
+        if n_occ:
+            occ = jnp.asarray(self.occupied)
+            c = occ[jax.random.randint(ko, (n_occ,), 0, occ.shape[0])]
+            ijk = jnp.stack([c // (n * n), (c // n) % n, c % n], -1)
+            x = x.at[:n_occ].set(-bd + (ijk + jax.random.uniform(kj, (n_occ, 3))) * cell)
+        if state is not None and cfg.active_ratio > 0:
+            k = max(1, int(round(cfg.active_ratio * b)))
+            j = jax.random.randint(kp, (k,), 0, jnp.maximum(state.size, 1))
+            moved = jnp.clip(state.pool[j] + cfg.pool_jitter * cell * jax.random.normal(kq, (k, 3)), -bd, bd)
+            x = x.at[b - k:].set(jnp.where(state.size >= cfg.min_pool, moved, x[b - k:]))
+        d = jax.random.normal(kd, (b, 3))
+        d = d / jnp.maximum(jnp.linalg.norm(d, axis=-1, keepdims=True), 1e-12)
+        return jnp.clip(x, -bd, bd), d
+
+    # ------------------------------------------------------------------ state / losses / step
+    def init(self, key, student_params=None) -> PointState:
+        """Initial state; the student is freshly initialised unless ``student_params`` are given."""
+        _check_key(key)
+        if student_params is None:
+            student_params = init_field(self.student, key)
+        else:
+            _check_variables(self.student, student_params, "student_params")
+        if self.tparams is not None and self.config.inherit_head:
+            student_params = inherit_head(self.tparams, student_params)
+        n = self.config.pool_size if self.config.active_ratio > 0 else 1
+        return PointState(student_params, self.optimizer.init(student_params), jnp.int32(0),
+                          jnp.zeros((n, 3)), jnp.int32(0), jnp.int32(0))
+
+    def losses(self, params, x, d):
+        """Per-term losses (dict) and the per-point error ``[B]`` at points ``x`` / directions ``d``."""
+        cfg = self.config
+        ts, trgb, tfeat = jax.tree.map(jax.lax.stop_gradient, self._teacher(x, d))
+        s = self.student.apply(params, x, d if self.student.view_dependent else None)
+        f = cfg.density_floor
+        dens = (jnp.maximum(s.sigma_pre, f) - jnp.maximum(ts, f)) ** 2
+        occ = (ts > f).astype(jnp.float32)
+        col = jnp.sum((s.rgb - trgb) ** 2, -1) / 3.0
+        terms = {"sigma": cfg.w_sigma * jnp.mean(dens), "color": cfg.w_color * _masked_mean(col, occ)}
+        err = dens + occ * col
+        if self.use_features and tfeat is not None:
+            geo = jnp.sum((s.feature[..., 1:] - tfeat[..., 1:]) ** 2, -1) / max(1, s.feature.shape[-1] - 1)
+            terms["feature"] = cfg.w_feature * _masked_mean(geo, occ)
+            err = err + occ * geo
+        if self.regularizer is not None:
+            terms["reg"] = self.regularizer(params)
+        return terms, err
+
+    def _step(self, state: PointState, key):
+        cfg = self.config
+        x, d = self.sample_points(key, state)
+
+        def total(p):
+            terms, err = self.losses(p, x, d)
+            return sum(terms.values()), (terms, err)
+
+        (loss, (terms, err)), g = jax.value_and_grad(total, has_aux=True)(state.params)
+        upd, opt_state = self.optimizer.update(g, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, upd)
+        pool, size, ptr = state.pool, state.size, state.ptr
+        if cfg.active_ratio > 0:
+            k = max(1, int(round(cfg.active_ratio * x.shape[0])))
+            _, top = jax.lax.top_k(err, k)
+            slots = (ptr + jnp.arange(k)) % cfg.pool_size
+            pool = pool.at[slots].set(x[top])
+            size, ptr = jnp.minimum(size + k, cfg.pool_size), (ptr + k) % cfg.pool_size
+        return PointState(params, opt_state, state.step + 1, pool, size, ptr), {"loss": loss, **terms}
+
+    def step(self, state: PointState, key):
+        """One jitted distillation step: ``(state, metrics)``."""
+        if not isinstance(state, PointState):
+            raise TypeError(f"state must be the PointState returned by PointDistill.init / step, "
+                            f"got {type(state).__name__}")
+        if not _is_typed_key(key):                     # the full check costs ~ms of eager work per step
+            _check_key(key)
+        return self._step_fn(state, key)
+
+    def point_error(self, params, key, num: int = 4096):
+        """Largest ``|s_S - s_T|`` (log-density, both clipped) and ``|c_S - c_T|`` over ``num`` points of
+        the sampling distribution (no floor, no mask): ``{'sigma_pre': float, 'rgb': float}``."""
+        _check_key(key)
+        num = _pos_int(num, "num")
+        _check_variables(self.student, params, "params")
+        x, d = self.sample_points(key, num=num)
+        ts, trgb, _ = self._teacher(x, d)
+        s = self.student.apply(params, x, d if self.student.view_dependent else None)
+        return {"sigma_pre": float(jnp.max(jnp.abs(s.sigma_pre - ts))),
+                "rgb": float(jnp.max(jnp.abs(s.rgb - trgb)))}
+
+
+def _is_typed_key(key):
+    return (isinstance(key, jax.Array) and not isinstance(key, jax.core.Tracer) and key.shape == ()
+            and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key))
+
+
+def _not_wrapped(n, axis, shift):
+    """Mask that drops the slice ``np.roll`` wrapped around on ``axis``."""
+    m = np.ones((n, n, n), bool)
+    sl = [slice(None)] * 3
+    sl[axis] = 0 if shift > 0 else n - 1
+    m[tuple(sl)] = False
+    return m

@@ -5,13 +5,17 @@ A scene is a union of coloured shapes (spheres and boxes) with signed distance `
 sdf_k(x)``. It is itself a field (``scene(x, d) -> FieldOutput``)::
 
     sigma(x) = peak * sigmoid(-sdf(x) / sharpness)
-    rgb(x)   = albedo_k* (ambient + (1 - ambient) max(n(x) . l, 0)),   k* = argmin_k sdf_k(x)
+    rgb(x)   = albedo_k* tex(x) (ambient + (1 - ambient) max(n(x) . l, 0)),   k* = argmin_k sdf_k(x)
+    tex(x)   = 1 - texture_amp (1 + sin(2 pi f x_1) sin(2 pi f x_2) sin(2 pi f x_3)) / 2,   f = texture_freq
 
 with ``n = grad sdf_k* / |grad sdf_k*|`` and a fixed light direction ``l`` (view-independent).
 Ground-truth images are rendered with the package's own renderer at many midpoint samples
 (``gt_samples=256``; the quadrature has converged there: 128 vs 512 samples agree to ~70 dB on
 the default scene). Defaults (3 spheres, ``peak=50``, ``sharpness=0.02``, radius-3 cameras,
-40 deg field of view) follow ``shared/research/fields.md`` section 7.
+40 deg field of view) follow ``shared/research/fields.md`` section 7. ``texture_amp=0`` (default)
+gives plain albedos; :func:`textured_scene` is the harder scene of ``experiments/bench_pvd.py``
+(a solid 3-D sine texture of ``texture_freq`` cycles per unit on every shape: fine detail that a
+field learns from images slowly).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from lrjax._validation import check_bool, check_choice, check_float, check_int
 from lrjax.fields.fields import FieldOutput, _array, _pos_float, _pos_int
 from lrjax.fields.render import Rays, look_at, pinhole_rays, render_rays
 
-__all__ = ["Shape", "Scene", "default_scene", "random_scene", "fibonacci_poses", "random_poses",
+__all__ = ["Shape", "Scene", "default_scene", "textured_scene", "random_scene", "fibonacci_poses", "random_poses",
            "SceneData", "make_dataset", "dataset_rays"]
 
 
@@ -57,7 +61,9 @@ class Shape:
         if self.kind == "sphere":
             return jnp.linalg.norm(q, axis=-1) - self.size
         q = jnp.abs(q) - self.size
-        return jnp.linalg.norm(jnp.maximum(q, 0.0), axis=-1) + jnp.minimum(jnp.max(q, axis=-1), 0.0)
+        # safe norm: inside the box max(q, 0) = 0 and the plain norm's gradient (the normals) is NaN
+        out = jnp.sqrt(jnp.maximum(jnp.sum(jnp.maximum(q, 0.0) ** 2, axis=-1), 1e-30))
+        return out + jnp.minimum(jnp.max(q, axis=-1), 0.0)
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ class Scene:
     ambient: float = 0.3
     bound: float = 1.0
     geo_dim: int = 15
+    texture_freq: float = 0.0
+    texture_amp: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.shapes, (tuple, list)):
@@ -88,6 +96,8 @@ class Scene:
         check_float(self.ambient, "ambient", low=0.0, high=1.0)
         _pos_float(self.bound, "bound")
         check_int(self.geo_dim, "geo_dim", low=0)
+        check_float(self.texture_freq, "texture_freq", low=0.0)
+        check_float(self.texture_amp, "texture_amp", low=0.0, high=1.0)
 
     def sdfs(self, x):
         return jnp.stack([s.sdf(x) for s in self.shapes], axis=-1)
@@ -106,6 +116,10 @@ class Scene:
         light = jnp.asarray(self.light) / np.linalg.norm(self.light)
         shade = self.ambient + (1 - self.ambient) * jnp.maximum(n @ light, 0.0)
         albedo = jnp.asarray([s.albedo for s in self.shapes], jnp.float32)[k]
+        if self.texture_amp > 0:
+            w = 2 * np.pi * self.texture_freq
+            pat = jnp.sin(w * x[..., 0]) * jnp.sin(w * x[..., 1]) * jnp.sin(w * x[..., 2])
+            shade = shade * (1 - self.texture_amp * 0.5 * (1 + pat))
         rgb = jnp.clip(albedo * shade[..., None], 0.0, 1.0)
         sigma = self.peak * jax.nn.sigmoid(-sdf / self.sharpness)
         sigma_pre = jnp.log(sigma + 1e-30)
@@ -118,6 +132,18 @@ def default_scene() -> Scene:
     return Scene((Shape("sphere", (-0.35, 0.0, 0.0), 0.40, (0.9, 0.2, 0.2)),
                   Shape("sphere", (0.4, 0.1, 0.2), 0.30, (0.2, 0.8, 0.3)),
                   Shape("sphere", (0.05, -0.35, -0.35), 0.25, (0.2, 0.3, 0.9))))
+
+
+def textured_scene(texture_freq: float = 3.0, texture_amp: float = 0.7) -> Scene:
+    """Three spheres and a box with a solid sine texture (``texture_freq`` cycles per unit, contrast
+    ``texture_amp``): the "from scratch is slow" scene of ``experiments/bench_pvd.py``."""
+    check_float(texture_freq, "texture_freq", low=0.0)
+    check_float(texture_amp, "texture_amp", low=0.0, high=1.0)
+    return Scene((Shape("sphere", (-0.35, 0.0, 0.0), 0.40, (0.9, 0.25, 0.2)),
+                  Shape("sphere", (0.4, 0.1, 0.2), 0.30, (0.25, 0.85, 0.3)),
+                  Shape("sphere", (0.05, -0.35, -0.35), 0.25, (0.2, 0.35, 0.95)),
+                  Shape("box", (0.3, 0.45, -0.35), 0.2, (0.95, 0.85, 0.3))),
+                 texture_freq=texture_freq, texture_amp=texture_amp)
 
 
 def random_scene(seed: int, n_shapes: int = 4) -> Scene:
