@@ -30,7 +30,6 @@ Run on real hardware (each process sees its local accelerators; ``jax.devices()`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -189,6 +188,7 @@ def _free_port():
 def _env(ndev):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")     # XLA's SPMD "involuntary rematerialization" notes
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ndev}").strip()
     return env
 
@@ -199,17 +199,20 @@ def run_layouts(d: Path, width: int, steps: int, timeout: float = 900, pair_only
     import numpy as np
     port = _free_port()
     me = [sys.executable, __file__, "--width", str(width), "--steps", str(steps), "--worker"]
-    procs = [subprocess.Popen(me + [str(d / f"{n}.npz")], cwd=ROOT, env=_env(c), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for n, c in LAYOUTS.items()]
+    jobs = [(n, me + [str(d / f"{n}.npz")], c) for n, c in LAYOUTS.items()]
     pair = ["--only", *pair_only] if pair_only else []
-    procs += [subprocess.Popen(me + [str(d / f"p{i}.npz"), "--port", str(port), "--process-id", str(i)] + pair, cwd=ROOT,
-                               env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for i in range(2)]
+    jobs += [(f"p{i}", me + [str(d / f"p{i}.npz"), "--port", str(port), "--process-id", str(i)] + pair, 2)
+             for i in range(2)]
+    # logs go to files: a full pipe would stall a worker (and its partner process in a collective)
+    procs = []
+    for n, cmd, c in jobs:
+        with open(d / f"{n}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(c), stdout=log, stderr=subprocess.STDOUT))
     try:
-        for pr in procs:
-            log, _ = pr.communicate(timeout=timeout)
+        for (n, _, _), pr in zip(jobs, procs):
+            pr.wait(timeout=timeout)
             if pr.returncode != 0:
-                raise RuntimeError(f"worker {' '.join(pr.args[-5:])} failed:\n{log[-4000:]}")
+                raise RuntimeError(f"worker {n} failed:\n{(d / f'{n}.log').read_text()[-4000:]}")
     finally:
         for pr in procs:
             if pr.poll() is None:
@@ -289,7 +292,8 @@ def main(argv=None):
                coordinator=args.coordinator, only=args.only, data=args.data)
         return None
     if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="sharded_training_") if args.quick else str(ROOT / "results" / "sharded_training")
+        args.out = (tempfile.mkdtemp(prefix="sharded_training_") if args.quick
+                    else str(ROOT / "results" / "sharded_training"))
     args.width, args.steps = width, steps
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import _report as R

@@ -55,7 +55,7 @@ program; :func:`shard` builds the global arrays from values that every process h
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import numpy as np
