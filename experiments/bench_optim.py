@@ -349,7 +349,8 @@ def compiled_memory(fn, *args):
 
 
 def bench_layerwise(args, progress):
-    """Compiled step memory: Adam, plain GaLore, per-layer GaLore (lrjax.optim.layerwise), per-layer Adam."""
+    """Compiled step memory: Adam, plain GaLore (exact SVD; warm-started subspace), the same per layer
+    (lrjax.optim.layerwise), per-layer Adam; for the stack also per layer inside the nn.scan."""
     from lrjax.optim.layerwise import layerwise_init, layerwise_step
     res = {}
     workloads = {}
@@ -384,11 +385,16 @@ def bench_layerwise(args, progress):
                 u, s = tx.update(g, s, p)
                 return l, optax.apply_updates(p, u), s
             return step
+        sub = optax.chain(lo.galore(optax.scale_by_adam(), w["rank"], update_proj_gap=50, targets=w["targets"],
+                                    refresh="subspace"), optax.scale(-1e-3))
         p = w["params"]
         rows = {"adam": compiled_memory(plain(adam), p, adam.init(p), *w["batch"]),
                 "galore": compiled_memory(plain(gal), p, gal.init(p), *w["batch"]),
                 "galore_layerwise": compiled_memory(layerwise_step(w["loss"], gal), p, layerwise_init(gal, p),
                                                     *w["batch"]),
+                "galore_subspace": compiled_memory(plain(sub), p, sub.init(p), *w["batch"]),
+                "galore_subspace_layerwise": compiled_memory(layerwise_step(w["loss"], sub), p,
+                                                             layerwise_init(sub, p), *w["batch"]),
                 "adam_layerwise": compiled_memory(layerwise_step(w["loss"], adam), p, layerwise_init(adam, p),
                                                   *w["batch"])}
         if name == "stacked_transformer":      # per layer inside the nn.scan (module doc of layerwise)
@@ -450,7 +456,8 @@ def targets_report(out):
         rep[f"layerwise_{key}"] = {
             "temp_below_plain_galore": m["galore_layerwise"]["temp_bytes"] < m["galore"]["temp_bytes"],
             "peak_below_plain_galore": m["galore_layerwise"]["peak_bytes"] < m["galore"]["peak_bytes"],
-            "peak_below_adam": m["galore_layerwise"]["peak_bytes"] < m["adam"]["peak_bytes"]}
+            "peak_below_adam": m["galore_layerwise"]["peak_bytes"] < m["adam"]["peak_bytes"],
+            "subspace_temp_below_plain": m["galore_subspace_layerwise"]["temp_bytes"] < m["galore_subspace"]["temp_bytes"]}
     for key, w in out.get("mlp", {}).items():
         m = w["methods"]
         og = m["optax_galore"]["amortized_ms"]
