@@ -2,7 +2,7 @@
 full-rank Open_ES, and how fast ES alone trains a digits classifier.
 
     python experiments/bench_es.py            # full run (minutes on 2 CPU cores)
-    python experiments/bench_es.py --quick    # smoke test, tiny shapes, < 40 s
+    python experiments/bench_es.py --quick    # smoke test, tiny shapes, < 15 s
 
 Cost workloads (float32, fixed seeds): an MLP of 3 Dense layers of width ``w`` with tanh between,
 ``in = out = w``, population ``N``, every member scored on the same 8 inputs (MSE to a fixed
@@ -15,8 +15,10 @@ target). Defaults: ``w=256, N=256``, ``w=1024, N=64`` and the wider ``w=2048, N=
   ``A_all @ (f[:, None] * B_all)`` with PRE-GENERATED factors (``A_all: [m, K]``,
   ``B_all: [K, n]``, ``K = N/2 * r`` antithetic noise columns; ``2 m n K`` flops, about ``r/16``
   of the forward with 8 inputs per member) and no random numbers;
-* ``eggroll_r{1,4,16}``: one ``lrjax.es.Eggroll.estimate`` call (all members' perturbed forwards,
-  fitness shaping, all-noise regeneration and the update), jitted;
+* ``eggroll_r{1,4,16}``: one ``lrjax.es.Eggroll.estimate`` call with the defaults (all members'
+  perturbed forwards, fitness shaping and the update; ``store_noise='auto'`` keeps the forwards'
+  draws for the update), jitted; ``_rad``: Rademacher noise; ``eggroll_r4_regen``:
+  ``store_noise=False`` (the update draws the noise again, as with a mesh);
 * ``open_es``: one evosax ``Open_ES`` generation (ask, member forwards with materialized
   parameters via ``vmap``, tell), jitted.
 
@@ -30,6 +32,17 @@ output + temporary bytes, ``compiled.memory_analysis()``).
 Task: the sklearn 8x8 digits (``lrjax.data.load('digits')``), MLP 64-64-10, trained by EGGROLL
 only (rank 4, centered ranks, Adam), test accuracy against generations and wall-clock, with the
 wall-clock to reach ``--target-acc``.
+
+Hyperscale throughput (the paper's setting, ``--hyperscale``): ONE ``D x D`` linear, population
+``N = batch x chunks`` members, each scoring its own input row; a generation's forwards are
+``chunks`` sequential batched calls of ``batch`` rows. Reported: the percent of pure batched
+inference throughput (``x_c W`` for the same rows) for EGGROLL with the rank-``r`` factors drawn
+on the fly inside the call (``eggroll_r{r}``) and pre-drawn (``pregen_r{r}``, the paper's
+measurement; paper: 91% on one GH200). ``gpu`` (the default where a GPU is present):
+``D = 8192`` bfloat16, ``batch = 1024``, ranks 1/4/16, ``chunks`` = 64 or as many as keep the
+pre-drawn factors of the largest rank within a quarter of device memory. ``cpu`` (the default on
+CPU, scaled down): ``D = 1024`` float32 (XLA:CPU has no fast bfloat16 matmul), ``batch = 256``,
+4 chunks (``N = 1024``). The forward only, as in the paper; the update is in the rows above.
 
 Writes ``<out>/bench_es<_tag>.json`` and ``<out>/bench_es<_tag>.png`` (``--tag cpu`` gives the
 committed ``results/bench_es_cpu.*``); prints markdown tables.
@@ -64,12 +77,15 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--configs", default=None, help="width:population,... default 256:256,1024:64,2048:64 "
                    "(quick: 64:32)")
-    p.add_argument("--ranks", default="1,4,16")
+    p.add_argument("--ranks", default=None, help="default 1,4,16 (quick: 4)")
     p.add_argument("--inputs", type=int, default=8, help="inputs per member")
     p.add_argument("--no-open-es", action="store_true")
-    p.add_argument("--task-generations", type=int, default=None, help="default 300 (quick: 15); 0 skips the digits task")
+    p.add_argument("--task-generations", type=int, default=None, help="default 300 (quick: 10); 0 skips the digits task")
     p.add_argument("--task-population", type=int, default=None, help="default 512 (quick: 64)")
     p.add_argument("--target-acc", type=float, default=None, help="default 0.85 (quick: 0.3)")
+    p.add_argument("--hyperscale", default="auto", choices=["auto", "off", "gpu", "cpu"],
+                   help="the paper's throughput config: 'gpu' = 8192-wide bf16 linear, 1024 members per "
+                   "batched call; 'cpu' = the scaled-down run (see the module docstring); 'auto' picks by backend")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.repeats is None:
@@ -77,7 +93,7 @@ def parse_args(argv=None):
     if a.configs is None:
         a.configs = "64:32" if a.quick else "256:256,1024:64,2048:64"
     if a.task_generations is None:
-        a.task_generations = 15 if a.quick else 300
+        a.task_generations = 10 if a.quick else 300
     if a.task_population is None:
         a.task_population = 64 if a.quick else 512
     if a.target_acc is None:
@@ -85,7 +101,7 @@ def parse_args(argv=None):
     if a.quick:
         a.warmup = 1
     a.configs = [tuple(int(v) for v in c.split(":")) for c in a.configs.split(",")]
-    a.ranks = [int(r) for r in a.ranks.split(",")]
+    a.ranks = [int(r) for r in (a.ranks or ("4" if a.quick else "1,4,16")).split(",")]
     return a
 
 
@@ -145,10 +161,10 @@ def cost_workload(args, w, pop):
         calls[f"limit_r{r}"] = (lambda lim=lim, fac=fac, coef=coef: jax.block_until_ready(lim(params, xt, fac, coef)))
         mem[f"limit_r{r}"] = memory(lim)
 
-    variants = [("normal", "", False), ("rademacher", "_rad", False), ("normal", "_stored", True)]
+    variants = [("normal", "", "auto"), ("rademacher", "_rad", "auto"), ("normal", "_regen", False)]
     for noise, tag, store in variants:
         for r in args.ranks:
-            if store and r != 4 and 4 in args.ranks:
+            if store is False and r != 4 and 4 in args.ranks:
                 continue                       # the store_noise trade-off is shown at rank 4 only
             es = Eggroll(pop, rank=r, sigma=0.01, shaping="centered_rank", maximize=False, noise=noise,
                          store_noise=store)
@@ -200,6 +216,118 @@ def cost_workload(args, w, pop):
                 res["methods"][k]["speedup_vs_open_es"] = ratio["open_es"] / ratio[k]
     res.update(extra)
     return res
+
+
+# --------------------------------------------------------------------------- hyperscale throughput
+HYPERSCALE = {  # the paper's throughput setting (EGGROLL, Sarkar et al. 2025) and its CPU scale-down
+    "gpu": dict(width=8192, dtype="bfloat16", batch=1024, chunks=64),
+    "cpu": dict(width=1024, dtype="float32", batch=256, chunks=4),
+    "quick": dict(width=64, dtype="float32", batch=32, chunks=2),
+}
+
+
+def hyperscale_config(args):
+    if args.quick:
+        return "quick" if args.hyperscale != "off" else None
+    if args.hyperscale == "off":
+        return None
+    if args.hyperscale == "auto":
+        return "gpu" if jax.default_backend() == "gpu" else "cpu"
+    return args.hyperscale
+
+
+def hyperscale_workload(args, name):
+    """Throughput of one population's perturbed forwards through ONE ``D x D`` linear, each member
+    scoring its own input row, as a percent of pure batched inference of the same rows.
+
+    ``N = batch * chunks`` members; a generation runs ``chunks`` sequential batched calls of
+    ``batch`` members (``lax.map``). Pure inference: ``x_c W`` per chunk (``x_c: [batch, D]``).
+    EGGROLL: the same call plus member ``i``'s rank-``r`` term ``(sigma / sqrt r) (x_i A_i) B_i^T``,
+    with ``A_i, B_i`` drawn ON THE FLY inside the call from the counter-based stream of
+    :mod:`lrjax.es.noise` (``noise.draw`` for the member's noise index, as ``Eggroll`` draws
+    them); ``pregen``: the same with the factors drawn beforehand and passed in (the paper's
+    measurement). Fitness ``mean(y_i^2)`` per member; the output ``[N]`` is what is timed."""
+    from lrjax.es import noise as noise_lib
+    cfg = dict(HYPERSCALE[name])
+    d, b, chunks = cfg["width"], cfg["batch"], cfg["chunks"]
+    dt = jnp.dtype(cfg["dtype"])
+    if name == "gpu":   # population sized to the device: the pre-drawn factors at the largest rank in 1/4 of it
+        try:
+            limit = jax.devices()[0].memory_stats()["bytes_limit"]
+            per_chunk = b * 2 * d * max(args.ranks) * dt.itemsize
+            chunks = cfg["chunks"] = int(max(1, min(chunks, 0.25 * limit // per_chunk)))
+        except Exception:  # pragma: no cover - no memory_stats on this backend
+            pass
+    pop = b * chunks
+    key = jax.random.key(args.seed)
+    w = (jax.random.normal(key, (d, d)) / np.sqrt(d)).astype(dt)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (chunks, b, d)).astype(dt)
+
+    def inference(w, x):
+        return lax_map(lambda xc: jnp.mean(jnp.square((xc @ w).astype(jnp.float32)), -1), x).reshape(-1)
+
+    ranks = args.ranks
+    calls, res = {}, {"config": name, **cfg, "population": pop, "methods": {}}
+    inf = jax.jit(inference).lower(w, x).compile()
+    calls["inference"] = lambda: jax.block_until_ready(inf(w, x))
+    for r in ranks:
+        es = Eggroll(pop, rank=r, sigma=0.01, antithetic=False, member_chunk=b)
+        plans = es.plan({"w": w})
+        scale = jnp.asarray(0.01 / np.sqrt(r), dt)
+
+        def factors(st_key, ids):
+            z = jax.vmap(lambda j: noise_lib.draw_flat(plans, st_key, 0, j, r))(ids)
+            (a, bb), = noise_lib.split(plans, z, r)
+            return a.astype(dt), bb.astype(dt)            # [batch, D, r] each
+
+        def member_rows(w, xc, a, bb):                    # row i of xc is member i's input
+            y = xc @ w + scale * jnp.einsum("ir,inr->in", jnp.einsum("id,idr->ir", xc, a), bb)
+            return jnp.mean(jnp.square(y.astype(jnp.float32)), -1)
+
+        def on_the_fly(w, x, kd):
+            k = jax.random.wrap_key_data(kd)
+            ids = jnp.arange(pop, dtype=jnp.int32).reshape(chunks, b)
+            return lax_map(lambda c: member_rows(w, c[0], *factors(k, c[1])), (x, ids)).reshape(-1)
+
+        def pregen(w, x, a, bb):
+            return lax_map(lambda c: member_rows(w, *c), (x, a, bb)).reshape(-1)
+
+        kd = jax.random.key_data(jax.random.key(args.seed + 1))
+        fly = jax.jit(on_the_fly).lower(w, x, kd).compile()
+        calls[f"eggroll_r{r}"] = (lambda fly=fly: jax.block_until_ready(fly(w, x, kd)))
+        ids = jnp.arange(pop, dtype=jnp.int32)
+        a, bb = jax.jit(factors)(jax.random.key(args.seed + 1), ids)
+        a, bb = a.reshape(chunks, b, d, r), bb.reshape(chunks, b, d, r)
+        pre = jax.jit(pregen).lower(w, x, a, bb).compile()
+        calls[f"pregen_r{r}"] = (lambda pre=pre, a=a, bb=bb: jax.block_until_ready(pre(w, x, a, bb)))
+        if r == ranks[0]:   # the on-the-fly forward equals the materialized one for a few members
+            got = np.asarray(fly(w, x, kd), np.float64)
+            for i in (0, pop - 1):
+                nz = es.member_noise(es.init(jax.random.key(args.seed + 1)), {"w": w}, i)["w"]
+                wi = np.asarray(w, np.float64) + np.asarray(nz.dense(), np.float64)
+                ref = np.mean((np.asarray(x.reshape(pop, d)[i], np.float64) @ wi) ** 2)
+                res.setdefault("check_rel_err", []).append(float(abs(got[i] - ref) / abs(ref)))
+        del a, bb
+    times = time_round_robin(calls, args.repeats, args.warmup, f"hyperscale {name}", not args.no_progress)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    for k in med:
+        res["methods"][k] = {"median_ms": med[k], "times_ms": times[k],
+                             "percent_of_inference": 100.0 * med["inference"] / med[k],
+                             "members_per_s": pop / med[k] * 1e3}
+    return res
+
+
+def lax_map(f, xs):
+    return jax.lax.map(f, xs)
+
+
+def hyperscale_table(h):
+    rows = [f"Hyperscale throughput ({h['config']}: one {h['width']}x{h['width']} {h['dtype']} linear, "
+            f"{h['population']} members = {h['chunks']} batched calls of {h['batch']}, one input row each):", "",
+            "| method | median ms | members/s | % of batched inference |", "|---|---|---|---|"]
+    for k, r in h["methods"].items():
+        rows.append(f"| {k} | {r['median_ms']:.2f} | {r['members_per_s']:.0f} | {r['percent_of_inference']:.1f}% |")
+    return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- digits task
@@ -304,12 +432,15 @@ def plot(results, task, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    load_before = list(os.getloadavg())
     os.makedirs(args.out, exist_ok=True)
     results = [cost_workload(args, w, n) for w, n in args.configs]
+    hs = hyperscale_config(args)
+    hyper = hyperscale_workload(args, hs) if hs else None
     task = digits_task(args) if args.task_generations > 0 else None
-    md = table(results)
+    md = table(results) + ("\n\n" + hyperscale_table(hyper) if hyper else "")
     res = {"command": " ".join(sys.argv), "device": device_info(), "config": vars(args), "workloads": results,
-           "digits": task, "table_markdown": md}
+           "hyperscale": hyper, "load_avg_before": load_before, "load_avg_after": list(os.getloadavg()), "digits": task, "table_markdown": md}
     stem = os.path.join(args.out, "bench_es" + (f"_{args.tag}" if args.tag else ""))
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1, default=str)
