@@ -35,6 +35,12 @@ low-rank method, optax_galore included. Held-out loss every ``--eval-every`` ste
 held-out loss and the step time (gradient and update as two jitted calls: the gradient function
 is compiled once for all methods) are reported.
 
+Workload (c), memory (``--sections layerwise``): XLA's compiled memory analysis (temp, arguments,
+outputs, peak) of one training step with Adam, plain GaLore (exact SVD; warm-started subspace) and
+the same per layer (:func:`lrjax.optim.layerwise.layerwise_step`), on the 4-layer MLP (batch 64)
+and on a weight-dominated ``nn.scan`` transformer LM (d 512, 4 layers, d_ff 2048, batch 2 x 16).
+``--sections`` picks the workloads (default all three), ``--methods`` the optimizers of (a) and (b).
+
 Timings are wall-clock (``block_until_ready``) after warm-up (compilation excluded) and depend on
 whatever else runs on the machine. Writes ``<out>/bench_optim.json`` and ``<out>/bench_optim.png``
 and prints markdown tables.
