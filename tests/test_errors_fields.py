@@ -34,13 +34,15 @@ import lrjax.fields.pvd as PV
 import lrjax.fields.render as RE
 import lrjax.fields.scenes as SC
 import lrjax.fields.tensorf as TF
+import lrjax.fields.tracks as TK
 import lrjax.fields.train as TR
 import lrjax.models as MO
 import lrjax.nn.sna as SN
 
-MODULES = {"fields": [LF, FF, TF, HG, PL, RE, SC, ME, TR, PV], "sna": [SN], "models": [MO], "benchmark": [BM]}
+MODULES = {"fields": [LF, FF, TF, HG, PL, RE, SC, ME, TR, PV, TK], "sna": [SN], "models": [MO], "benchmark": [BM]}
 # NamedTuple containers and constants: no arguments to validate.
 EXEMPT = {"FieldOutput", "Rays", "RenderOutput", "SceneData", "LoopResult", "ALState", "PVDState",
+          "TracksOutput", "SyntheticTracks", "tracks",
           "MAT_MODE", "VEC_MODE", "PRIMES", "KINDS", "ADAPTER_TARGETS",
           # no arguments at all
           "default_scene", "usable_cpus", "device_info"}
@@ -76,6 +78,9 @@ PVD_KW = dict(teacher=GRID, teacher_params=GRID_P, student=CP, optimizer=OPT, po
               height=2, width=2, focal=2.0)
 PVD_OBJ = PV.PVD(**PVD_KW, config=PV.PVDConfig(batch_rays=2, n_samples=2))
 PVD_STATE = PVD_OBJ.init(KEY)
+TK_SCENE = TK.synthetic_tracks(KEY, 4, 6, n_bases=1)
+TK_TRACKS = TK_SCENE.tracks
+TK_OUT = TK.TracksTo4D(1, width=8, depth=1, heads=2, n_freqs=1, rngs=nnx.Rngs(0))(TK_TRACKS)
 
 
 class A:
@@ -289,6 +294,30 @@ SPECS = {
                  mask=A(None, "str", extra=[([[1, 1, 1], [1, 1, 1]], TypeError)] + [(jnp.ones((2, 4)), ValueError), (-jnp.ones((2, 3)), ValueError)])),
     "split": S(MO.split, model=A(TM, "str none int1")),
     "apply_fn": S(MO.apply_fn, graphdef=A(nnx.split(TM)[0], "str none int1")),
+    # ---------------------------------------------------------------- fields.tracks (TracksTo4D)
+    "TracksTo4D": S(lambda **k: TK.TracksTo4D(**k), n_bases=A(1, INT_NONNEG), width=A(8, INT_POS, extra=[(7, ValueError)]),
+                    depth=A(1, INT_POS), heads=A(2, INT_POS), n_freqs=A(1, INT_NONNEG), init_depth=A(5.0, NUM_POS),
+                    rngs=A(nnx.Rngs(0), "str none")),
+    "check_tracks": S(TK.check_tracks, tracks=A(TK_TRACKS, "str none list nan int trail",
+                                                extra=[(TK_TRACKS[0], ValueError), (TK_TRACKS[None, None], ValueError)])),
+    "trajectories": S(TK.trajectories, bases=A(TK_OUT.bases, "str none list nan"),
+                      coeffs=A(TK_OUT.coeffs, "str none list nan", extra=[(jnp.ones((4, 3)), ValueError)])),
+    "trajectory_matrix": S(TK.trajectory_matrix, points=A(TK_SCENE.points, "str none list nan trail"), layout=A("frames", ENUM)),
+    "rotation_6d": S(TK.rotation_6d, r6=A(jnp.ones((2, 6)) + jnp.eye(2, 6), "str none list nan trail")),
+    "world_to_camera": S(TK.world_to_camera, points=A(TK_SCENE.points, "str none nan trail"),
+                         rotations=A(TK_SCENE.rotations, "str none nan"), translations=A(TK_SCENE.translations, "str none nan trail")),
+    "project": S(TK.project, points_cam=A(TK_SCENE.points + 5.0, "str none list nan trail"),
+                 intrinsics=A(None, "str", extra=[((1.0, 1.0, 0.0), ValueError), ((0.0, 1.0, 0.0, 0.0), ValueError)]),
+                 min_depth=A(1e-4, NUM_POS)),
+    "predict_tracks": S(TK.predict_tracks, out=A(TK_OUT, "str none"), min_depth=A(1e-4, NUM_POS)),
+    "tracks_losses": S(TK.tracks_losses, out=A(TK_OUT, "str none"), tracks=A(TK_TRACKS, "str none nan int rank trail"),
+                       w_reproj=A(50.0, NUM_NONNEG), w_static=A(1.0, NUM_NONNEG), w_sparse=A(1e-3, NUM_NONNEG),
+                       w_depth=A(1.0, NUM_NONNEG), min_depth=A(1e-4, NUM_POS)),
+    "reprojection_error": S(TK.reprojection_error, out=A(TK_OUT, "str none"), tracks=A(TK_TRACKS, "str none nan rank trail")),
+    "synthetic_tracks": S(TK.synthetic_tracks, key=A(KEY, KEYK), n_frames=A(4, INT_POS), n_points=A(6, INT_POS),
+                          n_bases=A(1, INT_NONNEG), dynamic_fraction=A(0.25, "str none nan neg"),
+                          motion_scale=A(0.3, NUM_NONNEG), drop_prob=A(0.1, "str none nan neg", extra=[(1.0, ValueError)]),
+                          sweep=A(0.6, NUM_ANY), extent=A(1.0, NUM_POS)),
     # ---------------------------------------------------------------- benchmark
     "blocking": S(BM.blocking, fn=A(jnp.sin, "str none int1")),
     "time_round_robin": S(BM.time_round_robin, calls=A({"a": lambda: None}, "str none", extra=[({}, TypeError),

@@ -7,6 +7,9 @@
   scenes and ground-truth images; :mod:`lrjax.fields.metrics` -- PSNR / SSIM.
 * :mod:`lrjax.fields.train` -- photometric training of a field on images (the "from scratch" baseline).
 * :mod:`lrjax.fields.pvd` -- PVD / PVD-AL any-to-any distillation (Fang et al. 2023).
+* :mod:`lrjax.fields.tracks` -- TracksTo4D (Kasten et al. 2024): 2-D point tracks to 3-D trajectories in a
+  low-rank motion basis plus per-frame cameras (:class:`TracksTo4D`, :func:`tracks_losses`,
+  :func:`synthetic_tracks`; geometry helpers in the submodule).
 """
 from lrjax.fields.fields import (Field, FieldOutput, GridField, MLPField, check_compatible, count_params,
                              init_field, param_bytes, positional_encoding, sh_encoding)
@@ -17,6 +20,9 @@ from lrjax.fields.render import (Rays, RenderOutput, composite, look_at, near_fa
 from lrjax.fields.scenes import (Scene, SceneData, Shape, dataset_rays, default_scene, fibonacci_poses,
                              make_dataset, random_poses, random_scene)
 from lrjax.fields.plenoxels import SHGridField
+from lrjax.fields import tracks
+from lrjax.fields.tracks import (SyntheticTracks, TracksOutput, TracksTo4D, reprojection_error, synthetic_tracks,
+                                 tracks_losses)
 from lrjax.fields.tensorf import (CPField, VMField, cp_dense, l1_density, resolution_schedule, tv_loss, upsample,
                               vm_dense)
 
@@ -25,4 +31,5 @@ __all__ = ["Field", "FieldOutput", "MLPField", "GridField", "CPField", "VMField"
            "positional_encoding", "sh_encoding", "Rays", "RenderOutput", "composite", "look_at",
            "near_far", "pinhole_rays", "render_image", "render_rays", "stratified_samples", "Scene",
            "SceneData", "Shape", "dataset_rays", "default_scene", "fibonacci_poses", "make_dataset",
-           "random_poses", "random_scene", "psnr", "ssim"]
+           "random_poses", "random_scene", "psnr", "ssim", "tracks", "TracksTo4D", "TracksOutput", "SyntheticTracks",
+           "synthetic_tracks", "tracks_losses", "reprojection_error"]

@@ -109,15 +109,17 @@ def check_tracks(tracks, name: str = "tracks"):
 
 def _float_array(x, name, ndim=None, min_ndim=None, last=None):
     x = check_array(x, name, kind="floating", ndim=ndim, min_ndim=min_ndim, last=last)
-    return x
+    return check_finite(x, name)
 
 
 def _intrinsics(intrinsics):
     if intrinsics is None:
         return None
-    if isinstance(intrinsics, (str, bytes)) or not isinstance(intrinsics, (tuple, list)) or len(intrinsics) != 4:
+    if isinstance(intrinsics, (str, bytes)) or not isinstance(intrinsics, (tuple, list)):
         raise TypeError(f"intrinsics must be None (normalized coordinates, the paper's convention) or a tuple "
                         f"(fx, fy, cx, cy), got {intrinsics!r}")
+    if len(intrinsics) != 4:
+        raise ValueError(f"intrinsics must have 4 entries (fx, fy, cx, cy), got {len(intrinsics)}: {intrinsics!r}")
     fx, fy, cx, cy = (check_float(v, f"intrinsics[{i}]") for i, v in enumerate(intrinsics))
     if fx <= 0 or fy <= 0:
         raise ValueError(f"intrinsics focal lengths fx, fy must be > 0, got {fx}, {fy}")
@@ -216,7 +218,10 @@ class TracksOutput(NamedTuple):
 
 
 def predict_tracks(out: TracksOutput, intrinsics=None, *, min_depth: float = 1e-4):
-    """Reproject a prediction: returns ``(xy [..., T, P, 2], depth [..., T, P])``."""
+    """Reproject a prediction: returns ``(xy [..., T, P, 2], depth [..., T, P])``. Raises TypeError
+    when ``out`` is not a :class:`TracksOutput`, and as :func:`project` for ``intrinsics``/``min_depth``."""
+    if not isinstance(out, TracksOutput):
+        raise TypeError(f"out must be a TracksOutput (what TracksTo4D returns), got {type(out).__name__}")
     cam = world_to_camera(out.points(), out.rotations, out.translations)
     return project(cam, intrinsics, min_depth=min_depth), cam[..., 2]
 
@@ -343,7 +348,7 @@ class TracksTo4D(nnx.Module):
             raise ValueError(f"width must be divisible by heads, got width={width}, heads={heads}")
         self.depth = check_int(depth, "depth", low=1)
         self.n_freqs = check_int(n_freqs, "n_freqs", low=0)
-        self.init_depth = check_float(init_depth, "init_depth")
+        self.init_depth = check_float(init_depth, "init_depth", low=0.0, low_open=True)
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}; pass rngs=nnx.Rngs(0)")
         small = nnx.initializers.normal(1e-2)
