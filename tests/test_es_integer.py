@@ -202,6 +202,39 @@ def test_quantize_roundtrip_and_bad_input():
         quantize({"k": jnp.array([1.0, jnp.nan])})
     with pytest.raises(ValueError, match="fitness must have length"):
         es.tell(st, q, np.zeros(3))
+    # -128 is refused on every call, also after a call on valid params compiled and cached the plan
+    good, m128 = {"k": jnp.ones((3, 3), jnp.int8)}, {"k": jnp.ones((3, 3), jnp.int8).at[0, 0].set(-128)}
+    es.step(st, good, fit, 0)
+    for call in (lambda: es.step(st, m128, fit, 0), lambda: es.tell(st, m128, np.zeros(4)), lambda: es.plan(m128)):
+        with pytest.raises(ValueError, match=r"params: int8 leaf 'k' holds -128"):
+            call()
+    with pytest.raises(ValueError, match=r"^frozen: pattern 'l1' matches no leaf"):
+        IntEggroll(4, frozen="l1").plan({"l1": good})
+    # int_dense / int_embed: a negative shift (the perturbation would vanish) and -128 inputs are refused
+    x3, k34 = jnp.ones((2, 3), jnp.int8), jnp.ones((3, 4), jnp.int8)
+    nz = IntLowRankNoise(jnp.ones((3, 1), jnp.int8), jnp.ones((4, 1), jnp.int8), jnp.int32(-2))
+    with pytest.raises(ValueError, match=r"noise.shift must be in \[0, 30\].*-2"):
+        int_dense(x3, k34, nz)
+    with pytest.raises(TypeError, match="noise.shift must be an integer"):
+        int_dense(x3, k34, nz._replace(shift=jnp.float32(2)))
+    with pytest.raises(ValueError, match="^x holds -128"):
+        int_dense(x3.at[0, 0].set(-128), k34)
+    with pytest.raises(ValueError, match="^table holds -128"):
+        int_embed(jnp.array([0]), k34.at[1, 1].set(-128))
+    # documented: under jit the ids cannot be checked and JAX clamps them to the nearest row
+    np.testing.assert_array_equal(np.asarray(jax.jit(int_embed)(jnp.array([7]), jnp.arange(12, dtype=jnp.int8).reshape(3, 4))),
+                                  [[8, 9, 10, 11]])
+    with pytest.raises(ValueError, match="^m must be an int >= 1"):
+        I.default_out_shift(0)
+    with pytest.raises(TypeError, match=r"^qparams: leaf '[kb]' is float32"):
+        dequantize(w, s)
+    with pytest.raises(ValueError, match=r"leaf 'k' has max\|w\| = 1e-40.*subnormal"):
+        quantize({"k": np.array([1e-40, -1e-40], np.float32)})
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float64 NumPy input: cast explicitly, no JAX truncation warning
+        q64, s64 = quantize({"k": np.array([0.5, -1.0])})
+    np.testing.assert_array_equal(np.asarray(q64["k"]), [64, -127])
 
 
 def test_es_int8_quick(tmp_path):

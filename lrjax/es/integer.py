@@ -6,9 +6,19 @@ floating-point number except the fitness value your ``fitness_fn`` returns, of w
 of antithetic pair differences is used.
 
 Number format (as nano-egg): an int8 value ``v`` in ``[-127, 127]`` stands for ``v / 2^4`` (4
-fractional bits, ``FRAC_BITS``); ``-128`` is never produced or accepted, so negation and the
-antithetic sign never overflow. Every right shift rounds half up: ``rshift(v, s) = (v + 2^(s-1)) >> s``
-(``s >= 1``; ``>>`` an arithmetic shift, i.e. floor division by ``2^s``), ``rshift(v, 0) = v``; every
+fractional bits, ``FRAC_BITS``); ``-128`` is never produced, and it is refused wherever the values are
+concrete (eager :func:`int_dense` / :func:`int_embed` inputs and every ``IntEggroll`` call; under
+``jit``/``vmap`` the values are traced and cannot be checked), so negation and the antithetic sign
+never overflow. How the two int8 formats relate: ``FRAC_BITS`` is the fixed-point convention
+of the integer network (activations and the noise table read ``v`` as ``v / 16``; :func:`default_out_shift`
+divides ``x W`` by ``~16 sqrt(M)`` for weights of about ``16 N(0, 1)``). :func:`quantize` is a per-leaf
+*storage* format, ``w ~ q * scale`` with ``scale = max|w| / 127``, used to start from float weights and
+to read them back (:func:`dequantize`); the integer network never sees ``scale``, so a quantized leaf
+acts as the float weight ``q / 16 = w / (16 scale)``: same signs and relative sizes, but a per-leaf
+factor ``1 / (16 scale)`` off the float model (training absorbs it; rescale the float leaf before
+quantizing if you need the float network's exact function).
+
+Every right shift rounds half up: ``rshift(v, s) = (v + 2^(s-1)) >> s`` (``s >= 1``; ``>>`` an arithmetic shift, i.e. floor division by ``2^s``), ``rshift(v, 0) = v``; every
 int8 result is clipped to ``[-127, 127]``. (nano-egg floors; rounding half up keeps the mirrored
 members ``+E`` / ``-E`` within one unit of each other's mirror.)
 
@@ -157,8 +167,10 @@ def clip_int8(v):
 
 def default_out_shift(m: int) -> int:
     """``FRAC_BITS + round(log2(m) / 2)``: dividing ``x W`` by about ``16 sqrt(m)`` keeps an
-    activation's scale when the weights are ``~16 N(0, 1)`` (nano-egg divides by ``16 sqrt(m)``)."""
-    return FRAC_BITS + int(round(math.log2(max(m, 1)) / 2))
+    activation's scale when the weights are ``~16 N(0, 1)`` (nano-egg divides by ``16 sqrt(m)``).
+    ``m``: the input width ``M >= 1`` (ValueError otherwise)."""
+    m = V.check_int(m, "m", low=1)
+    return FRAC_BITS + int(round(math.log2(m) / 2))
 
 
 def _check_int8(x, name, min_ndim=0):
@@ -166,6 +178,14 @@ def _check_int8(x, name, min_ndim=0):
     if x.dtype != jnp.int8:
         raise TypeError(f"{name} must be int8 (integer EGGROLL works on int8 values), got {x.dtype}; "
                         f"turn float values into int8 with lrjax.es.integer.quantize")
+    return x
+
+
+def _check_no_min(x, name):
+    """Refuse a concrete int8 array holding -128 (one host sync; skipped for traced values)."""
+    if V.is_concrete(x) and x.size and bool(jnp.any(x == -128)):
+        raise ValueError(f"{name} holds -128, outside the symmetric int8 range [-127, 127] of the int8 mode; "
+                         f"clip it: jnp.clip(v, -127, 127).astype(jnp.int8)")
     return x
 
 
@@ -180,6 +200,15 @@ def _check_noise(noise, name, m, n):
     if a.shape[-2:-1] != (m,) or b.shape[-2:-1] != (n,) or a.shape[-1] != b.shape[-1]:
         raise ValueError(f"{name}: a must be [{m}, r] and b [{n}, r] for a [{m}, {n}] kernel, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
+    shift = noise.shift
+    if isinstance(shift, (bool, np.bool_)) or not (isinstance(shift, (int, np.integer)) or (
+            hasattr(shift, "dtype") and jnp.issubdtype(shift.dtype, jnp.integer) and jnp.ndim(shift) == 0)):
+        raise TypeError(f"{name}.shift must be an integer scalar (int32, the sigma_shift), got "
+                        f"{getattr(shift, 'dtype', type(shift).__name__)} {jnp.shape(shift)}")
+    if V.is_concrete(shift) and not 0 <= int(shift) <= 30:
+        raise ValueError(f"{name}.shift must be in [0, 30] (the perturbation is a b^T / 2^shift; a negative "
+                         f"shift would make it vanish), got {int(shift)}")
+    _check_no_min(a, f"{name}.a")
     return noise
 
 
@@ -190,8 +219,13 @@ def int_dense(x, kernel, noise: IntLowRankNoise | None = None, bias=None, *, out
     :class:`IntLowRankNoise` for this kernel or ``None``; ``bias``: int8 ``[N]`` or ``None`` (added in
     output units). All products accumulate in int32 (``preferred_element_type``); ``rshift`` rounds
     half up; the result is int8 clipped to ``[-127, 127]``. ``out_shift`` defaults to
-    :func:`default_out_shift` ``(M)``. Raises TypeError for non-int8 inputs (fix: :func:`quantize`),
-    ValueError for mismatched shapes."""
+    :func:`default_out_shift` ``(M)``. Raises TypeError for non-int8 inputs (fix: :func:`quantize`) or a
+    non-integer ``noise.shift``, ValueError for mismatched shapes, a ``noise.shift`` outside ``[0, 30]``,
+    an ``out_shift`` outside ``[0, 30]``, and -128 in ``x``, ``kernel``, ``bias`` or ``noise.a``. The value
+    checks (shift, -128) run only on concrete inputs (eager calls, one host sync each); under
+    ``jit``/``vmap`` -- how ``IntEggroll`` calls ``fitness_fn`` -- they cannot run, and a -128 there is
+    used as is (``IntEggroll`` checks the params it is given, and every layer output is clipped to
+    ``[-127, 127]``)."""
     x = _check_int8(x, "x", 1)
     kernel = _check_int8(kernel, "kernel")
     if kernel.ndim != 2:
@@ -204,6 +238,9 @@ def int_dense(x, kernel, noise: IntLowRankNoise | None = None, bias=None, *, out
         bias = _check_int8(bias, "bias")
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        _check_no_min(bias, "bias")
+    _check_no_min(x, "x")
+    _check_no_min(kernel, "kernel")
     out_shift = default_out_shift(m) if out_shift is None else V.check_int(out_shift, "out_shift", low=0, high=30)
     acc = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     if noise is not None:
@@ -220,12 +257,24 @@ def int_dense(x, kernel, noise: IntLowRankNoise | None = None, bias=None, *, out
 def int_embed(ids, table, noise: IntLowRankNoise | None = None):
     """Integer embedding lookup ``clip(table[ids] + rshift(a[ids] b^T, shift))``: the rows of the
     perturbed table ``W + a b^T / 2^shift`` (``table``: int8 ``[V, d]``, viewed as ``[M=V, N=d]``;
-    ``ids``: integer ``[...]``). Returns int8 ``[..., d]``."""
+    ``noise``: the member's :class:`IntLowRankNoise` with ``a`` int8 ``[V, r]``, ``b`` int8 ``[d, r]``,
+    or ``None``; ``ids``: integer ``[...]``). Returns int8 ``[..., d]`` clipped to ``[-127, 127]``.
+
+    Errors: TypeError for non-integer ``ids``, a non-int8 ``table`` / noise, a non-integer
+    ``noise.shift``; ValueError for a ``table`` that is not 2-D, noise shapes other than ``[V, r]`` /
+    ``[d, r]``, a ``noise.shift`` outside ``[0, 30]``, and (concrete values only) ids outside
+    ``[0, V)`` or -128 in ``table`` / ``noise.a``.
+
+    Under ``jax.jit`` / ``vmap`` the ids are traced and cannot be checked: JAX's gather semantics apply,
+    a negative id ``-V <= i < 0`` reads row ``V + i`` and any other out-of-range id is clamped to the
+    nearest row (``0`` or ``V - 1``), silently. Check your ids outside the transform if they can be out of
+    range."""
     ids = V.check_array(ids, "ids", kind="integer")
     table = _check_int8(table, "table")
     if table.ndim != 2:
         raise ValueError(f"table must be a 2-D [V, d] int8 matrix, got shape {tuple(table.shape)}")
     noise = _check_noise(noise, "noise", *table.shape)
+    _check_no_min(table, "table")
     if V.is_concrete(ids) and ids.size and (int(jnp.min(ids)) < 0 or int(jnp.max(ids)) >= table.shape[0]):
         raise ValueError(f"ids must lie in [0, {table.shape[0]}) (the rows of table), got values in "
                          f"[{int(jnp.min(ids))}, {int(jnp.max(ids))}]; JAX would clamp them silently")
@@ -241,10 +290,26 @@ def int_embed(ids, table, noise: IntLowRankNoise | None = None):
 def quantize(params, *, bits: int = 8):
     """Float params -> ``(int params, scales)``: per leaf, symmetric ``scale = max|w| / 127`` (1 for
     an all-zero leaf) and ``q = clip(round(w / scale), -127, 127)`` as int8, so ``w ~ q * scale``
-    (:func:`dequantize`). Integer leaves pass through unchanged with scale 1. ``bits`` must be 8 (the
-    only mode). Returns two pytrees shaped like ``params`` (scales: float32 scalars)."""
+    (:func:`dequantize`; how this storage format relates to the network's ``v / 2^4`` convention: see
+    the module docstring). ``scale`` is computed in ``promote_types(dtype, float32)`` (float64 only with
+    ``jax_enable_x64``; float64 NumPy leaves are cast to float32 on the host otherwise).
+
+    Which leaves: every floating leaf of the tree you pass, whatever its collection -- for
+    ``nnx.state(model)`` that includes ``BatchStat`` running means/variances and other non-``Param``
+    state, which ``IntEggroll`` would then perturb and train. To restrict it, pass only the leaves to
+    quantize: ``nnx.state(model, nnx.Param)`` (the weights) or a sub-dict of linen params; train that
+    tree, or merge the rest back in unquantized and list it in ``IntEggroll(frozen=...)``. Integer leaves are returned unchanged with
+    scale 1, so an int32 leaf stays int32 (usually a counter or index, not a weight): ``IntEggroll``
+    refuses it unless it is in ``frozen`` (to train it, cast it yourself:
+    ``jnp.clip(v, -127, 127).astype(jnp.int8)``).
+
+    ``bits`` must be 8 (the only mode). Returns two pytrees shaped like ``params`` (scales: float32
+    scalars). Errors: TypeError for a non-numeric leaf; ValueError (concrete leaves) for NaN/Inf, and
+    for a nonzero leaf with ``max|w| < 127 * 1.18e-38`` (subnormal scale: XLA flushes subnormal floats
+    to zero, so it would quantize to all zeros; rescale the leaf or zero it)."""
     V.check_int(bits, "bits", low=8, high=8)
     flat = V.check_params(params, "params")
+    tiny = float(np.finfo(np.float32).tiny) * INT8_MAX
     qs, ss = {}, {}
     for p, v in flat.items():
         if jnp.issubdtype(v.dtype, jnp.integer):
@@ -252,21 +317,33 @@ def quantize(params, *, bits: int = 8):
             continue
         if not jnp.issubdtype(v.dtype, jnp.floating):
             raise TypeError(f"params: leaf {p!r} has dtype {v.dtype}; quantize takes float or integer leaves")
-        w = jnp.asarray(v, jnp.promote_types(v.dtype, jnp.float32))
+        dt = jax.dtypes.canonicalize_dtype(jnp.promote_types(v.dtype, jnp.float32))
+        w = jnp.asarray(np.asarray(v, dt) if isinstance(v, np.ndarray) else v.astype(dt))
         amax = jnp.max(jnp.abs(w)) if w.size else jnp.zeros((), w.dtype)
-        if V.is_concrete(amax) and not bool(jnp.isfinite(amax)):
-            raise ValueError(f"params: leaf {p!r} contains NaN or Inf; clean it before quantize")
+        if V.is_concrete(v):  # on the host in float64: XLA's CPU max would flush subnormals to 0
+            a = float(np.max(np.abs(np.asarray(v, np.float64)))) if v.size else 0.0
+            if not math.isfinite(a):
+                raise ValueError(f"params: leaf {p!r} contains NaN or Inf; clean it before quantize")
+            if 0 < a < tiny:
+                raise ValueError(f"params: leaf {p!r} has max|w| = {a:.3g}, too small for a float32 scale "
+                                 f"(max|w| / 127 would be subnormal, which XLA flushes to zero): multiply the "
+                                 f"leaf by a power of two before quantize, or zero it")
         scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0).astype(jnp.float32)
-        qs[p] = jnp.clip(jnp.round(w / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+        qs[p] = jnp.clip(jnp.round(w / scale.astype(w.dtype)), -INT8_MAX, INT8_MAX).astype(jnp.int8)
         ss[p] = scale
     return tree_lib.replace(params, qs), tree_lib.replace(params, ss)
 
 
 def dequantize(qparams, scales):
-    """``q * scale`` per leaf, float32 (inverse of :func:`quantize` up to rounding). ``qparams`` and
-    ``scales`` are the two pytrees :func:`quantize` returns (same structure; ValueError otherwise)."""
+    """``q * scale`` per leaf, float32 (inverse of :func:`quantize` up to rounding). ``qparams`` (integer
+    leaves; TypeError otherwise) and ``scales`` (scalar leaves) are the two pytrees :func:`quantize`
+    returns (same structure; ValueError otherwise)."""
     qflat = V.check_params(qparams, "qparams")
     sflat = V.check_params(scales, "scales")
+    for p, q in qflat.items():
+        if not jnp.issubdtype(q.dtype, jnp.integer):
+            raise TypeError(f"qparams: leaf {p!r} is {q.dtype}, but dequantize takes the integer params that "
+                            f"quantize returns (float params are already dequantized)")
     if set(qflat) != set(sflat):
         raise ValueError(f"scales must have the leaves of qparams (the pair quantize returned); leaves only in "
                          f"qparams: {sorted(set(qflat) - set(sflat))}, only in scales: {sorted(set(sflat) - set(qflat))}")
@@ -326,9 +403,16 @@ class IntEggroll:
       alpha: default update significance level in ``(0, 1]`` (default 0.1); ``tell``/``step`` take a
         per-call ``alpha`` (anneal it like nano-egg).
       maximize: ``True`` (default) if larger fitness is better.
-      targets: int8 leaves that get low-rank noise (an :mod:`lrjax.tree` pattern); default every int8
-        leaf with ``ndim >= 2``. Other int8 leaves get full-rank noise.
+      targets: int8 leaves that get low-rank noise; default every int8 leaf with ``ndim >= 2``. Other
+        int8 leaves get full-rank noise.
       frozen: leaves never perturbed nor updated (may have any dtype). Every other leaf must be int8.
+
+        ``targets`` and ``frozen`` are :mod:`lrjax.tree` patterns on leaf paths (keys joined by ``/``,
+        e.g. ``"l1/kernel"``): a regex that must ``re.fullmatch`` the whole path or match it as a
+        ``/``-suffix (``"kernel"`` selects ``"l1/kernel"``; ``"l1"`` selects nothing -- write
+        ``"l1/.*"`` for everything under ``l1``), a list of such strings, or a callable
+        ``(path, leaf) -> bool``. A pattern selecting no leaf raises ValueError naming the argument
+        (``targets`` / ``frozen``) and listing the nearest paths.
       axes: matrix-view spec of :mod:`lrjax.axes`.
       noise_reuse: noise changes every ``noise_reuse`` generations (default 1).
       mesh, axis_name, member_chunk, update_chunk: as :class:`lrjax.es.Eggroll` (population split
@@ -343,7 +427,10 @@ class IntEggroll:
 
     Errors (eager, before tracing): float (or other non-int8) params outside ``frozen`` raise a
     TypeError naming the leaf and the fix (:func:`quantize`); an int8 leaf holding ``-128`` raises a
-    ValueError (the symmetric range is ``[-127, 127]``; clip it); bad numbers as in ``Eggroll``.
+    ValueError (the symmetric range is ``[-127, 127]``; clip it) on every call of ``step``, ``tell``,
+    ``fitness``, ``member_inputs``, ``member_noise`` and ``plan`` whose params are concrete (one fused
+    device reduction and one host sync per call; params traced under an outer ``jit`` are not checked);
+    bad numbers as in ``Eggroll``.
 
     Example::
 
@@ -405,7 +492,14 @@ class IntEggroll:
 
     def plan(self, params) -> list[LeafPlan]:
         """How each leaf is perturbed (``'lowrank'``, ``'full'``, ``'frozen'``), in flatten order;
-        refuses non-int8 leaves outside ``frozen`` and (concrete) int8 values of -128."""
+        refuses non-int8 leaves outside ``frozen`` (TypeError) and, when the params are concrete, int8
+        values of -128 (ValueError)."""
+        plans = self._plan_shapes(params)
+        self._check_values(plans, params)
+        return plans
+
+    def _plan_shapes(self, params) -> list[LeafPlan]:
+        """:meth:`plan` from the leaves' paths, shapes and dtypes only (cached by ``_plans``)."""
         flat = V.check_params(params, "params")
         frozen = set(tree_lib.select(params, self.frozen, argname="frozen")) if self.frozen is not None else set()
         for p, v in flat.items():
@@ -445,10 +539,19 @@ class IntEggroll:
                tuple((tuple(np.shape(v)), str(getattr(v, "dtype", type(v)))) for v in flat.values()))
         plans = self._cache.get(sig)
         if plans is None:
-            plans = self._cache[sig] = self.plan(params)
+            plans = self._cache[sig] = self._plan_shapes(params)
         if all(pl.kind == FROZEN for pl in plans):
             raise ValueError("params: every leaf is frozen, nothing to train; loosen `frozen`")
+        self._check_values(plans, params)
+        return plans
+
+    @staticmethod
+    def _check_values(plans, params):
+        """ValueError if a concrete, non-frozen int8 leaf holds -128 (runs on every call)."""
+        flat = tree_lib.flatten(params)
         vals = [flat[pl.path] for pl in plans if pl.kind != FROZEN]
+        if not vals:
+            return
         if all(V.is_concrete(v) for v in vals) and all(
                 not isinstance(v, jax.Array) or v.is_fully_addressable for v in vals):
             with jax.ensure_compile_time_eval():
@@ -457,7 +560,6 @@ class IntEggroll:
                 p = [pl.path for pl in plans if pl.kind != FROZEN][int(np.argmax(bad))]
                 raise ValueError(f"params: int8 leaf {p!r} holds -128, outside the symmetric range [-127, 127] of "
                                  f"the int8 mode; clip it: jnp.clip(v, -127, 127).astype(jnp.int8)")
-        return plans
 
     def _check_state(self, state, name="state"):
         if not isinstance(state, EggrollState):
@@ -665,6 +767,7 @@ class IntEggroll:
     def fitness(self, state: EggrollState, params, fitness_fn: Callable[..., Any], *args):
         """Raw fitness ``[N]`` (float32, global member order) of this generation's members."""
         self._check_state(state)
+        self._plans(params)  # -128 check on every call (the fitness_fn check below is cached)
         self._check_fitness_fn(params, fitness_fn, args)
         out = self._compiled("fitness", fitness_fn, params)(*self._inputs(state, params, None, args))
         return self._to_local(out)
@@ -685,6 +788,7 @@ class IntEggroll:
         """One generation: evaluate every member (``fitness_fn(params_i, noise_i, *args)``) and apply
         the integer update. Returns ``(new_params, next_state, info)`` (``new_params`` int8 like ``params``)."""
         self._check_state(state)
+        self._plans(params)  # -128 check on every call (the fitness_fn check below is cached)
         self._check_fitness_fn(params, fitness_fn, args)
         new, info = self._compiled("step", fitness_fn, params)(*self._inputs(state, params, alpha, args))
         new, info = self._to_local((new, info))
