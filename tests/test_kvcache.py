@@ -186,6 +186,41 @@ def test_bad_input():
         M.mla_forward({"w_q": p["w_q"]}, jnp.zeros((1, 2, D)), n_heads=H)
     with pytest.raises(ValueError, match="n_heads"):
         M.MultiHeadLatentAttention(10, 3, 4, rngs=nnx.Rngs(0))
+    # compress_kv: host-only (tracers refused), all-zero calibration, default group_size divides n_heads
+    with pytest.raises(TypeError, match="host-only"):
+        jax.jit(lambda a, b, c: K.compress_kv(a, b, c, n_heads=H, group_size=1))(w, w, x)
+    with pytest.raises(ValueError, match="x .*all zero.*eps cannot help"):
+        K.compress_kv(w, w, jnp.zeros_like(x), n_heads=H, ratio=0.5)
+    assert K.compress_kv(w, w, x, n_heads=H, ratio=0.5)[1].group_size == H      # H=2: largest divisor <= 4
+    # decoding into a full cache is refused (it used to overwrite the last slot silently)
+    xs = jnp.asarray(rng.normal(size=(2, 3, D)), jnp.float32)
+    _, full = K.latent_prefill(xs, w, w.T, kv, n_heads=H, capacity=3)
+    with pytest.raises(ValueError, match="cache is full.*capacity"):
+        K.latent_decode_step(xs[:, 0], w, w.T, kv, full, n_heads=H)
+    _, mfull = M.mla_prefill(p, xs, n_heads=H, capacity=3)
+    with pytest.raises(ValueError, match="cache is full.*capacity"):
+        M.mla_decode_step(p, xs[:, 0], mfull, n_heads=H)
+    # no token / non-finite x
+    x0 = jnp.zeros((2, 0, D))
+    for call in (lambda: K.dense_self_attention(x0, w, w, w, w.T, n_heads=H),
+                 lambda: K.latent_prefill(x0, w, w.T, kv, n_heads=H, capacity=3),
+                 lambda: M.mla_prefill(p, x0, n_heads=H, capacity=3),
+                 lambda: M.MultiHeadLatentAttention(D, H, 3, rngs=nnx.Rngs(0))(x0),
+                 lambda: M.mla_forward(p, xs.at[0, 1, 2].set(jnp.nan), n_heads=H)):
+        with pytest.raises(ValueError, match="x "):
+            call()
+    # causal_attention / mla_attend: out-of-range positions refused; a fully masked (traced) row is 0
+    q4 = xs.reshape(2, 3, H, HD)
+    c3 = xs[..., :3]
+    for kw, name in (({"length": 0}, "length"), ({"length": 4}, "length"), ({"q_start": -1}, "q_start")):
+        with pytest.raises(ValueError, match=name):
+            K.causal_attention(q4, q4, q4, **kw)
+        with pytest.raises(ValueError, match=name):
+            M.mla_attend(q4, c3, p["w_uk"], p["w_uv"], **kw)
+    masked = jax.jit(lambda n: (K.causal_attention(q4, q4, q4, length=n),
+                                M.mla_attend(q4, c3, p["w_uk"], p["w_uv"], length=n)))(0)
+    for o in masked:
+        np.testing.assert_array_equal(np.asarray(o), 0.0)
 
 
 def test_kv_cache_quick(tmp_path):

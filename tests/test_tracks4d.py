@@ -184,6 +184,19 @@ def test_bad_input(scene, net):
         tracks_losses(out, tr[:, :5])
     with pytest.raises(TypeError, match="out"):
         tracks_losses(tuple(out), tr)
+    # a scene with no visible entry: the data terms are 0, the sparsity prior still counts (all points)
+    hidden = tr.at[..., 2].set(0.0)
+    _, terms = jax.jit(lambda o, t: tracks_losses(o, t))(out, hidden)
+    for name in ("reproj", "static", "depth", "error"):
+        assert float(terms[name]) == 0.0, name
+    b, sg = np.asarray(out.bases, np.float64), np.asarray(out.sigma, np.float64)
+    np.testing.assert_allclose(float(terms["sparse"]), np.mean(np.abs(b[:, 1:]) / sg[:, None, None]), rtol=1e-5)
+    # float64 NumPy tracks: converted explicitly, no JAX dtype-truncation warning from inside lrjax
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o64 = jax.jit(lambda: net(np.asarray(tr, np.float64)))()
+    assert o64.bases.dtype == jnp.float32
 
 
 def test_tracks4d_quick(tmp_path):

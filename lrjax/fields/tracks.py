@@ -45,7 +45,9 @@ Losses (:func:`tracks_losses`; the paper's unsupervised terms -- it trains on 2-
   error of the static part ``B_p0`` alone (a Cauchy-like robust term: minimised at
   ``sigma_p = r_p``, so points that the static part explains get a small sigma);
 * sparsity of the dynamic part ``L_sparse = mean_{p, k >= 1, xyz} |B_pk| / sigma_p`` (pushes
-  points with small sigma, i.e. static points, to zero motion);
+  points with small sigma, i.e. static points, to zero motion). It is a prior on the predicted
+  bases, not a data term: it averages over *all* points whatever their visibility (as the research
+  note's ``0.001 * mean|B_dynamic / sigma|``), so it is not masked by ``o``;
 * negative-depth penalty ``L_depth = sum_tp o_tp relu(min_depth - X^c_z,tp) / sum o`` (points
   must be in front of the camera).
 
@@ -62,7 +64,12 @@ the exact projections (so a ground-truth model has reprojection error exactly 0)
 
 Shapes: everything accepts a single scene or leading batch axes (the losses ``jax.vmap`` over
 scenes). Dtypes: inputs may be float32 or bfloat16; the math runs in
-``promote_types(dtype, float32)`` and geometry outputs are rounded once to the input dtype.
+``promote_types(dtype, float32)``. The geometry functions (:func:`trajectories`,
+:func:`rotation_6d`, :func:`world_to_camera`, :func:`project`) round their outputs once to the
+input dtype; :class:`TracksTo4D` (float32 parameters) returns its outputs in
+``promote_types(tracks.dtype, float32)``, i.e. float32 for float16/bfloat16 tracks; the losses are
+in that compute dtype. NumPy inputs are converted with ``jnp.asarray`` first (float64 becomes
+float32 unless ``jax_enable_x64`` is on), so they raise no dtype-truncation warnings.
 """
 from __future__ import annotations
 
@@ -71,6 +78,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lrjax._validation import (check_array, check_choice, check_finite, check_float, check_int, check_key,
@@ -104,12 +112,13 @@ def check_tracks(tracks, name: str = "tracks"):
         if not ok:
             raise ValueError(f"{name}[..., 2] is the visibility and must be 0 or 1 (a boolean mask cast to float); "
                              "got other values -- threshold soft visibilities first")
-    return tracks
+    return jnp.asarray(tracks) if isinstance(tracks, np.ndarray) else tracks
 
 
 def _float_array(x, name, ndim=None, min_ndim=None, last=None):
     x = check_array(x, name, kind="floating", ndim=ndim, min_ndim=min_ndim, last=last)
-    return check_finite(x, name)
+    check_finite(x, name)
+    return jnp.asarray(x) if isinstance(x, np.ndarray) else x
 
 
 def _intrinsics(intrinsics):
@@ -267,7 +276,8 @@ def tracks_losses(out: TracksOutput, tracks, *, intrinsics=None, w_reproj: float
     ``out``: :class:`TracksOutput` for ``tracks [T, P, 3]`` or ``[B, T, P, 3]`` (``jax.vmap`` over B).
     Returns ``(total, terms)`` with ``terms = {"reproj", "static", "sparse", "depth", "error"}``
     (``error``: the mean Euclidean reprojection error over visible entries, not in the total).
-    Scenes with no visible entry contribute 0 to every term. Raises like :func:`check_tracks`,
+    A scene with no visible entry contributes 0 to ``reproj``, ``static``, ``depth`` and ``error``
+    (the data terms); ``sparse`` is a prior on the predicted bases over all points and still counts. Raises like :func:`check_tracks`,
     ``TypeError`` for ``out`` of another type, ``ValueError`` for a negative weight."""
     tracks = check_tracks(tracks)
     _check_out(out, tracks)

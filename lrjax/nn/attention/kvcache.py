@@ -53,9 +53,12 @@ Dtypes: factors are computed in float32 and returned in the projection's dtype; 
 ``promote_types(inputs, float32)`` and rounds once to the input dtype (float32 and bfloat16 inputs).
 
 Errors: ``ratio`` outside ``(0, 1]``, ``n_heads`` not dividing ``N``, ``group_size`` not dividing
-``n_heads``, calibration activations whose last axis is not ``d`` (``x``), ``w_k``/``w_v`` of
-different shapes, and a cache of the wrong shape (``cache``) raise ``ValueError``; wrong kinds
-(a non-array, an integer array, a non-string method) raise ``TypeError``; each names the argument.
+``n_heads``, calibration activations whose last axis is not ``d`` (``x``) or that are all zero,
+``w_k``/``w_v`` of different shapes, an input ``x`` with no token (``T = 0`` or ``B = 0``) or with
+NaN/Inf, a cache of the wrong shape or already full (``cache``), and out-of-range ``q_start`` /
+``length`` of :func:`causal_attention` raise ``ValueError``; wrong kinds (a non-array, an integer
+array, a non-string method, traced arrays given to the host-only :func:`compress_kv`) raise
+``TypeError``; each names the argument.
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ import numpy as np
 
 from lrjax import linalg
 from lrjax._validation import (check_array, check_choice, check_dtype, check_finite, check_float, check_int,
-                               compute_dtype)
+                               compute_dtype, is_concrete)
 from lrjax.compress.core import whitened_svd
 
 __all__ = ["LatentKV", "KVPlan", "LatentCache", "METHODS", "ALLOCATIONS", "compress_kv", "latent_kv",
@@ -234,9 +237,14 @@ def _block_diag_up(b, ranks, n_groups, gh):
     return np.concatenate(rows, 0)
 
 
-def compress_kv(w_k, w_v, x=None, *, n_heads: int, ratio: float = 1.0, group_size: int = 4,
+def compress_kv(w_k, w_v, x=None, *, n_heads: int, ratio: float = 1.0, group_size: int | None = None,
                 method: str = "whitened", allocation: str = "uniform", eps: float = 1e-4):
     """Palu-style low-rank K/V projections of one layer or a stack of layers.
+
+    Host-only: the rank allocation depends on the singular values (data-dependent integer ranks,
+    hence data-dependent shapes), so this runs eagerly on concrete arrays and cannot be called
+    inside ``jax.jit`` / ``grad`` / ``vmap`` (traced arrays raise ``TypeError``). Call it once,
+    outside the transform, and use the returned factors inside jitted code.
 
     Args:
       w_k, w_v: key/value kernels ``[d, N]`` or stacks ``[L, d, N]`` (``N = n_heads * head_dim``,
@@ -244,10 +252,12 @@ def compress_kv(w_k, w_v, x=None, *, n_heads: int, ratio: float = 1.0, group_siz
       x: calibration activations of the projections' input, ``[n, d]`` or ``[L, n, d]`` (required for
         ``method="whitened"``, ignored by ``"svd"``).
       n_heads: attention heads (must divide ``N``).
-      ratio: target cache ratio in ``(0, 1]`` (latent numbers per token over ``2 N``); the achieved
-        ratio is ``plan.ratio`` (ranks are integers, at least 1 and at most ``min(d, G_h)``).
-      group_size: heads per group (Palu's default 4; must divide ``n_heads``; 1 = per head,
-        ``n_heads`` = one joint factorization).
+      ratio: target cache ratio in ``(0, 1]`` (latent numbers per token over ``2 N``), stored as
+        ``plan.target_ratio``; the achieved ratio is the property ``plan.ratio`` (ranks are integers,
+        at least 1 and at most ``min(d, G_h)``, so it can differ from the target).
+      group_size: heads per group (must divide ``n_heads``; 1 = per head, ``n_heads`` = one joint
+        factorization). Default ``None``: the largest divisor of ``n_heads`` that is ``<= 4``
+        (Palu's default group of 4 heads when 4 divides ``n_heads``).
       method: ``"whitened"`` (Palu) or ``"svd"`` (plain SVD baseline).
       allocation: ``"uniform"`` or ``"energy"`` (see the module docstring).
       eps: whitening regularization, relative to ``mean(diag X^T X)`` (default ``1e-4``, ``>= 0``).
@@ -256,9 +266,17 @@ def compress_kv(w_k, w_v, x=None, *, n_heads: int, ratio: float = 1.0, group_siz
       ``(layers, plan)``: a list of :class:`LatentKV` (one per layer, factors in ``w_k``'s dtype) and
       the :class:`KVPlan`.
     """
+    for name, a in (("w_k", w_k), ("w_v", w_v), ("x", x)):
+        if isinstance(a, jax.core.Tracer):
+            raise TypeError(f"{name} is a traced array (compress_kv was called inside jax.jit / grad / vmap), but "
+                            "compress_kv is host-only: its rank allocation is data dependent. Call it on concrete "
+                            "arrays outside the transform and pass the returned factors into the jitted code")
     w_k, w_v = _check_weights(w_k, w_v)
     stacked = w_k.ndim == 3
     d, n = w_k.shape[-2:]
+    if group_size is None:
+        n_heads = _check_heads(n, n_heads)[0]
+        group_size = max(g for g in range(1, 5) if n_heads % g == 0)
     n_heads, group_size = _check_heads(n, n_heads, group_size)
     ratio = check_float(ratio, "ratio", low=0.0, high=1.0, low_open=True)
     method = check_choice(method, "method", METHODS)
@@ -278,6 +296,14 @@ def compress_kv(w_k, w_v, x=None, *, n_heads: int, ratio: float = 1.0, group_siz
         if x.shape[-2] < 1:
             raise ValueError("x must hold at least one calibration row")
         check_finite(x, "x")
+        with jax.ensure_compile_time_eval():
+            zero = [int(i) for i in np.nonzero(~np.any(np.asarray(x if stacked else x[None]) != 0,
+                                                       axis=(1, 2)))[0]]
+        if zero:
+            where = f" (layers {zero})" if stacked else ""
+            raise ValueError(f"x (calibration activations) is all zero{where}: the whitening Gram X^T X is zero and "
+                             "raising eps cannot help (eps is relative to mean(diag X^T X) = 0); pass real "
+                             "activations of the K/V projections' input, or use method='svd'")
     wk = w_k if stacked else w_k[None]
     wv = w_v if stacked else w_v[None]
     xs = (x if stacked else x[None]) if method == "whitened" else [None] * L
@@ -328,11 +354,48 @@ def _check_kv(kv, d=None, n=None):
     return kv
 
 
+def _check_position(value, name, low, high=None):
+    """``q_start`` / ``length``: an int (or integer scalar array) in ``[low, high]`` when concrete;
+    traced values are not checked (see the callers' docstrings for what they then do)."""
+    if value is None or isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, (jax.Array, np.ndarray)):
+        check_array(value, name, ndim=0, kind="integer")
+        with jax.ensure_compile_time_eval():
+            value = int(value)
+    return check_int(value, name, low=low, high=high)
+
+
+def _check_qkv(q, k, v):
+    q = check_array(q, "q", ndim=4, kind="floating")
+    k = check_array(k, "k", ndim=4, kind="floating")
+    v = check_array(v, "v", ndim=4, kind="floating")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"q [B, Tq, H, hd], k and v [B, Tk, H, hd] must agree, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    return q, k, v
+
+
+def _masked_softmax(scores, mask):
+    """Softmax over the visible keys; a row with no visible key gives all-zero weights (so its
+    attention output is exactly 0, not the mean of ``V``)."""
+    p = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min), axis=-1)
+    return jnp.where(jnp.any(mask, axis=-1, keepdims=True), p, 0.0)
+
+
 def causal_attention(q, k, v, *, q_start=0, length=None):
     """Softmax attention with a causal mask: ``q: [B, Tq, H, hd]`` at positions ``q_start + i``,
     ``k, v: [B, Tk, H, hd]`` at positions ``j``; key ``j`` is visible to query ``i`` iff
     ``j <= q_start + i`` and ``j < length`` (``length`` defaults to ``Tk``). Scores scaled by
-    ``1/sqrt(hd)``; computed in ``promote_types(q, k, v, float32)``, returned in that dtype."""
+    ``1/sqrt(hd)``; computed in ``promote_types(q, k, v, float32)``, returned in that dtype.
+
+    Valid values: ``q_start >= 0`` and ``1 <= length <= Tk`` (ints or integer scalar arrays); out of
+    range concrete values raise ``ValueError`` naming the argument. With these every query sees at
+    least key 0. Traced values are not checked; a query row that then has no visible key (e.g. a
+    traced ``length = 0``) returns exactly 0 (not the mean of ``V``)."""
+    q, k, v = _check_qkv(q, k, v)
+    q_start = _check_position(q_start, "q_start", 0)
+    length = _check_position(length, "length", 1, k.shape[1])
     cd = compute_dtype(q.dtype, k.dtype, v.dtype)
     q, k, v = q.astype(cd), k.astype(cd), v.astype(cd)
     tq, tk = q.shape[1], k.shape[1]
@@ -342,8 +405,7 @@ def causal_attention(q, k, v, *, q_start=0, length=None):
     mask = kpos <= qpos
     if length is not None:
         mask = mask & (kpos < length)
-    scores = jnp.where(mask, scores, jnp.finfo(cd).min)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    return jnp.einsum("bhqk,bkhd->bqhd", _masked_softmax(scores, mask), v)
 
 
 def _check_x(x, name, d=None, ndim=3):
@@ -352,7 +414,10 @@ def _check_x(x, name, d=None, ndim=3):
     if x.ndim != ndim or (d is not None and x.shape[-1] != d):
         raise ValueError(f"{name} must have shape {lay}" + (f" with d={d}" if d is not None else "")
                          + f", got {tuple(x.shape)}")
-    return x
+    if 0 in x.shape[:-1]:
+        raise ValueError(f"{name} must have at least one sequence and one token ({lay} with B, T >= 1), "
+                         f"got shape {tuple(x.shape)}")
+    return check_finite(x, name)
 
 
 def _check_qo(w_q, w_o, n_heads):
@@ -494,15 +559,31 @@ def _attend_cache(x, w_q, w_o, kv, cache, n_heads, q_start):
     return (o @ w_o.astype(cd)).astype(x.dtype)
 
 
+def _check_room(length, capacity):
+    if is_concrete(length):
+        with jax.ensure_compile_time_eval():
+            n = int(length)
+        if not 0 <= n < capacity:
+            raise ValueError(f"cache is full (cache.length={n}, capacity={capacity}): a decode step needs "
+                             "cache.length < capacity; prefill with a larger capacity" if n >= 0 else
+                             f"cache.length must be >= 0, got {n}")
+
+
 def latent_decode_step(x, w_q, w_o, kv: LatentKV, cache: LatentCache, *, n_heads: int):
     """One decode step: ``x: [B, d]`` (the token at position ``cache.length``) -> ``(y [B, d], cache)``
-    with the token's latents appended. Filling the cache past its capacity is the caller's error
-    (positions beyond ``capacity`` are dropped by ``dynamic_update_slice`` clamping; check
-    ``cache.length < capacity``)."""
+    with the token's latents appended.
+
+    The cache must have room: ``cache.length < capacity``. A concrete full cache raises
+    ``ValueError`` (naming ``cache``; allocate a larger ``capacity`` in :func:`latent_prefill` /
+    :func:`init_latent_cache`). Under ``jax.jit`` with a traced ``cache.length`` this cannot be
+    checked: a step on a full cache then writes the new latents into the LAST slot
+    (``dynamic_update_slice`` clamps the index), overwriting position ``capacity - 1``, and returns
+    a wrong output with ``length = capacity + 1``; keep ``cache.length < capacity`` yourself there."""
     w_q, w_o, n_heads = _check_qo(w_q, w_o, n_heads)
     x = _check_x(x, "x", w_q.shape[0], ndim=2)
     _check_kv(kv, d=x.shape[-1], n=w_q.shape[1])
     cache = _check_cache(cache, kv, x.shape[0])
+    _check_room(cache.length, cache.h_k.shape[1])
     return _decode(x, w_q, w_o, kv, cache, n_heads)
 
 

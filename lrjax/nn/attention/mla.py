@@ -35,8 +35,9 @@ Decode: :class:`MLACache` holds ``c [B, capacity, d_c]`` and the filled ``length
 
 Dtypes: computed in ``promote_types(x, params, float32)``, rounded once to ``x``'s dtype (float32
 and bfloat16 inputs). Errors: a ``params`` dict with missing keys or mismatched shapes, ``n_heads``
-not dividing ``H d_h``, ``x`` of the wrong width and a cache of the wrong shape raise ``ValueError``;
-wrong kinds raise ``TypeError``; each names the argument.
+not dividing ``H d_h``, ``x`` of the wrong width, with no token (``B = 0`` or ``T = 0``) or with NaN/Inf,
+a cache of the wrong shape or already full, and out-of-range ``q_start`` / ``length`` of
+:func:`mla_attend` raise ``ValueError``; wrong kinds raise ``TypeError``; each names the argument.
 """
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lrjax._validation import check_array, check_bool, check_dtype, check_float, check_int, compute_dtype
-from lrjax.nn.attention.kvcache import causal_attention
+from lrjax._validation import (check_array, check_bool, check_dtype, check_finite, check_float, check_int,
+                               compute_dtype)
+from lrjax.nn.attention.kvcache import _check_position, _check_room, _masked_softmax, causal_attention
 
 __all__ = ["MLACache", "MultiHeadLatentAttention", "PARAM_KEYS", "init_mla_params", "mla_latent", "mla_attend",
            "mla_forward", "init_mla_cache", "mla_prefill", "mla_decode_step"]
@@ -82,7 +84,10 @@ def _check_x(x, d, ndim=3):
     x = check_array(x, "x", kind="floating")
     if x.ndim != ndim or x.shape[-1] != d:
         raise ValueError(f"x must have shape {lay} with d={d}, got {tuple(x.shape)}")
-    return x
+    if 0 in x.shape[:-1]:
+        raise ValueError(f"x must have at least one sequence and one token ({lay} with B, T >= 1), "
+                         f"got shape {tuple(x.shape)}")
+    return check_finite(x, "x")
 
 
 def init_mla_params(key, d_model: int, n_heads: int, d_latent: int, head_dim: int | None = None,
@@ -122,7 +127,22 @@ def mla_attend(q, c, w_uk, w_uv, *, q_start=0, length=None):
     ``c: [B, Tk, d_c]`` at positions ``j`` (visible iff ``j <= q_start + i`` and ``j < length``),
     ``w_uk, w_uv: [d_c, H d_h]`` -> ``[B, Tq, H, d_h]`` in the compute dtype.
 
-    ``scores_h = (q_h W_uk,h^T) c^T / sqrt(d_h)``, ``o_h = (softmax(scores_h) c) W_uv,h``."""
+    ``scores_h = (q_h W_uk,h^T) c^T / sqrt(d_h)``, ``o_h = (softmax(scores_h) c) W_uv,h``.
+
+    Valid values: ``q_start >= 0`` and ``1 <= length <= Tk`` (ints or integer scalar arrays); out of
+    range concrete values raise ``ValueError`` naming the argument, so every query sees at least
+    key 0. Traced values are not checked; a query row that then has no visible key returns exactly 0
+    (not the mean of the values)."""
+    q = check_array(q, "q", ndim=4, kind="floating")
+    c = check_array(c, "c", ndim=3, kind="floating")
+    w_uk = check_array(w_uk, "w_uk", ndim=2, kind="floating")
+    w_uv = check_array(w_uv, "w_uv", ndim=2, kind="floating")
+    if (c.shape[0] != q.shape[0] or w_uk.shape != w_uv.shape or w_uk.shape[0] != c.shape[-1]
+            or w_uk.shape[1] != q.shape[2] * q.shape[3]):
+        raise ValueError(f"q [B, Tq, H, d_h], c [B, Tk, d_c], w_uk and w_uv [d_c, H d_h] must agree, got "
+                         f"{tuple(q.shape)}, {tuple(c.shape)}, {tuple(w_uk.shape)}, {tuple(w_uv.shape)}")
+    q_start = _check_position(q_start, "q_start", 0)
+    length = _check_position(length, "length", 1, c.shape[1])
     cd = compute_dtype(q.dtype, c.dtype, w_uk.dtype)
     b, tq, h, dh = q.shape
     dc = c.shape[-1]
@@ -136,7 +156,7 @@ def mla_attend(q, c, w_uk, w_uv, *, q_start=0, length=None):
     mask = kpos <= qpos
     if length is not None:
         mask = mask & (kpos < length)
-    p = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(cd).min), axis=-1)
+    p = _masked_softmax(scores, mask)
     o_lat = jnp.einsum("bhqk,bkc->bqhc", p, c)
     return jnp.einsum("bqhc,chd->bqhd", o_lat, uv)
 
@@ -229,10 +249,17 @@ def _attend_cache(p, x, cache, n_heads, q_start):
 
 def mla_decode_step(params: dict, x, cache: MLACache, *, n_heads: int):
     """One decode step (absorbed form, reads only the latent cache): ``x: [B, d]`` at position
-    ``cache.length`` -> ``(y [B, d], cache)`` with its latent appended (keep ``cache.length < capacity``)."""
+    ``cache.length`` -> ``(y [B, d], cache)`` with its latent appended.
+
+    The cache must have room: ``cache.length < capacity``; a concrete full cache raises
+    ``ValueError`` naming ``cache`` (prefill with a larger ``capacity``). Under ``jax.jit`` with a
+    traced ``cache.length`` this cannot be checked: a step on a full cache then writes into the LAST
+    slot (``dynamic_update_slice`` clamps the index), overwriting position ``capacity - 1``, and
+    returns a wrong output; keep ``cache.length < capacity`` yourself there."""
     p, n_heads = _check_params(params, n_heads)
     x = _check_x(x, p["w_q"].shape[0], ndim=2)
     cache = _check_cache(cache, x.shape[0], p["w_dkv"].shape[1])
+    _check_room(cache.length, cache.c.shape[1])
     return _decode(p, x, cache, n_heads)
 
 
