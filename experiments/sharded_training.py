@@ -59,14 +59,15 @@ def transformations(rp, rank: int, gap: int):
     adam = optax.scale_by_adam
     lr = optax.scale_by_learning_rate(1e-2)
     g = dict(rank=rank, update_proj_gap=gap)
-    # exact-SVD refreshes: one projected matrix per shape (no batched SVD). jaxlib 0.10.2's batched CPU
-    # LAPACK SVD (gesdd through ParallelBatchMap) deadlocks XLA:CPU's intra-op pool when all forced host
-    # devices reach it at once (docs/sharded_training.md); layers/1/kernel goes through the inner Adam
-    # unprojected, which exercises that path of the protocol too
+    # exact-SVD refreshes with the default targets: every kernel projected, same-shaped ones together
+    # (jaxlib 0.10.2's batched CPU LAPACK SVD deadlocked XLA:CPU's intra-op pool on forced host devices;
+    # lrjax.optim.galore now refreshes one matrix per LAPACK call there, docs/sharded_training.md);
+    # Fira / torch-Adam / 8-bit leave layers/1/kernel to the inner optimizer unprojected, which exercises
+    # that path of the protocol too
     s = dict(g, targets=["inp/kernel", "layers/0/kernel", "head/kernel"])
     full = {
         "adam": optax.adam(1e-2),
-        "galore_svd": optax.chain(lo.galore(adam(), refresh="svd", **s), lr),
+        "galore_svd": optax.chain(lo.galore(adam(), refresh="svd", **g), lr),
         "galore_eigh": optax.chain(lo.galore(adam(), refresh="eigh", **g), lr),
         "galore_randomized": optax.chain(lo.galore(adam(), refresh="randomized", **g), lr),
         "galore_subspace": optax.chain(lo.galore(adam(), refresh="subspace", **g), lr),

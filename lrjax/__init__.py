@@ -6,7 +6,8 @@ Submodules with heavier imports load on first use: ``lrjax.checkpoint`` (orbax),
 ``lrjax.compress`` (post-training low-rank compression), ``lrjax.metrics`` (calibration metrics),
 ``lrjax.losses`` (training losses such as DSCLoRA's spatial-affinity distillation).
 ``lrjax.search`` (FSAP ``arch_hash``, compiled peak memory, evolutionary search under a memory
-budget). ``lrjax.interpreter`` is the jaxpr interpreter behind :func:`lrjax.factored` and ``lrjax.es``.
+budget), ``lrjax.sharding`` (FSDP shardings of params and optimizer state over a device mesh).
+``lrjax.interpreter`` is the jaxpr interpreter behind :func:`lrjax.factored` and ``lrjax.es``.
 The pretraining reparameterizations ``SLTrain``, ``PureLowRank``, ``NOBLE`` and ``HGF`` load with
 :mod:`lrjax.nn` on first use.
 """
@@ -21,7 +22,7 @@ from lrjax.reparam import (NOLA, AdapterBank, BlockLoRA, CoDyRA, ConvDoRA, ConvL
 __version__ = "0.1.0"
 
 _LAZY = ("checkpoint", "interop", "data", "models", "es", "optim", "nn", "fields", "compress", "metrics", "losses",
-         "search")
+         "search", "sharding")
 _LAZY_REPARAM = ("SLTrain", "PureLowRank", "NOBLE", "HGF")
 
 __all__ = ["axes", "linalg", "tree", "reparam", "Axes", "Reparam", "LoRA", "RSLoRA", "DoRA", "PiSSA",

@@ -42,7 +42,7 @@ import lrjax.nn.sna as SN
 MODULES = {"fields": [LF, FF, TF, HG, PL, RE, SC, ME, TR, PV, TK], "sna": [SN], "models": [MO], "benchmark": [BM]}
 # NamedTuple containers and constants: no arguments to validate.
 EXEMPT = {"FieldOutput", "Rays", "RenderOutput", "SceneData", "LoopResult", "ALState", "PVDState",
-          "TracksOutput", "SyntheticTracks", "tracks",
+          "TracksOutput", "SyntheticTracks", "tracks", "FieldFeatures",
           "MAT_MODE", "VEC_MODE", "PRIMES", "KINDS", "ADAPTER_TARGETS",
           # no arguments at all
           "default_scene", "usable_cpus", "device_info"}
@@ -60,6 +60,8 @@ SHG = LF.SHGridField(resolution=3, sh_degree=2)
 SHG_P = LF.init_field(SHG, KEY)
 SNA_M = SN.SNA(in_dim=2, rank=2, num_basis=4)
 SNA_P = SNA_M.init(KEY, jnp.zeros((2,)))
+SNA_XS = jnp.linspace(0.0, 1.0, 16).reshape(8, 2)
+SNA_YS = SNA_XS[:, :1] * SNA_XS[:, 1:]
 X = jnp.array([[0.1, -0.2, 0.3], [0.0, 0.5, -0.5]])
 D = jnp.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
 POSE = LF.look_at((3.0, 0.2, 0.1))
@@ -149,6 +151,7 @@ SPECS = {
                           extra=[(LF.CPField(geo_dim=5), ValueError), (LF.CPField(bound=2.0), ValueError)])),
     # ---------------------------------------------------------------- tensorf
     "cp_dense": S(TF.cp_dense, field=A(CP, FIELD, extra=[(VM, TypeError)]), params=A(CP_P, PARAMS)),
+    "factor_list": S(TF.factor_list, field=A(VM, FIELD, extra=[(GRID, TypeError)]), params=A(VM_P, PARAMS)),
     "vm_dense": S(TF.vm_dense, field=A(VM, FIELD, extra=[(CP, TypeError)]), params=A(VM_P, PARAMS)),
     "l1_density": S(TF.l1_density, field=A(CP, FIELD, extra=[(GRID, TypeError)]), params=A(CP_P, PARAMS)),
     "total_variation": S(TF.total_variation, x=A(jnp.ones((3, 3)), "str none list int"),
@@ -267,6 +270,19 @@ SPECS = {
     "SNA": S(lambda **k: SN.SNA(**k), in_dim=A(2, INT_POS), out_dim=A(1, INT_POS), rank=A(2, INT_POS),
              kind=A("cp", ENUM), order=A(None, "str bool float"), basis=A("bspline", ENUM), num_basis=A(4, INT_POS + " one"),
              init_scale=A(0.1, NUM_NONNEG), mode_mean=A(1.0, NUM_ANY), use_bias=A(True, BOOL)),
+    "fit_als": S(SN.fit_als, model=A(SNA_M, "str none"), params=A(SNA_P, PARAMS),
+                 xs=A(SNA_XS, "str none nan trail"),
+                 ys=A(SNA_YS, "str none nan", extra=[(SNA_YS[:4], ValueError)]),
+                 iters=A(2, INT_NONNEG), ridge=A(0.0, NUM_NONNEG)),
+    "fit_adam": S(SN.fit_adam, model=A(SNA_M, "str none"), params=A(SNA_P, PARAMS), xs=A(SNA_XS, "str none nan trail"),
+                  ys=A(SNA_YS, "str none nan", extra=[(SNA_YS[:4], ValueError)]), steps=A(2, INT_POS),
+                  learning_rate=A(1e-2, NUM_POS)),
+    "fit_rank_schedule": S(SN.fit_rank_schedule, model=A(SNA_M, "str none"), xs=A(SNA_XS, "str none nan trail"),
+                           ys=A(SNA_YS, "str none nan"), ranks=A((1, 2), "str none", extra=[((), ValueError), ((2, 1), ValueError), ((0,), ValueError)]),
+                           key=A(KEY, KEYK), method=A("als", ENUM), iters=A(2, INT_NONNEG), steps=A(2, INT_POS),
+                           learning_rate=A(1e-2, NUM_POS), tol=A(0.0, NUM_NONNEG), ridge=A(0.0, NUM_NONNEG)),
+    "grow_rank": S(SN.grow_rank, model=A(SNA_M, "str none"), params=A(SNA_P, PARAMS),
+                   new_rank=A(3, INT_POS, extra=[(1, ValueError)]), key=A(KEY, KEYK)),
     "SNA.apply": S(lambda params, x: SNA_M.apply(params, x), params=A(SNA_P, PARAMS),
                    x=A(jnp.array([0.2, 0.4]), ARR + " trail int", extra=[(jnp.array([0.2, 1.5]), ValueError)])),
     "SNAField": S(lambda **k: SN.SNAField(**k), rank=A(2, INT_POS), num_basis=A(4, INT_POS + " one"),

@@ -168,11 +168,3 @@ def test_sharded_training_matches_one_device(layouts):
     for ext in ("json", "md", "png"):
         assert (layouts / f"sharded_training.{ext}").stat().st_size > 0
 
-
-@pytest.mark.xfail(run=False, reason="jaxlib 0.10.2 CPU: a batched exact SVD refresh (several same-shaped "
-                   "matrices, e.g. GaLore's default targets on identical layers) deadlocks XLA:CPU's intra-op pool "
-                   "on >= 2 forced host devices (lapack_sgesdd_ffi -> ParallelBatchMap waits on the pool its "
-                   "callers occupy). Needs lrjax/optim/projection.py to refresh one matrix per LAPACK call "
-                   "(jax.lax.map over the group) on multi-device CPU; see docs/sharded_training.md")
-def test_batched_svd_refresh_on_forced_host_devices():  # pragma: no cover - documents the known hang
-    raise AssertionError("not run: it hangs")

@@ -11,7 +11,7 @@
   low-rank motion basis plus per-frame cameras (:class:`TracksTo4D`, :func:`tracks_losses`,
   :func:`synthetic_tracks`; geometry helpers in the submodule).
 """
-from lrjax.fields.fields import (Field, FieldOutput, GridField, MLPField, check_compatible, count_params,
+from lrjax.fields.fields import (Field, FieldFeatures, FieldOutput, GridField, MLPField, check_compatible, count_params,
                              init_field, param_bytes, positional_encoding, sh_encoding)
 from lrjax.fields.hashgrid import HashGridField
 from lrjax.fields.metrics import psnr, ssim
@@ -23,10 +23,10 @@ from lrjax.fields.plenoxels import SHGridField
 from lrjax.fields import tracks
 from lrjax.fields.tracks import (SyntheticTracks, TracksOutput, TracksTo4D, reprojection_error, synthetic_tracks,
                                  tracks_losses)
-from lrjax.fields.tensorf import (CPField, VMField, cp_dense, l1_density, resolution_schedule, tv_loss, upsample,
+from lrjax.fields.tensorf import (CPField, VMField, cp_dense, factor_list, l1_density, resolution_schedule, tv_loss, upsample,
                               vm_dense)
 
-__all__ = ["Field", "FieldOutput", "MLPField", "GridField", "CPField", "VMField", "HashGridField",
+__all__ = ["Field", "FieldOutput", "FieldFeatures", "factor_list", "MLPField", "GridField", "CPField", "VMField", "HashGridField",
            "SHGridField", "cp_dense", "vm_dense", "l1_density", "tv_loss", "upsample", "resolution_schedule", "init_field", "count_params", "param_bytes", "check_compatible",
            "positional_encoding", "sh_encoding", "Rays", "RenderOutput", "composite", "look_at",
            "near_far", "pinhole_rays", "render_image", "render_rays", "stratified_samples", "Scene",

@@ -2,7 +2,8 @@
 pretraining and search (issue 14), each with its math as pure functions beside the Flax NNX module.
 
 * :mod:`lrjax.nn.sna` -- separable neural architectures (additive / quadratic / CP, bounded order)
-  and the SNA radiance field :class:`~lrjax.nn.sna.SNAField`.
+  and the SNA radiance field :class:`~lrjax.nn.sna.SNAField`; fitting to samples by ALS / Adam with a
+  rank schedule (:func:`fit_als`, :func:`fit_adam`, :func:`fit_rank_schedule`, :func:`grow_rank`).
 * :mod:`lrjax.nn.attention` -- Kimi Delta Attention and Gated DeltaNet: recurrent and chunkwise
   kernels, the decode step, the KDA layer and the 3:1 KDA:attention hybrid stack; LRAgent's shared
   low-rank value cache.
@@ -34,9 +35,11 @@ from lrjax.nn.hgf import BitLinear, HGFLinear
 from lrjax.nn.maestro import MaestroLinear
 from lrjax.nn.noble import NOBLELinear
 from lrjax.nn.sltrain import LowRankLinear, SLTrainLinear
-from lrjax.nn.sna import KINDS, SNA, SNAField, bspline_basis, elementary_symmetric, spline_coefficients
+from lrjax.nn.sna import (KINDS, SNA, SNAField, bspline_basis, elementary_symmetric, fit_adam, fit_als,
+                          fit_rank_schedule, grow_rank, spline_coefficients)
 
 __all__ = ["SNA", "SNAField", "bspline_basis", "elementary_symmetric", "spline_coefficients", "KINDS",
+           "fit_als", "fit_adam", "fit_rank_schedule", "grow_rank",
            "recurrent_kda", "chunk_kda", "kda_step", "recurrent_gdn", "chunk_gdn", "gdn_step",
            "KimiDeltaAttention", "SoftmaxAttention", "HybridStack", "mixture", "MixtureLoRA",
            # issue 14: pretraining and search layers

@@ -488,14 +488,20 @@ def fit_rank_schedule(model, xs, ys, *, ranks, key, method: str = "als", iters: 
     """
     if not isinstance(model, SNA):
         raise TypeError(f"model must be an SNA module (e.g. SNA(in_dim=3, rank=4)), got {type(model).__name__}")
-    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, (tuple, list)) or not ranks:
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, (tuple, list)):
         raise TypeError(f"ranks must be a non-empty tuple of ints, e.g. (1, 2, 4), got {ranks!r:.60}")
+    if not ranks:
+        raise ValueError("ranks must be a non-empty tuple of ints, e.g. (1, 2, 4), got ()")
     ranks = [check_int(r, f"ranks[{i}]", low=1) for i, r in enumerate(ranks)]
     if any(b < a for a, b in zip(ranks, ranks[1:])):
         raise ValueError(f"ranks must be non-decreasing (the rank only grows), got {ranks}")
     key = check_key(key, "key")
     check_choice(method, "method", ("als", "adam"))
     tol = check_float(tol, "tol", low=0.0)
+    check_int(iters, "iters", low=0)
+    check_int(steps, "steps", low=1)
+    check_float(learning_rate, "learning_rate", low=0.0, low_open=True)
+    check_float(ridge, "ridge", low=0.0)
     xs, ys = _check_data(model, xs, ys)
     model = model.clone(rank=ranks[0])
     x0 = xs[0]

@@ -96,7 +96,13 @@ class ExactSVD(Basis):
     deterministic = True
 
     def refresh(self, key, g, old, lp: LeafPlan):
-        s = linalg.svd(g, lp.rank)
+        if g.ndim > 2 and g.shape[0] > 1 and jax.default_backend() == "cpu" and jax.local_device_count() > 1:
+            # jaxlib 0.10.2 on several (forced) host devices: a batched LAPACK SVD deadlocks XLA:CPU's
+            # intra-op pool when every device reaches it at once (docs/sharded_training.md); one matrix per
+            # LAPACK call gives the same factors
+            s = jax.lax.map(lambda m: linalg.svd(m, lp.rank), g)
+        else:
+            s = linalg.svd(g, lp.rank)
         return s.u if lp.left else _t(s.vt)
 
 
