@@ -19,6 +19,7 @@ from lrjax.optim import (dct, fira, galore, nbytes, outlier_ratios, owlore, proj
                          scale_by_adam_torch, theoretical_state_bytes)
 from lrjax.optim.dct import DCTBasis, dct_matrix
 from lrjax.optim.fira import FiraResidual
+from lrjax.optim.layerwise import layerwise_step
 from lrjax.optim.galore import ExactSVD, RandomizedSVD, SubspaceIteration, make_basis
 
 ADAM = optax.scale_by_adam()
@@ -189,6 +190,8 @@ BOOL_ARGS = [
     ("owlore.train_rest", lambda v: owlore(ADAM, 2, train_rest=v), "train_rest"),
     ("quantize.signed", lambda v: quant.quantize(X, signed=v), "signed"),
     ("dequantize.signed", lambda v: quant.dequantize(quant.quantize(X, signed=True), X.shape, signed=v), "signed"),
+    ("layerwise_step.has_aux", lambda v: layerwise_step(lambda p: 0.0, ADAM, has_aux=v), "has_aux"),
+    ("layerwise_step.scan_layers", lambda v: layerwise_step(lambda p: 0.0, ADAM, scan_layers=v), "scan_layers"),
 ]
 
 

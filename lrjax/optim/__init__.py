@@ -12,6 +12,10 @@ One projection protocol (:mod:`lrjax.optim.projection`) and one short file per m
 * optimizer-side LoRA (:mod:`lrjax.optim.lora_pro`): :func:`lora_pro` (LoRA-Pro, efficient and
   full), :func:`lora_fa` (LoRA-FA), :func:`riemannian_lora` -- they read the adapters' ``A``/``B``
   pairs and the scale of a :class:`lrjax.LoRA` config;
+* :func:`layerwise_step` (:mod:`lrjax.optim.layerwise`) -- the paper's per-layer weight update: any
+  per-leaf transformation (GaLore included) applied to each leaf's gradient inside the backward pass,
+  so the compiled step never holds the whole model's gradient (:func:`layerwise_init`,
+  :func:`layerwise_update`, :class:`LayerwiseState`);
 * :func:`prox_soft_threshold` (:mod:`lrjax.optim.prox`) -- the proximal L1 step of CoDyRA's gates,
   with :func:`codyra_lambda_schedule`.
 
@@ -35,9 +39,12 @@ from lrjax.optim.projection import ProjectionState, nbytes, theoretical_state_by
 from lrjax.optim.quant import scale_by_adam_8bit
 from lrjax.optim.lora_pro import (lora_fa, lora_pro, riemannian_lora, scale_by_lora_fa, scale_by_lora_pro,
                                   scale_by_riemannian_lora)
+from lrjax.optim import layerwise
+from lrjax.optim.layerwise import LayerwiseState, layerwise_init, layerwise_step, layerwise_update
 from lrjax.optim.prox import codyra_lambda_schedule, factor_mask, prox_soft_threshold
 
 __all__ = ["projection", "quant", "scale_by_adam_8bit", "scale_by_adam_torch", "galore", "fira", "dct", "owlore", "outlier_ratios",
            "ProjectionState", "OwLoreState", "nbytes", "theoretical_state_bytes",
            "prox", "lora_pro", "scale_by_lora_pro", "lora_fa", "scale_by_lora_fa", "riemannian_lora",
-           "scale_by_riemannian_lora", "prox_soft_threshold", "codyra_lambda_schedule", "factor_mask"]
+           "scale_by_riemannian_lora", "prox_soft_threshold", "codyra_lambda_schedule", "factor_mask",
+           "layerwise", "layerwise_step", "layerwise_init", "layerwise_update", "LayerwiseState"]
