@@ -36,7 +36,9 @@ _LONG = ("04_fields", "06_adapter", "05_separable", "test_bench_adapters_quick",
          "10_compression", "test_bench_compress_quick", "test_quickstart_quick", "03_eggroll",
          "test_bench_optim_quick", "test_bench_adapter_speed_quick", "01_lora", "test_bench_lora_quick",
          "test_bench_attention_quick", "test_es_sharding.py", "02_galore", "test_bench_es_quick", "test_mqar_quick",
-         "test_hybrid_stack", "08_low_rank")
+         "test_hybrid_stack", "08_low_rank", "test_sharded_training.py", "11_tracks4d", "09_pretraining",
+         "test_tracks4d_quick", "test_kv_cache_quick", "test_es_int8_quick", "test_lama_keyword_quick",
+         "test_drrl_rank_quick")
 
 
 def _rank(item) -> int:
