@@ -6,7 +6,7 @@
 Data: each segment ``X = Z B / sqrt(k) + noise * E`` ``[T, d]`` with ``Z`` ``[T, k]``, ``B`` ``[k, d]``, ``E``
 standard normal, the planted rank ``k`` uniform in ``[--k-min, --k-max]``; ``Q = X W_q``, ``K = X W_k``,
 ``V = X W_v`` with fixed random ``W`` ``[d, d]`` (one head, ``d_h = d``). A contextual bandit: per segment
-the policy (:mod:`lrjax.nn.attention.drrl`: MLP over the segment's normalized singular values) picks
+the policy (:mod:`lrjax.nn.attention.drrl`: MLP over the segment's normalized singular values; the previous-action input is 0) picks
 ``r`` in ``{r_min, r_min + step, ..., r_max}``; the reward is the paper's Eq. 12
 ``R = alpha cos(O, O_r) - beta FLOPs(r) / FLOPs(r_max) - gamma ||dA||_F`` with ``||dA||_F`` the
 spectra-only score perturbation bound (drrl module docstring) and FLOPs relative to ``r_max`` (the
