@@ -97,6 +97,59 @@ def test_whitened_compress_uses_collected_activations():
     assert ow < os_
 
 
+def test_collect_activations_follows_scan_per_layer():
+    """A kernel sliced by nn.scan gets per-layer activations [L, n, M], equal to a manual loop over
+    the layers (float32), usable as calib by compress(method='whitened'); a reverse lax.scan reads
+    its slices in reverse order; a stack the scan never multiplies is refused."""
+    import sys, os
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _stacks import scan_stack
+    mod = scan_stack(5, length=3)
+    x = jax.random.normal(jax.random.key(2), (2, 4, 5))
+    p = mod.init(jax.random.key(0), x)
+    cal = C.collect_activations(mod.apply, p, "kernel", x)
+    path = "params/blocks/fc/kernel"
+    assert set(cal) == {path} and cal[path].shape == (3, 8, 5) and cal[path].dtype == jnp.float32
+    kern, bias = p["params"]["blocks"]["fc"]["kernel"], p["params"]["blocks"]["fc"]["bias"]
+    h, want = x, []
+    for layer in range(3):  # the manual per-layer loop
+        want.append(h.reshape(-1, 5))
+        h = h + h @ kern[layer] + bias[layer]
+    np.testing.assert_allclose(cal[path], np.stack(want), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(C.collect_activations(mod.apply, p, "kernel", x, max_rows=3)[path],
+                               np.stack(want)[:, :3], rtol=1e-6, atol=1e-6)
+    cw = C.compress(p, "kernel", rank=2, method="whitened", calib=cal)
+    cs = C.compress(p, "kernel", rank=2)
+    assert cw.factors[path]["a"].shape == (3, 5, 2)
+    dw = cw.materialize()["params"]["blocks"]["fc"]["kernel"]
+    ds = cs.materialize()["params"]["blocks"]["fc"]["kernel"]
+    for layer in range(3):  # whitening with the layer's own inputs minimizes that layer's output error
+        xl = want[layer]
+        assert float(jnp.linalg.norm(xl @ (kern[layer] - dw[layer]))) <= float(
+            jnp.linalg.norm(xl @ (kern[layer] - ds[layer]))) * (1 + 1e-4)
+
+    w = jax.random.normal(jax.random.key(3), (3, 4, 4))
+
+    def rev(q, v):  # lax.scan reverse=True: slice 2 runs first
+        def body(c, wl):
+            return jnp.tanh(c @ wl), c.sum()
+        return jax.lax.scan(body, v, q["w"], reverse=True)
+
+    v = jax.random.normal(jax.random.key(4), (2, 4))
+    got = C.collect_activations(rev, {"w": w}, "w", v)["w"]
+    h2, man = v, {}
+    for layer in (2, 1, 0):
+        man[layer] = h2
+        h2 = jnp.tanh(h2 @ w[layer])
+    np.testing.assert_allclose(got, np.stack([man[i] for i in range(3)]), rtol=1e-6, atol=1e-6)
+
+    def partial(q, v):  # the stack is sliced by the scan but never multiplied there
+        return jax.lax.scan(lambda c, wl: (c, None), v @ q["w"][0], q["w"])[0]
+
+    with pytest.raises(ValueError, match="targets"):
+        C.collect_activations(partial, {"w": w}, "w", v)
+
+
 def test_pela_rank_closed_form_and_param_count():
     assert C.pela_rank(768, 768, 2.0) == 192 and C.pela_rank(768, 3072, 2.0) == 307
     assert C.pela_rank(4, 4, 100.0) == 1

@@ -36,7 +36,9 @@ Rank rules (exactly one):
 
 Stacked leaves (``[L, M, N]`` from ``nn.scan``) are factorized in one batched call; their factors
 are stacked too, so one rank serves the whole stack: the largest rank the rule gives over the
-stack (a shape must be static). The report shows that rank.
+stack (a shape must be static). The report shows that rank. Their calibration activations are
+per layer, ``calib[path]: [L, n, M]`` (``X[l]`` = the input of layer ``l``), which
+:func:`collect_activations` returns for a kernel sliced by a ``scan``.
 
 Output: :class:`Compressed` ``(base, factors, rp, report)``. ``factors = {path: {"a": A, "b": B}}``;
 ``base`` is ``params`` with every factored leaf set to zeros (a placeholder that carries the shape)
@@ -377,9 +379,16 @@ def collect_activations(fn: Callable, params, targets, *args, axes=None, max_row
     every ``x @ W`` that ``fn(params, *args)`` computes with the leaf (rows of all uses stacked).
 
     Works by evaluating ``fn``'s jaxpr (nested ``jit`` calls are followed, dtype casts of the kernel
-    too); a kernel used only inside a ``scan`` or in another form is reported as not found
-    (``ValueError``): pass its activations to :func:`compress` yourself. ``max_rows`` keeps the
-    first rows only.
+    too). ``scan`` bodies are followed as well: a scan that receives a targeted leaf is unrolled
+    eagerly (``reverse`` respected, results identical to the scan), and a stacked leaf
+    ``[*batch, M, N]`` that the scan slices per iteration (a linen ``nn.scan`` stack ``[L, in, out]``;
+    nested scans slice one batch axis each) gets **per-layer** activations stacked as
+    ``X: [*batch, n, M]`` -- the layout :func:`compress` expects in ``calib`` for stacked leaves
+    (``X[l]`` is the input of layer ``l``; its rows are the uses of that slice, in order). Every
+    slice must be used, with the same number of rows (else ``ValueError``). A kernel used only in
+    another form (a conv, a non-default axes view, a ``while``/``cond`` body, a stack used whole)
+    is reported as not found (``ValueError``): pass its activations to :func:`compress` yourself.
+    ``max_rows`` keeps the first rows only (per layer for stacks).
     """
     if not callable(fn):
         raise TypeError(f"fn must be a callable fn(params, *args), got {type(fn).__name__}")
@@ -396,7 +405,8 @@ def collect_activations(fn: Callable, params, targets, *args, axes=None, max_row
         return fn(jax.tree_util.tree_unflatten(treedef, lv), *jax.tree_util.tree_unflatten(arg_tree, av))
 
     closed = jax.make_jaxpr(flat_fn)(vals, arg_leaves)
-    found: dict = {p: [] for p in paths}
+    # a tag is (path, idx): the value is the leaf sliced at the leading batch index tuple idx
+    found: dict = {p: [] for p in paths}  # path -> [(idx, X [rows, M])]
 
     def run(jaxpr, consts, ins, tags):
         env, tag = {}, {}
@@ -411,19 +421,25 @@ def collect_activations(fn: Callable, params, targets, *args, axes=None, max_row
             invals = [read(v) for v in eqn.invars]
             itags = [None if isinstance(v, jcore.Literal) else tag.get(v) for v in eqn.invars]
             name = eqn.primitive.name
-            if name in _CALLS and "jaxpr" in eqn.params and any(t is not None for t in itags):
+            tagged = any(t is not None for t in itags)
+            if name in _CALLS and "jaxpr" in eqn.params and tagged:
                 inner = eqn.params["jaxpr"]
                 ij, ic = (inner.jaxpr, inner.consts) if hasattr(inner, "jaxpr") else (inner, ())
                 out = run(ij, ic, invals, itags)
+            elif name == "scan" and tagged:
+                out = run_scan(eqn, invals, itags)
             else:
                 if name == "dot_general" and itags[1] is not None and itags[0] is None:
-                    p = itags[1]
+                    p, idx = itags[1]
+                    k = len(idx)
                     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-                    if not lb and not rb and tuple(rc) == tuple(axs[p].inp) and not axs[p].batch:
+                    ax = axs[p]
+                    if (not lb and not rb and len(ax.batch) == k and ax.batch == tuple(range(k))
+                            and tuple(rc) == tuple(a - k for a in ax.inp)):
                         x = invals[0]
                         keep = [i for i in range(x.ndim) if i not in lc]
                         x = jnp.transpose(x, keep + list(lc)).reshape(-1, int(np.prod([x.shape[i] for i in lc])))
-                        found[p].append(x)
+                        found[p].append((idx, x))
                 out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
                 if name in ("convert_element_type", "copy", "copy_p") and itags[0] is not None:
                     tag[eqn.outvars[0]] = itags[0]
@@ -432,15 +448,52 @@ def collect_activations(fn: Callable, params, targets, *args, axes=None, max_row
                 env[v] = o
         return [read(v) for v in jaxpr.outvars]
 
-    in_tags = [k if k in found else None for k in keys] + [None] * len(arg_leaves)
+    def run_scan(eqn, invals, itags):
+        # unroll: consts keep their tags, a tagged xs operand is sliced (its tag gains the index)
+        prm = eqn.params
+        nc, nk, length = prm["num_consts"], prm["num_carry"], prm["length"]
+        body = prm["jaxpr"]
+        consts, carry, xs = invals[:nc], list(invals[nc:nc + nk]), invals[nc + nk:]
+        ctags, xtags = itags[:nc], itags[nc + nk:]
+        ys = [None] * length
+        for i in (range(length - 1, -1, -1) if prm["reverse"] else range(length)):
+            xi = [x[i] for x in xs]
+            xt = [None if t is None else (t[0], t[1] + (i,)) for t in xtags]
+            res = run(body.jaxpr, body.consts, list(consts) + carry + xi, list(ctags) + [None] * nk + xt)
+            carry, ys[i] = list(res[:nk]), res[nk:]
+        nys = len(eqn.outvars) - nk
+        stacked = [jnp.stack([ys[i][j] for i in range(length)]) for j in range(nys)]
+        return carry + stacked
+
+    in_tags = [(k, ()) if k in found else None for k in keys] + [None] * len(arg_leaves)
     run(closed.jaxpr, closed.consts, vals + list(arg_leaves), in_tags)
     missing = [p for p, xs in found.items() if not xs]
     if missing:
-        raise ValueError(f"targets: no plain x @ W use of {missing} found in fn (a scan body, a conv or a "
-                         "non-default axes view?); pass their activations as calib={path: X} instead")
-    out = {p: jnp.concatenate([x.astype(jnp.float32) for x in xs], 0) for p, xs in found.items()}
+        raise ValueError(f"targets: no plain x @ W use of {missing} found in fn (a conv, a while/cond body, a "
+                         "stack used whole or a non-default axes view?); pass their activations as "
+                         "calib={path: X} instead")
+    out = {}
+    for p, uses in found.items():
+        bshape = tuple(vals[keys.index(p)].shape[i] for i in axs[p].batch)
+        if not bshape:
+            out[p] = jnp.concatenate([x.astype(jnp.float32) for _, x in uses], 0)
+            continue
+        per: dict = {}
+        for idx, x in uses:
+            per.setdefault(idx, []).append(x.astype(jnp.float32))
+        want = list(np.ndindex(*bshape))
+        lacking = [i for i in want if i not in per]
+        if lacking:
+            raise ValueError(f"targets: the stacked leaf {p!r} {bshape} has no x @ W use for slices {lacking[:4]} "
+                             "(only some layers of the scan use it?); pass calib={path: X [*batch, n, M]} yourself")
+        mats = [jnp.concatenate(per[i], 0) for i in want]
+        rows = {int(m.shape[0]) for m in mats}
+        if len(rows) != 1:
+            raise ValueError(f"targets: the slices of the stacked leaf {p!r} see different numbers of rows "
+                             f"{sorted(rows)}; pass calib={{path: X [*batch, n, M]}} yourself")
+        out[p] = jnp.stack(mats).reshape(bshape + mats[0].shape)
     if max_rows is not None:
-        out = {p: x[:max_rows] for p, x in out.items()}
+        out = {p: x[..., :max_rows, :] for p, x in out.items()}
     return out
 
 
