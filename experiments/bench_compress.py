@@ -18,14 +18,17 @@ ranks), ``whitened`` (Palu's whitened SVD, calibration activations collected wit
 tau, non-uniform ranks), ``uniform`` (the same fraction of rank cut everywhere, same parameter
 reduction as WeLore). Recovery rows (after ``--recover-steps`` of training, factors only, the rest
 frozen): ``svd+ft`` (cross-entropy only), ``pela`` (PELA: SVD init + CE + per-layer feature MSE to
-the frozen teacher with the paper code's defaults; for the transformer, whose hidden states are not
-exposed, logit KD with weight 1 replaces the feature term), ``welore+ft`` (WeLore's LRC-only
-fine-tuning with CE). Other structures on the digits MLP's two hidden kernels (the 10-output layer
-stays dense): ``dsformer`` (dense basis ``k`` x coefficients with ``--ds-s`` nonzeros per output,
-alternating-least-squares init) and ``dsformer+stf`` (then trained with the straight-through
-factorizer, CE); ``pq`` (product quantization of size-``--vq-m`` subvectors, ``--vq-k`` codewords),
-``lr2vq`` (PCA codes of dimension ``d``, then k-means) and ``lr2vq+lr`` (the low-rank stage: ``P``
-and the codes trained with CE for ``--recover-steps``, then k-means; DKM fine-tuning is not run).
+the frozen teacher with the paper code's defaults, kd_alpha 1; the features are the hidden layers of
+the MLP and every block's output of the transformer), ``welore+ft`` (WeLore's LRC-only
+fine-tuning with CE). Other structures, on the digits MLP's two hidden kernels (the 10-output layer
+stays dense) and on every adapter kernel of the transformer: ``dsformer`` (dense basis ``k`` x
+coefficients with ``--ds-s`` nonzeros per output, alternating-least-squares init) and
+``dsformer+stf`` (then trained with the straight-through factorizer, task loss); ``pq`` (product
+quantization of size-``--vq-m`` subvectors, ``--vq-k`` codewords), ``lr2vq`` (PCA codes of
+dimension ``d``, then k-means), ``lr2vq+lr`` (the low-rank stage: ``P`` and the codes trained with
+the task loss for ``--recover-steps``, then k-means) and ``lr2vq+dkm`` (then DKM fine-tuning of
+``P``, the codes and the codebook through soft assignments, ``--dkm-temp``, ``--dkm-iters``, for
+``--recover-steps``; hard assignment at the end; same bytes as ``lr2vq+lr``).
 Bytes are those a deployed model stores (float32): the factors plus every
 untouched leaf.
 
@@ -58,7 +61,7 @@ from lrjax.compress import dsformer, lr2vq, pela, welore
 
 LOWRANK = ("svd", "randomized", "whitened", "welore", "uniform")
 RECOVER = ("svd+ft", "pela", "welore+ft")
-OTHER = ("dsformer", "dsformer+stf", "pq", "lr2vq", "lr2vq+lr")
+OTHER = ("dsformer", "dsformer+stf", "pq", "lr2vq", "lr2vq+lr", "lr2vq+dkm")
 
 
 def parse_args(argv=None):
@@ -74,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--ds-s", type=int, default=4, help="DSFormer nonzeros per output column")
     p.add_argument("--vq-m", type=int, default=8, help="LR^2VQ subvector size")
     p.add_argument("--vq-k", type=int, default=16, help="LR^2VQ / PQ codewords")
+    p.add_argument("--dkm-temp", type=float, default=0.1,
+                   help="DKM temperature, relative to the mean squared code-to-centroid distance")
+    p.add_argument("--dkm-iters", type=int, default=3, help="DKM soft k-means rounds per forward")
     p.add_argument("--time-repeats", type=int, default=None, help="default 5 (quick: 1)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -84,7 +90,8 @@ def parse_args(argv=None):
     a.ratios = [3.0] if a.quick else [1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
     a.lm_ratios = [2.0] if a.quick else [1.5, 2.0, 3.0, 4.0]
     a.ds_k = [8] if a.quick else [8, 16, 32, 48]
-    a.vq_d = [4, 8] if a.quick else [1, 2, 4, 6, 8]
+    a.lm_ds_k = [8] if a.quick else [16, 32, 64]
+    a.vq_d = [4] if a.quick else [1, 2, 4, 6, 8]
     return a
 
 
@@ -231,54 +238,106 @@ def digits_other(args, params, forward, ce, acc, it, total):
         f = {p: {**v, "b": v["b"] * dsformer.topk_mask(v["b"], s)} for p, v in f.items()}  # hard top-s
         rows.append({"model": "digits", "method": "dsformer+stf", "setting": f"k={kb}, s={s}",
                      "bytes": comp.report.model_bytes_after, "metric": float(acc(comp.rp.materialize(comp.base, f)))})
+    def loss_p(p, batch):
+        return ce(forward(p, batch[0])[0], batch[1])
+
+    rows += vq_rows(args, "digits", params, t, loss_p, lambda p: float(acc(p)), it, total)
+    return rows
+
+
+def vq_rows(args, model, params, paths, loss_p, metric, it, total):
+    """PQ and LR^2VQ rows for the kernels at ``paths`` (matrix view ``[M, N]``, subvectors of size
+    ``--vq-m`` along ``M``, ``--vq-k`` codewords): ``pq``; ``lr2vq`` (PCA codes, k-means);
+    ``lr2vq+lr`` (the low-rank stage: ``P`` and the codes trained with ``loss_p(params, batch)`` for
+    ``--recover-steps``, then k-means); ``lr2vq+dkm`` (from there, DKM fine-tuning: ``P``, the codes and
+    the codebook trained through DKM's soft assignments for ``--recover-steps``, then the hard
+    assignment; same bytes as ``lr2vq+lr``, whose metric is its ``before``). Quick mode runs DKM for
+    the first ``d`` only."""
+    from lrjax import axes as axes_lib
+    from lrjax import tree as tree_lib
+    rows = []
     m, k = args.vq_m, args.vq_k
-    names = ("fc1", "fc2")
-    shapes = {n: params[n]["kernel"].shape for n in names}
+    flat = tree_lib.flatten(params)
+    axs = {n: axes_lib.resolve(n, flat[n].shape, None) for n in paths}
+    mats = {n: axes_lib.to_matrix(flat[n], axs[n]) for n in paths}
+    shapes = {n: mats[n].shape for n in paths}
 
     def vq_bytes(d, with_p=True):
         out = total
-        for n in names:
+        for n in paths:
             n_sub = int(np.prod(shapes[n])) // m
             out += -int(np.prod(shapes[n])) * 4 + math.ceil(n_sub * math.log2(k) / 8) + 4 * (k * d + (m * d if with_p else 0))
         return out
 
     def with_kernels(kern):
-        return {n: ({**params[n], "kernel": kern[n]} if n in kern else params[n]) for n in params}
+        return tree_lib.replace(params, {n: axes_lib.from_matrix(kern[n], axs[n], flat[n].shape) for n in kern})
+
+    def codebooks(lr_params, key):
+        return {n: lr2vq.kmeans(lr_params[n][1], k, key=jax.random.fold_in(key, i)) for i, n in enumerate(paths)}
 
     def quantized(lr_params, key):
-        kern = {}
-        for i, n in enumerate(names):
-            p, z = lr_params[n]
-            cb, a = lr2vq.kmeans(z, k, key=jax.random.fold_in(key, i))
-            kern[n] = lr2vq.from_subvectors(lr2vq.decode(p, cb[a]), shapes[n])
-        return kern
+        cbs = codebooks(lr_params, key)
+        return {n: lr2vq.from_subvectors(lr2vq.decode(lr_params[n][0], cbs[n][0][cbs[n][1]]), shapes[n])
+                for n in paths}
 
     key = jax.random.key(args.seed + 3)
-    eye = {n: (jnp.eye(m), lr2vq.to_subvectors(params[n]["kernel"], m)) for n in names}
-    rows.append({"model": "digits", "method": "pq", "setting": f"m={m}, k={k}", "bytes": vq_bytes(m, with_p=False),
-                 "metric": float(acc(with_kernels(quantized(eye, key))))})
-    for d in args.vq_d:
-        lrp = {n: lr2vq.lowrank_init(params[n]["kernel"], m, d) for n in names}
-        rows.append({"model": "digits", "method": "lr2vq", "setting": f"m={m}, k={k}, d={d}", "bytes": vq_bytes(d),
-                     "metric": float(acc(with_kernels(quantized(lrp, key))))})
-        # the low-rank stage: train P and Z end to end (CE), then cluster the codes
+    eye = {n: (jnp.eye(m), lr2vq.to_subvectors(mats[n], m)) for n in paths}
+    rows.append({"model": model, "method": "pq", "setting": f"m={m}, k={k}", "bytes": vq_bytes(m, with_p=False),
+                 "metric": metric(with_kernels(quantized(eye, key)))})
+    for j, d in enumerate(args.vq_d):
+        lrp = {n: lr2vq.lowrank_init(mats[n], m, d) for n in paths}
+        rows.append({"model": model, "method": "lr2vq", "setting": f"m={m}, k={k}, d={d}", "bytes": vq_bytes(d),
+                     "metric": metric(with_kernels(quantized(lrp, key)))})
+        # the low-rank stage: train P and Z end to end, then cluster the codes
         opt = optax.adam(args.recover_lr)
         st = opt.init(lrp)
 
-        def lr_loss(lrp, x, y):
-            kern = {n: lr2vq.from_subvectors(lr2vq.decode(*lrp[n]), shapes[n]) for n in names}
-            return ce(forward(with_kernels(kern), x)[0], y)
+        def lr_loss(lrp, batch):
+            kern = {n: lr2vq.from_subvectors(lr2vq.decode(*lrp[n]), shapes[n]) for n in paths}
+            return loss_p(with_kernels(kern), batch)
 
         @jax.jit
-        def step(lrp, st, x, y):
-            g = jax.grad(lr_loss)(lrp, x, y)
+        def step(lrp, st, batch):
+            g = jax.grad(lr_loss)(lrp, batch)
             u, st = opt.update(g, st, lrp)
             return optax.apply_updates(lrp, u), st
 
         for _ in range(args.recover_steps):
-            lrp, st = step(lrp, st, *next(it))
-        rows.append({"model": "digits", "method": "lr2vq+lr", "setting": f"m={m}, k={k}, d={d}",
-                     "bytes": vq_bytes(d), "metric": float(acc(with_kernels(quantized(lrp, key))))})
+            lrp, st = step(lrp, st, next(it))
+        lr_metric = metric(with_kernels(quantized(lrp, key)))
+        rows.append({"model": model, "method": "lr2vq+lr", "setting": f"m={m}, k={k}, d={d}",
+                     "bytes": vq_bytes(d), "metric": lr_metric})
+        if args.quick and j > 0:
+            continue
+        # DKM fine-tuning: start from the k-means codebook above; the temperature of each layer is
+        # --dkm-temp x the mean squared distance of the codes to their nearest centroid (held fixed)
+        cbs = codebooks(lrp, key)
+        temps = {}
+        for n in paths:
+            z, cb = lrp[n][1], cbs[n][0]
+            temps[n] = args.dkm_temp * max(float(jnp.mean(jnp.sum((z - cb[cbs[n][1]]) ** 2, 1))), 1e-12)
+        dk = {n: (lrp[n][0], lrp[n][1], cbs[n][0]) for n in paths}
+        st = opt.init(dk)
+
+        def dkm_kernels(dk):
+            return {n: lr2vq.from_subvectors(lr2vq.decode(dk[n][0], lr2vq.dkm(dk[n][1], dk[n][2], temperature=temps[n],
+                                                                              iters=args.dkm_iters)[1]), shapes[n])
+                    for n in paths}
+
+        @jax.jit
+        def dkm_step(dk, st, batch):
+            g = jax.grad(lambda dk: loss_p(with_kernels(dkm_kernels(dk)), batch))(dk)
+            u, st = opt.update(g, st, dk)
+            return optax.apply_updates(dk, u), st
+
+        for _ in range(args.recover_steps):
+            dk, st = dkm_step(dk, st, next(it))
+        kern = {}
+        for n in paths:  # inference: DKM's final centroids, hard nearest-centroid assignment, decode
+            cb, _ = lr2vq.dkm(dk[n][1], dk[n][2], temperature=temps[n], iters=args.dkm_iters)
+            kern[n] = lr2vq.from_subvectors(lr2vq.decode(dk[n][0], cb[lr2vq.assign(dk[n][1], cb)]), shapes[n])
+        rows.append({"model": model, "method": "lr2vq+dkm", "setting": f"m={m}, k={k}, d={d}",
+                     "bytes": vq_bytes(d), "metric": metric(with_kernels(kern)), "before": lr_metric})
     return rows
 
 
@@ -295,6 +354,15 @@ def lm_study(args):
                             rngs=nnx.Rngs(args.seed))
     graphdef, state = nnx.split(model)
     apply = apply_fn(graphdef)
+
+    def apply_feats(s, ids):  # the quickstart forward, also returning every block's output (PELA's features)
+        mdl = nnx.merge(graphdef, s)
+        h = mdl.tok_embed(ids) + mdl.pos_embed[...][:ids.shape[-1]]
+        feats = []
+        for blk in mdl.blocks:
+            h = blk(h)
+            feats.append(h)
+        return mdl.head(mdl.ln_f(h)), feats
 
     def lm_loss(logits, ids):
         return loss_fn(logits[:, :-1], ids[:, 1:])
@@ -334,19 +402,19 @@ def lm_study(args):
         if "welore" in comps:
             variants["welore+ft"] = (comps["welore"], "ce")
         for m, (comp, kind) in variants.items():
-            g = lrjax.factored(apply, comp.rp)
+            g = lrjax.factored(apply_feats, comp.rp)
 
             def loss(base, f, ids, g=g, kind=kind):
-                logits = g(base, f, ids)
+                logits, feats = g(base, f, ids)
                 l = lm_loss(logits, ids)
-                if kind == "pela":  # hidden states are not exposed: logit KD (kd_beta=1) instead of features
-                    l, _ = pela.distill_loss(l, logits_s=logits, logits_t=apply(state, ids), kd_alpha=0.0,
-                                             kd_beta=1.0)
+                if kind == "pela":  # CE + kd_alpha (1.0) x mean over blocks of MSE(block output) to the teacher
+                    l, _ = pela.distill_loss(l, feats, apply_feats(state, ids)[1])
                 return l
 
             f = recover(comp, loss, it, args.recover_steps, args.recover_lr)
             rows.append({"model": "char transformer", "method": m, "c": c, "bytes": comp.report.model_bytes_after,
                          "metric": fppl(comp, f), "before": fppl(comp, comp.factors)})
+    rows += lm_other(args, state, apply, lm_loss, ppl, it, ADAPTER_TARGETS, C.tree_bytes(state))
     # timing of each rule's compression
     key = jax.random.key(args.seed + 2)
     calls = {
@@ -368,6 +436,46 @@ def lm_study(args):
                        "targets": list(ADAPTER_TARGETS), "calib_tokens": int(calib_ids.size)}}
 
 
+def lm_other(args, state, apply, lm_loss, ppl, it, targets, total):
+    """DSFormer (``dsformer``, ``dsformer+stf``) and PQ / LR^2VQ rows on the transformer's adapter
+    kernels (every q, k, v, o, fc1, fc2)."""
+    from lrjax import tree as tree_lib
+    rows = []
+    s = args.ds_s
+    flat = tree_lib.flatten(state)
+    for kb in args.lm_ds_k:
+        comp = dsformer.compress(state, kb, s, targets)
+        errs = []
+        for lay in comp.report.layers:  # weight error against truncated SVD with as many stored values
+            w = flat[lay.path]
+            r = dsformer.svd_rank_at_equal_params(lay.m, lay.n, kb, s)
+            u, sv, vt = lrjax.linalg.svd(w, r)
+            errs.append((lay.rel_error, float(jnp.linalg.norm(w - (u * sv) @ vt) / jnp.linalg.norm(w)), r))
+        err = {"mean over kernels": {"dsformer": float(np.mean([e[0] for e in errs])),
+                                     "svd": float(np.mean([e[1] for e in errs])),
+                                     "svd_rank": "/".join(sorted({str(e[2]) for e in errs}))}}
+        rows.append({"model": "char transformer", "method": "dsformer", "setting": f"k={kb}, s={s}",
+                     "bytes": comp.report.model_bytes_after, "metric": float(ppl(comp.materialize())),
+                     "rel_error": err})
+        g = lrjax.factored(apply, comp.rp)
+
+        def loss(base, f, ids, g=g):
+            return lm_loss(g(base, dsformer.ste_factors(f, s), ids), ids)
+
+        f = recover(comp, loss, it, args.recover_steps, args.recover_lr)
+        f = {p: {**v, "b": v["b"] * dsformer.topk_mask(v["b"], s)} for p, v in f.items()}  # hard top-s
+        rows.append({"model": "char transformer", "method": "dsformer+stf", "setting": f"k={kb}, s={s}",
+                     "bytes": comp.report.model_bytes_after,
+                     "metric": float(ppl(comp.rp.materialize(comp.base, f)))})
+    paths = tree_lib.select(state, targets)
+
+    def loss_p(p, ids):
+        return lm_loss(apply(p, ids), ids)
+
+    rows += vq_rows(args, "char transformer", state, paths, loss_p, lambda p: float(ppl(p)), it, total)
+    return rows
+
+
 # ------------------------------------------------------------------------------ report
 def table(res) -> str:
     lines = []
@@ -384,15 +492,21 @@ def table(res) -> str:
                 hit = [x for x in r["rows"] if x.get("c") == c and x["method"] == m]
                 cells.append(f"{hit[0]['metric']:.4g} ({hit[0]['bytes'] / r['bytes']:.2f}x)" if hit else "-")
             lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
-    r = res["digits"]
-    lines.append("\n**digits MLP, other structures** (fc1, fc2 compressed; test accuracy)\n")
-    lines.append("| method | setting | bytes / uncompressed | accuracy | weight rel. error fc1, fc2: dense-sparse "
-                 "vs SVD at equal values |\n|---|---|---:|---:|---|")
-    for x in r["rows"]:
-        if x["method"] in OTHER:
-            e = x.get("rel_error")
-            es = ", ".join(f"{v['dsformer']:.3f} vs {v['svd']:.3f} (r={v['svd_rank']})" for v in e.values()) if e else ""
-            lines.append(f"| {x['method']} | {x['setting']} | {x['bytes'] / r['bytes']:.3f} | {x['metric']:.4f} | {es} |")
+    for key, what, name in (("digits", "fc1, fc2 compressed", "digits MLP"),
+                            ("lm", "every q, k, v, o, fc1, fc2 kernel compressed", "char transformer")):
+        r = res[key]
+        lines.append(f"\n**{name}, other structures** ({what}; {r['metric']}; `+dkm`: value before DKM, i.e. "
+                     "the `+lr` row, in brackets)\n")
+        lines.append("| method | setting | bytes / uncompressed | metric | weight rel. error: dense-sparse "
+                     "vs SVD at equal values |\n|---|---|---:|---:|---|")
+        for x in r["rows"]:
+            if x["method"] in OTHER:
+                e = x.get("rel_error")
+                es = ", ".join(f"{v['dsformer']:.3f} vs {v['svd']:.3f} (r={v['svd_rank']})"
+                               for v in e.values()) if e else ""
+                bf = f" (before {x['before']:.4f})" if "before" in x else ""
+                lines.append(f"| {x['method']} | {x['setting']} | {x['bytes'] / r['bytes']:.3f} | "
+                             f"{x['metric']:.4f}{bf} | {es} |")
     t = res["lm"]["timing"]
     lines.append("\n**compression time** (char transformer, median ms over repeats after a warm-up)\n")
     lines.append("| rule | median ms | IQR ms |\n|---|---:|---:|")
