@@ -42,7 +42,7 @@ import lrjax.nn.sna as SN
 MODULES = {"fields": [LF, FF, TF, HG, PL, RE, SC, ME, TR, PV, TK], "sna": [SN], "models": [MO], "benchmark": [BM]}
 # NamedTuple containers and constants: no arguments to validate.
 EXEMPT = {"FieldOutput", "Rays", "RenderOutput", "SceneData", "LoopResult", "ALState", "PVDState",
-          "TracksOutput", "SyntheticTracks", "tracks", "FieldFeatures",
+          "TracksOutput", "SyntheticTracks", "tracks", "FieldFeatures", "PointState",
           "MAT_MODE", "VEC_MODE", "PRIMES", "KINDS", "ADAPTER_TARGETS",
           # no arguments at all
           "default_scene", "usable_cpus", "device_info"}
@@ -80,6 +80,9 @@ PVD_KW = dict(teacher=GRID, teacher_params=GRID_P, student=CP, optimizer=OPT, po
               height=2, width=2, focal=2.0)
 PVD_OBJ = PV.PVD(**PVD_KW, config=PV.PVDConfig(batch_rays=2, n_samples=2))
 PVD_STATE = PVD_OBJ.init(KEY)
+PT_CFG = PV.PointConfig(batch_points=8, occupancy_res=4, occupancy_samples=1, pool_size=16, min_pool=4)
+PT_OBJ = PV.PointDistill(GRID, CP, OPT, teacher_params=GRID_P, config=PT_CFG)
+PT_STATE = PT_OBJ.init(KEY)
 TK_SCENE = TK.synthetic_tracks(KEY, 4, 6, n_bases=1)
 TK_TRACKS = TK_SCENE.tracks
 TK_OUT = TK.TracksTo4D(1, width=8, depth=1, heads=2, n_freqs=1, rngs=nnx.Rngs(0))(TK_TRACKS)
@@ -258,6 +261,23 @@ SPECS = {
                                                                          (np.zeros((2, 4, 4)), ValueError)]),
              height=A(2, INT_POS), width=A(2, INT_POS), focal=A(2.0, NUM_POS), config=A(PV.PVDConfig(), "str none"),
              regularizer=A(None, "str int1")),
+    "PointConfig": S(lambda **k: PV.PointConfig(**k), batch_points=A(8, INT_POS), occupied_ratio=A(0.75, "str none nan neg big"),
+                     occupancy_res=A(4, INT_POS), occupancy_samples=A(1, INT_POS), occupancy_threshold=A(0.5, NUM_NONNEG),
+                     w_feature=A(1.0, NUM_NONNEG), w_sigma=A(1.0, NUM_NONNEG), w_color=A(1.0, NUM_NONNEG),
+                     density_floor=A(-4.0, NUM_ANY), active_ratio=A(0.0, "str none nan neg big"), pool_size=A(16, INT_POS),
+                     min_pool=A(4, INT_POS, extra=[(32, ValueError)]), pool_jitter=A(0.5, NUM_NONNEG),
+                     inherit_head=A(True, BOOL)),
+    "PointDistill": S(lambda **k: PV.PointDistill(**k), teacher=A(GRID, "none int1"), student=A(CP, FIELD),
+                      optimizer=A(OPT, "str none"), teacher_params=A(GRID_P, "str", extra=[(None, TypeError)]),
+                      config=A(PT_CFG, "str none int1"), regularizer=A(None, "str int1")),
+    "PointDistill.init": S(lambda key: PT_OBJ.init(key), key=A(KEY, KEYK)),
+    "PointDistill.step": S(lambda state, key: PT_OBJ.step(state, key), state=A(PT_STATE, "str none", extra=[((1, 2), TypeError)]),
+                           key=A(KEY, KEYK)),
+    "PointDistill.sample_points": S(lambda key, num: PT_OBJ.sample_points(key, num=num), key=A(KEY, KEYK),
+                                    num=A(4, "str bool float neg zero")),
+    "PointDistill.point_error": S(lambda params, key, num: PT_OBJ.point_error(params, key, num), params=A(CP_P, PARAMS),
+                                  key=A(KEY, KEYK), num=A(4, INT_POS)),
+    "textured_scene": S(SC.textured_scene, texture_freq=A(3.0, NUM_NONNEG), texture_amp=A(0.7, NUM_NONNEG + " big")),
     "PVD.init": S(lambda key, student_params: PVD_OBJ.init(key, student_params), key=A(KEY, KEYK),
                   student_params=A(None, "str", extra=[(GRID_P, ValueError)])),
     "PVD.step": S(PVD_OBJ.step, state=A(PVD_STATE, "str none", extra=[((1, 2), TypeError)]), key=A(KEY, KEYK)),

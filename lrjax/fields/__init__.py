@@ -6,7 +6,9 @@
 * :mod:`lrjax.fields.render` -- rays, sampling, alpha compositing; :mod:`lrjax.fields.scenes` -- procedural
   scenes and ground-truth images; :mod:`lrjax.fields.metrics` -- PSNR / SSIM.
 * :mod:`lrjax.fields.train` -- photometric training of a field on images (the "from scratch" baseline).
-* :mod:`lrjax.fields.pvd` -- PVD / PVD-AL any-to-any distillation (Fang et al. 2023).
+* :mod:`lrjax.fields.pvd` -- PVD / PVD-AL any-to-any distillation (Fang et al. 2023), by rays
+  (:class:`PVD`) or by querying points of the teacher's occupied volume (:class:`PointDistill`, which
+  also takes any callable teacher ``f(x, d) -> (sigma, rgb)``).
 * :mod:`lrjax.fields.tracks` -- TracksTo4D (Kasten et al. 2024): 2-D point tracks to 3-D trajectories in a
   low-rank motion basis plus per-frame cameras (:class:`TracksTo4D`, :func:`tracks_losses`,
   :func:`synthetic_tracks`; geometry helpers in the submodule).
@@ -17,8 +19,9 @@ from lrjax.fields.hashgrid import HashGridField
 from lrjax.fields.metrics import psnr, ssim
 from lrjax.fields.render import (Rays, RenderOutput, composite, look_at, near_far, pinhole_rays,
                              render_image, render_rays, stratified_samples)
+from lrjax.fields.pvd import PVD, PointConfig, PointDistill, PointState, PVDConfig
 from lrjax.fields.scenes import (Scene, SceneData, Shape, dataset_rays, default_scene, fibonacci_poses,
-                             make_dataset, random_poses, random_scene)
+                             make_dataset, random_poses, random_scene, textured_scene)
 from lrjax.fields.plenoxels import SHGridField
 from lrjax.fields import tracks
 from lrjax.fields.tracks import (SyntheticTracks, TracksOutput, TracksTo4D, reprojection_error, synthetic_tracks,
@@ -31,5 +34,6 @@ __all__ = ["Field", "FieldOutput", "FieldFeatures", "factor_list", "MLPField", "
            "positional_encoding", "sh_encoding", "Rays", "RenderOutput", "composite", "look_at",
            "near_far", "pinhole_rays", "render_image", "render_rays", "stratified_samples", "Scene",
            "SceneData", "Shape", "dataset_rays", "default_scene", "fibonacci_poses", "make_dataset",
-           "random_poses", "random_scene", "psnr", "ssim", "tracks", "TracksTo4D", "TracksOutput", "SyntheticTracks",
+           "random_poses", "random_scene", "textured_scene", "psnr", "ssim", "PVD", "PVDConfig", "PointDistill",
+           "PointConfig", "PointState", "tracks", "TracksTo4D", "TracksOutput", "SyntheticTracks",
            "synthetic_tracks", "tracks_losses", "reprojection_error"]

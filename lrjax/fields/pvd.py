@@ -654,7 +654,7 @@ class PointDistill:
         """``(x [B, 3], d [B, 3])`` of one step (B = ``num`` or batch_points; the hard-point pool of
         ``state`` is used when active learning is on)."""
         cfg, bd = self.config, self.bound
-        b = cfg.batch_points if num is None else num
+        b = cfg.batch_points if num is None else check_int(num, "num", low=1)
         n = cfg.occupancy_res
         cell = 2 * bd / n
         ko, kj, ku, kd, kp, kq = jax.random.split(key, 6)

@@ -237,7 +237,15 @@ def make_dataset(scene: Scene | None = None, *, n_train: int = 40, n_test: int =
         return render_rays(scene, rays, bound=scene.bound, n_samples=gt_samples).rgb
 
     def images(poses):
-        return np.stack([np.asarray(render(p)).reshape(height, width, 3) for p in poses])
+        out = np.stack([np.asarray(render(p)).reshape(height, width, 3) for p in poses])
+        if not np.isfinite(out).all():
+            # seen only with XLA_FLAGS=--xla_backend_optimization_level=0: XLA:CPU then miscompiles the box
+            # SDF's forward-mode normals inside this jitted renderer (the same scene is finite evaluated alone)
+            raise FloatingPointError(
+                f"make_dataset: the ground-truth render of this scene gave {int((~np.isfinite(out)).sum())} "
+                "non-finite pixel values; if XLA_FLAGS has --xla_backend_optimization_level=0, remove it "
+                "(XLA:CPU miscompiles the box normals at -O0), or use a scene without boxes")
+        return out
 
     return SceneData(images(train_poses), train_poses, images(test_poses), test_poses, height, width,
                      float(focal), scene.bound)
