@@ -21,7 +21,7 @@ frozen): ``svd+ft`` (cross-entropy only), ``pela`` (PELA: SVD init + CE + per-la
 the frozen teacher with the paper code's defaults, kd_alpha 1; the features are the hidden layers of
 the MLP and every block's output of the transformer), ``welore+ft`` (WeLore's LRC-only
 fine-tuning with CE). Other structures, on the digits MLP's two hidden kernels (the 10-output layer
-stays dense) and on every adapter kernel of the transformer: ``dsformer`` (dense basis ``k`` x
+stays dense) and on every adapter kernel of the transformer (``--quick``: its MLP kernels only): ``dsformer`` (dense basis ``k`` x
 coefficients with ``--ds-s`` nonzeros per output, alternating-least-squares init) and
 ``dsformer+stf`` (then trained with the straight-through factorizer, task loss); ``pq`` (product
 quantization of size-``--vq-m`` subvectors, ``--vq-k`` codewords), ``lr2vq`` (PCA codes of
@@ -245,14 +245,15 @@ def digits_other(args, params, forward, ce, acc, it, total):
     return rows
 
 
-def vq_rows(args, model, params, paths, loss_p, metric, it, total):
+def vq_rows(args, model, params, paths, loss_p, metric, it, total, *, smoke=False):
     """PQ and LR^2VQ rows for the kernels at ``paths`` (matrix view ``[M, N]``, subvectors of size
     ``--vq-m`` along ``M``, ``--vq-k`` codewords): ``pq``; ``lr2vq`` (PCA codes, k-means);
     ``lr2vq+lr`` (the low-rank stage: ``P`` and the codes trained with ``loss_p(params, batch)`` for
     ``--recover-steps``, then k-means); ``lr2vq+dkm`` (from there, DKM fine-tuning: ``P``, the codes and
     the codebook trained through DKM's soft assignments for ``--recover-steps``, then the hard
     assignment; same bytes as ``lr2vq+lr``, whose metric is its ``before``). Quick mode runs DKM for
-    the first ``d`` only."""
+    the first ``d`` only; ``smoke=True`` (the transformer in quick mode) skips the ``pq`` and
+    ``lr2vq+dkm`` rows, whose code the digits rows already smoke-test."""
     from lrjax import axes as axes_lib
     from lrjax import tree as tree_lib
     rows = []
@@ -282,8 +283,9 @@ def vq_rows(args, model, params, paths, loss_p, metric, it, total):
 
     key = jax.random.key(args.seed + 3)
     eye = {n: (jnp.eye(m), lr2vq.to_subvectors(mats[n], m)) for n in paths}
-    rows.append({"model": model, "method": "pq", "setting": f"m={m}, k={k}", "bytes": vq_bytes(m, with_p=False),
-                 "metric": metric(with_kernels(quantized(eye, key)))})
+    if not smoke:
+        rows.append({"model": model, "method": "pq", "setting": f"m={m}, k={k}", "bytes": vq_bytes(m, with_p=False),
+                     "metric": metric(with_kernels(quantized(eye, key)))})
     for j, d in enumerate(args.vq_d):
         lrp = {n: lr2vq.lowrank_init(mats[n], m, d) for n in paths}
         rows.append({"model": model, "method": "lr2vq", "setting": f"m={m}, k={k}, d={d}", "bytes": vq_bytes(d),
@@ -307,7 +309,7 @@ def vq_rows(args, model, params, paths, loss_p, metric, it, total):
         lr_metric = metric(with_kernels(quantized(lrp, key)))
         rows.append({"model": model, "method": "lr2vq+lr", "setting": f"m={m}, k={k}, d={d}",
                      "bytes": vq_bytes(d), "metric": lr_metric})
-        if args.quick and j > 0:
+        if smoke or (args.quick and j > 0):
             continue
         # DKM fine-tuning: start from the k-means codebook above; the temperature of each layer is
         # --dkm-temp x the mean squared distance of the codes to their nearest centroid (held fixed)
@@ -414,7 +416,8 @@ def lm_study(args):
             f = recover(comp, loss, it, args.recover_steps, args.recover_lr)
             rows.append({"model": "char transformer", "method": m, "c": c, "bytes": comp.report.model_bytes_after,
                          "metric": fppl(comp, f), "before": fppl(comp, comp.factors)})
-    rows += lm_other(args, state, apply, lm_loss, ppl, it, ADAPTER_TARGETS, C.tree_bytes(state))
+    other_targets = ADAPTER_TARGETS[1:] if args.quick else ADAPTER_TARGETS  # quick: the MLP kernels only
+    rows += lm_other(args, state, apply, lm_loss, ppl, it, other_targets, C.tree_bytes(state))
     # timing of each rule's compression
     key = jax.random.key(args.seed + 2)
     calls = {
@@ -433,7 +436,8 @@ def lm_study(args):
     return {"teacher": teacher, "bytes": C.tree_bytes(state), "metric": "held-out perplexity", "rows": rows,
             "timing": timing,
             "config": {"d_model": dm, "n_layers": nl, "d_ff": dff, "pretrain_steps": args.lm_steps,
-                       "targets": list(ADAPTER_TARGETS), "calib_tokens": int(calib_ids.size)}}
+                       "targets": list(ADAPTER_TARGETS), "other_targets": list(other_targets),
+                       "calib_tokens": int(calib_ids.size)}}
 
 
 def lm_other(args, state, apply, lm_loss, ppl, it, targets, total):
@@ -472,7 +476,8 @@ def lm_other(args, state, apply, lm_loss, ppl, it, targets, total):
     def loss_p(p, ids):
         return lm_loss(apply(p, ids), ids)
 
-    rows += vq_rows(args, "char transformer", state, paths, loss_p, lambda p: float(ppl(p)), it, total)
+    rows += vq_rows(args, "char transformer", state, paths, loss_p, lambda p: float(ppl(p)), it, total,
+                    smoke=args.quick)
     return rows
 
 
@@ -492,8 +497,9 @@ def table(res) -> str:
                 hit = [x for x in r["rows"] if x.get("c") == c and x["method"] == m]
                 cells.append(f"{hit[0]['metric']:.4g} ({hit[0]['bytes'] / r['bytes']:.2f}x)" if hit else "-")
             lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
-    for key, what, name in (("digits", "fc1, fc2 compressed", "digits MLP"),
-                            ("lm", "every q, k, v, o, fc1, fc2 kernel compressed", "char transformer")):
+    lm_what = ("every q, k, v, o, fc1, fc2 kernel compressed" if len(res["lm"]["config"]["other_targets"]) > 1
+               else "the MLP fc1, fc2 kernels compressed (quick)")
+    for key, what, name in (("digits", "fc1, fc2 compressed", "digits MLP"), ("lm", lm_what, "char transformer")):
         r = res[key]
         lines.append(f"\n**{name}, other structures** ({what}; {r['metric']}; `+dkm`: value before DKM, i.e. "
                      "the `+lr` row, in brackets)\n")
