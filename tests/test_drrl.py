@@ -126,3 +126,39 @@ def test_drrl_transforms_features_and_bad_input():
         attention(q, q, q, causal=1)
     with pytest.raises(ValueError, match="sigma_q and sigma_k"):
         perturbation_bound(jnp.ones(3), jnp.ones(4), 1, 4)
+
+
+def test_reinforce_options_and_log_features():
+    """Entropy bonus = minus the exact mean policy entropy; normalize divides the advantage by its std
+    (so the surrogate is invariant to the reward's affine scale); a state-dependent baseline is allowed;
+    log features map the normalized spectrum to log(max(s, floor)) / log(1 / floor)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(2)
+        N, F, A = 6, 4, 3
+        params = jax.tree.map(lambda x: x + 0.3 * jnp.asarray(rng.normal(size=x.shape)),
+                              policy_init(jax.random.key(1), F, A, 5, dtype=jnp.float64))
+        feats = jnp.asarray(rng.normal(size=(N, F)))
+        acts = jnp.asarray(rng.integers(0, A, N))
+        R = jnp.asarray(rng.normal(size=N))
+        b = jnp.asarray(rng.normal(size=N))
+        p = np.asarray(jax.nn.softmax(policy_logits(params, feats)))
+        lp = np.log(p[np.arange(N), np.asarray(acts)])
+        H = -(p * np.log(p)).sum(-1).mean()
+        adv = np.asarray(R - b)
+        np.testing.assert_allclose(reinforce_loss(params, feats, acts, R, b, entropy=0.3),
+                                   -np.mean(adv * lp) - 0.3 * H, rtol=1e-12)
+        np.testing.assert_allclose(reinforce_loss(params, feats, acts, R, normalize=True),
+                                   reinforce_loss(params, feats, acts, 5.0 * R + 2.0, normalize=True), rtol=1e-6)  # up to the 1e-8 eps
+        np.testing.assert_allclose(reinforce_loss(params, feats, acts, R, normalize=True),
+                                   -np.mean((np.asarray(R) - np.mean(R)) / (np.std(R) + 1e-8) * lp), rtol=1e-9)
+        x = jnp.asarray(rng.normal(size=(2, 5, 3)))
+        lin = np.asarray(segment_features(x, jnp.array([0, 1]), 2))
+        lg = np.asarray(segment_features(x, jnp.array([0, 1]), 2, log=True, floor=1e-4))
+        np.testing.assert_allclose(lg[:, :3], np.log(np.maximum(lin[:, :3], 1e-4)) / np.log(1e4), rtol=1e-10)
+        np.testing.assert_array_equal(lg[:, 3:], lin[:, 3:])
+    with pytest.raises(ValueError, match="entropy"):
+        reinforce_loss(params, feats, acts, R, entropy=-1.0)
+    with pytest.raises(TypeError, match="normalize"):
+        reinforce_loss(params, feats, acts, R, normalize=1)
+    with pytest.raises(ValueError, match="floor"):
+        segment_features(x, jnp.array([0, 1]), 2, log=True, floor=2.0)

@@ -41,7 +41,13 @@ normalized by its Frobenius norm, and the one-hot previous action), softmax over
 on-policy (the paper's epsilon-greedy exploration and safety mask are not used: REINFORCE then stays
 an unbiased on-policy estimator). REINFORCE (Williams 1992): ``L = -mean((R - b) log pi(a | s))``
 with a baseline ``b`` (the mean reward of the batch by default); ``grad L`` is an unbiased estimate of
-``-grad E_pi[R]`` (tested against the exact gradient by enumerating the actions).
+``-grad E_pi[R]`` (tested against the exact gradient by enumerating the actions). Optional [ours]:
+per-batch advantage normalization and an entropy bonus (:func:`reinforce_loss`), log-spectrum
+features (:func:`segment_features` ``log=True``). Why they matter: with the batch-mean baseline the
+advantage is dominated by how easy the *segment* is (reward spread across segments ~0.1) rather
+than by the *action* (spread across actions of one segment ~0.01-0.05), and the linear-scale features
+hide the spectrum's tail; plain REINFORCE then collapses to one safe rank (experiments/drrl_rank.py
+measures both spreads; docs/drrl_rank.md).
 
 All functions are pure (jit/grad/vmap); float32/bfloat16/float64 inputs compute in
 ``promote_types(dtype, float32)``; bad input raises eagerly, naming the argument.
@@ -237,14 +243,24 @@ def drrl_reward(o_full, o_low, rank, pert, *, d_h: int, alpha: float = 1.0, beta
             - gamma * jnp.asarray(pert, dt))
 
 
-def segment_features(x, prev_action, n_actions: int):
+def segment_features(x, prev_action, n_actions: int, *, log: bool = False, floor: float = 1e-6):
     """Policy input per segment: ``sigma(X) / ||X||_F`` (``[..., min(T, d)]``) concatenated with the one-hot
-    previous action (``[..., n_actions]``); ``x`` ``[..., T, d]``, ``prev_action`` integer ``[...]``."""
+    previous action (``[..., n_actions]``); ``x`` ``[..., T, d]``, ``prev_action`` integer ``[...]``.
+
+    ``log=True`` [ours]: the normalized singular values enter as ``log(max(sigma / ||X||_F, floor)) /
+    log(1 / floor)`` (in ``[-1, 0]``), which spreads the tail of the spectrum (the part that decides the
+    rank: ``1e-3`` and ``1e-5`` differ by 0.33 instead of by ~1e-3). Default ``False`` (the original)."""
     x = check_array(x, "x", min_ndim=2, kind="floating")
     n_actions = check_int(n_actions, "n_actions", low=1)
+    log = check_bool(log, "log")
+    floor = check_float(floor, "floor", low=0, low_open=True)
+    if floor >= 1:
+        raise ValueError(f"floor must lie in (0, 1), got {floor}")
     dt = compute_dtype(x.dtype)
     s = jnp.linalg.svd(x.astype(dt), compute_uv=False)
     s = s / jnp.maximum(jnp.linalg.norm(s, axis=-1, keepdims=True), 1e-12)
+    if log:
+        s = jnp.log(jnp.maximum(s, floor)) / math.log(1.0 / floor)
     return jnp.concatenate([s, jax.nn.one_hot(prev_action, n_actions, dtype=dt)], axis=-1)
 
 
@@ -264,14 +280,29 @@ def policy_logits(params, feats):
     return jnp.tanh(feats @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
 
 
-def reinforce_loss(params, feats, actions, rewards, baseline=None):
-    """REINFORCE surrogate ``-mean((R - b) log pi(a | s))`` (gradient = unbiased estimate of
-    ``-grad E_pi[R]``). ``feats`` ``[N, F]``, ``actions`` int ``[N]``, ``rewards`` ``[N]`` (treated as constants),
-    ``baseline`` scalar/``[N]`` or None (= the batch mean reward)."""
+def reinforce_loss(params, feats, actions, rewards, baseline=None, *, normalize: bool = False,
+                   entropy: float = 0.0):
+    """REINFORCE surrogate ``-mean(Adv log pi(a | s)) - entropy * mean(H(pi(. | s)))`` with
+    ``Adv = R - b`` (gradient of the first term = unbiased estimate of ``-grad E_pi[R]`` for any ``b``
+    that does not depend on the action). ``feats`` ``[N, F]``, ``actions`` int ``[N]``, ``rewards`` ``[N]``
+    (treated as constants), ``baseline`` scalar/``[N]`` (e.g. a learned state value ``V(s)``) or None
+    (= the batch mean reward).
+
+    ``normalize=True`` [ours, standard practice]: ``Adv`` is divided by its batch standard deviation
+    (``+ 1e-8``), which makes the step size independent of the reward's scale (the reward differences
+    between ranks are ~1e-2). ``entropy`` >= 0: coefficient of the entropy bonus (anneal it to 0 to keep
+    the final objective the paper's). Defaults reproduce plain REINFORCE."""
     feats = check_array(feats, "feats", min_ndim=1, kind="floating")
     actions = check_array(actions, "actions", kind="integer")
+    normalize = check_bool(normalize, "normalize")
+    if not isinstance(entropy, jax.Array):
+        entropy = check_float(entropy, "entropy", low=0)
     rewards = jax.lax.stop_gradient(jnp.asarray(rewards))
     b = jnp.mean(rewards) if baseline is None else jax.lax.stop_gradient(jnp.asarray(baseline))
+    adv = rewards - b
+    if normalize:
+        adv = adv / (jnp.std(adv) + 1e-8)
     logp = jax.nn.log_softmax(policy_logits(params, feats), axis=-1)
     lp = jnp.take_along_axis(logp, actions[..., None], axis=-1)[..., 0]
-    return -jnp.mean((rewards - b) * lp)
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return -jnp.mean(adv * lp) - entropy * jnp.mean(ent)
