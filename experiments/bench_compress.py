@@ -82,7 +82,13 @@ def parse_args(argv=None):
     p.add_argument("--dkm-iters", type=int, default=3, help="DKM soft k-means rounds per forward")
     p.add_argument("--time-repeats", type=int, default=None, help="default 5 (quick: 1)")
     p.add_argument("--no-progress", action="store_true")
+    for name, what in (("ratios", "digits compression factors c"), ("lm-ratios", "transformer compression factors c"),
+                       ("ds-k", "digits DSFormer basis sizes"), ("lm-ds-k", "transformer DSFormer basis sizes"),
+                       ("vq-d", "LR^2VQ code dimensions")):  # overrides for reduced named runs
+        p.add_argument(f"--{name}", type=float if "ratios" in name else int, nargs="+", default=None,
+                       help=f"{what} (default: the built-in list)")
     a = p.parse_args(argv)
+    given = {k: getattr(a, k) for k in ("ratios", "lm_ratios", "ds_k", "lm_ds_k", "vq_d")}
     for k, (q, full) in dict(digits_steps=(40, 400), lm_steps=(6, 300), recover_steps=(3, 100),
                              time_repeats=(1, 5)).items():
         if getattr(a, k) is None:
@@ -92,6 +98,9 @@ def parse_args(argv=None):
     a.ds_k = [8] if a.quick else [8, 16, 32, 48]
     a.lm_ds_k = [8] if a.quick else [16, 32, 64]
     a.vq_d = [4] if a.quick else [1, 2, 4, 6, 8]
+    for k, v in given.items():
+        if v is not None:
+            setattr(a, k, list(v))
     return a
 
 
