@@ -7,13 +7,20 @@ the all-gathers and reduce-scatters. This module computes those shardings with t
 ``big_vision``'s ``fsdp`` strategy and MaxText/EasyLM-style *partition rules*, so that LoRA
 (:func:`lrjax.factored`) and every :mod:`lrjax.optim` transformation run on a mesh unchanged::
 
-    mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+    from jax.sharding import AxisType
+    mesh = jax.make_mesh((jax.device_count(),), ("fsdp",), axis_types=(AxisType.Auto,))
     p_sh = lrjax.sharding.fsdp_shardings(params, mesh)                # NamedSharding per leaf
     s_sh = lrjax.sharding.opt_state_shardings(tx, params, p_sh)       # follows the params
     params = lrjax.sharding.shard(params, p_sh)                       # host values -> global arrays
     state = jax.jit(tx.init, out_shardings=s_sh)(params)
     step = jax.jit(step, in_shardings=(p_sh, s_sh, x_sh), out_shardings=(p_sh, s_sh, None),
                    donate_argnums=(0, 1))
+
+The mesh axes must be ``AxisType.Auto`` (the compiler places the collectives). Since JAX 0.7
+``jax.make_mesh`` makes *Explicit* axes by default, under which the sharded contractions of the step
+above are ambiguous (``ShardingTypeError``); :func:`fsdp_shardings` therefore refuses a mesh with
+Explicit or Manual axes -- pass ``axis_types=(AxisType.Auto,) * len(axis_names)`` to
+``jax.make_mesh`` (``jax.sharding.Mesh(devices, names)`` is Auto by default).
 
 The FSDP rule (:func:`fsdp_spec`), per leaf of shape ``(d_0, ..., d_{k-1})`` and mesh axis size ``n``:
 
@@ -77,7 +84,15 @@ AxisName = Union[str, Sequence[str]]
 def _check_mesh(mesh, argname: str = "mesh") -> Mesh:
     if not isinstance(mesh, (Mesh, AbstractMesh)):
         raise TypeError(f"{argname} must be a jax.sharding.Mesh (e.g. jax.make_mesh((jax.device_count(),), "
-                        f"('fsdp',))) or an AbstractMesh, got {type(mesh).__name__}")
+                        f"('fsdp',), axis_types=(jax.sharding.AxisType.Auto,))) or an AbstractMesh, got "
+                        f"{type(mesh).__name__}")
+    types = getattr(mesh, "axis_types", None) or ()
+    bad = [(n, t) for n, t in zip(mesh.axis_names, types) if t != jax.sharding.AxisType.Auto]
+    if bad:
+        raise ValueError(f"{argname}: the mesh axes {[n for n, _ in bad]} are {[str(t) for _, t in bad]}, but FSDP "
+                         f"shardings need AxisType.Auto axes (with Explicit axes jax.jit refuses the sharded "
+                         f"contractions as ambiguous); build the mesh with jax.make_mesh(shape, names, "
+                         f"axis_types=(jax.sharding.AxisType.Auto,) * len(names)) or jax.sharding.Mesh(devices, names)")
     return mesh
 
 
@@ -169,9 +184,23 @@ def fsdp_spec(shape, size: int, axis_name: AxisName = "fsdp", *, min_size: int =
 
     Returns:
       ``PartitionSpec()`` (replicated) or ``PartitionSpec(None, ..., axis_name, ...)``.
+
+    Raises:
+      TypeError: ``shape`` not a tuple/list of ints; ``size`` / ``min_size`` not an int; ``axis_name``
+        not a str or a non-empty tuple of str.
+      ValueError: a negative entry of ``shape``; ``size < 1``; ``min_size < 0``.
     """
     size = check_int(size, "size", low=1)
     min_size = _check_min_size(min_size)
+    if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape):
+        raise TypeError(f"shape must be a tuple of ints (an array's .shape), got {_fmt(shape)}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape must have entries >= 0, got {tuple(shape)}; pass the leaf's .shape")
+    names = (axis_name,) if isinstance(axis_name, str) else axis_name
+    if not isinstance(names, (tuple, list)) or not names or not all(isinstance(a, str) for a in names):
+        raise TypeError(f"axis_name must be a mesh axis name (str, e.g. 'fsdp') or a non-empty tuple of them, got "
+                        f"{_fmt(axis_name)}")
     shape = tuple(int(d) for d in shape)
     if not shape or math.prod(shape) < min_size or size == 1:
         return PartitionSpec()
@@ -382,8 +411,17 @@ def shard(tree, shardings):
     addressable shards from its own copy, ``jax.make_array_from_callback``): every process must pass
     the same values, e.g. an init from the same key.
 
+    Args:
+      tree: a pytree of arrays (NumPy, ``jax.Array``, Python scalars); the same values on every process.
+      shardings: a pytree of ``jax.sharding.Sharding`` with the structure of ``tree`` (e.g.
+        :func:`fsdp_shardings`).
+
+    Returns:
+      The pytree of global ``jax.Array`` s (dtype and shape of each leaf kept).
+
     Raises:
-      ValueError: ``shardings`` does not have the structure of ``tree``.
+      ValueError: ``shardings`` does not have the structure of ``tree``; a sharding that does not
+        divide its leaf's shape (the message names the leaf path).
       TypeError: a leaf of ``shardings`` is not a ``jax.sharding.Sharding``.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -397,12 +435,29 @@ def shard(tree, shardings):
             raise TypeError(f"shardings: leaf {_tree.path_str(kp)!r} must be a jax.sharding.Sharding, got "
                             f"{type(s).__name__}")
         host = np.asarray(x)
+        try:
+            s.shard_shape(host.shape)
+        except ValueError:
+            raise ValueError(f"shardings: the sharding {getattr(s, 'spec', s)} of leaf {_tree.path_str(kp)!r} does not "
+                             f"divide its shape {host.shape}; use a spec whose mesh axes divide the sharded "
+                             f"axis, or build the shardings with fsdp_shardings(tree, mesh)") from None
         out.append(jax.make_array_from_callback(host.shape, s, lambda idx, h=host: h[idx]))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def gather(tree):
-    """Full NumPy copies of (possibly sharded, multi-process) arrays, on every process."""
+    """Full NumPy copies of (possibly sharded, multi-process) arrays, on every process.
+
+    Args:
+      tree: a pytree of ``jax.Array`` s (sharded or not, across processes or not); other leaves
+        (NumPy arrays, Python scalars) are converted with ``np.asarray``; ``None`` is an empty subtree.
+
+    Returns:
+      The pytree of ``np.ndarray`` (same structure, shapes and dtypes).
+
+    Raises:
+      Nothing of its own; a leaf ``np.asarray`` cannot convert raises NumPy's error.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     out = []
     for x in leaves:

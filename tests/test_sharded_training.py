@@ -91,6 +91,14 @@ def test_bad_input():
         S.fsdp_shardings(params, MESH, axis_name=0)
     with pytest.raises(ValueError, match="min_size"):
         S.fsdp_shardings(params, MESH, min_size=-1)
+    with pytest.raises(ValueError, match="shape must have entries >= 0"):
+        S.fsdp_spec((-16, 64), 8, min_size=1)
+    for bad in ((16.0, 64), "abc"):
+        with pytest.raises(TypeError, match="shape must be a tuple of ints"):
+            S.fsdp_spec(bad, 8)
+    for bad in (3, None):
+        with pytest.raises(TypeError, match="axis_name must be a mesh axis name"):
+            S.fsdp_spec((16, 64), 8, axis_name=bad, min_size=1)
     small = {"w": ABS((8, 8), jnp.float32)}
     with pytest.raises(ValueError, match="param_shardings must have the tree structure of params"):
         S.opt_state_shardings(optax.adam(1e-3), small, {"v": NamedSharding(MESH, P())})
@@ -101,13 +109,35 @@ def test_bad_input():
 
 
 def test_shard_gather_roundtrip():
-    mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+    mesh = jax.make_mesh((jax.device_count(),), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     tree = {"a": np.arange(24, dtype=np.float32).reshape(8, 3), "b": np.ones(3, np.float32)}
     g = S.shard(tree, S.fsdp_shardings(tree, mesh, min_size=0))
     back = S.gather(g)
     assert all(np.array_equal(back[k], tree[k]) for k in tree)
+    assert S.gather({"n": np.ones(2), "f": 1.5})["f"] == np.float64(1.5)
     with pytest.raises(ValueError, match="shardings must have the tree structure of tree"):
         S.shard(tree, {"a": None})
+    with pytest.raises(ValueError, match=r"mesh: .*Explicit.*axis_types=\(jax.sharding.AxisType.Auto"):
+        S.fsdp_shardings(tree, jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,)))
+    with pytest.raises(ValueError, match=r"shardings: the sharding .* of leaf 'a' does not divide"):
+        S.shard({"a": np.ones(3)}, {"a": NamedSharding(MESH, P("fsdp"))})
+    # the module docstring's recipe, on this process's devices
+    params = {"w1": jnp.full((16, 64), 0.1), "w2": jnp.full((64, 8), 0.1)}
+    tx = optax.adam(1e-2)
+    p_sh = S.fsdp_shardings(params, mesh, min_size=64)
+    s_sh = S.opt_state_shardings(tx, params, p_sh)
+    params = S.shard(params, p_sh)
+    state = jax.jit(tx.init, out_shardings=s_sh)(params)
+
+    def step(p, s, x):
+        g = jax.grad(lambda p: jnp.mean(jnp.tanh(x @ p["w1"]) @ p["w2"]))(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, None
+
+    x_sh = NamedSharding(mesh, P())
+    out = jax.jit(step, in_shardings=(p_sh, s_sh, x_sh), out_shardings=(p_sh, s_sh, None),
+                  donate_argnums=(0, 1))(params, state, jnp.ones((4, 16)))
+    assert np.isfinite(S.gather(out[0])["w1"]).all()
 
 
 # ----------------------------------------------------------------------------- the multi-device run
