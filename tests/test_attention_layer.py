@@ -216,3 +216,17 @@ def test_kda_layer_padding_mask_equals_unpadded(gate="kda"):
         m(x, mask=jnp.ones((2, T + 1), bool))
     with pytest.raises(TypeError, match="mask"):
         m(x, mask=jnp.ones((2, T)))
+    # holes are exact too, and the returned conv windows are the unpadded sequence's (decode continues)
+    hole = jnp.array([[True, True, False, True, True, True, True, True, True]])
+    yh, ch = m(x[:1], mask=hole)
+    yr, cr = m(x[:1, jnp.array([0, 1, 3, 4, 5, 6, 7, 8])])
+    np.testing.assert_allclose(yh[0, hole[0]], yr[0], atol=2e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(ch), jax.tree_util.tree_leaves(cr)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    np.testing.assert_allclose(ca["conv"][0][0], c["conv"][0][0], atol=2e-5)
+    np.testing.assert_allclose(cb["conv"][2][0], c["conv"][2][1], atol=2e-5)
+    # a masked one-token decode step leaves the whole cache (conv windows included) unchanged
+    _, c1 = m(x[:1, :1], cache=ca, mask=jnp.array([[False]]))
+    for a, b in zip(jax.tree_util.tree_leaves(c1), jax.tree_util.tree_leaves(ca)):
+        np.testing.assert_array_equal(a, b)
+    assert m(x.astype(jnp.float16))[0].dtype == jnp.float16

@@ -208,11 +208,14 @@ class KimiDeltaAttention(nnx.Module):
 
         ``mask``: optional ``[B, T]`` bool, True = real token. A padded token neither updates the
         state (its gate ``g`` and ``beta`` are set to 0, an exact no-op of the delta rule) nor feeds
-        the short convolutions (its input row is zeroed; the q/k/v projections have no bias), and
-        its output row is 0. So a left- or right-padded batch gives, at the real tokens, the
-        outputs and final state of the unpadded sequences. [ours] With right padding the returned
-        conv windows hold the padded (zero) rows, so continuing decode from that cache is exact
-        only for left-padded or unpadded rows."""
+        the short convolutions (the real tokens are convolved as one contiguous stream after the
+        cache; the returned conv window is the last ``conv_size - 1`` real inputs), and its output
+        row is 0. So any mask -- left or right padding, holes, a masked one-token decode step --
+        gives, at the real tokens, the outputs, final state and cache of the sequence with the
+        padded tokens removed, and decoding can continue from the returned cache. [ours]
+
+        ``y`` has ``x``'s dtype (compute in float32, rounded once at the end); the cache conv
+        windows have ``x``'s dtype and the state is float32."""
         x = _check_x(x, self.hidden_size)
         B, T, _ = x.shape
         cache = self._check_cache(cache, B)
@@ -225,9 +228,32 @@ class KimiDeltaAttention(nnx.Module):
             x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
         H, K, HV, V = self.num_heads, self.head_dim, self.num_v_heads, self.head_v_dim
         cq, ck, cv = (None, None, None) if cache is None else cache["conv"]
-        q, cq = self.q_conv(self.q_proj(x), cq)
-        k, ck = self.k_conv(self.k_proj(x), ck)
-        v, cv = self.v_conv(self.v_proj(x), cv)
+        if mask is None:
+            q, cq = self.q_conv(self.q_proj(x), cq)
+            k, ck = self.k_conv(self.k_proj(x), ck)
+            v, cv = self.v_conv(self.v_proj(x), cv)
+        else:
+            # [ours] Padded tokens are removed from the convolution stream: the real tokens of each row
+            # are compacted to the front (stable order), convolved after the cache, and gathered back;
+            # the new conv window is the last conv_size - 1 inputs of cache ++ real tokens. So holes,
+            # left/right padding and masked decode steps are all exact (tested).
+            n_real = jnp.sum(mask, axis=1)                                          # [B]
+            order = jnp.argsort(~mask, axis=1, stable=True)                         # real tokens first
+            xc = jnp.take_along_axis(x, order[..., None], axis=1)
+            xc = jnp.where((jnp.arange(T)[None, :] < n_real[:, None])[..., None], xc, jnp.zeros((), x.dtype))
+            back = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)[..., None]         # [B, T, 1]
+            win = n_real[:, None] + jnp.arange(self.conv_size - 1)[None, :]        # [B, w-1]
+
+            def conv(mod, proj, c):
+                p = proj(xc)
+                yc, _ = mod(p, c)
+                c0 = jnp.zeros((B, self.conv_size - 1, p.shape[-1]), p.dtype) if c is None else c.astype(p.dtype)
+                xx = jnp.concatenate([c0, p], axis=1)
+                return jnp.take_along_axis(yc, back, axis=1), jnp.take_along_axis(xx, win[..., None], axis=1)
+
+            q, cq = conv(self.q_conv, self.q_proj, cq)
+            k, ck = conv(self.k_conv, self.k_proj, ck)
+            v, cv = conv(self.v_conv, self.v_proj, cv)
         q = l2_normalize(q.reshape(B, T, H, K))
         k = l2_normalize(k.reshape(B, T, H, K))
         v = v.reshape(B, T, HV, V)
@@ -252,7 +278,7 @@ class KimiDeltaAttention(nnx.Module):
         of = o.astype(jnp.float32)
         of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + self.norm_eps) * self.o_norm_weight[...]
         gate = jax.nn.sigmoid(self.g_proj2(self.g_proj1(x)).astype(jnp.float32)).reshape(B, T, HV, V)
-        y = self.o_proj((of * gate).astype(x.dtype).reshape(B, T, HV * V))
+        y = self.o_proj((of * gate).astype(x.dtype).reshape(B, T, HV * V)).astype(x.dtype)
         if mask is not None:
             y = jnp.where(mask[..., None], y, jnp.zeros((), y.dtype))
         return y, {"conv": (cq, ck, cv), "state": s}
