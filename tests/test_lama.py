@@ -118,3 +118,22 @@ def test_lama_bad_input_named():
         lama_attention(jnp.ones((2, 4, 3), jnp.int32), p, p)
     with pytest.raises(ValueError, match="w2"):
         structured_self_attention(h, jnp.ones((4, 3)), jnp.ones((2, 5)))
+
+
+def test_lama_nan_in_padded_steps_cannot_leak_and_real_nan_refused():
+    h = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4, 3)), jnp.float32)
+    p = jnp.asarray(np.random.default_rng(2).normal(size=(3, 2)), jnp.float32)
+    mask = jnp.array([[True, True, False, False]])
+    hn = h.at[0, 2].set(jnp.nan).at[0, 3].set(jnp.inf)
+    np.testing.assert_array_equal(masked_mean(hn, mask), masked_mean(h, mask))
+    a = lama_attention(hn, p, p, mask=mask)
+    np.testing.assert_array_equal(a, lama_attention(h, p, p, mask=mask))
+    np.testing.assert_array_equal(attention_pool(a, hn), attention_pool(a, h))
+    m, _ = LAMA(3, 2, rngs=nnx.Rngs(0))(hn, mask)
+    assert np.all(np.isfinite(np.asarray(m)))
+    with pytest.raises(ValueError, match="h contains NaN"):
+        lama_attention(hn, p, p, mask=jnp.ones((1, 4), bool))
+    with pytest.raises(ValueError, match="h contains NaN"):
+        masked_mean(hn)
+    with pytest.raises(ValueError, match="h contains NaN"):
+        attention_pool(jnp.ones((1, 2, 4)) / 4, hn)

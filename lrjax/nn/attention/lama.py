@@ -31,6 +31,10 @@ Embedding"): ``A = softmax_t(W_s2 tanh(W_s1 H^T))`` with ``W_s1`` ``[d_a, d]``, 
 Dtypes: float32/bfloat16/float64 inputs; the math runs in ``promote_types(dtype, float32)``, outputs
 are rounded once to ``h``'s dtype. Everything is pure and works under ``jax.jit``/``grad``/``vmap``;
 bad input raises eagerly (TypeError for a wrong kind, ValueError for a wrong value, naming the argument).
+Non-finite values: padded steps (``mask`` False) may hold anything, NaN/Inf included -- they are
+selected out with ``jnp.where``, never multiplied by 0, so they cannot reach a real output (likewise
+``attention_pool`` ignores steps that every head weights 0). A concrete NaN/Inf in a real step raises
+ValueError naming ``h`` (under ``jit`` values are unknown and it propagates).
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lrjax._validation import check_array, check_bool, check_choice, check_int, compute_dtype
+from lrjax._validation import (check_array, check_bool, check_choice, check_finite, check_int, compute_dtype,
+                               is_concrete)
 
 __all__ = ["lama_bilinear", "lama_attention", "masked_mean", "attention_pool", "structured_self_attention",
            "LAMA", "StructuredSelfAttention"]
@@ -63,6 +68,19 @@ def _check_mask(mask, h, name="mask"):
         raise ValueError(f"{name} must have shape {tuple(h.shape[:-1])} (h's leading axes [..., T]), "
                          f"got {tuple(mask.shape)}")
     return mask
+
+
+def _check_real_finite(h, mask, name="h"):
+    """Refuse concrete NaN/Inf in the real (unpadded) steps of ``h``; padded steps may hold anything."""
+    if mask is None:
+        return check_finite(h, name)
+    if is_concrete(h) and is_concrete(mask):
+        with jax.ensure_compile_time_eval():
+            ok = bool(jnp.all(jnp.isfinite(h) | ~mask[..., None]))
+        if not ok:
+            raise ValueError(f"{name} contains NaN or Inf in a real (unpadded) step; lrjax does not propagate "
+                             "non-finite inputs silently: clean the input first (padded steps may hold anything)")
+    return h
 
 
 def _check_pq(p, q, d):
@@ -106,6 +124,7 @@ def masked_mean(h, mask=None):
     ``mask`` ``[..., T]`` bool or None. Returns ``[..., d]`` (zeros for a fully padded sequence)."""
     h = _check_h(h)
     mask = _check_mask(mask, h)
+    _check_real_finite(h, mask)
     dt = compute_dtype(h.dtype)
     return _masked_mean(h.astype(dt), mask).astype(h.dtype)
 
@@ -113,8 +132,15 @@ def masked_mean(h, mask=None):
 def _masked_mean(h, mask):
     if mask is None:
         return jnp.mean(h, axis=-2)
-    w = mask.astype(h.dtype)[..., None]
-    return jnp.sum(h * w, axis=-2) / jnp.maximum(jnp.sum(w, axis=-2), 1.0)
+    w = mask[..., None]
+    n = jnp.sum(mask, axis=-1, keepdims=True).astype(h.dtype)
+    return jnp.sum(jnp.where(w, h, jnp.zeros((), h.dtype)), axis=-2) / jnp.maximum(n, 1.0)
+
+
+def _pool(a, h):
+    """``a @ h`` where a step no head attends to (all weights 0, e.g. padded) cannot leak NaN/Inf."""
+    dead = jnp.all(a == 0, axis=-2)[..., None]                  # [..., T, 1]
+    return a @ jnp.where(dead, jnp.zeros((), h.dtype), h)
 
 
 def _masked_softmax_t(logits, mask):
@@ -145,10 +171,12 @@ def lama_attention(h, p, q, c=None, mask=None, *, normalize: bool = True):
     mask = _check_mask(mask, h)
     normalize = check_bool(normalize, "normalize")
     p, q = _check_pq(p, q, h.shape[-1])
+    _check_real_finite(h, mask)
     if c is not None:
         c = check_array(c, "c", kind="floating")
         if tuple(c.shape) != tuple(h.shape[:-2]) + (h.shape[-1],):
             raise ValueError(f"c must have shape {tuple(h.shape[:-2]) + (h.shape[-1],)}, got {tuple(c.shape)}")
+        check_finite(c, "c")
     dt = compute_dtype(h.dtype, p.dtype, q.dtype, *(() if c is None else (c.dtype,)))
     hc = h.astype(dt)
     cc = _masked_mean(hc, mask) if c is None else c.astype(dt)
@@ -162,8 +190,15 @@ def attention_pool(a, h):
     if a.shape[-1] != h.shape[-2] or a.shape[:-2] != h.shape[:-2]:
         raise ValueError(f"a must have shape [..., m, T] = [{', '.join(map(str, h.shape[:-2]))}, m, {h.shape[-2]}] "
                          f"to match h {tuple(h.shape)}, got {tuple(a.shape)}")
+    check_finite(a, "a")
+    if is_concrete(a) and is_concrete(h):
+        with jax.ensure_compile_time_eval():
+            ok = bool(jnp.all(jnp.isfinite(h) | jnp.all(a == 0, axis=-2)[..., None]))
+        if not ok:
+            raise ValueError("h contains NaN or Inf in a step with nonzero weight in a; lrjax does not propagate "
+                             "non-finite inputs silently: clean the input first (steps with weight 0 may hold anything)")
     dt = compute_dtype(a.dtype, h.dtype)
-    return (a.astype(dt) @ h.astype(dt)).astype(h.dtype)
+    return _pool(a.astype(dt), h.astype(dt)).astype(h.dtype)
 
 
 def structured_self_attention(h, w1, w2, mask=None):
@@ -180,6 +215,7 @@ def structured_self_attention(h, w1, w2, mask=None):
         raise ValueError(f"w1 must have shape [d_a, d] with d = {h.shape[-1]} (h's width), got {tuple(w1.shape)}")
     if w2.shape[1] != w1.shape[0]:
         raise ValueError(f"w2 must have shape [r, d_a] with d_a = {w1.shape[0]} (w1's rows), got {tuple(w2.shape)}")
+    _check_real_finite(h, mask)
     dt = compute_dtype(h.dtype, w1.dtype, w2.dtype)
     return _ssa(h.astype(dt), w1.astype(dt), w2.astype(dt), mask).astype(h.dtype)
 
@@ -215,12 +251,13 @@ class LAMA(nnx.Module):
         if h.shape[-1] != self.d:
             raise ValueError(f"h must have width d = {self.d} on its last axis, got shape {tuple(h.shape)}")
         mask = _check_mask(mask, h)
+        _check_real_finite(h, mask)
         dt = compute_dtype(h.dtype, self.p.value.dtype)
         hc = h.astype(dt)
         c = (_masked_mean(hc, mask) if self.c is None
              else jnp.broadcast_to(self.c.value.astype(dt), h.shape[:-2] + (self.d,)))
         a = _lama_weights(hc, c, self.p.value.astype(dt), self.q.value.astype(dt), mask, self.normalize)
-        return (a @ hc).astype(h.dtype), a.astype(h.dtype)
+        return _pool(a, hc).astype(h.dtype), a.astype(h.dtype)
 
 
 class StructuredSelfAttention(nnx.Module):
@@ -244,7 +281,8 @@ class StructuredSelfAttention(nnx.Module):
         if h.shape[-1] != self.d:
             raise ValueError(f"h must have width d = {self.d} on its last axis, got shape {tuple(h.shape)}")
         mask = _check_mask(mask, h)
+        _check_real_finite(h, mask)
         dt = compute_dtype(h.dtype, self.w1.value.dtype)
         hc = h.astype(dt)
         a = _ssa(hc, self.w1.value.astype(dt), self.w2.value.astype(dt), mask)
-        return (a @ hc).astype(h.dtype), a.astype(h.dtype)
+        return _pool(a, hc).astype(h.dtype), a.astype(h.dtype)
