@@ -163,3 +163,5 @@ def test_layerwise_bad_input():
         step(params, tx.init(params), *batch)
     with pytest.raises(TypeError, match="loss_fn"):
         layerwise_step(lambda p, x, y: jnp.zeros(3), tx)(params, layerwise_init(tx, params), *batch)
+    with pytest.raises(TypeError, match=r"pair \(loss, aux\) with has_aux=True"):
+        layerwise_step(loss, tx, has_aux=True)(params, layerwise_init(tx, params), *batch)

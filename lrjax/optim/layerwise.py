@@ -104,7 +104,21 @@ def _check_params(params, argname="params"):
 
 
 def layerwise_init(tx, params) -> LayerwiseState:
-    """``LayerwiseState`` with ``tx.init`` of every leaf on its own (``tx``: see module doc)."""
+    """``LayerwiseState`` with ``tx.init`` of every leaf on its own (``tx``: see module doc).
+
+    Args:
+      tx: a per-leaf optax ``GradientTransformation`` (the one given to :func:`layerwise_step`).
+      params: the pytree of floating arrays to train (the params given to the step).
+
+    Returns:
+      ``LayerwiseState(leaves)``: ``leaves`` has the structure of ``params`` and holds, at each leaf
+      path ``p``, ``tx.init({p: leaf})`` (nested dicts keyed by the path's components).
+
+    Raises:
+      TypeError: ``tx`` without ``init``/``update``; a non-array or integer leaf of ``params``.
+      ValueError: whatever ``tx.init(params)`` refuses for the whole tree (e.g. a GaLore
+        ``targets`` pattern that matches no leaf).
+    """
     _check_tx(tx)
     flat = _check_params(params)
     treedef = jax.tree_util.tree_structure(params)
@@ -130,6 +144,22 @@ def layerwise_update(tx, grads, state: LayerwiseState, params=None):
     ``updates`` at ``p`` is ``tx.update({p: G_p}, state_p, {p: W_p})``'s; this is what
     :func:`layerwise_step` computes inside the backward pass, here from given gradients (e.g. to
     compare with the whole-tree ``tx.update``).
+
+    Args:
+      tx: the per-leaf transformation the state was made with.
+      grads: gradients, a pytree of floating arrays with the params' structure.
+      state: the ``LayerwiseState`` from :func:`layerwise_init` (or a previous update).
+      params: the current params (same structure), handed to ``tx.update`` leaf by leaf; ``None``
+        (default) hands ``None`` to every leaf's ``tx.update``, which is fine for transformations that
+        do not read the params (Adam, GaLore) and an optax error for those that do (weight decay).
+
+    Returns:
+      ``(updates, new_state)``: updates with the structure of ``grads`` and the new ``LayerwiseState``.
+
+    Raises:
+      TypeError: ``tx`` not a transformation; a non-floating leaf of ``grads``; ``state`` not a
+        ``LayerwiseState``.
+      ValueError: ``state`` without the structure of ``grads``.
     """
     _check_tx(tx)
     flat_g = _check_params(grads, "grads")
@@ -284,9 +314,14 @@ def layerwise_step(loss_fn: Callable, tx, *, has_aux: bool = False, scan_layers:
       ``optax.apply_updates(params, u)`` with ``(u, new_state) = layerwise_update(tx, grads,
       state, params)``.
 
+    Note: ``tx`` is applied to each leaf alone, so a transformation that couples leaves acts per
+    leaf: ``optax.clip_by_global_norm(c)`` clips each leaf's gradient to norm ``c`` (a per-leaf
+    clip), not the global norm of all gradients.
+
     Raises:
       TypeError: ``loss_fn`` not callable, ``tx`` not a transformation, non-bool flags, integer
-        params, or a non-scalar / non-floating loss (at the first call).
+        params, a non-scalar / non-floating loss, or (with ``has_aux=True``) a loss that does not
+        return a ``(loss, aux)`` pair (at the first call).
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable loss_fn(params, *args) -> loss, got {type(loss_fn).__name__}")
@@ -311,6 +346,9 @@ def layerwise_step(loss_fn: Callable, tx, *, has_aux: bool = False, scan_layers:
             return loss_fn(ps, *jax.tree_util.tree_unflatten(a_def, xs[len(leaves):]))
 
         closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*leaves, *a_leaves)
+        if has_aux and not (isinstance(out_shape, (tuple, list)) and len(out_shape) == 2):
+            raise TypeError(f"loss_fn must return a pair (loss, aux) with has_aux=True, got "
+                            f"{type(out_shape).__name__} {out_shape}; return (loss, aux) or pass has_aux=False")
         loss_shape = out_shape[0] if has_aux else out_shape
         if not hasattr(loss_shape, "shape") or loss_shape.shape != () or \
                 not jnp.issubdtype(loss_shape.dtype, jnp.floating):
