@@ -1,4 +1,5 @@
 """PVD / PVD-AL: losses fall stage by stage, any-to-any conversion, active learning, errors."""
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -281,3 +282,33 @@ def test_point_distill_active_and_errors():
         P.PointConfig(pool_size=8, min_pool=16)
     with pytest.raises(TypeError, match="state"):
         d.step((st.params,), jax.random.key(0))
+
+
+def test_point_distill_refuses_bad_teacher_floor_head_and_inputs():
+    opt = make_optimizer(1e-2, 10)
+    cs = P.PointConfig(batch_points=8, occupancy_res=2, occupancy_samples=1, pool_size=8, min_pool=4)
+    s = L.GridField(resolution=2, geo_dim=2, color_hidden=4)
+    fn = lambda x, d: (jnp.exp(-jnp.sum(x * x, -1)), jax.nn.sigmoid(x))  # noqa: E731
+    with pytest.raises(ValueError, match="teacher returned NaN"):
+        P.PointDistill(lambda x, d: (jnp.where(x[:, 0] > 0, jnp.nan, 1.0), jax.nn.sigmoid(x)), s, opt, config=cs)
+    with pytest.raises(ValueError, match="density_floor"):
+        P.PointDistill(fn, s, opt, config=dataclasses.replace(cs, density_floor=100.0))
+    t = L.GridField(resolution=2, geo_dim=2, color_hidden=8)
+    tp = L.init_field(t, jax.random.key(1))
+    with pytest.raises(ValueError, match="inherit_head"):
+        P.PointDistill(t, s, opt, teacher_params=tp, config=cs)
+    assert not P.PointDistill(t, s, opt, teacher_params=tp, config=dataclasses.replace(cs, inherit_head=False)).use_features
+    d = P.PointDistill(fn, s, opt, config=cs, regularizer=lambda p: jnp.ones(3))
+    with pytest.raises(TypeError, match="regularizer"):
+        d.init(jax.random.key(0))
+    with pytest.raises(TypeError, match="key"):
+        d.sample_points(0)
+    sp = L.init_field(s, jax.random.key(0))
+    x = jnp.zeros((4, 3))
+    with pytest.raises(TypeError, match="x"):
+        d.losses(sp, x.astype(jnp.int32), x)
+    for bad in (jnp.zeros(3), jnp.zeros((0, 3))):
+        with pytest.raises(ValueError, match="x must have shape"):
+            d.losses(sp, bad, bad)
+    with pytest.raises(ValueError, match="x and d"):
+        d.losses(sp, x, x[:2])

@@ -85,7 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lrjax._validation import check_bool, check_choice, check_float, check_int
+from lrjax._validation import check_array, check_bool, check_choice, check_float, check_int
 from lrjax.fields.fields import (Field, FieldOutput, _check_key, _check_variables, _pos_float, _pos_int,
                                  check_compatible, init_field)
 from lrjax.fields.render import Rays, _check_poses, composite, near_far, stratified_samples
@@ -453,12 +453,15 @@ class PointConfig:
     w_feature, w_sigma, w_color: weights of the geometry-feature term (only with a Field teacher
       whose colour head the student shares), the log-density term and the point-colour term.
     density_floor: log-densities below it count as empty (both raised to it, as in :class:`PVDConfig`);
-      point colours and features are compared only where the teacher is above it.
+      point colours and features are compared only where the teacher is above it. Must be below the
+      student's ``density_clip`` maximum (else every loss is 0; :class:`PointDistill` raises ValueError).
     active_ratio, pool_size, min_pool, pool_jitter: point-level active learning (PVD-AL's "point"
       level moved to point queries): the ``active_ratio`` fraction of each batch with the largest
       error enters a ring pool; once it holds ``min_pool`` points, that fraction of every batch is
       re-drawn from the pool, moved by ``N(0, (pool_jitter * cell)^2)``. ``active_ratio=0``: off.
-    inherit_head: copy the teacher's colour head into the student (Field teachers only).
+    inherit_head: copy the teacher's colour head into the student (Field teachers only). A student
+      whose colour head differs in shape (e.g. another ``color_hidden``) is refused with ValueError;
+      with ``inherit_head=False`` such a pair trains without the feature term.
     """
 
     batch_points: int = 16384
@@ -495,7 +498,8 @@ class PointConfig:
 
 
 class PointState(NamedTuple):
-    """Student parameters, optimiser state, step and the hard-point pool ``[pool_size, 3]``."""
+    """Student parameters, optimiser state, step and the hard-point pool ``[pool_size, 3]`` (a dummy
+    ``[1, 3]`` when active learning is off, ``active_ratio=0``), with its fill ``size`` and write ``ptr``."""
 
     params: dict
     opt_state: tuple
@@ -574,9 +578,20 @@ class PointDistill:
     tolerance. It does not see occlusion, so a student with too little capacity spends it
     uniformly over the occupied volume rather than on visible surfaces.
 
-    ``optimizer``: an optax transformation. ``regularizer``: optional ``reg(student_params) -> scalar``.
+    ``optimizer``: an optax transformation. ``regularizer``: optional ``reg(student_params) -> scalar``
+    (a floating scalar; anything else raises TypeError at :meth:`init`). ``key``: the occupancy probe's
+    PRNG key (default None = ``jax.random.key(0)``).
+
+    A callable teacher's ``sigma`` is checked for shape and finiteness only (on the occupancy probe,
+    which refuses NaN/Inf in any output with ValueError naming ``teacher``); a negative ``sigma`` reads
+    as empty (log-density floored). A Field teacher must be compatible with the student
+    (:func:`~lrjax.fields.fields.check_compatible`: e.g. the same ``geo_dim`` when both have a colour
+    head) even with ``inherit_head=False``; to distil across differing feature sizes, pass the teacher
+    as a callable ``lambda x, d: teacher.apply(teacher_params, x, d)`` (no feature term then).
+
     Raises ``TypeError`` for a teacher that is not a Field/callable or returns non-arrays, and
-    ``ValueError`` for wrong output shapes or a mismatched Field pair.
+    ``ValueError`` for wrong output shapes, a non-finite teacher output, a mismatched Field pair,
+    ``density_floor`` not below the student's clip maximum or an un-inheritable colour head.
     """
 
     def __init__(self, teacher, student: Field, optimizer, *, teacher_params=None,
@@ -611,6 +626,24 @@ class PointDistill:
             self._tfn = teacher
             self.use_features = False
         self.teacher, self.student, self.optimizer, self.config = teacher, student, optimizer, config
+        lo, hi = student.density_clip
+        if not config.density_floor < hi:
+            raise ValueError(f"config.density_floor={config.density_floor} must be below the student's density_clip "
+                             f"maximum {hi} (log-densities are clipped to density_clip={tuple(student.density_clip)}, "
+                             "so every point would count as empty and every loss would be 0): lower density_floor")
+        if self.tparams is not None and self.use_features:
+            sshape = jax.eval_shape(lambda: init_field(student, jax.random.key(0)))["params"]
+            tshape = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tparams["params"])
+            bad = [k for k in tshape if k.startswith("color")
+                   and (k not in sshape or jax.tree.map(jnp.shape, sshape[k]) != jax.tree.map(jnp.shape, tshape[k]))]
+            if bad:
+                if config.inherit_head:
+                    raise ValueError(f"inherit_head=True but the student's colour head differs from the teacher's "
+                                     f"(mismatched {', '.join(sorted(bad))}, e.g. a different color_hidden): the head "
+                                     "cannot be copied and the feature term would compare unrelated feature spaces; "
+                                     "give the student the teacher's head sizes or set PointConfig(inherit_head=False) "
+                                     "(then the feature term is skipped)")
+                self.use_features = False                   # heads not shared: no feature term
         self.regularizer = regularizer
         self.bound = float(student.bound)
         key = jax.random.key(0) if key is None else _check_key(key)
@@ -634,9 +667,18 @@ class PointDistill:
         def dens(k):
             x = base + jax.random.uniform(k, base.shape) * cell
             d = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0]), x.shape)
-            return jax.lax.stop_gradient(self._teacher(x, d)[0])
+            sigma, rgb, feat = _teacher_outputs(self._tfn(x, d), x.shape[:-1])
+            ok = jnp.all(jnp.isfinite(sigma)) & jnp.all(jnp.isfinite(rgb))
+            if feat is not None:
+                ok = ok & jnp.all(jnp.isfinite(feat))
+            return jax.lax.stop_gradient(self._teacher(x, d)[0]), ok
 
-        smax = np.max([np.asarray(dens(k)) for k in jax.random.split(key, cfg.occupancy_samples)], axis=0)
+        outs = [dens(k) for k in jax.random.split(key, cfg.occupancy_samples)]
+        if not all(bool(ok) for _, ok in outs):
+            raise ValueError("teacher returned NaN or Inf (sigma, rgb or feature) at some occupancy-probe points "
+                             "in [-bound, bound]^3; distilling it would train on loss=nan: fix the teacher (or its "
+                             "teacher_params) so it is finite everywhere in the box")
+        smax = np.max([np.asarray(s_) for s_, _ in outs], axis=0)
         occ = (np.exp(smax) >= cfg.occupancy_threshold).reshape(n, n, n)
         for ax in range(3):                                   # dilate by one cell: separable 3x3x3 max
             occ = occ | (np.roll(occ, 1, ax) & _not_wrapped(n, ax, 1)) | (np.roll(occ, -1, ax) & _not_wrapped(n, ax, -1))
@@ -653,6 +695,8 @@ class PointDistill:
     def sample_points(self, key, state: PointState | None = None, num: int | None = None):
         """``(x [B, 3], d [B, 3])`` of one step (B = ``num`` or batch_points; the hard-point pool of
         ``state`` is used when active learning is on)."""
+        if not (isinstance(key, jax.core.Tracer) or _is_typed_key(key)):
+            _check_key(key)
         cfg, bd = self.config, self.bound
         b = cfg.batch_points if num is None else check_int(num, "num", low=1)
         n = cfg.occupancy_res
@@ -684,13 +728,26 @@ class PointDistill:
             _check_variables(self.student, student_params, "student_params")
         if self.tparams is not None and self.config.inherit_head:
             student_params = inherit_head(self.tparams, student_params)
+        if self.regularizer is not None:
+            r = jax.eval_shape(self.regularizer, student_params)
+            if not (hasattr(r, "shape") and r.shape == () and jnp.issubdtype(r.dtype, jnp.floating)):
+                raise TypeError(f"regularizer must return a floating scalar reg(student_params) -> [], got "
+                                f"{getattr(r, 'shape', type(r).__name__)} {getattr(r, 'dtype', '')}")
         n = self.config.pool_size if self.config.active_ratio > 0 else 1
         return PointState(student_params, self.optimizer.init(student_params), jnp.int32(0),
                           jnp.zeros((n, 3)), jnp.int32(0), jnp.int32(0))
 
     def losses(self, params, x, d):
-        """Per-term losses (dict) and the per-point error ``[B]`` at points ``x`` / directions ``d``."""
+        """Per-term losses (dict) and the per-point error ``[B]`` at points ``x`` ``[B, 3]`` / directions
+        ``d`` ``[B, 3]`` (floating, B >= 1). Raises TypeError for a non-floating ``x``/``d`` and ValueError
+        for other shapes."""
         cfg = self.config
+        for v, nm in ((x, "x"), (d, "d")):
+            check_array(v, nm, kind="floating")
+            if v.ndim != 2 or v.shape[-1] != 3 or v.shape[0] < 1:
+                raise ValueError(f"{nm} must have shape [B, 3] with B >= 1 points, got {tuple(v.shape)}")
+        if x.shape != d.shape:
+            raise ValueError(f"x and d must have the same shape [B, 3], got x {tuple(x.shape)} and d {tuple(d.shape)}")
         ts, trgb, tfeat = jax.tree.map(jax.lax.stop_gradient, self._teacher(x, d))
         s = self.student.apply(params, x, d if self.student.view_dependent else None)
         f = cfg.density_floor
