@@ -136,7 +136,13 @@ def default_scene() -> Scene:
 
 def textured_scene(texture_freq: float = 3.0, texture_amp: float = 0.7) -> Scene:
     """Three spheres and a box with a solid sine texture (``texture_freq`` cycles per unit, contrast
-    ``texture_amp``): the "from scratch is slow" scene of ``experiments/bench_pvd.py``."""
+    ``texture_amp``): the "from scratch is slow" scene of ``experiments/bench_pvd.py``.
+
+    Args: ``texture_freq`` >= 0 (float, default 3.0); ``texture_amp`` in ``[0, 1]`` (float, default
+    0.7; 0 = untextured albedo). Raises TypeError for a non-number and ValueError outside those ranges.
+    Returns a :class:`Scene`, itself a callable field ``scene(x [N, 3], d [N, 3] or None) ->
+    FieldOutput`` (sigma [N], rgb [N, 3]), so it can be passed directly as a
+    :class:`~lrjax.fields.pvd.PointDistill` teacher ``f(x, d)`` or rendered."""
     check_float(texture_freq, "texture_freq", low=0.0)
     check_float(texture_amp, "texture_amp", low=0.0, high=1.0)
     return Scene((Shape("sphere", (-0.35, 0.0, 0.0), 0.40, (0.9, 0.25, 0.2)),
