@@ -144,6 +144,8 @@ def test_errors():
     pc = mc.init(jax.random.key(0), jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match=r"categorical inputs must lie in \[0, 5\)"):
         mc.apply(pc, jnp.array([0, 5]))
+    with pytest.raises(ValueError, match=r"rank mismatch: modes has rank 2 but this SNA has rank=8"):
+        SNA(in_dim=2).apply(p, jnp.zeros((2,)))
 
 
 # --------------------------------------------------------------------------- fitting (issue 17)

@@ -189,9 +189,23 @@ def _check_variables(module, variables, name="params"):
         if not isinstance(v, (jax.Array, np.ndarray, jax.core.Tracer)):
             raise TypeError(f"{name}: entry {'/'.join(k)} must be an array, got {type(v).__name__}")
         if tuple(v.shape) != tuple(e.shape):
-            raise ValueError(f"{name} do not match {type(module).__name__}: {'/'.join(k)} has shape "
-                             f"{tuple(v.shape)}, expected {tuple(e.shape)} (a batch from "
-                             f"init_field(..., num=n) needs jax.vmap)")
+            vs, es, cls = tuple(v.shape), tuple(e.shape), type(module).__name__
+            rank = getattr(module, "rank", None)
+            ranked = [(kk, tuple(got_flat[kk].shape)) for kk, ee in exp_flat.items()
+                      if isinstance(rank, int) and not isinstance(rank, bool) and kk in got_flat
+                      and hasattr(got_flat[kk], "shape") and len(got_flat[kk].shape) == len(ee.shape) >= 2
+                      and tuple(got_flat[kk].shape[:-1]) == tuple(ee.shape[:-1]) and ee.shape[-1] == rank
+                      and got_flat[kk].shape[-1] != rank]
+            if len(vs) == len(es) + 1 and vs[1:] == es:
+                hint = "a batch of params from init_field(..., num=n) needs jax.vmap over its leading axis"
+            elif ranked:
+                r = ranked[0][1][-1]
+                hint = (f"rank mismatch: {'/'.join(ranked[0][0])} has rank {r} but this {cls} has rank={rank}; use "
+                        f"{cls}(..., rank={r}) (or grow the params with lrjax.nn.sna.grow_rank)")
+            else:
+                hint = (f"the params were made for another configuration of {cls}; pass the params from "
+                        f"init_field(field, key) / {cls}.init for this configuration")
+            raise ValueError(f"{name} do not match {cls}: {'/'.join(k)} has shape {vs}, expected {es} ({hint})")
         if not jnp.issubdtype(v.dtype, jnp.floating):
             raise TypeError(f"{name}: entry {'/'.join(k)} must be a floating-point array, got {v.dtype}")
 

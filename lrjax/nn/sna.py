@@ -387,7 +387,18 @@ def fit_als(model, params, xs, ys, *, iters: int = 20, ridge: float = 0.0):
     ``promote_types(params, xs, ys, float32)``; use float64 via ``jax.experimental.enable_x64`` to
     reach float64 tolerance) and ``history = {'loss': [iters + 1]}`` (MSE before and after each sweep,
     non-increasing up to rounding for ``ridge = 0``). Pure and jit-compiled; works inside ``jax.jit``
-    (``model``, ``iters``, ``ridge`` static). ``TypeError`` / ``ValueError`` name the bad argument.
+    (``model``, ``iters``, ``ridge`` static). The rank is the model's ``rank``, a Python int (static:
+    it fixes shapes, it cannot be traced).
+
+    Raises:
+      TypeError: ``model`` not an :class:`SNA`; ``params`` not its ``{'params': ...}``; ``xs`` not a
+        floating (bspline) / integer (categorical) array; non-int ``iters``, non-float ``ridge``.
+      ValueError: ``params`` of another configuration (e.g. another rank); ``xs`` not
+        ``[N >= 1, in_dim]``; ``ys`` not ``[N, out_dim]``; ``iters < 1``; ``ridge < 0``; and, **only
+        for concrete (non-traced) inputs**, NaN/Inf in ``xs``/``ys`` or ``xs`` outside ``[0, 1]``
+        (bspline) / ``[0, num_basis)`` (categorical). Under ``jax.jit`` these value checks are
+        skipped: NaN propagates, out-of-range bspline inputs are clipped to ``[0, 1]`` and out-of-range
+        category ids get an all-zero one-hot.
     """
     _check_model(model, params)
     xs, ys = _check_data(model, xs, ys)
@@ -405,6 +416,15 @@ def fit_adam(model, params, xs, ys, *, steps: int = 1000, learning_rate: float =
     ``key`` is required to sample batches with replacement). Returns ``(params, history)`` with
     ``history = {'loss': [steps]}`` (the minibatch MSE before each update) and ``'final'`` (full-data
     MSE of the returned params). One ``lax.scan``, jit-compiled; inputs as :func:`fit_als`.
+    Minibatches draw ``batch_size`` indices uniformly *with replacement* each step, so a
+    ``batch_size`` larger than ``N`` is allowed (it repeats samples). The data checks on values (NaN,
+    range) run only on concrete inputs, as in :func:`fit_als` (skipped under ``jax.jit``).
+
+    Raises:
+      TypeError: as :func:`fit_als`; ``optimizer`` not an optax ``GradientTransformation``; a
+        non-int ``steps`` / ``batch_size``; ``key`` not a PRNG key when ``batch_size`` is given.
+      ValueError: as :func:`fit_als` (params, shapes, concrete values); ``steps < 1``;
+        ``learning_rate <= 0`` (when ``optimizer`` is None); ``batch_size < 1``.
     """
     _check_model(model, params)
     xs, ys = _check_data(model, xs, ys)
@@ -454,7 +474,13 @@ def grow_rank(model, params, new_rank: int, *, key):
 
     New mode weights are drawn like ``SNA.init`` (``mode_mean + init_scale N(0, 1)``) and their head
     weights are zero, so the new model computes exactly the same function; training then uses them.
-    ``new_rank`` must be ``>= model.rank``."""
+    ``new_rank`` must be ``>= model.rank`` (a Python int: it fixes shapes).
+
+    Raises:
+      TypeError: ``model`` not an :class:`SNA`; ``params`` not its ``{'params': ...}``; ``new_rank``
+        not an int; ``key`` not a PRNG key.
+      ValueError: ``params`` of another configuration; ``new_rank < model.rank`` or ``< 1``.
+    """
     _check_model(model, params)
     new_rank = _pos_int(new_rank, "new_rank")
     if new_rank < model.rank:
@@ -485,6 +511,16 @@ def fit_rank_schedule(model, xs, ys, *, ranks, key, method: str = "als", iters: 
     ``tol >= 0``: stop after the first stage whose final MSE is ``<= tol``.
     Returns ``(model, params, history)`` with the final model, its params and ``history =
     {'ranks': [...], 'loss': [final MSE per stage], 'curves': [per-stage loss arrays]}``.
+    The ranks are Python ints (each stage compiles its own program); the data's value checks run
+    on concrete inputs only (:func:`fit_als`).
+
+    Raises:
+      TypeError: ``model`` not an :class:`SNA`; ``ranks`` not a tuple/list of ints; ``key`` not a
+        PRNG key; non-numeric ``tol`` / ``iters`` / ``steps`` / ``learning_rate`` / ``ridge``; bad
+        ``xs`` / ``ys`` kinds (:func:`fit_als`).
+      ValueError: empty or decreasing ``ranks`` or a rank ``< 1``; ``method`` not 'als'/'adam';
+        ``tol < 0``; ``iters < 0``; ``steps < 1``; ``learning_rate <= 0``; ``ridge < 0``; bad data
+        shapes or (concrete) values.
     """
     if not isinstance(model, SNA):
         raise TypeError(f"model must be an SNA module (e.g. SNA(in_dim=3, rank=4)), got {type(model).__name__}")
