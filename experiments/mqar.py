@@ -1,6 +1,7 @@
 """Synthetic MQAR (multi-query associative recall): KDA vs GDN vs softmax vs plain linear attention.
 
-    python experiments/mqar.py --out results/attention    # minutes on 2 CPU cores
+    python experiments/mqar.py --out results/attention    # "basic" setting, minutes on 2 CPU cores
+    python experiments/mqar.py --setting hard --out results/mqar/hard   # capacity-limited setting
     python experiments/mqar.py --quick                    # smoke test
 
 Task (Zoology's MQAR, Arora et al. 2023, in a simple form): a sequence starts with ``--pairs``
@@ -15,9 +16,23 @@ Models (same everything except the token mixer): embedding -> ``--layers`` pre-n
 
 * ``kda``: :class:`lrjax.nn.attention.KimiDeltaAttention` (per-dimension decay);
 * ``gdn``: the same layer with ``gate='gdn'`` (Gated DeltaNet, one decay per head);
-* ``softmax``: :class:`lrjax.nn.attention.SoftmaxAttention` (causal, NoPE);
+* ``softmax``: causal multi-head softmax attention (``jax.nn.dot_product_attention``) with the same
+  q/k/v projections and causal short convolutions as KDA, plus learned absolute position embeddings
+  added to the token embedding (``--softmax-pos learned``, the default; ``none`` gives the old NoPE,
+  no-conv baseline together with ``--no-softmax-conv``), so that it is not handicapped against the
+  recurrent mixers, which get positions from their short convolutions and the causal recurrence;
 * ``linear``: plain causal linear attention ``o_t = sum_{i<=t} (q_t . k_i) v_i`` with the same
   projections, short convolutions and L2-normalized q/k as KDA, no decay and no delta rule.
+
+Named settings (``--setting``; any explicit flag overrides them):
+
+* ``basic`` (default): vocab 64, 8 pairs, T = 64, width 64 (head dim 32). Every mixer with a short
+  convolution saturates (KDA 0.997, GDN 0.999, linear 1.000 in ``results/attention``).
+* ``medium``: vocab 128, 16 pairs, T = 64, width 32 (2 heads of dim 16): as many pairs as key
+  dimensions per head.
+* ``hard``: vocab 256, 24 pairs, T = 96, width 32 (2 heads of dim 16). The recurrent state of one head
+  is ``16 x 16``, fewer key dimensions than pairs, so the recurrent mixers are capacity-limited while
+  softmax attention keeps all ``T`` keys; the gap between them is what MQAR is meant to show.
 
 All models see the same batches, Adam (``--lr``, default 3e-3), ``--steps`` steps; held-out accuracy every
 ``--eval-every`` steps on a fixed batch. Writes ``<out>/mqar.{json,md,png}``.
@@ -43,6 +58,11 @@ from lrjax.nn.attention import KimiDeltaAttention, ShortConvolution, SoftmaxAtte
 from lrjax.nn.attention.kda import l2_normalize
 
 MIXERS = ("kda", "gdn", "softmax", "linear")
+SETTINGS = {"basic": {},
+            "medium": {"vocab": 128, "pairs": 16, "seq_len": 64, "dim": 32, "steps": 600, "batch": 32,
+                       "eval_every": 50, "eval_batch": 128},
+            "hard": {"vocab": 256, "pairs": 24, "seq_len": 96, "dim": 32, "steps": 600, "batch": 32,
+                     "eval_every": 50, "eval_batch": 128}}
 
 
 def parse_args(argv=None):
@@ -52,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/mqar", help="output directory")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--mixers", default=",".join(MIXERS))
+    p.add_argument("--setting", default="basic", choices=sorted(SETTINGS), help="named task size")
+    p.add_argument("--softmax-pos", default="learned", choices=("learned", "none"),
+                   help="position embeddings of the softmax model")
+    p.add_argument("--no-softmax-conv", action="store_true", help="softmax without the short convolutions")
     p.add_argument("--vocab", type=int, default=None, help="default 64 (quick 16)")
     p.add_argument("--pairs", type=int, default=None, help="key-value pairs (default 8; quick 2)")
     p.add_argument("--seq-len", type=int, default=None, help="default 64 (quick 16)")
@@ -66,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     q = a.quick
+    for name, val in SETTINGS[a.setting].items():
+        if getattr(a, name) is None and not q:
+            setattr(a, name, val)
     for name, full, quick in (("vocab", 64, 16), ("pairs", 8, 2), ("seq_len", 64, 16), ("dim", 64, 16),
                               ("layers", 2, 1), ("batch", 64, 8), ("steps", 1500, 6), ("eval_every", 100, 3),
                               ("eval_batch", 256, 8)):
@@ -117,6 +144,26 @@ class LinearAttention(nnx.Module):
         return self.o_proj(o), None
 
 
+class ConvSoftmaxAttention(nnx.Module):
+    """Causal softmax attention with KDA's q/k/v projections and (optionally) its short convolutions."""
+
+    def __init__(self, d, heads, conv, rngs):
+        self.h, self.dh, self.conv = heads, d // heads, conv
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nnx.Linear(d, d, use_bias=False, rngs=rngs) for _ in range(4))
+        if conv:
+            self.q_conv, self.k_conv, self.v_conv = (ShortConvolution(d, 4, rngs=rngs) for _ in range(3))
+
+    def __call__(self, x, cache=None):
+        B, T, d = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.conv:
+            q, k, v = self.q_conv(q)[0], self.k_conv(k)[0], self.v_conv(v)[0]
+        q, k, v = (t.reshape(B, T, self.h, self.dh) for t in (q, k, v))
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.reshape(B, T, d)), None
+
+
 class _RMS(nnx.Module):
     def __init__(self, d):
         self.w = nnx.Param(jnp.ones((d,)))
@@ -126,13 +173,18 @@ class _RMS(nnx.Module):
 
 
 class Model(nnx.Module):
-    def __init__(self, mixer, vocab, d, heads, layers, rngs):
+    def __init__(self, mixer, vocab, d, heads, layers, rngs, *, seq_len=None, softmax_pos="none",
+                 softmax_conv=False):
         self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.pos = (nnx.Embed(seq_len, d, rngs=rngs) if mixer == "softmax" and softmax_pos == "learned"
+                    else None)
 
         def mk():
             if mixer in ("kda", "gdn"):
                 return KimiDeltaAttention(d, num_heads=heads, head_dim=d // heads, gate=mixer, chunk_size=16, rngs=rngs)
             if mixer == "softmax":
+                if softmax_conv:
+                    return ConvSoftmaxAttention(d, heads, True, rngs)
                 return SoftmaxAttention(d, num_heads=heads, rngs=rngs)
             return LinearAttention(d, heads, rngs)
 
@@ -146,6 +198,8 @@ class Model(nnx.Module):
 
     def __call__(self, toks):
         x = self.embed(toks)
+        if self.pos is not None:
+            x = x + self.pos(jnp.arange(toks.shape[1]))
         for i in range(len(self.mixers)):
             x = x + self.mixers[i](self.n1[i](x))[0]
             a, b = jnp.split(self.up[i](self.n2[i](x)), 2, axis=-1)
@@ -154,7 +208,8 @@ class Model(nnx.Module):
 
 
 def train(mixer, args, progress):
-    model = Model(mixer, args.vocab, args.dim, args.heads, args.layers, nnx.Rngs(args.seed))
+    model = Model(mixer, args.vocab, args.dim, args.heads, args.layers, nnx.Rngs(args.seed), seq_len=args.seq_len,
+                  softmax_pos=args.softmax_pos, softmax_conv=not args.no_softmax_conv)
     gdef, params = nnx.split(model)
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
     opt = optax.adam(args.lr)
@@ -215,7 +270,7 @@ def plot(out, path):
     c = out["config"]
     ax.axhline(2 / c["vocab"], color="gray", ls=":", label="chance")
     ax.set(xlabel="step", ylabel="held-out query accuracy",
-           title=f"MQAR: vocab {c['vocab']}, {c['pairs']} pairs, T={c['seq_len']}, d={c['dim']}, {c['layers']} layers")
+           title=f"MQAR ({c.get('setting', 'basic')}): vocab {c['vocab']}, {c['pairs']} pairs, T={c['seq_len']}, d={c['dim']}, {c['layers']} layers")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -240,7 +295,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "mqar.json"), "w") as f:
         json.dump(out, f, indent=1)
     with open(os.path.join(args.out, "mqar.md"), "w") as f:
-        f.write(f"# MQAR\n\n`{cmd}`\n\ndevice: {describe(device)}\n\n{out['table_markdown']}\n")
+        f.write(f"# MQAR ({args.setting})\n\n`{cmd}`\n\ndevice: {describe(device)}\n\n{out['table_markdown']}\n")
     plot(out, os.path.join(args.out, "mqar.png"))
     print(f"\nwrote {args.out}/mqar.{{json,md,png}} in {out['wall_s']:.1f} s")
     return out
