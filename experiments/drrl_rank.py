@@ -11,7 +11,16 @@ the policy (:mod:`lrjax.nn.attention.drrl`: MLP over the segment's normalized si
 ``R = alpha cos(O, O_r) - beta FLOPs(r) / FLOPs(r_max) - gamma ||dA||_F`` with ``||dA||_F`` the
 spectra-only score perturbation bound (drrl module docstring) and FLOPs relative to ``r_max`` (the
 paper's ``FLOPs / 1e9`` is ~0 at this size; ``--beta`` default 0.2 instead of 0.05 so that the
-cost of one extra rank step is visible). REINFORCE with the batch-mean baseline, Adam.
+cost of one extra rank step is visible). REINFORCE, Adam.
+
+Training fixes (defaults; ``--plain`` restores the original run: batch-mean baseline, raw advantages,
+no entropy bonus, linear-scale features). The committed plain runs collapsed to one rank for every
+segment; the run measures why (``diagnosis`` in the JSON: the spread of the reward across segments vs
+across the actions of one segment) and by default trains with (1) a learned state-value baseline
+``V(s)`` (linear in the features, MSE, its own Adam), so the advantage measures the action, not the
+segment; (2) per-batch advantage normalization; (3) an entropy bonus ``--entropy`` annealed linearly
+to 0 over the first ``--entropy-frac`` of the steps (the final objective is the paper's reward);
+(4) log-spectrum features (``segment_features(log=True)``).
 
 Reported per planted-rank bucket on held-out segments: the greedy policy rank, the oracle rank (the
 action with the best reward, by enumeration), the effective ranks of ``Q`` and ``K`` (entropy
@@ -61,6 +70,14 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="segments per step (default 128; quick 8)")
     p.add_argument("--steps", type=int, default=None, help="default 1500 (quick 5)")
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--plain", action="store_true",
+                   help="original training: batch-mean baseline, raw advantage, no entropy, linear features")
+    p.add_argument("--samples", type=int, default=4,
+                   help="actions sampled per segment; > 1 uses the leave-one-out (RLOO) baseline, 1 a learned V(s)")
+    p.add_argument("--shaping", default="rank", choices=("rank", "none"),
+                   help="with --samples > 1: advantage from the within-segment reward ranks or the raw reward")
+    p.add_argument("--entropy", type=float, default=0.02, help="initial entropy bonus (annealed to 0)")
+    p.add_argument("--entropy-frac", type=float, default=0.5, help="fraction of steps to anneal the bonus over")
     p.add_argument("--eval", type=int, default=None, help="held-out segments (default 2048; quick 16)")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats (default 20; quick 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -119,28 +136,60 @@ def main(argv=None):
         return drrl_reward(o, o_r, r, pert, d_h=d, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
                            flops_scale=flops_scale), o, o_r
 
+    fixed = not args.plain
+
     def feats(X):
-        return segment_features(X, jnp.zeros(X.shape[:1], jnp.int32), A)
+        return segment_features(X, jnp.zeros(X.shape[:1], jnp.int32), A, log=fixed)
 
     opt = optax.adam(args.lr)
-    params = policy_init(kp, min(T, d) + A, A, 32)
-    state = opt.init(params)
+    F = min(T, d) + A
+    params = policy_init(kp, F, A, 32)
+    vparams = {"w": jnp.zeros((F,)), "c": jnp.zeros(())}
+    state = opt.init((params, vparams))
+    n_anneal = max(1, int(args.entropy_frac * args.steps))
+
+    def value(vp, f):
+        return f @ vp["w"] + vp["c"]
 
     @jax.jit
-    def step(params, state, X, key):
+    def step(params, vparams, state, X, key, ent_coef):
+        m = args.samples if fixed else 1
+        X = jnp.repeat(X, m, axis=0)                      # m actions per segment (consecutive rows)
         f = feats(X)
         a = jax.random.categorical(key, policy_logits(params, f))
         R_, _, _ = reward(X, a)
-        loss, g = jax.value_and_grad(reinforce_loss)(params, f, a, R_)
-        upd, state = opt.update(g, state, params)
-        return optax.apply_updates(params, upd), state, jnp.mean(R_), jnp.mean(actions[a].astype(jnp.float32))
+        if fixed and m > 1:
+            Rm = R_.reshape(-1, m)
+            if args.shaping == "rank":     # centered within-segment ranks of the rewards (ties averaged)
+                gt = (Rm[:, :, None] > Rm[:, None, :]).sum(-1)
+                eq = (Rm[:, :, None] == Rm[:, None, :]).sum(-1) - 1
+                Rm = (gt + 0.5 * eq) / (m - 1) - 0.5
+            Rs = Rm.reshape(-1)
+            loo = ((Rm.sum(1, keepdims=True) - Rm) / (m - 1)).reshape(-1)   # leave-one-out baseline
+
+            def total(pv):
+                return reinforce_loss(pv[0], f, a, Rs, loo, normalize=True, entropy=ent_coef)
+        elif fixed:
+            def total(pv):
+                p, vp = pv
+                v = value(vp, f)
+                return (reinforce_loss(p, f, a, R_, v, normalize=True, entropy=ent_coef)
+                        + jnp.mean((v - R_) ** 2))
+        else:
+            def total(pv):
+                return reinforce_loss(pv[0], f, a, R_)
+        g = jax.grad(total)((params, vparams))
+        upd, state = opt.update(g, state, (params, vparams))
+        params, vparams = optax.apply_updates((params, vparams), upd)
+        return params, vparams, state, jnp.mean(R_), jnp.mean(actions[a].astype(jnp.float32))
 
     rng = np.random.default_rng(args.seed)
     curve = []
     keys = jax.random.split(jax.random.key(args.seed + 1), args.steps)
     for i in tqdm(range(args.steps), desc="REINFORCE", leave=False, disable=not progress, file=sys.stdout):
         X, _ = make_segments(rng, args.batch, T, d, args.k_min, args.k_max, args.noise)
-        params, state, mr, mrank = step(params, state, jnp.asarray(X), keys[i])
+        ent_coef = jnp.float32(args.entropy * max(0.0, 1.0 - i / n_anneal) if fixed else 0.0)
+        params, vparams, state, mr, mrank = step(params, vparams, state, jnp.asarray(X), keys[i], ent_coef)
         if i % max(1, args.steps // 100) == 0 or i == args.steps - 1:
             curve.append((i, float(mr), float(mrank)))
 
@@ -153,6 +202,18 @@ def main(argv=None):
         jnp.arange(A), Xe)                                                  # [A, N]
     all_r = np.asarray(all_r)
     a_orc = all_r.argmax(0)
+    # diagnosis: how much of the reward's spread is the segment (what a batch-mean baseline leaves in the
+    # advantage) vs the action (the signal REINFORCE must find)
+    out["diagnosis"] = {"std_across_segments_of_mean_reward": float(all_r.mean(0).std()),
+                        "mean_std_across_actions": float(all_r.std(0).mean()),
+                        "mean_gap_oracle_vs_rank_r_max": float((all_r.max(0) - all_r[-1]).mean()),
+                        "mean_gap_oracle_vs_second_best": float(np.mean(np.sort(all_r, 0)[-1] - np.sort(all_r, 0)[-2]))}
+    out["training"] = ("plain: batch-mean baseline, raw advantage, no entropy, linear features" if args.plain else
+                       f"fixed: {args.samples} actions per segment with the leave-one-out baseline"
+                       + (" on within-segment reward ranks" if args.shaping == "rank" else "")
+                       if args.samples > 1 else "fixed: learned V(s) baseline")
+    out["training"] += ("" if args.plain else f", normalized advantage, entropy {args.entropy} annealed to 0 "
+                        f"over {n_anneal} steps, log-spectrum features")
     q, k, _ = jax.jit(qkv)(Xe)
     sq = np.asarray(jnp.linalg.svd(q, compute_uv=False))
     sk = np.asarray(jnp.linalg.svd(k, compute_uv=False))
@@ -217,7 +278,13 @@ def main(argv=None):
 def tables(out):
     c = out["config"]
     pv = out["policy_vs_fixed"]
-    lines = [f"DR-RL chosen rank vs effective rank (T = {c['seg_len']}, d_h = {c['dim']}, actions {out['actions']}, "
+    dg = out["diagnosis"]
+    lines0 = [f"Training: {out['training']}.", "",
+              f"Diagnosis: reward spread across segments (std of per-segment mean reward) "
+              f"{dg['std_across_segments_of_mean_reward']:.4f}; across the actions of one segment (mean std) "
+              f"{dg['mean_std_across_actions']:.4f}; oracle minus rank r_max {dg['mean_gap_oracle_vs_rank_r_max']:.4f}; "
+              f"oracle minus second-best action {dg['mean_gap_oracle_vs_second_best']:.4f}.", ""]
+    lines = lines0 + [f"DR-RL chosen rank vs effective rank (T = {c['seg_len']}, d_h = {c['dim']}, actions {out['actions']}, "
              f"{c['steps']} REINFORCE steps x {c['batch']} segments)" + (" [QUICK smoke run]" if c["quick"] else ""), "",
              "| planted rank | n | policy rank | oracle rank | entropy eff. rank Q / K | energy 90% / 99% rank Q | "
              "energy 99% rank K |", "|---|---|---|---|---|---|---|"]
