@@ -16,11 +16,13 @@ cost of one extra rank step is visible). REINFORCE, Adam.
 Training fixes (defaults; ``--plain`` restores the original run: batch-mean baseline, raw advantages,
 no entropy bonus, linear-scale features). The committed plain runs collapsed to one rank for every
 segment; the run measures why (``diagnosis`` in the JSON: the spread of the reward across segments vs
-across the actions of one segment) and by default trains with (1) a learned state-value baseline
-``V(s)`` (linear in the features, MSE, its own Adam), so the advantage measures the action, not the
-segment; (2) per-batch advantage normalization; (3) an entropy bonus ``--entropy`` annealed linearly
-to 0 over the first ``--entropy-frac`` of the steps (the final objective is the paper's reward);
-(4) log-spectrum features (``segment_features(log=True)``).
+across the actions of one segment) and by default trains with (1) ``--samples`` (4) actions per
+segment and the leave-one-out (RLOO) baseline, computed on the within-segment ranks of the rewards
+(``--shaping rank``; the reward is the paper's, ranking only removes its heavy tail -- ranks below the
+planted rank score ~-10 -- from the advantage); ``--samples 1`` uses a learned linear state value
+``V(s)`` instead (tried; still collapsed); (2) per-batch advantage normalization; (3) an entropy
+bonus ``--entropy`` annealed linearly to 0 over the first ``--entropy-frac`` of the steps (the final
+objective is the paper's reward); (4) log-spectrum features (``segment_features(log=True)``).
 
 Reported per planted-rank bucket on held-out segments: the greedy policy rank, the oracle rank (the
 action with the best reward, by enumeration), the effective ranks of ``Q`` and ``K`` (entropy

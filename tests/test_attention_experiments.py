@@ -107,3 +107,5 @@ def test_drrl_rank_quick(tmp_path):
     assert pv["oracle_mean_reward"] >= pv["policy_mean_reward"] - 1e-6
     assert pv["oracle_mean_reward"] >= pv["fixed_mean_reward"] - 1e-6
     assert res["timing_ms"]["full_attention (limit)"]["ratio_to_limit"] == 1.0
+    dg = res["diagnosis"]
+    assert dg["mean_gap_oracle_vs_rank_r_max"] >= -1e-6 and dg["mean_gap_oracle_vs_second_best"] >= -1e-6
