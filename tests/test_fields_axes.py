@@ -165,6 +165,9 @@ def test_features_and_density_through_apply():
     np.testing.assert_allclose(f.apply(p, x, method="density"), full.sigma, rtol=1e-6)
     with pytest.raises(TypeError, match="method='features'"):
         f.apply(p, x, method="encode")
+    np.testing.assert_allclose(f.apply(p, x, d, method="density"), full.sigma, rtol=1e-6)   # d ignored
+    with pytest.raises(ValueError, match=r"method must be one of .*'features' or 'density'"):
+        f.apply(p, x, method="dens")
 
 
 def test_density_only_fields():
@@ -186,6 +189,8 @@ def test_density_only_fields():
     assert pc["params"]["line_x"].shape == (2, 3)                 # density components only
     pv = L.init_field(fields["vm"], jax.random.key(9))
     assert pv["params"]["planes"].shape == (3, 2, 3, 3)
+    f0 = L.VMField(resolution=3, rank_sigma=2, rank_app=0, appearance=False)    # rank_app unused: 0 is fine
+    assert jax.tree.map(jnp.shape, L.init_field(f0, jax.random.key(9))) == jax.tree.map(jnp.shape, pv)
     assert float(L.tv_loss(fields["vm"], pv, "app")) == 0.0 and float(L.tv_loss(fields["cp"], pc, "app")) == 0.0
     assert L.vm_dense(fields["vm"], pv)["params"]["grid"].shape == (3, 3, 3, 1)
     # renders (grey where opaque): acc/depth are exact, colour = 0.5 acc + bg (1 - acc)
@@ -209,6 +214,7 @@ def test_hash_grid_per_axis_dense_level_is_trilinear():
     np.testing.assert_allclose(enc, _np_trilinear(grid, v / (np.asarray(side) - 1) * 2 - 1), atol=1e-6)
     # an int layout is unchanged; a per-axis layout with a hashed level stays within the table
     assert level_layout(2, 4, 8, 6) == level_layout(2, 4, 8, 6)
+    assert level_layout(1, (3, 4, 5), (8, 9, 10), 12) == lay          # one level: min_res, max_res unused
     assert level_layout(2, (4, 4, 2), (16, 8, 4), 6)[-1][2:] == (64, True)
 
 
@@ -244,3 +250,5 @@ def test_new_input_checks_name_the_argument():
         L.upsample(f, p, (4, 3, 9))                              # smaller than 4 on y
     with pytest.raises(ValueError, match="final"):
         L.resolution_schedule((8, 8, 8), (16, 4, 16), 2)
+    with pytest.raises(TypeError, match="field must be a GridField, SHGridField, CPField or VMField for tv_loss"):
+        L.tv_loss(L.HashGridField(levels=1, log2_table_size=6, min_res=2, max_res=2, hidden=4), {"params": {}})

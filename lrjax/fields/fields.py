@@ -391,8 +391,14 @@ class Field(nn.Module):
 
     def apply(self, variables, *args, **kwargs):
         """``flax`` ``apply`` after checking that ``variables`` are this field's parameters
-        (structure, shapes and kind; ``TypeError``/``ValueError`` naming ``params`` otherwise)."""
+        (structure, shapes and kind; ``TypeError``/``ValueError`` naming ``params`` otherwise).
+
+        ``method``: None (``__call__``), ``"features"``, ``"density"`` or a callable; another string
+        raises ``ValueError`` listing these."""
         method = kwargs.get("method")
+        if isinstance(method, str) and method not in ("__call__", "features", "density", "encode"):
+            raise ValueError(f"method must be one of None (the full output), 'features' or 'density' (or a "
+                             f"callable), got {method!r}")
         if method == "encode" or getattr(method, "__name__", None) == "encode":
             raise TypeError("method='encode' cannot be applied: encode(u) is the subclass hook on normalised "
                             "coordinates; use field.apply(params, x, method='features') for the raw encoder "
@@ -464,8 +470,10 @@ class Field(nn.Module):
         ``x: [..., 3]`` world points (checked as in ``__call__``); ``d`` is accepted and ignored."""
         return self._forward(x, None, "features")
 
-    def density(self, x):
-        """``sigma: [...]`` only (no colour head): ``field.apply(params, x, method="density")``."""
+    def density(self, x, d=None):
+        """``sigma: [...]`` only (no colour head): ``field.apply(params, x, method="density")``.
+
+        ``d`` is accepted and ignored (so ``apply(params, x, d, method="density")`` works)."""
         return self._forward(x, None, "features").sigma
 
     @nn.compact

@@ -129,7 +129,9 @@ def hash_encode(tables, u, layout):
 class HashGridField(Field):
     """Hash-grid encoder + density MLP (``hidden`` units, ``mlp_layers`` hidden layers).
 
-    ``min_res`` / ``max_res``: ints or per-axis ``(Nx, Ny, Nz)`` tuples (see the module docstring)."""
+    ``min_res`` / ``max_res``: ints or per-axis ``(Nx, Ny, Nz)`` tuples (see the module docstring).
+    With ``levels=1`` the growth factor is 1 and the single level uses ``min_res`` (per axis);
+    ``max_res`` is then only checked (``>= min_res``) and otherwise unused."""
 
     levels: int = 8
     features_per_level: int = 2

@@ -42,7 +42,7 @@ __all__ = ["SHGridField"]
 class SHGridField(GridField):
     """Dense voxel grid of log-density + SH colour coefficients (see module docstring).
 
-    resolution: vertices per side ``N``; sh_degree: SH bands (1..3, default 3 = 9 coefficients per
+    resolution: vertices per side, an int ``N`` (a cube) or ``(Nx, Ny, Nz)``; sh_degree: SH bands (1..3, default 3 = 9 coefficients per
     channel); color_scale: multiplier of the SH sum (see module docstring); init_scale: std of the
     Gaussian initial grid values; view_dependent must be True (unless ``appearance=False``).
     """

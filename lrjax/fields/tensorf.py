@@ -92,7 +92,9 @@ class _TensorField(Field):
             _freeze_tuple(self, a)
         check_resolution(self.resolution, "resolution")
         _mode_ranks(self.rank_sigma, "rank_sigma", type(self).__name__, self._per_mode)
-        _mode_ranks(self.rank_app, "rank_app", type(self).__name__, self._per_mode)
+        if self.appearance or not (isinstance(self.rank_app, int) and not isinstance(self.rank_app, bool)
+                                   and self.rank_app == 0):
+            _mode_ranks(self.rank_app, "rank_app", type(self).__name__, self._per_mode)
         _pos_float(self.init_scale, "init_scale")
 
     @property
@@ -122,7 +124,7 @@ class CPField(_TensorField):
     """CP-decomposed field: ``R = rank_sigma + rank_app`` rank-1 components of 3 lines each.
 
     ``resolution``: int or ``(Nx, Ny, Nz)``; ``rank_sigma``, ``rank_app``: ints ``>= 1``
-    (``rank_app`` unused when ``appearance=False``). Parameters: ``lines: [3, R, N]`` (cube) or
+    (``rank_app`` unused when ``appearance=False``, where ``rank_app=0`` is also accepted). Parameters: ``lines: [3, R, N]`` (cube) or
     ``line_x: [R, Nx]``, ``line_y: [R, Ny]``, ``line_z: [R, Nz]``; ``basis: [rank_app, geo_dim]``."""
 
     def encode(self, u):
@@ -146,7 +148,8 @@ class VMField(_TensorField):
     """VM-decomposed field: per mode ``m``, ``R_m`` plane x line components (TensoRF VM-split).
 
     ``resolution``: int or ``(Nx, Ny, Nz)``; ``rank_sigma``, ``rank_app``: an int or a per-mode
-    3-tuple (XY-Z, XZ-Y, YZ-X), entries ``>= 1`` (``rank_app`` unused when ``appearance=False``).
+    3-tuple (XY-Z, XZ-Y, YZ-X), entries ``>= 1`` (``rank_app`` unused when ``appearance=False``,
+    where ``rank_app=0`` is also accepted).
     Parameters: see the module docstring; ``basis: [sum_m rank_app_m, geo_dim]``."""
 
     rank_sigma: int | tuple = 8
@@ -330,8 +333,24 @@ def tv_loss(field, params, part: str = "sigma"):
     caller's, e.g. ``loss + 1e-2 * tv_loss(field, params)``. Means are per mode (each over its own
     per-axis shape). A density-only field (``appearance=False``) has no appearance part: 'app'
     gives 0.
+
+    The formula (:func:`total_variation`, TensoRF's ``TVLoss`` factor 2): for each factor ``X``
+    (a line ``[R, N]``, a plane ``[R, N_a, N_b]`` or the grid ``V [Nx, Ny, Nz, C]``, restricted to
+    the components/channels of ``part``)::
+
+        TV(X) = 2 * sum_{a in spatial axes} mean((X[.., i+1, ..] - X[.., i, ..])^2)
+
+    summed over the three modes (lines / planes); for a grid ``2 * sum_{a=x,y,z} mean(diff_a(V)^2)``.
+
+    Raises:
+      TypeError: ``field`` not a GridField / SHGridField / CPField / VMField; ``params`` not a dict.
+      ValueError: ``part`` not 'sigma'/'app'/'all'; ``params`` not this field's; an axis with < 2
+        vertices.
     """
     check_choice(part, "part", ("sigma", "app", "all"))
+    if not isinstance(field, (GridField, CPField, VMField)):
+        raise TypeError(f"field must be a GridField, SHGridField, CPField or VMField for tv_loss, "
+                        f"got {type(field).__name__}")
     if isinstance(field, GridField):
         g = params["params"]["grid"] if isinstance(params, dict) and "grid" in params.get("params", {}) else None
         if g is None:
