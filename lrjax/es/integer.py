@@ -87,12 +87,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.random import threefry_2x32
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from lrjax import _validation as V
 from lrjax import axes as axes_lib
 from lrjax import tree as tree_lib
-from lrjax.es.eggroll import (EggrollState, _check_key, _check_member, _largest_divisor_at_most,
+from lrjax.es.eggroll import (Eggroll, EggrollState, _check_key, _check_member, _largest_divisor_at_most,
                               default_member_chunk)
 from lrjax.es.noise import FROZEN, FULL, LOWRANK, LeafPlan, noise_key
 
@@ -745,19 +745,9 @@ class IntEggroll:
         self._cache[ck] = fn
         return fn
 
-    def _to_global(self, tree):
-        if self.mesh is None:
-            return tree
-        if all(d.process_index == jax.process_index() for d in self.mesh.devices.flat):
-            return jax.device_put(tree, NamedSharding(self.mesh, P()))
-        from jax.experimental import multihost_utils
-        return multihost_utils.host_local_array_to_global_array(tree, self.mesh, P())
-
-    def _to_local(self, tree):
-        if self.mesh is None or all(d.process_index == jax.process_index() for d in self.mesh.devices.flat):
-            return tree
-        from jax.experimental import multihost_utils
-        return multihost_utils.global_array_to_host_local_array(tree, self.mesh, P())
+    # host-local <-> global arrays over the mesh: the same as Eggroll's (they read only self.mesh)
+    _to_global = Eggroll._to_global
+    _to_local = Eggroll._to_local
 
     def _inputs(self, state, params, alpha, extra):
         thr = jnp.asarray(self.thresholds(alpha), jnp.int32)
