@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lrjax.nn.attention import drrl
 from lrjax.nn.attention.drrl import (attention, drrl_reward, lowrank_attention, output_bound, output_bound_from_spectra,
                                      perturbation_bound, policy_init, policy_logits, rank_actions, rank_change_norm,
                                      reinforce_loss, segment_features, truncate)
@@ -162,3 +163,32 @@ def test_reinforce_options_and_log_features():
         reinforce_loss(params, feats, acts, R, normalize=1)
     with pytest.raises(ValueError, match="floor"):
         segment_features(x, jnp.array([0, 1]), 2, log=True, floor=2.0)
+
+
+def test_out_of_range_actions_ranks_and_bounds_are_refused():
+    """Concrete out-of-range ids and negative / non-integer ranks raise instead of giving an all-zero
+    one-hot, the wrong action's log-probability, NaN or a reward above alpha."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 4))
+    with pytest.raises(ValueError, match="prev_action"):
+        drrl.segment_features(x, jnp.array([5, 0]), 3)
+    with pytest.raises(TypeError, match="prev_action"):
+        drrl.segment_features(x, jnp.array([1.7, 0.0]), 3)
+    f = drrl.segment_features(x, jnp.array([1, 0]), 3)
+    p = drrl.policy_init(jax.random.key(0), f.shape[-1], 3)
+    for bad in (jnp.array([-1, 0]), jnp.array([3, 0])):
+        with pytest.raises(ValueError, match="actions"):
+            drrl.reinforce_loss(p, f, bad, jnp.ones(2))
+    with pytest.raises(ValueError, match="actions"):
+        drrl.reinforce_loss(p, f, jnp.array([0, 0, 1]), jnp.ones(3))
+    o = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="rank"):
+        drrl.drrl_reward(o, o, -3, 0.0, d_h=4)
+    with pytest.raises(TypeError, match="rank"):
+        drrl.drrl_reward(o, o, 2.5, 0.0, d_h=4)
+    with pytest.raises(ValueError, match="delta_a_2norm"):
+        drrl.output_bound(-1.0, o)
+    with pytest.raises(TypeError, match="delta_a_2norm"):
+        drrl.output_bound("2", o)
+    with pytest.raises(ValueError, match="rank"):
+        drrl.attention_flops(-1, 6, 4)
+    assert float(drrl.attention_flops(2, 6, 4)) == 96.0

@@ -58,6 +58,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lrjax._validation import check_array, check_bool, check_float, check_int, compute_dtype, is_concrete
 
@@ -124,6 +125,21 @@ def rank_change_norm(sigma, r_to, r_from=None):
         r_from = _check_rank_arg(r_from, n, "r_from")
     dt = compute_dtype(sigma.dtype)
     return _tail(sigma.astype(dt), r_to, r_from).astype(sigma.dtype)
+
+
+def _check_nonneg_values(x, name, *, integer=False):
+    """Concrete ``x`` (array or number): a number array (integers when ``integer``) with no negative or
+    non-finite entry; traced values pass unchecked."""
+    if isinstance(x, (str, bytes)) or (not isinstance(x, (int, float, np.ndarray, jax.Array)) or isinstance(x, bool)):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'} or an array of them, "
+                        f"got {type(x).__name__}")
+    a = jnp.asarray(x)
+    if integer and not jnp.issubdtype(a.dtype, jnp.integer):
+        raise TypeError(f"{name} must be integer-valued (ranks), got dtype {a.dtype}; pass ints")
+    if is_concrete(a) and a.size:
+        if not bool(jnp.all(jnp.isfinite(a))) or float(jnp.min(a)) < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got values in [{float(jnp.min(a))}, {float(jnp.max(a))}]")
+    return a
 
 
 def _check_qkv(q, k, v):
@@ -195,6 +211,7 @@ def perturbation_bound(sigma_q, sigma_k, rank, d_h: int):
 def output_bound(delta_a_2norm, v):
     """Eq. 9: ``||O' - O||_F <= ||A' - A||_2 ||V||_F``; ``v`` ``[..., S, d_v]`` -> bound ``[...]``."""
     v = check_array(v, "v", min_ndim=2, kind="floating")
+    _check_nonneg_values(delta_a_2norm, "delta_a_2norm")
     dt = compute_dtype(v.dtype)
     return (jnp.asarray(delta_a_2norm, dt) * jnp.linalg.norm(v.astype(dt), axis=(-2, -1))).astype(v.dtype)
 
@@ -210,6 +227,7 @@ def attention_flops(rank, seq_len: int, d_h: int):
     """The official code's FLOPs proxy ``2 S r d_h`` per head-segment (nominal)."""
     seq_len = check_int(seq_len, "seq_len", low=1)
     d_h = check_int(d_h, "d_h", low=1)
+    rank = _check_nonneg_values(rank, "rank", integer=True)
     return 2.0 * seq_len * jnp.asarray(rank, jnp.float32) * d_h
 
 
@@ -237,6 +255,7 @@ def drrl_reward(o_full, o_low, rank, pert, *, d_h: int, alpha: float = 1.0, beta
     beta = check_float(beta, "beta", low=0)
     gamma = check_float(gamma, "gamma", low=0)
     flops_scale = check_float(flops_scale, "flops_scale", low=0, low_open=True)
+    _check_nonneg_values(rank, "rank", integer=True)
     dt = compute_dtype(o_full.dtype, o_low.dtype)
     flops = 2.0 * o_full.shape[-2] * jnp.asarray(rank, dt) * d_h
     return (alpha * _cos(o_full.astype(dt), o_low.astype(dt)) - beta * flops / flops_scale
@@ -261,7 +280,13 @@ def segment_features(x, prev_action, n_actions: int, *, log: bool = False, floor
     s = s / jnp.maximum(jnp.linalg.norm(s, axis=-1, keepdims=True), 1e-12)
     if log:
         s = jnp.log(jnp.maximum(s, floor)) / math.log(1.0 / floor)
-    return jnp.concatenate([s, jax.nn.one_hot(prev_action, n_actions, dtype=dt)], axis=-1)
+    pa = jnp.asarray(prev_action)
+    if not jnp.issubdtype(pa.dtype, jnp.integer):
+        raise TypeError(f"prev_action must be an integer array of action ids, got dtype {pa.dtype}")
+    if is_concrete(pa) and pa.size and (int(jnp.min(pa)) < 0 or int(jnp.max(pa)) >= n_actions):
+        raise ValueError(f"prev_action must lie in [0, {n_actions}) (n_actions), got values in "
+                         f"[{int(jnp.min(pa))}, {int(jnp.max(pa))}]; one_hot would give an all-zero row")
+    return jnp.concatenate([s, jax.nn.one_hot(pa, n_actions, dtype=dt)], axis=-1)
 
 
 def policy_init(key, n_features: int, n_actions: int, hidden: int = 32, dtype=jnp.float32) -> dict:
@@ -303,6 +328,11 @@ def reinforce_loss(params, feats, actions, rewards, baseline=None, *, normalize:
     if normalize:
         adv = adv / (jnp.std(adv) + 1e-8)
     logp = jax.nn.log_softmax(policy_logits(params, feats), axis=-1)
+    if is_concrete(actions) and actions.size and (int(jnp.min(actions)) < 0 or int(jnp.max(actions)) >= logp.shape[-1]):
+        raise ValueError(f"actions must lie in [0, {logp.shape[-1]}) (the policy's actions), got values in "
+                         f"[{int(jnp.min(actions))}, {int(jnp.max(actions))}]")
+    if actions.shape != logp.shape[:-1]:
+        raise ValueError(f"actions must have shape {tuple(logp.shape[:-1])} (one per row of feats), got {tuple(actions.shape)}")
     lp = jnp.take_along_axis(logp, actions[..., None], axis=-1)[..., 0]
     ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return -jnp.mean(adv * lp) - entropy * jnp.mean(ent)
