@@ -45,6 +45,7 @@ import optax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import _report  # noqa: E402
+import es_lm  # noqa: E402  (the float GRU both float learners train)
 from lrjax import data  # noqa: E402
 from lrjax.es import Eggroll  # noqa: E402
 from lrjax.es.integer import IntEggroll, clip_int8, int_dense, int_embed, rshift  # noqa: E402
@@ -141,18 +142,8 @@ def float_init(seed, vocab, d):
 
 
 def float_nll_bits(p, tokens):
-    ids = tokens[:, :-1]
-    x = p["embed"][ids]
-    c = p["cell"]
-
-    def step(h, xt):
-        z = jax.nn.sigmoid(xt @ c["uz"] + h @ c["vz"] + c["c"])
-        h = (1 - z) * h + z * jnp.tanh(xt @ c["wx"] + h @ c["wh"] + c["b"])
-        return h, h
-
-    h0 = jnp.zeros((ids.shape[0], c["wx"].shape[1]), x.dtype)
-    _, hs = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
-    lg = jnp.swapaxes(hs, 0, 1) @ p["readout"]["kernel"] + p["readout"]["bias"]
+    """Mean bits/char of es_lm's float GRU (``es_lm.gru_logits``) on ``tokens [B, L]``."""
+    lg = es_lm.gru_logits(p, tokens[:, :-1])
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), tokens[:, 1:, None], -1)) / LN2
 
 
