@@ -598,10 +598,12 @@ def test_every_public_function_is_swept():
                 "scale_by_riemannian_lora", "prox_soft_threshold", "codyra_lambda_schedule", "factor_mask"}
     # issue 12: swept in tests/test_flexmore.py (test_lowrank_delta_bad_input and the sqrt_split cases)
     covered |= {"lowrank_delta", "sqrt_split"}
+    # issue 16: swept in tests/test_galore_layerwise.py (test_layerwise_bad_input; bool flags above)
+    covered |= {"layerwise_init", "layerwise_update", "layerwise_step"}
     # data containers, argument-free bases, constants and nbytes (any pytree is valid) take nothing to check
     exempt = {"SVD", "ProjectionState", "OwLoreState", "ScaleByAdam8bitState", "ScaleByAdamTorchState", "Quantized",
               "LeafPlan", "Basis", "Variant", "ExactSVD", "GramEigh", "REFRESHES", "DEFAULT_LAYERS", "nbytes",
-              "projection", "quant", "prox"}
+              "projection", "quant", "prox", "layerwise", "LayerwiseState"}
     public = set(linalg.__all__) | set(lo.__all__)
     for mod in mods:
         public |= set(mod.__all__)
