@@ -226,6 +226,20 @@ def inherit_head(teacher_params, student_params):
     return {**student_params, "params": sp}
 
 
+def _init_student(student, key, student_params, teacher_params, inherit):
+    """The student's initial parameters: checks ``key``, initialises ``student`` from it unless
+    ``student_params`` are given (then checks them against ``student``), and copies the teacher's colour
+    head into them when ``inherit`` and ``teacher_params`` is not None (see :func:`inherit_head`)."""
+    _check_key(key)
+    if student_params is None:
+        student_params = init_field(student, key)
+    else:
+        _check_variables(student, student_params, "student_params")
+    if teacher_params is not None and inherit:
+        student_params = inherit_head(teacher_params, student_params)
+    return student_params
+
+
 def _rotation(angles):
     cx, cy, cz = jnp.cos(angles)
     sx, sy, sz = jnp.sin(angles)
@@ -278,13 +292,7 @@ class PVD:
     # ------------------------------------------------------------------ state
     def init(self, key, student_params=None) -> PVDState:
         """Initial state; the student is freshly initialised unless ``student_params`` are given."""
-        _check_key(key)
-        if student_params is None:
-            student_params = init_field(self.student, key)
-        else:
-            _check_variables(self.student, student_params, "student_params")
-        if self.config.inherit_head:
-            student_params = inherit_head(self.tparams, student_params)
+        student_params = _init_student(self.student, key, student_params, self.tparams, self.config.inherit_head)
         ac = self.config.active
         n = ac.pool_size if ac is not None else 1
         al = ALState(jnp.zeros((n, 3)), jnp.zeros((n, 3)).at[:, 2].set(1.0), jnp.int32(0), jnp.int32(0),
@@ -721,13 +729,7 @@ class PointDistill:
     # ------------------------------------------------------------------ state / losses / step
     def init(self, key, student_params=None) -> PointState:
         """Initial state; the student is freshly initialised unless ``student_params`` are given."""
-        _check_key(key)
-        if student_params is None:
-            student_params = init_field(self.student, key)
-        else:
-            _check_variables(self.student, student_params, "student_params")
-        if self.tparams is not None and self.config.inherit_head:
-            student_params = inherit_head(self.tparams, student_params)
+        student_params = _init_student(self.student, key, student_params, self.tparams, self.config.inherit_head)
         if self.regularizer is not None:
             r = jax.eval_shape(self.regularizer, student_params)
             if not (hasattr(r, "shape") and r.shape == () and jnp.issubdtype(r.dtype, jnp.floating)):
