@@ -293,6 +293,12 @@ def test_point_distill_refuses_bad_teacher_floor_head_and_inputs():
         P.PointDistill(lambda x, d: (jnp.where(x[:, 0] > 0, jnp.nan, 1.0), jax.nn.sigmoid(x)), s, opt, config=cs)
     with pytest.raises(ValueError, match="density_floor"):
         P.PointDistill(fn, s, opt, config=dataclasses.replace(cs, density_floor=100.0))
+    t, tp = _teacher()                                     # ray-mode PVD refuses a NaN/Inf teacher too
+    for ch, bad in ((0, jnp.nan), (1, jnp.inf)):
+        g = tp["params"]["grid"].at[0, 0, 0, ch].set(bad)
+        with pytest.raises(ValueError, match="teacher returned NaN or Inf.*teacher_params"):
+            P.PVD(t, {"params": {**tp["params"], "grid": g}}, t, opt, poses=L.random_poses(0, 2), height=H,
+                  width=W, focal=FOCAL)
     t = L.GridField(resolution=2, geo_dim=2, color_hidden=8)
     tp = L.init_field(t, jax.random.key(1))
     with pytest.raises(ValueError, match="inherit_head"):

@@ -240,6 +240,23 @@ def _init_student(student, key, student_params, teacher_params, inherit):
     return student_params
 
 
+_PROBE_RES = 16
+
+
+def _check_teacher_finite(teacher: Field, teacher_params):
+    """Refuse (ValueError) a Field teacher whose outputs are NaN/Inf at a probe of ``_PROBE_RES^3``
+    jittered points, one per cell of a grid over ``[-bound, bound]^3`` (view direction +z); eager, on the
+    concrete ``teacher_params``, like :class:`PointDistill`'s occupancy probe."""
+    n, bd = _PROBE_RES, float(teacher.bound)
+    cell = 2 * bd / n
+    idx = jnp.stack(jnp.meshgrid(*(jnp.arange(n),) * 3, indexing="ij"), -1).reshape(-1, 3)
+    x = -bd + (idx + jax.random.uniform(jax.random.key(0), idx.shape)) * cell
+    d = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0]), x.shape)
+    out = teacher.apply(teacher_params, x, d)
+    if not bool(_outputs_finite(out.sigma, out.rgb, out.feature)):
+        raise _nonfinite_teacher_error("probe", "teacher_params")
+
+
 def _rotation(angles):
     cx, cy, cz = jnp.cos(angles)
     sx, sy, sz = jnp.sin(angles)
@@ -265,6 +282,10 @@ class PVD:
     ``optimizer``: an optax transformation for the student. ``regularizer``: optional
     ``reg(student_params) -> scalar`` added to every stage's loss (official PVD: ``1e-4 *``
     :func:`~lrjax.fields.tensorf.l1_density` for a VM student), reported as the ``reg`` term.
+
+    The teacher is probed once, eagerly, at ``16^3`` jittered points (one per cell of a grid over
+    ``[-bound, bound]^3``); a NaN/Inf ``sigma``, ``rgb`` or ``feature`` there raises ``ValueError``
+    naming ``teacher`` (as :class:`PointDistill`'s occupancy probe does).
     """
 
     def __init__(self, teacher: Field, teacher_params, student: Field, optimizer, *, poses, height: int,
@@ -284,6 +305,7 @@ class PVD:
         _pos_int(height, "height")
         _pos_int(width, "width")
         _pos_float(focal, "focal")
+        _check_teacher_finite(teacher, teacher_params)
         self.teacher, self.student, self.tparams = teacher, student, teacher_params
         self.optimizer, self.config = optimizer, config
         self.poses, self.height, self.width, self.focal = poses, height, width, float(focal)
@@ -527,6 +549,20 @@ def _teacher_outputs(out, n_shape, where="teacher"):
                     + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
 
 
+def _outputs_finite(sigma, rgb, feat):
+    """Scalar bool: every teacher output (``feat`` may be None) is finite."""
+    ok = jnp.all(jnp.isfinite(sigma)) & jnp.all(jnp.isfinite(rgb))
+    if feat is not None:
+        ok = ok & jnp.all(jnp.isfinite(feat))
+    return ok
+
+
+def _nonfinite_teacher_error(where, fix):
+    return ValueError(f"teacher returned NaN or Inf (sigma, rgb or feature) at some {where} points in "
+                      f"[-bound, bound]^3; distilling it would train on loss=nan: fix the {fix} so it is finite "
+                      "everywhere in the box")
+
+
 def _check_teacher_fn(fn, name="teacher"):
     """Trace ``fn`` once on 4 points and refuse wrong kinds/shapes (eagerly, naming ``teacher``)."""
     x = jax.ShapeDtypeStruct((4, 3), jnp.float32)
@@ -675,17 +711,12 @@ class PointDistill:
         def dens(k):
             x = base + jax.random.uniform(k, base.shape) * cell
             d = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0]), x.shape)
-            sigma, rgb, feat = _teacher_outputs(self._tfn(x, d), x.shape[:-1])
-            ok = jnp.all(jnp.isfinite(sigma)) & jnp.all(jnp.isfinite(rgb))
-            if feat is not None:
-                ok = ok & jnp.all(jnp.isfinite(feat))
+            ok = _outputs_finite(*_teacher_outputs(self._tfn(x, d), x.shape[:-1]))
             return jax.lax.stop_gradient(self._teacher(x, d)[0]), ok
 
         outs = [dens(k) for k in jax.random.split(key, cfg.occupancy_samples)]
         if not all(bool(ok) for _, ok in outs):
-            raise ValueError("teacher returned NaN or Inf (sigma, rgb or feature) at some occupancy-probe points "
-                             "in [-bound, bound]^3; distilling it would train on loss=nan: fix the teacher (or its "
-                             "teacher_params) so it is finite everywhere in the box")
+            raise _nonfinite_teacher_error("occupancy-probe", "teacher (or its teacher_params)")
         smax = np.max([np.asarray(s_) for s_, _ in outs], axis=0)
         occ = (np.exp(smax) >= cfg.occupancy_threshold).reshape(n, n, n)
         for ax in range(3):                                   # dilate by one cell: separable 3x3x3 max
