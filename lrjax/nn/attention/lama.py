@@ -225,6 +225,17 @@ def _ssa(h, w1, w2, mask):
     return _masked_softmax_t(logits, mask)
 
 
+def _check_module_inputs(h, mask, d):
+    """The modules' input checks: ``h`` a real array ``[B..., T, d]`` of width ``d``, ``mask`` a bool
+    ``[B..., T]`` or None, ``h`` finite where unmasked; returns ``(h, mask)`` as checked/converted."""
+    h = _check_h(h)
+    if h.shape[-1] != d:
+        raise ValueError(f"h must have width d = {d} on its last axis, got shape {tuple(h.shape)}")
+    mask = _check_mask(mask, h)
+    _check_real_finite(h, mask)
+    return h, mask
+
+
 class LAMA(nnx.Module):
     """LAMA attention pooling over GRU states (Flax NNX).
 
@@ -247,11 +258,7 @@ class LAMA(nnx.Module):
                   if self.context == "learned" else None)
 
     def __call__(self, h, mask=None):
-        h = _check_h(h)
-        if h.shape[-1] != self.d:
-            raise ValueError(f"h must have width d = {self.d} on its last axis, got shape {tuple(h.shape)}")
-        mask = _check_mask(mask, h)
-        _check_real_finite(h, mask)
+        h, mask = _check_module_inputs(h, mask, self.d)
         dt = compute_dtype(h.dtype, self.p.value.dtype)
         hc = h.astype(dt)
         c = (_masked_mean(hc, mask) if self.c is None
@@ -277,11 +284,7 @@ class StructuredSelfAttention(nnx.Module):
         self.w2 = nnx.Param(init(rngs.params(), (self.heads, self.hidden), param_dtype))
 
     def __call__(self, h, mask=None):
-        h = _check_h(h)
-        if h.shape[-1] != self.d:
-            raise ValueError(f"h must have width d = {self.d} on its last axis, got shape {tuple(h.shape)}")
-        mask = _check_mask(mask, h)
-        _check_real_finite(h, mask)
+        h, mask = _check_module_inputs(h, mask, self.d)
         dt = compute_dtype(h.dtype, self.w1.value.dtype)
         hc = h.astype(dt)
         a = _ssa(hc, self.w1.value.astype(dt), self.w2.value.astype(dt), mask)
