@@ -94,6 +94,14 @@ def test_reinforce_matches_exact_gradient_by_enumeration():
                 np.testing.assert_allclose(-est[key], exact[key], rtol=1e-10, atol=1e-13)
 
 
+def test_causal_attention_matches_kvcache():
+    """drrl.attention(causal=True) and kvcache.causal_attention share the masked softmax: same output."""
+    from lrjax.nn.attention.kvcache import causal_attention
+    q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 5, 4))
+    ref = causal_attention(*(x.transpose(1, 0, 2)[None] for x in (q, k, v)))[0].transpose(1, 0, 2)
+    np.testing.assert_allclose(attention(q, k, v, causal=True), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_drrl_transforms_features_and_bad_input():
     q = jax.random.normal(jax.random.key(0), (2, 6, 4))
     f = jax.jit(lambda q, r: lowrank_attention(q, q, q, r)[0])

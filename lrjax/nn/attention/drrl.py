@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax._validation import check_array, check_bool, check_float, check_int, compute_dtype, is_concrete
+from lrjax.nn.attention.kvcache import _masked_softmax
 
 __all__ = ["rank_actions", "truncate", "rank_change_norm", "attention", "lowrank_attention", "perturbation_bound",
            "output_bound", "output_bound_from_spectra", "attention_flops", "drrl_reward", "segment_features",
@@ -155,10 +156,13 @@ def _check_qkv(q, k, v):
 
 
 def _probs(q, k, causal):
+    """Attention weights; the causal mask (key ``j`` visible to query ``i`` iff ``j <= i``) is applied by
+    the masked softmax of :func:`lrjax.nn.attention.kvcache.causal_attention` (every row
+    sees its diagonal key, so it equals a plain softmax over the visible keys)."""
     s = (q @ jnp.swapaxes(k, -1, -2)) / math.sqrt(q.shape[-1])
     if causal:
         S = q.shape[-2]
-        s = jnp.where(jnp.tril(jnp.ones((S, S), bool)), s, jnp.finfo(s.dtype).min)
+        return _masked_softmax(s, jnp.tril(jnp.ones((S, S), bool)))
     return jax.nn.softmax(s, axis=-1)
 
 
