@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lrjax._validation import (check_array, check_choice, check_finite, check_float, check_int, check_key,
                                check_rank)

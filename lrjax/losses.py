@@ -36,7 +36,6 @@ it is positive), never NaN.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from lrjax import _validation as V

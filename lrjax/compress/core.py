@@ -72,7 +72,7 @@ from jax.extend import core as jcore
 from lrjax import axes as axes_lib
 from lrjax import linalg
 from lrjax import tree as tree_lib
-from lrjax._validation import (check_array, check_bool, check_choice, check_finite, check_float, check_int,
+from lrjax._validation import (check_array, check_choice, check_finite, check_float, check_int,
                                check_rank)
 from lrjax._validation import check_key, check_params
 from lrjax.reparam.base import Reparam

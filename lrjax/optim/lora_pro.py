@@ -128,7 +128,7 @@ mismatched shapes or of another rank than ``rp.rank`` (TypeError/ValueError nami
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp

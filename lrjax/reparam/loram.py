@@ -99,7 +99,7 @@ import dataclasses
 import math
 import numbers
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
