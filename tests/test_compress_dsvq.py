@@ -36,6 +36,26 @@ def test_ste_forward_sparse_backward_identity():
     np.testing.assert_allclose(g, jnp.arange(24.0).reshape(6, 4))  # straight through to every entry
 
 
+def test_dsformer_init_basis_has_unit_columns_and_stays_bounded():
+    # ALS is scale-free (D S = D L^-1 L S): without normalisation an atom drifted to overflow on a
+    # trained attention kernel (k = 64, NaN perplexity in bench_compress); the basis is now unit-norm.
+    rng = np.random.default_rng(0)
+    q1, _ = np.linalg.qr(rng.normal(size=(128, 128)))
+    q2, _ = np.linalg.qr(rng.normal(size=(128, 128)))
+    w = jnp.asarray((q1 * np.arange(1, 129.0) ** -1.0) @ q2.T, jnp.float32)  # heavy-tailed spectrum
+    d, c = DS.init(w, 64, 4)
+    norms = np.linalg.norm(np.asarray(d), axis=0)
+    assert np.all((np.abs(norms - 1) < 1e-4) | (norms == 0)), norms
+    assert np.all(np.isfinite(np.asarray(c)))
+    assert float(jnp.linalg.norm(w - d @ c) / jnp.linalg.norm(w)) < 1.0
+
+
+def test_dsformer_init_refuses_non_finite_factors(monkeypatch):
+    monkeypatch.setattr(DS, "_init", lambda w, k, s, iters, lam: (jnp.full((w.shape[0], k), jnp.nan), jnp.zeros((k, w.shape[1]))))
+    with pytest.raises(ValueError, match="did not stay finite.*lam"):
+        DS.init(jnp.ones((8, 8)), 4, 2)
+
+
 def test_dense_sparse_beats_svd_at_equal_params_and_runs_factored():
     m, n, k, s = 48, 64, 12, 3
     k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)

@@ -85,8 +85,10 @@ def _support_lstsq(w, d, mask, lam):
 
 def init(w, k: int, s: int, *, iters: int = 100, lam: float = 1e-6):
     """Task-unaware dense-sparse factors ``(D [..., M, k], S [..., k, N])`` of ``w: [..., M, N]`` by
-    alternating least squares (``iters`` rounds; ``lam`` a relative ridge). ``S`` has exactly ``s``
-    nonzeros per column."""
+    alternating least squares (``iters`` rounds; ``lam`` a relative ridge; the basis columns are
+    rescaled to unit norm after every round, which leaves ``D S``'s fit unchanged and stops the scale
+    drift of ALS). ``S`` has exactly ``s`` nonzeros per column. Raises ``ValueError`` if the
+    factors are not finite (never returns NaN)."""
     w = check_array(w, "w", min_ndim=2, kind="floating")
     m, n = w.shape[-2:]
     k = check_rank(k, m, n, name="k")
@@ -94,28 +96,41 @@ def init(w, k: int, s: int, *, iters: int = 100, lam: float = 1e-6):
     iters = check_int(iters, "iters", low=0)
     lam = check_float(lam, "lam", low=0.0)
     check_finite(w, "w")
-    return _init(w.astype(jnp.float32), k, s, iters, lam)
+    d, c = _init(w.astype(jnp.float32), k, s, iters, lam)
+    if not (bool(jnp.all(jnp.isfinite(d))) and bool(jnp.all(jnp.isfinite(c)))):
+        raise ValueError(f"DSFormer init of w {tuple(w.shape)} with k={k}, s={s} did not stay finite in float32 "
+                         f"(ill-conditioned least squares); raise `lam` (now {lam}) or lower `k` or `iters`")
+    return d, c
 
 
 @functools.partial(jax.jit, static_argnames=("k", "s", "iters"))
 def _init(w, k, s, iters, lam):
-    m = w.shape[-2]
     u, sv, vt = linalg.svd(w, k)
     d = u * jnp.sqrt(sv)[..., None, :]
-    ridge = lam * jnp.mean(w ** 2) * m + 1e-12
     eye = jnp.eye(k, dtype=w.dtype)
+    tiny = jnp.finfo(w.dtype).tiny
 
-    def support(d):  # dense least-squares coefficients, then the top-s of each column
-        dtd = jnp.swapaxes(d, -1, -2) @ d + ridge * eye
-        return topk_mask(jnp.linalg.solve(dtd, jnp.swapaxes(d, -1, -2) @ w), s)
+    def rel_ridge(gram):  # lam times the mean diagonal of a Gram matrix: scale-free regularisation
+        return (lam * jnp.mean(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=-1) + tiny)[..., None, None]
+
+    def coefs(d):  # (support, ridge) from the dense least-squares coefficients' top-s per column
+        dtd = jnp.swapaxes(d, -1, -2) @ d
+        ridge = rel_ridge(dtd)
+        mask = topk_mask(jnp.linalg.solve(dtd + ridge * eye, jnp.swapaxes(d, -1, -2) @ w), s)
+        return _support_lstsq(w, d, mask, ridge[..., None, :, :])
 
     def body(_, d):
-        c = _support_lstsq(w, d, support(d), ridge)
-        cct = c @ jnp.swapaxes(c, -1, -2) + ridge * eye
-        return jnp.swapaxes(jnp.linalg.solve(cct, c @ jnp.swapaxes(w, -1, -2)), -1, -2)
+        c = coefs(d)
+        cct = c @ jnp.swapaxes(c, -1, -2)
+        d = jnp.swapaxes(jnp.linalg.solve(cct + rel_ridge(cct) * eye, c @ jnp.swapaxes(w, -1, -2)), -1, -2)
+        # D S is invariant to D's column scales (S rescales inversely), so ALS drifts in scale: an atom
+        # used by a few small coefficients grows without bound and overflows (seen on trained attention
+        # kernels at k = 64). Unit-norm atoms pin the scale; an unused (zero) atom stays zero.
+        nrm = jnp.linalg.norm(d, axis=-2, keepdims=True)
+        return d / jnp.where(nrm > 0, nrm, 1.0)
 
     d = jax.lax.fori_loop(0, iters, body, d)
-    return d, _support_lstsq(w, d, support(d), ridge)
+    return d, coefs(d)
 
 
 def num_bytes(m: int, n: int, k: int, s: int, itemsize: int = 4) -> int:
