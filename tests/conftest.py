@@ -23,6 +23,7 @@ if os.environ.get("LRJAX_TEST_XLA_OPT") != "1" and _O0 not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " " + _O0).strip()
     os.environ["LRJAX_TEST_CHILD_XLA_O0"] = "1"
 
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("lrjax", deadline=None, max_examples=25, derandomize=True)
@@ -52,7 +53,20 @@ def _rank(item) -> int:
     return len(_LONG) + (1 if item.get_closest_marker("slow") else 2)
 
 
+def _long(item) -> bool:
+    """The notebooks and the experiments' ``--quick`` smoke runs: about a third of the suite's CPU
+    time, so they are marked ``slow`` and left out of the default run (``pyproject.toml`` adds
+    ``-m 'not slow'``), which has to fit in 15 minutes on 2 cores. ``pytest -n auto -m slow`` runs
+    them; ``-m ''`` runs everything. The multi-device and multi-process tests are not long here:
+    they stay in the default run."""
+    return item.nodeid.startswith("tests/test_notebooks.py") or "_quick" in item.name
+
+
+@pytest.hookimpl(tryfirst=True)   # before pytest's own -m deselection sees the markers
 def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        if _long(item):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=_rank)
 
 
