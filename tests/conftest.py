@@ -53,11 +53,27 @@ def _rank(item) -> int:
     return len(_LONG) + (1 if item.get_closest_marker("slow") else 2)
 
 
-# The heaviest unit tests by a full run of the default suite on 2 quiet cores (2026-11-30,
-# `--durations=80`: 6.3-47 s each, 883 worker-seconds of the 2,624; the multi-device and
-# multi-process tests are kept). They are marked slow so that the default run fits in 15 minutes;
+# The heaviest unit tests by two full runs of the default suite on 2 quiet cores (2026-11-30,
+# `--durations`: 6.3-47 s each; the multi-device and multi-process tests and the bad-input tests are
+# kept). With the first 77 marked the default run took 943 s; the last 15 (about 165 worker-seconds)
+# were added after it. They are marked slow so that the default run fits in 15 minutes;
 # the next step is to shrink their shapes and bring them back into the default run.
 _SLOW_UNIT = frozenset({
+    "tests/test_reparam.py::test_factored_equals_materialized_linen[pissa]",
+    "tests/test_reparam.py::test_factored_equals_materialized_linen[rslora]",
+    "tests/test_dlrmamba.py::test_bfloat16_inputs_float32_state",
+    "tests/test_bank.py::test_swaps_keep_one_compile_cache_entry",
+    "tests/test_attention.py::test_float32_chunk_vs_recurrent[kda]",
+    "tests/test_pvd.py::test_any_to_any[mlp]",
+    "tests/test_attention_layer.py::test_kda_layer_prefill_decode_equals_full[gdn-2]",
+    "tests/test_dlrmamba.py::test_full_rank_factorization_equals_dense",
+    "tests/test_markboard.py::test_sign_is_base_plus_selected_deltas_and_resign_swaps",
+    "tests/test_bank.py::test_heterogeneous_ranks_are_packed_without_padding",
+    "tests/test_pvd.py::test_density_options_train[alpha-points]",
+    "tests/test_attention.py::test_float64_very_strong_decay_exact_fallback",
+    "tests/test_attention.py::test_prefill_then_decode_equals_one_pass",
+    "tests/test_kvcache.py::test_full_rank_is_exact_attention_and_prefill_decode[bfloat16]",
+    "tests/test_attention.py::test_float32_strong_decay_chunk64",
     "tests/test_attention.py::test_float32_whole_chunk_tier_edge",
     "tests/test_attention.py::test_float64_recurrent_chunk_numpy[kda]",
     "tests/test_attention.py::test_grad_chunk_finite_differences",
