@@ -200,3 +200,4 @@ def test_out_of_range_actions_ranks_and_bounds_are_refused():
     with pytest.raises(ValueError, match="rank"):
         drrl.attention_flops(-1, 6, 4)
     assert float(drrl.attention_flops(2, 6, 4)) == 96.0
+    assert float(drrl.attention_flops(np.int64(2), 6, 4)) == 96.0  # numpy integer scalars are ranks too

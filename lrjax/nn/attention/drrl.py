@@ -131,7 +131,7 @@ def rank_change_norm(sigma, r_to, r_from=None):
 def _check_nonneg_values(x, name, *, integer=False):
     """Concrete ``x`` (array or number): a number array (integers when ``integer``) with no negative or
     non-finite entry; traced values pass unchecked."""
-    if isinstance(x, (str, bytes)) or (not isinstance(x, (int, float, np.ndarray, jax.Array)) or isinstance(x, bool)):
+    if isinstance(x, (str, bytes)) or (not isinstance(x, (int, float, np.ndarray, np.generic, jax.Array)) or isinstance(x, (bool, np.bool_))):
         raise TypeError(f"{name} must be {'an integer' if integer else 'a number'} or an array of them, "
                         f"got {type(x).__name__}")
     a = jnp.asarray(x)
