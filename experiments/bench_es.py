@@ -15,10 +15,15 @@ target). Defaults: ``w=256, N=256``, ``w=1024, N=64`` and the wider ``w=2048, N=
   ``A_all @ (f[:, None] * B_all)`` with PRE-GENERATED factors (``A_all: [m, K]``,
   ``B_all: [K, n]``, ``K = N/2 * r`` antithetic noise columns; ``2 m n K`` flops, about ``r/16``
   of the forward with 8 inputs per member) and no random numbers;
-* ``eggroll_r{1,4,16}``: one ``lrjax.es.Eggroll.estimate`` call with the defaults (all members'
-  perturbed forwards, fitness shaping and the update; ``store_noise='auto'`` keeps the forwards'
-  draws for the update), jitted; ``_rad``: Rademacher noise; ``eggroll_r4_regen``:
-  ``store_noise=False`` (the update draws the noise again, as with a mesh);
+* ``eggroll_r{1,4,16}``: one generation, ``lrjax.es.Eggroll.estimate`` with the defaults (all
+  members' perturbed forwards, fitness shaping and the update; ``store_noise='auto'`` keeps the
+  forwards' draws for the update; without a mesh the default ``member_chunk`` is one ``vmap`` of up
+  to 256 members) inside ``jax.jit`` (as a jitted training step runs it: the argument checks run
+  once, at trace time); ``_rad``: Rademacher noise; ``_table``: ``noise='table'`` (Gaussian windows
+  of a pre-drawn table at hashed offsets, the paper's int8 code's scheme); ``eggroll_r4_regen``:
+  ``store_noise=False`` (the update draws the noise again, as with a mesh); ``eggroll_r4_eager``:
+  the eager ``es.estimate`` call, i.e. plus its per-call Python checks (argument validation and the
+  params' NaN/Inf check, ~1 ms);
 * ``open_es``: one evosax ``Open_ES`` generation (ask, member forwards with materialized
   parameters via ``vmap``, tell), jitted.
 
@@ -161,18 +166,25 @@ def cost_workload(args, w, pop):
         calls[f"limit_r{r}"] = (lambda lim=lim, fac=fac, coef=coef: jax.block_until_ready(lim(params, xt, fac, coef)))
         mem[f"limit_r{r}"] = memory(lim)
 
-    variants = [("normal", "", "auto"), ("rademacher", "_rad", "auto"), ("normal", "_regen", False)]
+    variants = [("normal", "", "auto"), ("rademacher", "_rad", "auto"), ("table", "_table", "auto"),
+                ("normal", "_regen", False), ("normal", "_eager", "auto")]
+    r_one = 4 if 4 in args.ranks else args.ranks[0]
     for noise, tag, store in variants:
         for r in args.ranks:
-            if store is False and r != 4 and 4 in args.ranks:
-                continue                       # the store_noise trade-off is shown at rank 4 only
+            if tag in ("_regen", "_eager") and r != r_one:
+                continue                       # these trade-offs are shown at rank 4 only
             es = Eggroll(pop, rank=r, sigma=0.01, shaping="centered_rank", maximize=False, noise=noise,
                          store_noise=store)
             st = es.init(jax.random.key(1))
             name = f"eggroll_r{r}{tag}"
             mem[name] = memory(es.lower(st, params, mse_fitness, x, y).compile())
-            es.estimate(st, params, mse_fitness, x, y)  # compile the cached path used below
-            calls[name] = (lambda es=es, st=st: jax.block_until_ready(es.estimate(st, params, mse_fitness, x, y)))
+            if tag == "_eager":   # the Python-side checks of an eager estimate call on top of its program
+                es.estimate(st, params, mse_fitness, x, y)
+                calls[name] = (lambda es=es, st=st: jax.block_until_ready(es.estimate(st, params, mse_fitness, x, y)))
+                continue
+            gen = jax.jit(lambda st, p, x, y, es=es: es.estimate(st, p, mse_fitness, x, y)[:2])
+            jax.block_until_ready(gen(st, params, x, y))   # compile
+            calls[name] = (lambda gen=gen, st=st: jax.block_until_ready(gen(st, params, x, y)))
 
     if not args.no_open_es:
         from evosax.algorithms import Open_ES

@@ -42,6 +42,7 @@ BOOL_SITES = {
     "Eggroll.antithetic": (lambda v: Eggroll(N, antithetic=v), "antithetic"),
     "Eggroll.store_noise": (lambda v: Eggroll(N, store_noise=v), "store_noise"),
     "default_member_chunk.antithetic": (lambda v: default_member_chunk(N, v), "antithetic"),
+    "default_member_chunk.sharded": (lambda v: default_member_chunk(N, sharded=v), "sharded"),
     "shape_fitness.maximize": (lambda v: shape_fitness(FVEC, "z_score", v), "maximize"),
     "sanitize.maximize": (lambda v: shaping_lib.sanitize(jnp.asarray(FVEC), v), "maximize"),
     "estimate.pass_noise": (lambda v: ES.estimate(ST, P, FIT, pass_noise=v), "pass_noise"),
@@ -62,6 +63,8 @@ INT_SITES = {  # site: (call, argname, lowest valid value, None allowed)
     "Eggroll.noise_reuse": (lambda v: Eggroll(N, noise_reuse=v), "noise_reuse", 1, False),
     "Eggroll.member_chunk": (lambda v: Eggroll(N, member_chunk=v), "member_chunk", 1, True),
     "Eggroll.update_chunk": (lambda v: Eggroll(N, update_chunk=v), "update_chunk", 1, False),
+    "Eggroll.table_size": (lambda v: Eggroll(N, noise="table", table_size=v), "table_size", 1, False),
+    "make_table.table_size": (lambda v: noise_lib.make_table(v), "table_size", 1, False),
     "default_member_chunk.population_size": (lambda v: default_member_chunk(v), "population_size", 1, False),
     "PerturbedLinear.in_features": (lambda v: PerturbedLinear(v, 4, rngs=nnx.Rngs(0)), "in_features", 1, False),
     "PerturbedLinear.out_features": (lambda v: PerturbedLinear(3, v, rngs=nnx.Rngs(0)), "out_features", 1, False),
@@ -263,6 +266,13 @@ for name, call, exc, match in [
     ("pop1_z_score", lambda: Eggroll(1, antithetic=False), ValueError, "population_size=1"),
     ("pop1_centered_rank", lambda: Eggroll(1, antithetic=False, shaping="centered_rank"), ValueError, "population_size=1"),
     ("rank_gt_min_stack", lambda: Eggroll(N, rank=4).plan({"s": jnp.zeros((5, 3, 8))}), ValueError, "rank=4 exceeds.*leaf 's'"),
+    # noise='table': the table must hold one index's window (3 x 4 kernel at rank 2: 14 + bias 4 = 18)
+    ("table_too_small", lambda: Eggroll(N, rank=2, noise="table", table_size=17).estimate(
+        Eggroll(N, rank=2, noise="table", table_size=17).init(jax.random.key(0)), P, FIT), ValueError, "table_size=17"),
+    ("draw_flat_no_table", lambda: noise_lib.draw_flat(ES.plan(P), ST.key, 0, 0, 2, 1, "table"), ValueError, "table"),
+    ("draw_flat_short_table", lambda: noise_lib.draw_flat(ES.plan(P), ST.key, 0, 0, 2, 1, "table", jnp.zeros(5)),
+     ValueError, "table"),
+    ("make_table_too_large", lambda: noise_lib.make_table(2 ** 31), ValueError, "table_size"),
 ]:
     case("config", "Eggroll", name, call, exc, match)
 

@@ -227,14 +227,14 @@ def test_estimate_equals_fitness_then_tell(problem, es8):
     assert jax.tree.structure(g) == jax.tree.structure(params) and int(st2.generation) == 1
 
 
-@pytest.mark.parametrize("noise", ["normal", "rademacher"])
+@pytest.mark.parametrize("noise", ["normal", "rademacher", "table"])
 def test_stored_noise_equals_regenerated(problem, noise, monkeypatch):
     """Keeping the forwards' draws for the update (store_noise='auto', the default without a
     mesh when they fit in STORE_NOISE_AUTO_BYTES) changes nothing, bit for bit: the update
     regenerating them gives the same gradient, with a lax.map over several chunks too."""
     from lrjax.es import eggroll as eggroll_lib
     params, x = problem
-    kw = dict(rank=2, sigma=0.1, noise=noise, member_chunk=4, update_chunk=2)
+    kw = dict(rank=2, sigma=0.1, noise=noise, member_chunk=4, update_chunk=2, table_size=4096)
     st = Eggroll(16, **kw).init(jax.random.key(5))
     plans = Eggroll(16, **kw).plan(params)
     assert Eggroll(16, **kw)._stores_noise(plans)                           # the default: 'auto', small
@@ -270,6 +270,56 @@ def test_normal_draw_is_jax_normal_unpartitioned():
     assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
     s = noise_lib._rademacher(k, 200_001, jnp.float32)
     assert set(np.unique(np.asarray(s))) == {-1.0, 1.0} and abs(float(s.mean())) < 0.01
+
+
+def test_table_noise_windows_and_estimate_against_numpy(problem):
+    """noise='table': the table is jax.random.normal of key(TABLE_SEED); member i's unit noise
+    (every leaf's block, flatten order) is the window table[o : o + size] with o the first threefry
+    word of its index's key mod (table_size - size + 1); antithetic pairs mirror it; and the estimate
+    equals the float64 NumPy sum 1/(N sigma) sum_i f_i E_i over those windows (shaping='none')."""
+    from jax.extend.random import threefry_2x32
+    params, x = problem
+    n, rank, sigma, tsize = 8, 2, 0.1, 2048
+    es = Eggroll(n, rank=rank, sigma=sigma, noise="table", table_size=tsize, shaping="none", maximize=False)
+    key = jax.random.key(7)
+    st = es.init(key)._replace(generation=jnp.int32(3))
+    with jax.threefry_partitionable(False):
+        ref_table = np.asarray(jax.random.normal(jax.random.key(0x7AB1E), (tsize,)))
+    np.testing.assert_array_equal(es.table, ref_table)
+    assert Eggroll(n).table is None
+    plans = es.plan(params)
+    size = sum(int(np.prod(((np.prod(pl.shape[:-2], dtype=int),) if len(pl.shape) > 2 else ())
+                            + (pl.shape[-2] + pl.shape[-1], rank))) if pl.kind == "lowrank"
+               else int(np.prod(pl.shape)) for pl in plans)
+    f = np.asarray(es.fitness(st, params, _fit, x), np.float64)
+    grad = {pl.path: np.zeros(pl.shape) for pl in plans}
+    windows = []
+    for i in range(n):
+        j = i // 2
+        kd = jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, 3), j))
+        o = int(threefry_2x32((kd[0], kd[1]), jnp.zeros(2, jnp.uint32))[0]) % (tsize - size + 1)
+        win = ref_table[o:o + size].astype(np.float64)
+        nz = es.member_noise(st, params, i)
+        sign = 1.0 if i % 2 == 0 else -1.0
+        got = []
+        for pl in plans:
+            v = nz[pl.path]
+            if pl.kind == "lowrank":
+                np.testing.assert_allclose(float(v.scale), sign * sigma / np.sqrt(rank), rtol=1e-7)
+                a, b = np.asarray(v.a, np.float64), np.asarray(v.b, np.float64)
+                got.append(np.concatenate([a, b], axis=-2).ravel())
+                e = np.einsum("...mr,...nr->...mn", a, b) / np.sqrt(rank)  # the leaf's own layout here
+            else:
+                got.append(np.asarray(v, np.float64).ravel() / (sign * sigma))
+                e = got[-1].reshape(pl.shape)
+            grad[pl.path] += f[i] * sign * e / (n * sigma)
+        np.testing.assert_allclose(np.concatenate(got), win, rtol=1e-6, atol=1e-7, err_msg=f"member {i}")
+        windows.append(o)
+    assert len(set(windows)) == n // 2  # four distinct windows
+    g, _, _ = es.tell(st, params, f.astype(np.float32))
+    flat_g = {k: np.asarray(v) for k, v in zip([pl.path for pl in plans], jax.tree.leaves(g))}
+    for pl in plans:
+        np.testing.assert_allclose(flat_g[pl.path], grad[pl.path], rtol=2e-5, atol=1e-6, err_msg=pl.path)
 
 
 def test_explicit_layers_and_pass_noise():

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 POP = 64  # default member_chunk 8: 8 chunks, evaluated 8 / 1 / 2 per device on 1 / 8 / 4 devices
 POP_PAD, CHUNK_PAD = 24, 4  # 6 chunks: 2 dummy chunks on 8 devices and on 4
 WIDTH = 48
+TABLE_SIZE = 1 << 14  # noise='table': 16,384 entries (one index's window: 12,144)
 
 
 def _worker(out, port=None, pid=None):
@@ -45,7 +46,10 @@ def _worker(out, port=None, pid=None):
     mesh = Mesh(np.array(jax.devices()), ("pop",))
     res = {}
     for tag, es in (("", Eggroll(POP, rank=2, sigma=0.1, mesh=mesh)),  # defaults
-                    ("pad_", Eggroll(POP_PAD, rank=2, sigma=0.1, mesh=mesh, member_chunk=CHUNK_PAD))):
+                    ("pad_", Eggroll(POP_PAD, rank=2, sigma=0.1, mesh=mesh, member_chunk=CHUNK_PAD)),
+                    # pre-drawn table noise: windows of a replicated table, same bits on every layout
+                    ("tab_", Eggroll(POP_PAD, rank=2, sigma=0.1, mesh=mesh, member_chunk=CHUNK_PAD,
+                                     noise="table", table_size=TABLE_SIZE))):
         st = es.init(jax.random.key(1))
         opt = optax.adam(1e-2)
         p, os_ = params, opt.init(params)
@@ -171,13 +175,14 @@ def test_device_counts(layouts):
 def test_bit_identical_updates(layouts, other):
     ref, got = layouts["one"], layouts[other]
     keys = [k for k in ref if k != "devices" and not k.startswith("int_")]
-    assert len(keys) == 20
+    assert len(keys) == 30
     for k in keys:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{other}: {k}")
-    for tag in ("", "pad_"):
+    for tag in ("", "pad_", "tab_"):
         assert float(np.abs(ref[f"{tag}g0_stack"]).max()) > 0 and float(np.abs(ref[f"{tag}g0_l0b"]).max()) > 0
         assert not np.array_equal(ref[f"{tag}g0_l0k"], ref[f"{tag}g1_l0k"])
     assert ref["fit0"].shape == (POP,) and ref["pad_fit0"].shape == (POP_PAD,)
+    assert not np.array_equal(ref["tab_fit0"], ref["pad_fit0"])  # the table is another noise stream
 
 
 @pytest.mark.parametrize("other", ["eight", "p0", "p1"])
@@ -198,10 +203,19 @@ def test_int8_noise_and_updates_bit_identical(layouts, other):
 
 
 def test_default_member_chunk_depends_on_population_only():
+    """With a mesh (any device count) the default chunk is a function of N only; without one it is
+    as large as the 256-member cap allows."""
+    import jax
+    from jax.sharding import Mesh
     from lrjax.es import Eggroll
     from lrjax.es.eggroll import default_member_chunk
-    assert [default_member_chunk(n) for n in (2, 16, 64, 96, 4096, 8192)] == [2, 2, 8, 12, 256, 256]
-    assert Eggroll(POP).member_chunk == default_member_chunk(POP) == 8
+    ns = (2, 16, 64, 96, 4096, 8192, 300)
+    assert [default_member_chunk(n) for n in ns] == [2, 2, 8, 12, 256, 256, 30]
+    assert [default_member_chunk(n, sharded=False) for n in ns] == [2, 16, 64, 96, 256, 256, 150]
+    assert [default_member_chunk(n, False, sharded=False) for n in (7, 300, 257)] == [7, 150, 1]  # 257 is prime
+    mesh = Mesh(np.array(jax.devices()[:1]), ("pop",))
+    assert Eggroll(POP, mesh=mesh).member_chunk == default_member_chunk(POP) == 8
+    assert Eggroll(POP).member_chunk == default_member_chunk(POP, sharded=False) == POP
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ evosax's ``Open_ES``), so HyperscaleES' learning rate ``alpha`` corresponds to
 Sharding: with ``mesh=``, the population is split over one mesh axis inside ``jax.shard_map``;
 only the ``N`` fitness scalars are all-gathered, and every device computes the same update by
 regenerating all noise in a fixed chunked order. The update is bit-identical for any device or
-process count, default settings included, by this rule: the population is cut into *global*
-chunks of ``member_chunk`` consecutive member ids (a number that depends on ``N`` only), each
+process count (any mesh, default settings included), by this rule: the population is cut into *global*
+chunks of ``member_chunk`` consecutive member ids (with a mesh, the default depends on ``N`` only;
+without one it is larger, see ``member_chunk``), each
 chunk is evaluated by the same ``vmap`` program whichever device runs it, devices take whole
 chunks in order (padded with discarded dummy chunks when the chunk count is not a multiple of the
 device count), and the update sums the noise in chunks of ``update_chunk`` indices in global
@@ -73,6 +74,13 @@ class EggrollState(NamedTuple):
     generation: jax.Array
 
 
+class _Src(NamedTuple):
+    """Where a generation's noise comes from: the seed key and (``noise='table'``) the table."""
+
+    key: jax.Array
+    table: jax.Array | None
+
+
 class EstimateInfo(NamedTuple):
     """Per-generation diagnostics (global member order)."""
 
@@ -92,12 +100,16 @@ MAX_DEFAULT_MEMBER_CHUNK = 256
 STORE_NOISE_AUTO_BYTES = 64 * 2**20  # store_noise='auto' keeps one generation's draws up to this size
 
 
-def default_member_chunk(population_size: int, antithetic: bool = True) -> int:
+def default_member_chunk(population_size: int, antithetic: bool = True, *, sharded: bool = True) -> int:
     """Default evaluation chunk: the largest divisor of ``N`` (even with ``antithetic``) that is at
-    most ``min(256, N // 8)`` (at least one pair). A function of ``N`` only, so layouts agree."""
+    most ``min(256, N // 8)`` (at least one pair) with ``sharded=True`` (the rule of every ``mesh``:
+    at least 8 chunks, so 8 devices are all busy; a function of ``N`` only, so every mesh layout
+    agrees bit for bit), and at most ``256`` with ``sharded=False`` (the rule without a mesh: as few
+    sequential chunks as the 256-member cap allows, since one device gains nothing from more)."""
     population_size = V.check_int(population_size, "population_size", low=1)
     step = 2 if V.check_bool(antithetic, "antithetic") else 1
-    cap = max(step, min(MAX_DEFAULT_MEMBER_CHUNK, population_size // 8))
+    sharded = V.check_bool(sharded, "sharded")
+    cap = max(step, min(MAX_DEFAULT_MEMBER_CHUNK, population_size // 8 if sharded else population_size))
     return step * _largest_divisor_at_most(population_size // step, cap // step)
 
 
@@ -171,10 +183,16 @@ class Eggroll:
       frozen: leaves that are never perturbed (zero gradient); non-floating leaves always are.
       axes: matrix-view spec of :mod:`lrjax.axes` (``[L, m, n]`` stacks are batches of matrices).
       noise_reuse: noise changes every ``noise_reuse`` generations (default 1).
-      noise: ``'normal'`` (default; the paper's Gaussian ``A``, ``B`` and ``eps``) or
+      noise: ``'normal'`` (default; the paper's Gaussian ``A``, ``B`` and ``eps``),
         ``'rademacher'`` (+-1 entries from packed random bits: same mean and variance, 32 entries
         per generator call; on CPUs the Gaussian generator, not the matmuls, dominates a
-        generation, see ``experiments/bench_es.py``).
+        generation, see ``experiments/bench_es.py``) or ``'table'`` (Gaussian entries read as one
+        window of a pre-drawn table per noise index, at an offset hashed from ``(seed,
+        generation, index)``: one generator word per index; the scheme of the paper's int8 code,
+        see :mod:`lrjax.es.noise` for the math and the overlap caveat).
+      table_size: entries of the ``noise='table'`` table (default ``2^22``, 16 MiB of float32;
+        ignored by the other noises). Must hold one noise index's window (``noise_size`` entries,
+        checked per params, ``ValueError``); keep it far larger so windows rarely overlap.
       mesh, axis_name: split the population over ``mesh.shape[axis_name]`` devices with
         ``jax.shard_map`` (default axis: the mesh's first). Works across processes after
         ``jax.distributed.initialize``.
@@ -182,11 +200,14 @@ class Eggroll:
         member ids, see "Sharding" above); a device runs its chunks with a sequential
         ``lax.map``. An even divisor of ``N`` (with ``antithetic``). Default
         ``default_member_chunk(N)``: the largest even divisor of ``N`` that is at most
-        ``min(256, N // 8)``, so there are at least 8 chunks (8 devices all busy) and at most 256
-        members per ``vmap``. It depends on ``N`` only, never on the device count, which keeps the
-        update bit-identical across layouts; any value you fix does too. Larger chunks raise
-        throughput on accelerators (fewer sequential steps) at the cost of memory and of idle
-        devices when there are fewer chunks than devices.
+        ``min(256, N // 8)`` with a ``mesh``, so there are at least 8 chunks (8 devices all busy)
+        and at most 256 members per ``vmap``; without a mesh the largest such divisor at most
+        ``256`` (one ``vmap`` for ``N <= 256``: sequential chunks only cost time on one device).
+        With a mesh it depends on ``N`` only, never on the device count, which keeps the update
+        bit-identical across mesh layouts; any value you fix does too, with or without a mesh
+        (pass ``member_chunk=default_member_chunk(N)`` to reproduce a mesh run's bits without
+        one). Larger chunks raise throughput (fewer sequential steps) at the cost of memory and
+        of idle devices when there are fewer chunks than devices.
       update_chunk: noise indices summed together per step of the update (default 128).
       store_noise: keep each noise index's flat draw from the member forwards and reuse it in the
         update instead of drawing it a second time (on CPUs the Gaussian generator is most of a
@@ -239,7 +260,8 @@ class Eggroll:
                  axes: axes_lib.AxesSpec = None, noise_reuse: int = 1, noise: str = "normal",
                  mesh: Mesh | None = None,
                  axis_name: str | None = None, member_chunk: int | None = None,
-                 update_chunk: int = 128, store_noise: bool | str = "auto"):
+                 update_chunk: int = 128, store_noise: bool | str = "auto",
+                 table_size: int = noise_lib.DEFAULT_TABLE_SIZE):
         population_size = V.check_int(population_size, "population_size", low=1)
         rank = V.check_int(rank, "rank", low=1, allow_none=True)
         sigma = V.check_float(sigma, "sigma", low=0.0, low_open=True)
@@ -248,6 +270,7 @@ class Eggroll:
         antithetic = V.check_bool(antithetic, "antithetic")
         noise_reuse = V.check_int(noise_reuse, "noise_reuse", low=1)
         V.check_choice(noise, "noise", noise_lib.DISTRIBUTIONS)
+        table_size = V.check_int(table_size, "table_size", low=1, high=2 ** 31 - 1)
         update_chunk = V.check_int(update_chunk, "update_chunk", low=1)
         if not (isinstance(store_noise, str) and store_noise == "auto"):
             try:
@@ -283,7 +306,7 @@ class Eggroll:
                              "meaningless. Use population_size >= 2 (2 with antithetic=True is one "
                              "mirrored pair), or shaping='none' for the raw one-sample estimator")
         if member_chunk is None:
-            member_chunk = default_member_chunk(population_size, antithetic)
+            member_chunk = default_member_chunk(population_size, antithetic, sharded=mesh is not None)
         elif population_size % member_chunk or (antithetic and member_chunk % 2):
             raise ValueError(f"member_chunk must be a positive divisor of population_size "
                              f"({population_size}){', and even (antithetic pairs)' if antithetic else ''}, "
@@ -297,6 +320,8 @@ class Eggroll:
         self.targets, self.frozen, self.axes = targets, frozen, axes
         self.noise_reuse = int(noise_reuse)
         self.noise = noise
+        self.table_size = int(table_size)
+        self._placed_table = None
         self.mesh, self.axis_name, self.num_devices = mesh, axis_name, n_dev
         self.member_chunk = int(member_chunk)
         num_chunks = population_size // self.member_chunk
@@ -310,6 +335,23 @@ class Eggroll:
     def init(self, key) -> EggrollState:
         """State for seed ``key`` (a ``jax.random.key`` or legacy ``PRNGKey``), generation 0."""
         return EggrollState(_check_key(key, "key"), jnp.zeros((), jnp.int32))
+
+    @property
+    def table(self):
+        """The ``noise='table'`` table (:func:`lrjax.es.noise.make_table` of ``table_size``; built
+        once per process and size), ``None`` for the other noises."""
+        return noise_lib.make_table(self.table_size) if self.noise == "table" else None
+
+    def _table_input(self):
+        """The table as the generation programs take it (replicated over the mesh), or ``None``."""
+        if self.noise != "table":
+            return None
+        if self.mesh is None:
+            return self.table
+        if self._placed_table is None:
+            with jax.ensure_compile_time_eval():  # a concrete array even when first asked inside a trace
+                self._placed_table = self._to_global(self.table)
+        return self._placed_table
 
     def plan(self, params) -> list[LeafPlan]:
         """How each leaf is perturbed (``'lowrank'``, ``'full'`` or ``'frozen'``), in flatten order."""
@@ -337,11 +379,11 @@ class Eggroll:
         return plans
 
     # ------------------------------------------------------------------ noise
-    def _draw(self, plans, key, generation, j):
-        return noise_lib.draw(plans, key, generation, j, self.rank, self.noise_reuse, self.noise)
+    def _draw(self, plans, src, generation, j):
+        return noise_lib.draw(plans, src.key, generation, j, self.rank, self.noise_reuse, self.noise, src.table)
 
-    def _draw_flat(self, plans, key, generation, j):
-        return noise_lib.draw_flat(plans, key, generation, j, self.rank, self.noise_reuse, self.noise)
+    def _draw_flat(self, plans, src, generation, j):
+        return noise_lib.draw_flat(plans, src.key, generation, j, self.rank, self.noise_reuse, self.noise, src.table)
 
     def _stores_noise(self, plans) -> bool:
         """Whether this program keeps the forwards' draws for the update (see ``store_noise``)."""
@@ -353,9 +395,9 @@ class Eggroll:
             return size * jnp.dtype(dt).itemsize <= STORE_NOISE_AUTO_BYTES
         return bool(self.store_noise)
 
-    def _member_noise_flat(self, plans, key, generation, member):
+    def _member_noise_flat(self, plans, src, generation, member):
         sign, j = noise_lib.sign_and_index(member, self.antithetic)
-        return self._scaled(plans, self._draw(plans, key, generation, j), sign)
+        return self._scaled(plans, self._draw(plans, src, generation, j), sign)
 
     def _scaled(self, plans, unit, sign):
         out = []
@@ -380,13 +422,18 @@ class Eggroll:
         if all(pl.kind == FROZEN for pl in plans):
             raise ValueError("params: no leaf is perturbed (every leaf is frozen or not floating), so the "
                              "ES update would be identically zero; pass floating params or loosen `frozen`")
+        if self.noise == "table" and noise_lib.noise_size(plans, self.rank) > self.table_size:
+            raise ValueError(f"table_size={self.table_size} is smaller than one noise index's window "
+                             f"({noise_lib.noise_size(plans, self.rank)} entries for these params at rank "
+                             f"{self.rank}): raise table_size to well above it (windows of different members "
+                             "overlap with probability about 2 x window / table_size)")
         _check_params_finite(flat)
         return plans
 
     def _check_state(self, state, name="state"):
         if not isinstance(state, EggrollState):
             raise TypeError(f"{name} must be an EggrollState from Eggroll.init, got {type(state).__name__}")
-        key, gen = state
+        key, gen = state.key, state.generation
         if not isinstance(key, (jax.Array, jax.core.Tracer)) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
                 or key.shape != ():
             raise TypeError(f"{name}.key must be one typed key (jax.random.key), got "
@@ -406,7 +453,7 @@ class Eggroll:
         self._check_state(state)
         plans = self._plans(params)
         member = _check_member(member, self.population_size)
-        flat = self._member_noise_flat(plans, state.key, state.generation, member)
+        flat = self._member_noise_flat(plans, _Src(state.key, self.table), state.generation, member)
         return {pl.path: n for pl, n in zip(plans, flat) if n is not None}
 
     def _materialize(self, plans, params, nz_flat):
@@ -426,7 +473,8 @@ class Eggroll:
         self._check_state(state)
         plans = self._plans(params)
         member = _check_member(member, self.population_size)
-        return self._materialize(plans, params, self._member_noise_flat(plans, state.key, state.generation, member))
+        return self._materialize(plans, params, self._member_noise_flat(plans, _Src(state.key, self.table),
+                                                                        state.generation, member))
 
     # ------------------------------------------------------------------ ask / tell
     @property
@@ -500,7 +548,7 @@ class Eggroll:
             c = V.check_int(chunk, "chunk", low=0, high=self.num_chunks - 1)
             ids = c * self.member_chunk + jnp.arange(self.member_chunk, dtype=jnp.int32)
         fn = self._ask_fn(plans, params, perturbation)
-        return fn(params, jax.random.key_data(state.key), jnp.asarray(state.generation, jnp.int32), ids)
+        return fn(params, jax.random.key_data(state.key), self.table, jnp.asarray(state.generation, jnp.int32), ids)
 
     def _ask_fn(self, plans, params, perturbation):
         treedef = jax.tree_util.tree_structure(params)
@@ -509,11 +557,11 @@ class Eggroll:
             return self._cache[ck]
         impl = jax.random.key_impl(jax.random.key(0))
 
-        def run(params, kd, generation, ids):
-            key = jax.random.wrap_key_data(kd, impl=impl)
+        def run(params, kd, table, generation, ids):
+            src = _Src(jax.random.wrap_key_data(kd, impl=impl), table)
 
             def one(m):
-                nz = self._member_noise_flat(plans, key, generation, m)
+                nz = self._member_noise_flat(plans, src, generation, m)
                 if perturbation:
                     return {pl.path: z for pl, z in zip(plans, nz) if z is not None}
                 return self._materialize(plans, params, nz)
@@ -546,10 +594,12 @@ class Eggroll:
             if pass_noise:
                 plans = self.plan(params)
                 tree = jax.tree_util.tree_structure(params)
+                table = (jax.ShapeDtypeStruct((self.table_size,), jnp.float32) if self.noise == "table"
+                         else None)
                 out = jax.eval_shape(
-                    lambda p, k, g, a: fitness_fn(p, jax.tree_util.tree_unflatten(
-                        tree, self._member_noise_flat(plans, k, g, 0)), *a),
-                    params, jax.random.key(0), jnp.zeros((), jnp.int32), args)
+                    lambda p, k, t, g, a: fitness_fn(p, jax.tree_util.tree_unflatten(
+                        tree, self._member_noise_flat(plans, _Src(k, t), g, 0)), *a),
+                    params, jax.random.key(0), table, jnp.zeros((), jnp.int32), args)
             else:
                 out = jax.eval_shape(lambda p, a: fitness_fn(p, *a), params, args)
         except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
@@ -574,7 +624,7 @@ class Eggroll:
             f = perturbed_call(fitness_fn, params, noise, *args, axes=self.axes, stats=self._stats)
         return jnp.reshape(f, ()).astype(jnp.float32)
 
-    def _local_fitness(self, plans, fitness_fn, pass_noise, params, key, generation, ids, args,
+    def _local_fitness(self, plans, fitness_fn, pass_noise, params, src, generation, ids, args,
                        keep_noise=False):
         """Fitness of members ``ids`` (global ids; pairs contiguous and starting even). Each noise
         index is drawn once: both members of an antithetic pair share it. With ``keep_noise``
@@ -588,7 +638,7 @@ class Eggroll:
 
         def draw(m):
             js = m[0::2] // 2 if self.antithetic else m
-            return jax.vmap(lambda j: self._draw_flat(plans, key, generation, j))(js)
+            return jax.vmap(lambda j: self._draw_flat(plans, src, generation, j))(js)
 
         def forward(z):
             units = noise_lib.split(plans, z, rank)
@@ -614,7 +664,7 @@ class Eggroll:
         return device * n + jnp.arange(n, dtype=jnp.int32)
 
     # ------------------------------------------------------------------ update
-    def _update(self, plans, params, key, generation, fitness, noise=None):
+    def _update(self, plans, params, src, generation, fitness, noise=None):
         """Gradient from raw fitness; ``noise``: the flat draws of every index (``[num_noise,
         noise_size]``, from the forwards) or ``None`` to regenerate them chunk by chunk."""
         n = self.population_size
@@ -637,7 +687,7 @@ class Eggroll:
         def body(acc, xs):
             jj, cc = xs
             if noise is None:
-                jj = jax.vmap(lambda j: self._draw_flat(plans, key, generation, j))(jj)
+                jj = jax.vmap(lambda j: self._draw_flat(plans, src, generation, j))(jj)
             zs = [z for pl, z in zip(plans, noise_lib.split(plans, jj, self.rank)) if pl.kind != FROZEN]
             new = []
             for pl, a, z in zip(active, acc, zs):
@@ -672,8 +722,8 @@ class Eggroll:
         plans = self.plan(params)
         impl = jax.random.key_impl(jax.random.key(0))
 
-        def run(params, kd, generation, args):
-            key = jax.random.wrap_key_data(kd, impl=impl)
+        def run(params, kd, table, generation, args):
+            key = _Src(jax.random.wrap_key_data(kd, impl=impl), table)
             if self.mesh is None:
                 ids = jnp.arange(self.population_size, dtype=jnp.int32)
                 if kind == "fitness":
@@ -685,8 +735,8 @@ class Eggroll:
                 f = self._local_fitness(plans, fitness_fn, pass_noise, params, key, generation, ids, args)
                 return self._update(plans, params, key, generation, f)
 
-            def body(params, kd, generation, args):
-                key = jax.random.wrap_key_data(kd, impl=impl)
+            def body(params, kd, table, generation, args):
+                key = _Src(jax.random.wrap_key_data(kd, impl=impl), table)
                 ids = self._device_ids(lax.axis_index(self.axis_name))
                 f = self._local_fitness(plans, fitness_fn, pass_noise, params, key, generation, ids, args)
                 f = lax.all_gather(f, self.axis_name, tiled=True)  # only N scalars cross devices
@@ -694,11 +744,11 @@ class Eggroll:
                 return f if kind == "fitness" else self._update(plans, params, key, generation, f)
 
             out_specs = P() if kind == "fitness" else (P(), P())
-            return jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(), P(), P()),
-                                 out_specs=out_specs, check_vma=False)(params, kd, generation, args)
+            return jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(), P(), P(), P()),
+                                 out_specs=out_specs, check_vma=False)(params, kd, table, generation, args)
 
-        def tell(params, kd, generation, fitness):
-            key = jax.random.wrap_key_data(kd, impl=impl)
+        def tell(params, kd, table, generation, fitness):
+            key = _Src(jax.random.wrap_key_data(kd, impl=impl), table)
             return self._update(plans, params, key, generation, fitness)
 
         fn = jax.jit(tell if kind == "tell" else run)
@@ -723,7 +773,7 @@ class Eggroll:
         self._check_state(state)
         kd = jax.random.key_data(state.key)
         gen = jnp.asarray(state.generation, jnp.int32)
-        return self._to_global((params, kd, gen, args))
+        return (*self._to_global((params, kd)), self._table_input(), *self._to_global((gen, args)))
 
     def lower(self, state: EggrollState, params, fitness_fn: Callable[..., Any], *args,
               pass_noise: bool = False):
@@ -760,9 +810,9 @@ class Eggroll:
         self._check_state(state)
         self._plans(params)
         fitness = jnp.asarray(check_fitness(fitness, "fitness", self.population_size))
-        p, kd, gen, _ = self._inputs(state, params, ())
-        grad, info = self._compiled("tell", None, False, params)(p, kd, gen, fitness)
-        return grad, EggrollState(state.key, state.generation + 1), info
+        p, kd, table, gen, _ = self._inputs(state, params, ())
+        grad, info = self._compiled("tell", None, False, params)(p, kd, table, gen, fitness)
+        return grad, state._replace(generation=state.generation + 1), info
 
     def estimate(self, state: EggrollState, params, fitness_fn: Callable[..., Any], *args,
                  pass_noise: bool = False, stats: FactoredStats | None = None):
@@ -781,4 +831,4 @@ class Eggroll:
         self._stats = stats if stats is not None else FactoredStats()
         grad, info = self._compiled("estimate", fitness_fn, pass_noise, params)(*self._inputs(state, params, args))
         grad, info = self._to_local((grad, info))
-        return grad, EggrollState(state.key, state.generation + 1), info
+        return grad, state._replace(generation=state.generation + 1), info

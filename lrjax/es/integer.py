@@ -417,7 +417,8 @@ class IntEggroll:
       noise_reuse: noise changes every ``noise_reuse`` generations (default 1).
       mesh, axis_name, member_chunk, update_chunk: as :class:`lrjax.es.Eggroll` (population split
         over one mesh axis with ``jax.shard_map``; a chunk of ``member_chunk`` consecutive members per
-        ``vmap``, default :func:`~lrjax.es.eggroll.default_member_chunk`; ``update_chunk`` noise
+        ``vmap``, default :func:`~lrjax.es.eggroll.default_member_chunk` with ``sharded=mesh is not
+        None``; ``update_chunk`` noise
         indices summed per step of the update).
 
     ``fitness_fn(params_i, noise_i, *args) -> scalar`` is called per member with ``params_i`` the
@@ -471,7 +472,7 @@ class IntEggroll:
         elif axis_name is not None:
             raise ValueError("axis_name is given but mesh is None; pass mesh= as well")
         if member_chunk is None:
-            member_chunk = default_member_chunk(population_size, True)
+            member_chunk = default_member_chunk(population_size, True, sharded=mesh is not None)
         elif population_size % member_chunk or member_chunk % 2:
             raise ValueError(f"member_chunk must be an even positive divisor of population_size "
                              f"({population_size}), got {member_chunk!r}")
@@ -564,7 +565,7 @@ class IntEggroll:
     def _check_state(self, state, name="state"):
         if not isinstance(state, EggrollState):
             raise TypeError(f"{name} must be an EggrollState from IntEggroll.init, got {type(state).__name__}")
-        key, gen = state
+        key, gen = state.key, state.generation
         if not isinstance(key, (jax.Array, jax.core.Tracer)) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
                 or key.shape != ():
             raise TypeError(f"{name}.key must be one typed key (jax.random.key); build the state with IntEggroll.init")

@@ -28,6 +28,20 @@ generator work, a different stream from lrjax versions before this choice. Integ
 ``(key, counter)`` is the same whatever the sharding or vmap batch, which is what makes the
 update bit-identical for any device count. ``'rademacher'`` noise uses the same words, 32 signs
 per word.
+
+``'table'`` noise (the scheme of EGGROLL's single-file int8 code, nano-egg, in floating point) reads
+each noise index's flat vector as one contiguous window of a pre-drawn table ``T`` of
+``table_size`` standard normals: ``z_j = T[o_j : o_j + size]`` with the offset
+``o_j = w_j mod (table_size - size + 1)``, ``w_j`` the first threefry word of the index's key (the key
+above). The table itself is fixed (``jax.random.normal`` of ``jax.random.key(TABLE_SEED)``, the
+same for every seed: the seed picks the windows), built once per process by :func:`make_table`.
+A generation then costs one generator word per index instead of one per entry -- the
+"pre-drawn factors" of the paper's throughput measurement, drawn on the fly. Every entry is an exact
+N(0, 1) draw and each window's entries are independent, but windows of different indices may overlap
+(each pair with probability about ``2 size / table_size``), so members are not exactly independent
+of each other as with ``'normal'``; keep ``table_size`` well above ``size`` (the default, ``2^22``
+entries = 16 MiB in float32, is ~600 windows of a 3-layer 256-wide MLP at rank 4). Windows are
+integer offsets into a replicated array, so the noise is the same on any device or process count.
 """
 from __future__ import annotations
 
@@ -43,7 +57,8 @@ from jax import lax
 from lrjax import _validation as V
 from lrjax import axes as axes_lib
 
-__all__ = ["LeafPlan", "LowRankNoise", "noise_key", "sign_and_index", "draw", "draw_flat", "split", "noise_size"]
+__all__ = ["LeafPlan", "LowRankNoise", "noise_key", "sign_and_index", "draw", "draw_flat", "split", "noise_size",
+           "make_table", "DEFAULT_TABLE_SIZE"]
 
 LOWRANK, FULL, FROZEN = "lowrank", "full", "frozen"
 
@@ -107,7 +122,49 @@ def noise_size(plans, rank) -> int:
     return sum(math.prod(_block_shape(p, rank)) for p in plans if p.kind != FROZEN)
 
 
-DISTRIBUTIONS = ("normal", "rademacher")
+DISTRIBUTIONS = ("normal", "rademacher", "table")
+DEFAULT_TABLE_SIZE = 2 ** 22
+TABLE_SEED = 0x7AB1E  # the fixed key of the 'table' noise's table (make_table)
+
+
+def make_table(table_size: int = DEFAULT_TABLE_SIZE):
+    """The float32 table of ``'table'`` noise: ``table_size`` standard normals, the first
+    ``table_size`` of :func:`_normal` under the fixed key ``jax.random.key(TABLE_SEED)`` (equal to
+    ``jax.random.normal(key, (table_size,))`` under ``jax.threefry_partitionable(False)``). The same
+    table for every seed (the seed picks the windows), every process and device; built once per
+    process and size (cached), so it never enters an ``EggrollState`` or a checkpoint.
+
+    Errors: ``TypeError`` for a non-integer ``table_size``; ``ValueError`` for ``table_size < 1`` or
+    above ``2^31 - 1``."""
+    table_size = V.check_int(table_size, "table_size", low=1, high=2 ** 31 - 1)
+    return _make_table(table_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _make_table(table_size: int):
+    with jax.ensure_compile_time_eval():
+        return _normal(jax.random.key(TABLE_SEED), table_size, jnp.float32)
+
+
+def check_table(table, size: int, name: str = "table"):
+    """``table`` must be a 1-D floating array of at least ``size`` entries (one window)."""
+    if not isinstance(table, (jax.Array, np.ndarray, jax.core.Tracer)) or table.ndim != 1 \
+            or not jnp.issubdtype(table.dtype, jnp.floating):
+        raise TypeError(f"{name} must be the 1-D float noise table of distribution='table' (make_table(size), "
+                        f"Eggroll.table), got {getattr(table, 'dtype', type(table).__name__)}"
+                        f"{tuple(getattr(table, 'shape', ()))}")
+    if table.shape[0] < size:
+        raise ValueError(f"{name} has {table.shape[0]} entries but one noise index needs a window of {size} "
+                         f"(noise_size): raise table_size to well above {size} (windows of different "
+                         "members overlap with probability about 2 x size / table_size)")
+    return table
+
+
+def _table_window(key, table, size, dtype):
+    """``table[o : o + size]`` with ``o`` the first threefry word of ``key`` mod ``(len - size + 1)``."""
+    span = table.shape[0] - size + 1
+    off = _bits(key, 1)[0] % jnp.uint32(span)
+    return lax.dynamic_slice(table, (off.astype(jnp.int32),), (size,)).astype(dtype)
 
 
 def _rademacher(key, size, dtype):
@@ -171,10 +228,11 @@ def _normal(key, size, dtype):
 
 
 def draw_flat(plans, key, generation, index, rank: int | None, noise_reuse: int = 1,
-              distribution: str = "normal"):
+              distribution: str = "normal", table=None):
     """The flat unit-scale vector of noise index ``index`` (length :func:`noise_size`, float32 or
     wider), or ``None`` when every leaf is frozen. :func:`split` cuts it into the leaves' blocks;
-    keeping it lets one draw serve both the member forwards and the update."""
+    keeping it lets one draw serve both the member forwards and the update. ``table``: the
+    :func:`make_table` array, needed by (only) ``distribution='table'``."""
     V.check_choice(distribution, "distribution", DISTRIBUTIONS)
     rank = V.check_int(rank, "rank", low=1, allow_none=True)
     active = [p for p in plans if p.kind != FROZEN]
@@ -182,6 +240,12 @@ def draw_flat(plans, key, generation, index, rank: int | None, noise_reuse: int 
         return None
     dt = functools.reduce(jnp.promote_types, [noise_dtype(p.dtype) for p in active])
     k = noise_key(key, generation, index, noise_reuse)
+    if distribution == "table":
+        if table is None:
+            raise ValueError("distribution='table' needs the noise table: pass table=make_table(size) "
+                             "(Eggroll.table)")
+        size = noise_size(plans, rank)
+        return _table_window(k, check_table(table, size), size, dt)
     if distribution == "rademacher":
         return _rademacher(k, noise_size(plans, rank), dt)
     return _normal(k, noise_size(plans, rank), dt)
@@ -211,7 +275,7 @@ def split(plans, z, rank: int | None):
 
 
 def draw(plans, key, generation, index, rank: int | None, noise_reuse: int = 1,
-         distribution: str = "normal"):
+         distribution: str = "normal", table=None):
     """Unit-scale noise of every leaf for one noise index, aligned with ``plans``: ``(A, B)`` for a
     low-rank leaf (``A: [*batch, M, r]``, ``B: [*batch, N, r]``), an array of the leaf's shape for
     a full leaf, ``None`` for a frozen one.
@@ -219,5 +283,6 @@ def draw(plans, key, generation, index, rank: int | None, noise_reuse: int = 1,
     ``distribution='normal'`` (the paper's) draws standard normals; ``'rademacher'`` draws +-1
     entries (mean 0, variance 1, so ``A B^T / sqrt(r)`` still has unit-variance entries) from packed
     random bits -- 32 entries per threefry word instead of one, the cheap choice where the
-    generator, not the matmuls, dominates (CPUs)."""
-    return split(plans, draw_flat(plans, key, generation, index, rank, noise_reuse, distribution), rank)
+    generator, not the matmuls, dominates (CPUs); ``'table'`` reads a window of ``table`` (the
+    module docstring)."""
+    return split(plans, draw_flat(plans, key, generation, index, rank, noise_reuse, distribution, table), rank)
