@@ -88,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--task-generations", type=int, default=None, help="default 300 (quick: 10); 0 skips the digits task")
     p.add_argument("--task-population", type=int, default=None, help="default 512 (quick: 64)")
     p.add_argument("--target-acc", type=float, default=None, help="default 0.85 (quick: 0.3)")
+    p.add_argument("--task-noises", default="normal", help="Eggroll noises the digits task trains with, "
+                   "comma-separated (normal, rademacher, table); the first is plotted")
     p.add_argument("--hyperscale", default="auto", choices=["auto", "off", "gpu", "cpu"],
                    help="the paper's throughput config: 'gpu' = 8192-wide bf16 linear, 1024 members per "
                    "batched call; 'cpu' = the scaled-down run (see the module docstring); 'auto' picks by backend")
@@ -343,7 +345,7 @@ def hyperscale_table(h):
 
 
 # --------------------------------------------------------------------------- digits task
-def digits_task(args):
+def digits_task(args, noise="normal"):
     from lrjax import data
     tr = data.as_arrays(data.load("digits", split="train"))
     te = data.as_arrays(data.load("digits", split="test"))
@@ -363,7 +365,7 @@ def digits_task(args):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits(p, x)), y[:, None], 1))
 
     acc = jax.jit(lambda p: jnp.mean(jnp.argmax(logits(p, xte), -1) == yte))
-    es = Eggroll(args.task_population, rank=4, sigma=0.05, shaping="centered_rank", maximize=False)
+    es = Eggroll(args.task_population, rank=4, sigma=0.05, shaping="centered_rank", maximize=False, noise=noise)
     st = es.init(jax.random.key(args.seed + 1))
     opt = optax.adam(0.03)
     os_ = opt.init(params)
@@ -393,6 +395,7 @@ def digits_task(args):
         g, st, _ = es.estimate(st, params, loss, xtr[idx], ytr[idx])
         params, os_ = apply_update(params, os_, g)
     return {"config": {"population": args.task_population, "rank": 4, "sigma": 0.05, "optimizer": "adam(0.03)",
+                       "noise": noise,
                        "batch": batch, "shaping": "centered_rank", "model": "64-64-10 tanh MLP"},
             "target_acc": args.target_acc, "reached": reached, "final_test_acc": hist["test_acc"][-1],
             "history": hist}
@@ -449,20 +452,25 @@ def main(argv=None):
     results = [cost_workload(args, w, n) for w, n in args.configs]
     hs = hyperscale_config(args)
     hyper = hyperscale_workload(args, hs) if hs else None
-    task = digits_task(args) if args.task_generations > 0 else None
+    noises = [n.strip() for n in args.task_noises.split(",") if n.strip()]
+    tasks = {n: digits_task(args, n) for n in noises} if args.task_generations > 0 else {}
+    task = tasks[noises[0]] if tasks else None
     md = table(results) + ("\n\n" + hyperscale_table(hyper) if hyper else "")
     res = {"command": " ".join(sys.argv), "device": device_info(), "config": vars(args), "workloads": results,
-           "hyperscale": hyper, "load_avg_before": load_before, "load_avg_after": list(os.getloadavg()), "digits": task, "table_markdown": md}
+           "hyperscale": hyper, "load_avg_before": load_before, "load_avg_after": list(os.getloadavg()), "digits": task,
+           "digits_by_noise": {n: {k: t[k] for k in ("reached", "final_test_acc")} | {"final_train_loss": t["history"]["train_loss"][-1]}
+                               for n, t in tasks.items()}, "table_markdown": md}
     stem = os.path.join(args.out, "bench_es" + (f"_{args.tag}" if args.tag else ""))
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1, default=str)
     plot(results, task, stem + ".png")
     print(md)
-    r = task["reached"] if task else None
-    if task:
-        print(f"\ndigits (ES only, N={args.task_population}, rank 4): final test acc {task['final_test_acc']:.3f}; "
-              f"target {args.target_acc:.2f} " + (f"reached at generation {r['generation']} after "
-                                                  f"{r['wall_s']:.1f} s" if r else "not reached"))
+    for n, t in tasks.items():
+        r = t["reached"]
+        print(f"\ndigits (ES only, N={args.task_population}, rank 4, noise={n}): final test acc "
+              f"{t['final_test_acc']:.3f}, train loss {t['history']['train_loss'][-1]:.4f}; target "
+              f"{args.target_acc:.2f} " + (f"reached at generation {r['generation']} after "
+                                          f"{r['wall_s']:.1f} s" if r else "not reached"))
     print(f"reproduce: python experiments/bench_es.py {' '.join(sys.argv[1:])}")
 
 
