@@ -29,7 +29,8 @@ def test_bench_es_quick(tmp_path):
         assert k in res, k
     assert {"platform", "device_kind", "cpu_count", "jax"} <= set(res["device"])
     w = res["workloads"][0]
-    assert {"inference", "open_es", "eggroll_r4", "eggroll_r4_rad", "eggroll_r4_regen", "limit_r4"} <= set(w["methods"])
+    assert {"inference", "open_es", "eggroll_r4", "eggroll_r4_rad", "eggroll_r4_table", "eggroll_r4_regen",
+            "eggroll_r4_eager", "limit_r4"} <= set(w["methods"])
     for m, r in w["methods"].items():
         assert r["median_ms"] > 0 and r["ratio_to_inference"] > 0 and r["memory_bytes"] > 0, m
         assert ("ratio_to_limit" in r) == m.startswith("eggroll"), m
@@ -38,7 +39,7 @@ def test_bench_es_quick(tmp_path):
             assert r["ratio_to_limit"] == r["median_ms"] / lim, m
     assert "| / limit |" in res["table_markdown"] and "Hyperscale throughput" in res["table_markdown"]
     hs = res["hyperscale"]
-    assert hs["config"] == "quick" and {"inference", "eggroll_r4", "pregen_r4"} == set(hs["methods"])
+    assert hs["config"] == "quick" and {"inference", "eggroll_r4", "table_r4", "pregen_r4"} == set(hs["methods"])
     for m, r in hs["methods"].items():
         assert r["percent_of_inference"] == 100.0 * hs["methods"]["inference"]["median_ms"] / r["median_ms"], m
     assert max(hs["check_rel_err"]) < 1e-5   # on-the-fly members equal the materialized W + sigma E_i
