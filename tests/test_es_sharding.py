@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 POP = 64  # default member_chunk 8: 8 chunks, evaluated 8 / 1 / 2 per device on 1 / 8 / 4 devices
 POP_PAD, CHUNK_PAD = 24, 4  # 6 chunks: 2 dummy chunks on 8 devices and on 4
 WIDTH = 48
-TABLE_SIZE = 1 << 14  # noise='table': 16,384 entries (one index's window: 12,144)
+TABLE_SIZE = 1 << 16  # noise="table": 65,536 entries (one index's window: 12,144; >= 4 windows required)
 
 
 def _worker(out, port=None, pid=None):

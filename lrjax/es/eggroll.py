@@ -104,20 +104,32 @@ def default_member_chunk(population_size: int, antithetic: bool = True, *, shard
     """Default evaluation chunk: the largest divisor of ``N`` (even with ``antithetic``) that is at
     most ``min(256, N // 8)`` (at least one pair) with ``sharded=True`` (the rule of every ``mesh``:
     at least 8 chunks, so 8 devices are all busy; a function of ``N`` only, so every mesh layout
-    agrees bit for bit), and at most ``256`` with ``sharded=False`` (the rule without a mesh: as few
-    sequential chunks as the 256-member cap allows, since one device gains nothing from more)."""
+    agrees bit for bit), and at most ``256`` with ``sharded=False`` (the rule without a mesh: one
+    device gains nothing from more sequential chunks). Being a divisor, it is small when ``N`` (or
+    ``N / 2``) has no divisor near the cap -- ``N = 514`` gives chunks of 2 members, 257 of
+    them: choose such an ``N``, or pass ``member_chunk``. Errors: ``ValueError`` for an odd ``N``
+    with ``antithetic``."""
     population_size = V.check_int(population_size, "population_size", low=1)
     step = 2 if V.check_bool(antithetic, "antithetic") else 1
     sharded = V.check_bool(sharded, "sharded")
+    if population_size % step:
+        raise ValueError(f"population_size must be even with antithetic=True (mirrored pairs), got {population_size}")
     cap = max(step, min(MAX_DEFAULT_MEMBER_CHUNK, population_size // 8 if sharded else population_size))
     return step * _largest_divisor_at_most(population_size // step, cap // step)
 
 
 # ------------------------------------------------------------------ argument checks
 def _check_key(key, name="key"):
-    """One PRNG key (:func:`lrjax._validation.check_key`), legacy ``uint32[2]`` keys wrapped as typed keys."""
+    """One threefry PRNG key (:func:`lrjax._validation.check_key`), legacy ``uint32[2]`` keys wrapped
+    as typed keys. Other implementations (``impl='rbg'``) are refused: the counter-based noise
+    hashes threefry key words."""
     key = check_key(key, name)
-    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(jnp.asarray(key))
+    key = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(
+        jnp.asarray(key), impl="threefry2x32")
+    if str(jax.random.key_impl(key)) != "threefry2x32":
+        raise TypeError(f"{name} must be a threefry key (jax.random.key(seed), the default implementation), got "
+                        f"impl={jax.random.key_impl(key)}: the ES noise is a threefry hash of (seed, generation, index)")
+    return key
 
 
 def _check_params(params, name="params") -> dict:
@@ -190,23 +202,29 @@ class Eggroll:
         window of a pre-drawn table per noise index, at an offset hashed from ``(seed,
         generation, index)``: one generator word per index; the scheme of the paper's int8 code,
         see :mod:`lrjax.es.noise` for the math and the overlap caveat).
-      table_size: entries of the ``noise='table'`` table (default ``2^22``, 16 MiB of float32;
-        ignored by the other noises). Must hold one noise index's window (``noise_size`` entries,
-        checked per params, ``ValueError``); keep it far larger so windows rarely overlap.
+      table_size: entries of the ``noise='table'`` table (default ``2^22``, 16 MiB of float32, at
+        most ``2^30``; ignored by the other noises). With a window of ``s`` entries per noise index
+        (``noise_size``, fixed by the params and rank) and ``n`` noise indices per generation, a
+        generation has about ``n^2 s / table_size`` pairs of partly overlapping windows and
+        ``n^2 / (2 (table_size - s + 1))`` pairs of identical ones (identical noise for two
+        members). Refused (``ValueError``, checked per params before tracing) unless
+        ``table_size >= 4 s`` and ``table_size - s + 1 >= n``; keep it far larger (the default
+        gives 0.002 identical and ~27 partly overlapping pairs for a 3-layer 256-wide MLP at rank
+        4, N = 256).
       mesh, axis_name: split the population over ``mesh.shape[axis_name]`` devices with
         ``jax.shard_map`` (default axis: the mesh's first). Works across processes after
         ``jax.distributed.initialize``.
       member_chunk: members evaluated together by one ``vmap`` (a global chunk of consecutive
         member ids, see "Sharding" above); a device runs its chunks with a sequential
         ``lax.map``. An even divisor of ``N`` (with ``antithetic``). Default
-        ``default_member_chunk(N)``: the largest even divisor of ``N`` that is at most
-        ``min(256, N // 8)`` with a ``mesh``, so there are at least 8 chunks (8 devices all busy)
+        ``default_member_chunk(N, antithetic, sharded=mesh is not None)``: the largest divisor of
+        ``N`` (even with ``antithetic``) that is at most ``min(256, N // 8)`` with a ``mesh``, so there are at least 8 chunks (8 devices all busy)
         and at most 256 members per ``vmap``; without a mesh the largest such divisor at most
         ``256`` (one ``vmap`` for ``N <= 256``: sequential chunks only cost time on one device).
         With a mesh it depends on ``N`` only, never on the device count, which keeps the update
         bit-identical across mesh layouts; any value you fix does too, with or without a mesh
-        (pass ``member_chunk=default_member_chunk(N)`` to reproduce a mesh run's bits without
-        one). Larger chunks raise throughput (fewer sequential steps) at the cost of memory and
+        (pass ``member_chunk=default_member_chunk(N, antithetic)`` to reproduce a mesh run's bits
+        without one). Larger chunks raise throughput (fewer sequential steps) at the cost of memory and
         of idle devices when there are fewer chunks than devices.
       update_chunk: noise indices summed together per step of the update (default 128).
       store_noise: keep each noise index's flat draw from the member forwards and reuse it in the
@@ -237,7 +255,7 @@ class Eggroll:
     Argument rules (checked at construction, before anything is traced): ``population_size``,
     ``rank``, ``noise_reuse``, ``member_chunk``, ``update_chunk`` are ints in range, ``sigma`` a
     finite float ``> 0``, ``maximize``/``antithetic`` real bools, ``store_noise`` a real bool or
-    ``'auto'``, ``shaping`` and
+    ``'auto'``, ``table_size`` an int in ``[1, 2^30]``, ``shaping`` and
     ``noise`` one of their names; a population of 1 (``antithetic=False``) is refused with
     ``'z_score'`` and ``'centered_rank'`` (no spread); ``rank > min(M, N)`` of a targeted leaf is
     refused naming the leaf (lrjax's one rank rule). Params must be a pytree of arrays with at
@@ -270,7 +288,7 @@ class Eggroll:
         antithetic = V.check_bool(antithetic, "antithetic")
         noise_reuse = V.check_int(noise_reuse, "noise_reuse", low=1)
         V.check_choice(noise, "noise", noise_lib.DISTRIBUTIONS)
-        table_size = V.check_int(table_size, "table_size", low=1, high=2 ** 31 - 1)
+        table_size = V.check_int(table_size, "table_size", low=1, high=noise_lib.MAX_TABLE_SIZE)
         update_chunk = V.check_int(update_chunk, "update_chunk", low=1)
         if not (isinstance(store_noise, str) and store_noise == "auto"):
             try:
@@ -422,11 +440,15 @@ class Eggroll:
         if all(pl.kind == FROZEN for pl in plans):
             raise ValueError("params: no leaf is perturbed (every leaf is frozen or not floating), so the "
                              "ES update would be identically zero; pass floating params or loosen `frozen`")
-        if self.noise == "table" and noise_lib.noise_size(plans, self.rank) > self.table_size:
-            raise ValueError(f"table_size={self.table_size} is smaller than one noise index's window "
-                             f"({noise_lib.noise_size(plans, self.rank)} entries for these params at rank "
-                             f"{self.rank}): raise table_size to well above it (windows of different members "
-                             "overlap with probability about 2 x window / table_size)")
+        if self.noise == "table":
+            size = noise_lib.noise_size(plans, self.rank)
+            if self.table_size < 4 * size or self.table_size - size + 1 < self.num_noise:
+                raise ValueError(
+                    f"table_size={self.table_size} is too small for these params: one noise index reads a "
+                    f"window of {size} entries (rank {self.rank}) and a generation draws {self.num_noise} "
+                    f"windows; table_size must be >= 4 x window ({4 * size}) and leave >= {self.num_noise} "
+                    f"offsets, and far larger in practice (about n^2 window / table_size windows overlap): "
+                    f"raise table_size")
         _check_params_finite(flat)
         return plans
 
@@ -438,6 +460,9 @@ class Eggroll:
                 or key.shape != ():
             raise TypeError(f"{name}.key must be one typed key (jax.random.key), got "
                             f"{getattr(key, 'dtype', type(key).__name__)}; build the state with Eggroll.init")
+        if str(jax.random.key_impl(key)) != "threefry2x32":
+            raise TypeError(f"{name}.key must be a threefry key (jax.random.key(seed), the default implementation), "
+                            f"got impl={jax.random.key_impl(key)}; build the state with Eggroll.init")
         g = gen if isinstance(gen, (jax.Array, np.ndarray, jax.core.Tracer)) else None
         if g is None:
             V.check_int(gen, f"{name}.generation", low=0)
@@ -555,7 +580,7 @@ class Eggroll:
         ck = ("ask", perturbation, treedef, tuple((pl.shape, str(pl.dtype)) for pl in plans))
         if ck in self._cache:
             return self._cache[ck]
-        impl = jax.random.key_impl(jax.random.key(0))
+        impl = "threefry2x32"  # _check_key refuses other implementations
 
         def run(params, kd, table, generation, ids):
             src = _Src(jax.random.wrap_key_data(kd, impl=impl), table)
@@ -720,7 +745,7 @@ class Eggroll:
         if ck in self._cache:
             return self._cache[ck]
         plans = self.plan(params)
-        impl = jax.random.key_impl(jax.random.key(0))
+        impl = "threefry2x32"  # _check_key refuses other implementations
 
         def run(params, kd, table, generation, args):
             key = _Src(jax.random.wrap_key_data(kd, impl=impl), table)

@@ -569,6 +569,9 @@ class IntEggroll:
         if not isinstance(key, (jax.Array, jax.core.Tracer)) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
                 or key.shape != ():
             raise TypeError(f"{name}.key must be one typed key (jax.random.key); build the state with IntEggroll.init")
+        if str(jax.random.key_impl(key)) != "threefry2x32":
+            raise TypeError(f"{name}.key must be a threefry key (jax.random.key(seed), the default implementation), "
+                            f"got impl={jax.random.key_impl(key)}; build the state with IntEggroll.init")
         if not hasattr(gen, "dtype") or gen.ndim != 0 or not jnp.issubdtype(gen.dtype, jnp.integer):
             raise TypeError(f"{name}.generation must be an integer scalar array")
 
@@ -717,7 +720,7 @@ class IntEggroll:
         if ck in self._cache:
             return self._cache[ck]
         plans = self._plans(params)
-        impl = jax.random.key_impl(jax.random.key(0))
+        impl = "threefry2x32"  # _check_key refuses other implementations
         n = self.population_size
 
         def run(params, kd, generation, thr, args):

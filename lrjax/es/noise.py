@@ -89,9 +89,25 @@ class LowRankNoise(NamedTuple):
         return self.scale * (self.a @ jnp.swapaxes(self.b, -1, -2))
 
 
+def _check_counter(value, name):
+    """A generation or noise index: a Python/NumPy int in ``[0, 2^32)`` or an integer scalar array
+    (traced ones too; concrete ones are range-checked)."""
+    if isinstance(value, (jax.Array, np.ndarray, jax.core.Tracer)) and not isinstance(value, np.generic):
+        if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
+            raise TypeError(f"{name} must be an integer scalar (an int or a 0-d integer array), got "
+                            f"{value.dtype}{tuple(value.shape)}")
+        if V.is_concrete(value) and not 0 <= int(value) < 2 ** 32:
+            raise ValueError(f"{name} must be in [0, 2^32), got {int(value)}")
+        return value
+    return V.check_int(value, name, low=0, high=2 ** 32 - 1)
+
+
 def noise_key(key, generation, index, noise_reuse: int = 1):
-    """Key of noise index ``index`` in ``generation``."""
+    """Key of noise index ``index`` in ``generation`` (both ints in ``[0, 2^32)`` or integer scalar
+    arrays: ``TypeError`` / ``ValueError`` otherwise)."""
     noise_reuse = V.check_int(noise_reuse, "noise_reuse", low=1)
+    generation = _check_counter(generation, "generation")
+    index = _check_counter(index, "index")
     epoch = jnp.asarray(generation, jnp.uint32) // jnp.uint32(noise_reuse)
     return jax.random.fold_in(jax.random.fold_in(key, epoch), jnp.asarray(index, jnp.uint32))
 
@@ -124,6 +140,7 @@ def noise_size(plans, rank) -> int:
 
 DISTRIBUTIONS = ("normal", "rademacher", "table")
 DEFAULT_TABLE_SIZE = 2 ** 22
+MAX_TABLE_SIZE = 2 ** 30
 TABLE_SEED = 0x7AB1E  # the fixed key of the 'table' noise's table (make_table)
 
 
@@ -132,11 +149,12 @@ def make_table(table_size: int = DEFAULT_TABLE_SIZE):
     ``table_size`` of :func:`_normal` under the fixed key ``jax.random.key(TABLE_SEED)`` (equal to
     ``jax.random.normal(key, (table_size,))`` under ``jax.threefry_partitionable(False)``). The same
     table for every seed (the seed picks the windows), every process and device; built once per
-    process and size (cached), so it never enters an ``EggrollState`` or a checkpoint.
+    process and size (the last 4 sizes are cached), so it never enters an ``EggrollState`` or a
+    checkpoint. Memory: the table's ``4 table_size`` bytes, plus about 5x that while it is drawn.
 
     Errors: ``TypeError`` for a non-integer ``table_size``; ``ValueError`` for ``table_size < 1`` or
-    above ``2^31 - 1``."""
-    table_size = V.check_int(table_size, "table_size", low=1, high=2 ** 31 - 1)
+    above ``MAX_TABLE_SIZE`` (``2^30``, 4 GiB)."""
+    table_size = V.check_int(table_size, "table_size", low=1, high=MAX_TABLE_SIZE)
     return _make_table(table_size)
 
 
@@ -147,9 +165,10 @@ def _make_table(table_size: int):
 
 
 def check_table(table, size: int, name: str = "table"):
-    """``table`` must be a 1-D floating array of at least ``size`` entries (one window)."""
+    """``table`` must be a 1-D float32/float64 array of at least ``size`` entries (one window), with
+    no NaN/Inf where it is concrete."""
     if not isinstance(table, (jax.Array, np.ndarray, jax.core.Tracer)) or table.ndim != 1 \
-            or not jnp.issubdtype(table.dtype, jnp.floating):
+            or table.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} must be the 1-D float noise table of distribution='table' (make_table(size), "
                         f"Eggroll.table), got {getattr(table, 'dtype', type(table).__name__)}"
                         f"{tuple(getattr(table, 'shape', ()))}")
@@ -157,6 +176,8 @@ def check_table(table, size: int, name: str = "table"):
         raise ValueError(f"{name} has {table.shape[0]} entries but one noise index needs a window of {size} "
                          f"(noise_size): raise table_size to well above {size} (windows of different "
                          "members overlap with probability about 2 x size / table_size)")
+    if V.is_concrete(table) and not bool(jnp.all(jnp.isfinite(table))):
+        raise ValueError(f"{name} contains NaN or Inf: use make_table(size)")
     return table
 
 
@@ -232,9 +253,22 @@ def draw_flat(plans, key, generation, index, rank: int | None, noise_reuse: int 
     """The flat unit-scale vector of noise index ``index`` (length :func:`noise_size`, float32 or
     wider), or ``None`` when every leaf is frozen. :func:`split` cuts it into the leaves' blocks;
     keeping it lets one draw serve both the member forwards and the update. ``table``: the
-    :func:`make_table` array, needed by (only) ``distribution='table'``."""
+    :func:`make_table` array, needed by (only) ``distribution='table'``.
+
+    Errors: ``TypeError`` for ``plans`` that are not a list of :class:`LeafPlan` (``Eggroll.plan``),
+    a non-integer ``rank``, ``generation`` or ``index``, a ``table`` that is not a 1-D float32/float64
+    array; ``ValueError`` for ``rank=None`` with a low-rank leaf, negative counters, an unknown
+    ``distribution``, ``distribution='table'`` without a table (or a ``table`` with another
+    distribution), a table shorter than one window or with NaN/Inf."""
     V.check_choice(distribution, "distribution", DISTRIBUTIONS)
     rank = V.check_int(rank, "rank", low=1, allow_none=True)
+    if isinstance(plans, (str, bytes)) or not isinstance(plans, (list, tuple)) \
+            or not all(isinstance(p, LeafPlan) for p in plans):
+        raise TypeError(f"plans must be the list of LeafPlan from Eggroll.plan(params), got {type(plans).__name__}")
+    if rank is None and any(p.kind == LOWRANK for p in plans):
+        raise ValueError("rank=None but the plans have low-rank leaves: pass the rank they were planned with")
+    if table is not None and distribution != "table":
+        raise ValueError(f"table is only used by distribution='table', got distribution={distribution!r}")
     active = [p for p in plans if p.kind != FROZEN]
     if not active:
         return None
