@@ -317,7 +317,9 @@ def test_bad_input():
         M.LowRankSS2D(8, d_conv=2, rngs=rngs)
     with pytest.raises(TypeError, match="rngs"):
         M.LowRankSS2D(8, rngs=0)
-    m = M.DLRMambaClassifier(d_model=8, n_layers=1, d_state=2, expand=1, height=4, width=4, rngs=rngs)
+    # the input checks run before any weight is read: an abstract model (no eager init) is enough
+    m = nnx.eval_shape(lambda: M.DLRMambaClassifier(d_model=8, n_layers=1, d_state=2, expand=1, height=4, width=4,
+                                                    rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="x must be.*16"):
         m(jnp.ones((2, 15)))
     with pytest.raises(TypeError, match="x"):
@@ -328,11 +330,13 @@ def test_bad_input():
         M.cross_scan(jnp.ones((2, 15, 3)), 4, 4)
     with pytest.raises(ValueError, match="y must be"):
         M.cross_merge(jnp.ones((2, 3, 16, 3)), 4, 4)
+    # validation only: NumPy inputs of the usual shapes (no eager jax.random programs to compile)
+    dense = {k: np.ones(v.shape, np.float32) for k, v in jax.eval_shape(_dense_params).items()}
     with pytest.raises(ValueError, match="x must have H\\*W"):
-        M.ss2d(_dense_params(), jnp.ones((2, 10, 4)), height=3, width=3)
+        M.ss2d(dense, jnp.ones((2, 10, 4)), height=3, width=3)
     with pytest.raises(ValueError, match="missing"):
-        M.ss2d({k: v for k, v in _dense_params().items() if k != "D"}, jnp.ones((2, 9, 4)), height=3, width=3)
-    x, dl, A, B, C, D, h0 = _scan_inputs()
+        M.ss2d({k: v for k, v in dense.items() if k != "D"}, jnp.ones((2, 9, 4)), height=3, width=3)
+    x, dl, A, B, C, D, h0 = (np.full(v.shape, 0.5, np.float32) for v in jax.eval_shape(_scan_inputs))
     with pytest.raises(ValueError, match="delta"):
         M.selective_scan(x, dl[:, :-1], A, B, C)
     with pytest.raises(ValueError, match="B must"):
@@ -347,7 +351,7 @@ def test_bad_input():
         M.selective_scan(np.asarray(x).tolist(), dl, A, B, C)
     with pytest.raises(ValueError, match="method"):
         M.selective_scan(x, dl, A, B, C, method="parallel")
-    hs, ht = _rand(1, (2, 3, 2), (2, 3, 4))
+    hs, ht = np.ones((2, 3, 2), np.float32), np.ones((2, 3, 4), np.float32)
     with pytest.raises(ValueError, match="proj\\[0\\]"):
         M.state_distill_loss([hs], [ht])
     with pytest.raises(ValueError, match="proj\\[0\\] must be"):
