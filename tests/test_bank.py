@@ -22,21 +22,32 @@ class MLP(nn.Module):
         return nn.Dense(7, name="fc2")(nn.gelu(nn.Dense(16, name="fc1")(x)))
 
 
+def _np_like(tree, rng, scale=1.0, dtype=None):
+    """NumPy normal draws (times ``scale / sqrt(fan-in)`` for matrices) shaped like ``tree``'s leaves:
+    test data without compiling one eager jax.random program per shape."""
+    def one(s):
+        fan = s.shape[-2] if len(s.shape) >= 2 else 1
+        return jnp.asarray(scale * rng.normal(size=s.shape) / np.sqrt(fan), dtype or s.dtype)
+    return jax.tree.map(one, tree)
+
+
 def _loras(params, dtype=jnp.float32, seed=10):
     out = []
     for j, r in enumerate(RANKS):
         rp = lrjax.LoRA(rank=r, alpha=2.0 * r + 1, dtype=dtype)
-        _, ad = rp.init(jax.random.key(seed + j), params)
-        kb = jax.random.key(seed + 20 + j)
-        ad = {p: {"a": f["a"], "b": (0.3 * jax.random.normal(kb, f["b"].shape)).astype(dtype)} for p, f in ad.items()}
+        _, ad = jax.eval_shape(lambda p: rp.init(jax.random.key(seed + j), p), params)
+        rng = np.random.default_rng(seed + j)
+        ad = {p: {"a": _np_like(f["a"], rng), "b": jnp.asarray(0.3 * rng.normal(size=f["b"].shape), dtype)}
+              for p, f in ad.items()}
         out.append((rp, ad))
     return out
 
 
 def _setup(dtype=jnp.float32, n=24, tile=32):
     model = MLP()
-    x = jax.random.normal(jax.random.key(0), (n, 8)).astype(dtype)
-    params = jax.tree.map(lambda v: v.astype(dtype), model.init(jax.random.key(1), x))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, 8)), dtype)
+    params = _np_like(jax.eval_shape(model.init, jax.random.key(1), x), rng, dtype=dtype)
     bank = AdapterBank(slots=4, rank=6, capacity=sum(RANKS), tile=tile)
     base, bk = bank.init(jax.random.key(2), params)
     loras = _loras(params, dtype)
@@ -205,19 +216,20 @@ def test_bad_input():
     with pytest.raises(ValueError, match="slot"):
         bank.unload(bk, -1)
     big = lrjax.LoRA(rank=7)
-    _, ad7 = big.init(jax.random.key(0), params)
+    rng = np.random.default_rng(1)  # refusals only: NumPy-filled adapters of the right shapes
+    _, ad7 = _np_like(jax.eval_shape(lambda p: big.init(jax.random.key(0), p), params), rng)
     with pytest.raises(ValueError, match="rank"):
         bank.load(bk, 3, ad7, big)
     with pytest.raises(ValueError, match="capacity"):  # 11 columns all in use
         bank.load(bk, 3, ad, rp)
-    other = MLP().init(jax.random.key(1), jnp.zeros((1, 9)))
-    _, ad_other = rp.init(jax.random.key(0), other)
+    other = _np_like(jax.eval_shape(MLP().init, jax.random.key(1), jnp.zeros((1, 9))), rng)
+    _, ad_other = _np_like(jax.eval_shape(lambda p: rp.init(jax.random.key(0), p), other), rng)
     with pytest.raises(ValueError, match="adapters"):
         bank.load(bank.unload(bk, 0), 0, ad_other, rp)
     with pytest.raises(ValueError, match="adapters"):
         bank.load(bk, 0, {"params/nope/kernel": ad["params/fc1/kernel"]}, rp)
     dora = lrjax.DoRA(rank=2)
-    _, add = dora.init(jax.random.key(0), params)
+    _, add = _np_like(jax.eval_shape(lambda p: dora.init(jax.random.key(0), p), params), rng)
     with pytest.raises(ValueError, match="rp"):
         bank.load(bank.unload(bk, 0), 0, add, dora)
     with pytest.raises(TypeError, match="rp"):
