@@ -32,11 +32,12 @@ def _worker(out, port=None, pid=None):
 
     from lrjax.es import Eggroll
 
-    k = jax.random.split(jax.random.key(0), 4)
-    params = {"l0": {"kernel": jax.random.normal(k[0], (6, WIDTH)) * 0.4, "bias": jnp.zeros(WIDTH)},
-              "stack": jax.random.normal(k[1], (2, WIDTH, WIDTH)) * WIDTH ** -0.5,
-              "head": {"kernel": jax.random.normal(k[2], (WIDTH, 3)) * 0.3}}
-    x = jax.random.normal(k[3], (16, 6))
+    rng = np.random.default_rng(0)  # NumPy draws: no eager JAX programs to compile in each layout's process
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    params = {"l0": {"kernel": f32(6, WIDTH) * 0.4, "bias": np.zeros(WIDTH, np.float32)},
+              "stack": f32(2, WIDTH, WIDTH) * WIDTH ** -0.5,
+              "head": {"kernel": f32(WIDTH, 3) * 0.3}}
+    x = f32(16, 6)
 
     def fit(p, x):
         h = jnp.tanh(x @ p["l0"]["kernel"] + p["l0"]["bias"])
@@ -44,6 +45,13 @@ def _worker(out, port=None, pid=None):
         return -jnp.mean((h @ p["head"]["kernel"]) ** 2)
 
     mesh = Mesh(np.array(jax.devices()), ("pop",))
+    opt = optax.adam(1e-2)
+
+    @jax.jit
+    def opt_step(g, os_, p):   # one compiled program for every variant (same tree)
+        u, os_ = opt.update(g, os_, p)
+        return optax.apply_updates(p, u), os_
+
     res = {}
     for tag, es in (("", Eggroll(POP, rank=2, sigma=0.1, mesh=mesh)),  # defaults
                     ("pad_", Eggroll(POP_PAD, rank=2, sigma=0.1, mesh=mesh, member_chunk=CHUNK_PAD)),
@@ -51,15 +59,13 @@ def _worker(out, port=None, pid=None):
                     ("tab_", Eggroll(POP_PAD, rank=2, sigma=0.1, mesh=mesh, member_chunk=CHUNK_PAD,
                                      noise="table", table_size=TABLE_SIZE))):
         st = es.init(jax.random.key(1))
-        opt = optax.adam(1e-2)
         p, os_ = params, opt.init(params)
         for gen in range(2):
             g, st, info = es.estimate(st, p, fit, x)
             for name, leaf in zip(["l0b", "l0k", "head", "stack"], jax.tree.leaves(g)):
                 res[f"{tag}g{gen}_{name}"] = np.asarray(leaf)
             res[f"{tag}fit{gen}"] = np.asarray(info.fitness)
-            u, os_ = opt.update(g, os_, p)
-            p = optax.apply_updates(p, u)
+            p, os_ = opt_step(g, os_, p)
     res.update(_int_worker(mesh))
     res["devices"] = np.array([jax.device_count(), jax.process_count()])
     np.savez(out, **res)
