@@ -13,8 +13,9 @@ from lrjax.nn import dlrmamba as M
 
 
 def _rand(key, *shapes):
-    ks = jax.random.split(jax.random.key(key), len(shapes))
-    return [jax.random.normal(k, s, jnp.float32) for k, s in zip(ks, shapes)]
+    """float32 standard normal draws (NumPy: no eager jax.random program compiled per shape)."""
+    rng = np.random.default_rng(key)
+    return [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
 
 
 def _scan_inputs(key=0, batch=(2,), L=5, d=3, n=2):
