@@ -133,6 +133,7 @@ _SLOW_UNIT = frozenset({
     "tests/test_pvd.py::test_any_to_any[hash]",
     "tests/test_pvd.py::test_any_to_any[vm]",
     "tests/test_pvd.py::test_density_options_train[alpha-floor]",
+    "tests/test_pvd.py::test_density_options_train[log-points]",   # 40 training steps; a loss-falls check
     "tests/test_pvd.py::test_losses_fall_stage_by_stage",
     "tests/test_pvd.py::test_point_distill_active_and_errors",
     "tests/test_pvd.py::test_point_distill_exact_vm_to_grid_and_callable",

@@ -177,6 +177,10 @@ def test_density_options_train(space, where):
     assert all(np.isfinite(r["loss"]) for r in hist)
     for k in ("loss", "rgb_mse", "feature"):
         assert np.mean([r[k] for r in hist[-5:]]) < 0.9 * np.mean([r[k] for r in hist[:5]]), k
+
+
+def test_density_options_refused():
+    """The config's refusals (kept in the default run; the training runs above are marked slow)."""
     with pytest.raises(ValueError, match="density_space"):
         P.PVDConfig(density_space="linear")
     with pytest.raises(ValueError, match="density_mask"):
