@@ -478,8 +478,25 @@ class Eggroll:
         self._check_state(state)
         plans = self._plans(params)
         member = _check_member(member, self.population_size)
-        flat = self._member_noise_flat(plans, _Src(state.key, self.table), state.generation, member)
+        flat = self._member_fn(plans, params, False)(params, *self._member_inputs(state, member))
         return {pl.path: n for pl, n in zip(plans, flat) if n is not None}
+
+    def _member_inputs(self, state, member):
+        return (jax.random.key_data(state.key), self.table, jnp.asarray(state.generation, jnp.int32),
+                jnp.asarray(member, jnp.int32))
+
+    def _member_fn(self, plans, params, materialize: bool):
+        """One member's noise (or materialized params) as one compiled program per tree, shapes and
+        dtypes (eager op-by-op the counter-based hash alone dispatches ~150 small programs)."""
+        treedef = jax.tree_util.tree_structure(params)
+        ck = ("member", materialize, treedef, tuple((pl.shape, str(pl.dtype)) for pl in plans))
+        if ck not in self._cache:
+            def run(params, kd, table, generation, member):
+                src = _Src(jax.random.wrap_key_data(kd, impl="threefry2x32"), table)
+                nz = self._member_noise_flat(plans, src, generation, member)
+                return self._materialize(plans, params, nz) if materialize else nz
+            self._cache[ck] = jax.jit(run)
+        return self._cache[ck]
 
     def _materialize(self, plans, params, nz_flat):
         new = {}
@@ -498,8 +515,7 @@ class Eggroll:
         self._check_state(state)
         plans = self._plans(params)
         member = _check_member(member, self.population_size)
-        return self._materialize(plans, params, self._member_noise_flat(plans, _Src(state.key, self.table),
-                                                                        state.generation, member))
+        return self._member_fn(plans, params, True)(params, *self._member_inputs(state, member))
 
     # ------------------------------------------------------------------ ask / tell
     @property
