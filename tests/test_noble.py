@@ -41,10 +41,10 @@ def _ref_branch(x, f, kind):
 def _randomize(f, key):
     """Factors away from init: a nonzero W_up and moved frequencies/phases/mix."""
     out = dict(f)
-    ks = jax.random.split(key, len(f))
-    for k, kk in zip(sorted(f), ks):
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())  # NumPy: no program per shape
+    for k in sorted(f):
         v = f[k]
-        out[k] = (v + 0.5 * jax.random.normal(kk, v.shape, jnp.float32)).astype(v.dtype)
+        out[k] = jnp.asarray(np.asarray(v, np.float32) + 0.5 * rng.normal(size=v.shape).astype(np.float32), v.dtype)
     return out
 
 
