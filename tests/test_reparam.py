@@ -41,9 +41,9 @@ VIEWS = {
 
 def _perturb(adapters, seed=1, scale=0.3):
     leaves, td = jax.tree_util.tree_flatten(adapters)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    rng = np.random.default_rng(seed)  # NumPy draws: no eager jax.random program per leaf shape
     return jax.tree_util.tree_unflatten(
-        td, [x + scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+        td, [jnp.asarray(np.asarray(x, np.float32) + scale * rng.standard_normal(x.shape), x.dtype) for x in leaves])
 
 
 def _ref_eff(name, rp, w, f):
