@@ -24,10 +24,10 @@ def _adapter64(h, f, scaling=1.0):
 
 def _randomize(ad, key):
     out = {}
-    for i, (p, f) in enumerate(sorted(ad.items())):
-        ks = jax.random.split(jax.random.fold_in(key, i), 4)
-        out[p] = {**f, **{n: 0.5 * jax.random.normal(k, f[n].shape, f[n].dtype)
-                          for n, k in zip(("down", "down_bias", "up", "up_bias"), ks)}}
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())  # NumPy draws: no eager jax.random program per shape
+    for p, f in sorted(ad.items()):
+        out[p] = {**f, **{n: jnp.asarray(0.5 * rng.standard_normal(f[n].shape), f[n].dtype)
+                          for n in ("down", "down_bias", "up", "up_bias")}}
     return out
 
 

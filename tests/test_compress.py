@@ -13,10 +13,9 @@ import lrjax.compress as C
 
 
 def _params(key=0):
-    k = jax.random.split(jax.random.key(key), 3)
-    return {"l1": {"kernel": jax.random.normal(k[0], (16, 12)), "bias": jnp.zeros(12)},
-            "l2": {"kernel": jax.random.normal(k[1], (12, 8))},
-            "stack": jax.random.normal(k[2], (3, 10, 6))}
+    rng = np.random.default_rng(key)  # NumPy draws: no eager jax.random program per shape
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    return {"l1": {"kernel": f(16, 12), "bias": jnp.zeros(12)}, "l2": {"kernel": f(12, 8)}, "stack": f(3, 10, 6)}
 
 
 def _f(p, x):
@@ -24,8 +23,8 @@ def _f(p, x):
 
 
 def _x(n=40, m=16, key=5):
-    k1, k2 = jax.random.split(jax.random.key(key))
-    return jax.random.normal(k1, (n, m)) @ jax.random.normal(k2, (m, m))  # correlated inputs
+    rng = np.random.default_rng(key)  # NumPy draws: no eager jax.random program per shape
+    return jnp.asarray(rng.standard_normal((n, m)) @ rng.standard_normal((m, m)), jnp.float32)  # correlated inputs
 
 
 # ------------------------------------------------------------------------------- math

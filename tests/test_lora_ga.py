@@ -21,9 +21,10 @@ T, V = TypeError, ValueError
 
 
 def _params(dtype=jnp.float32):
-    k = jax.random.split(jax.random.key(3), 2)
-    return {"d0": {"kernel": jax.random.normal(k[0], (6, 8)).astype(dtype), "bias": jnp.zeros(8, dtype)},
-            "d1": {"kernel": (0.5 * jax.random.normal(k[1], (8, 4))).astype(dtype), "bias": jnp.zeros(4, dtype)}}
+    rng = np.random.default_rng(3)  # NumPy draws: no eager jax.random program per shape
+    f = lambda s, c=1.0: jnp.asarray((c * rng.standard_normal(s)).astype(np.float32), dtype)  # noqa: E731
+    return {"d0": {"kernel": f((6, 8)), "bias": jnp.zeros(8, dtype)},
+            "d1": {"kernel": f((8, 4), 0.5), "bias": jnp.zeros(4, dtype)}}
 
 
 def _loss(p, batch):

@@ -18,10 +18,11 @@ NT = 3
 
 
 def _params(dtype=jnp.float32, stacked=False):
-    k = jax.random.split(jax.random.key(0), 3)
+    rng = np.random.default_rng(0)  # NumPy draws: no eager jax.random program per shape
     w2 = (4, 8, 5) if stacked else (8, 5)
-    return {"fc1": {"kernel": (jax.random.normal(k[0], (6, 8)) / 3).astype(dtype), "bias": jnp.zeros(8, dtype)},
-            "fc2": {"kernel": (jax.random.normal(k[1], w2) / 3).astype(dtype), "bias": jnp.full(5, 0.1, dtype)}}
+    f = lambda s: jnp.asarray((rng.standard_normal(s) / 3).astype(np.float32), dtype)  # noqa: E731
+    return {"fc1": {"kernel": f((6, 8)), "bias": jnp.zeros(8, dtype)},
+            "fc2": {"kernel": f(w2), "bias": jnp.full(5, 0.1, dtype)}}
 
 
 def _rp(**kw):
