@@ -15,6 +15,11 @@ from lrjax.interpreter import NotMergeable
 from lrjax.reparam.bottleneck import SeqBottleneck, bottleneck_size, nice_forward, nice_init, nice_inverse
 
 
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
+
 def _adapter64(h, f, scaling=1.0):
     """float64 Pfeiffer adapter on the layer output h (after its bias): scaling * (up relu(down h))."""
     g = {k: np.asarray(v, np.float64) for k, v in f.items()}
@@ -44,7 +49,7 @@ class FFN(nn.Module):
 
 def test_linen_ffn_output_matches_float64_with_bias_folded_in():
     model = FFN()
-    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    x = _randn(0, (2, 3, 8))
     params = model.init(jax.random.key(1), x)
     params = jax.tree_util.tree_map(lambda t: t + 0.3, params)  # nonzero biases
     rp = SeqBottleneck(targets=r"fc2/kernel", reduction_factor=4, scaling=0.7)
@@ -74,12 +79,12 @@ def test_no_bias_nnx_plain_and_sync():
     (k,) = ad
     assert not ad[k]["bias"].any() and ad[k]["down"].shape == (8, 4)
     ad = _randomize(ad, jax.random.key(2))
-    x = jax.random.normal(jax.random.key(3), (5, 6))
+    x = _randn(3, (5, 6))
     y = lrjax.factored(lambda s, x: nnx.merge(gdef, s)(x), rp)(base, ad, x)
     h = np.asarray(x, np.float64) @ np.asarray(state["kernel"].value, np.float64)
     np.testing.assert_allclose(np.asarray(y, np.float64), h + _adapter64(h, ad[k]), rtol=2e-4, atol=2e-5)
     # plain dict with a sibling bias under another name; bias_name=None ignores it
-    p = {"ffn": {"w_out": jax.random.normal(jax.random.key(4), (6, 8)), "b_out": jnp.linspace(-1, 1, 8)}}
+    p = {"ffn": {"w_out": _randn(4, (6, 8)), "b_out": jnp.linspace(-1, 1, 8)}}
     fn = lambda p, x: x @ p["ffn"]["w_out"] + p["ffn"]["b_out"]  # noqa: E731
     for name in ("b_out", None):
         rp2 = SeqBottleneck(targets="w_out", reduction_factor=2, bias_name=name)
@@ -103,7 +108,7 @@ def ScanFFN():
 
 def test_scan_stack_per_layer_bias():
     model = ScanFFN()
-    x = jax.random.normal(jax.random.key(0), (4, 8))
+    x = _randn(0, (4, 8))
     params = model.init(jax.random.key(1), x)
     params = jax.tree_util.tree_map(lambda t: t + 0.2, params)
     rp = SeqBottleneck(reduction_factor=4)
@@ -121,7 +126,7 @@ def test_scan_stack_per_layer_bias():
 
 
 def test_init_grad_bfloat16_and_refusals():
-    p = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (8, 64)), "bias": jnp.ones(64)}}
+    p = {"fc": {"kernel": _randn(0, (8, 64)), "bias": jnp.ones(64)}}
     rp = SeqBottleneck()  # reduction 16 -> bottleneck 4, "bert" init
     base, ad = rp.init(jax.random.key(1), p)
     f = ad["fc/kernel"]
@@ -131,7 +136,7 @@ def test_init_grad_bfloat16_and_refusals():
     assert rp.frozen_keys == ("bias",) and rp.num_params(ad) == 2 * 64 * 4 + 4 + 64
     fn = lambda p, x: x @ p["fc"]["kernel"] + p["fc"]["bias"]  # noqa: E731
     g = lrjax.factored(fn, rp)
-    x = jax.random.normal(jax.random.key(2), (3, 8))
+    x = _randn(2, (3, 8))
     grads = jax.jit(jax.grad(lambda a: jnp.sum(g(base, a, x) ** 2)))(ad)["fc/kernel"]
     assert all(float(jnp.abs(grads[n]).sum()) > 0 for n in ("down", "down_bias", "up", "up_bias"))
     assert float(jnp.abs(grads["bias"]).sum()) == 0.0
@@ -183,7 +188,7 @@ def _nice64(params, e, inverse=False):
 def test_nice_forward_inverse_and_unit_jacobian(d):
     ip = nice_init(jax.random.key(0), d, init_std=0.5)  # large weights: a far-from-identity coupling
     assert ip["F"]["w1"].shape == (d - d // 2, (d - d // 2) // 2) and ip["F"]["w2"].shape[-1] == d // 2
-    e = jax.random.normal(jax.random.key(1), (2, 3, d))
+    e = _randn(1, (2, 3, d))
     y = jax.jit(nice_forward)(ip, e)
     er = np.asarray(e, np.float64)
     np.testing.assert_allclose(np.asarray(y, np.float64), _nice64(ip, er), rtol=1e-5, atol=1e-5)
@@ -210,7 +215,7 @@ def test_nice_forward_inverse_and_unit_jacobian(d):
 def test_nice_tied_head_round_trip_and_refusals():
     """After the embedding lookup and its inverse before a tied head, an identity body gives the
     base model's logits exactly (the coupling cancels)."""
-    emb = jax.random.normal(jax.random.key(0), (11, 6))
+    emb = _randn(0, (11, 6))
     ip = nice_init(jax.random.key(1), 6, init_std=0.3)
     ids = jnp.array([[1, 4, 7], [0, 10, 3]])
     e = emb[ids]

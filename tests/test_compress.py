@@ -12,6 +12,11 @@ import lrjax
 import lrjax.compress as C
 
 
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
+
 def _params(key=0):
     rng = np.random.default_rng(key)  # NumPy draws: no eager jax.random program per shape
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
@@ -29,7 +34,7 @@ def _x(n=40, m=16, key=5):
 
 # ------------------------------------------------------------------------------- math
 def test_whitened_error_equals_tail_and_beats_plain_svd():
-    w = jax.random.normal(jax.random.key(1), (16, 12))
+    w = _randn(1, (16, 12))
     x = _x()
     for r in (2, 5, 9):
         a, b, s = C.whitened_svd(w, x, r, eps=0.0)
@@ -42,7 +47,7 @@ def test_whitened_error_equals_tail_and_beats_plain_svd():
 
 
 def test_whitened_rank_deficient_calib_needs_eps():
-    w = jax.random.normal(jax.random.key(1), (16, 12))
+    w = _randn(1, (16, 12))
     x = _x(n=5)  # 5 samples < 16 inputs: X^T X singular
     a, b, _ = C.whitened_svd(w, x, 4)  # default eps (1e-4) regularizes
     assert bool(jnp.all(jnp.isfinite(a))) and bool(jnp.all(jnp.isfinite(b)))
@@ -104,7 +109,7 @@ def test_collect_activations_follows_scan_per_layer():
     sys.path.insert(0, os.path.dirname(__file__))
     from _stacks import scan_stack
     mod = scan_stack(5, length=3)
-    x = jax.random.normal(jax.random.key(2), (2, 4, 5))
+    x = _randn(2, (2, 4, 5))
     p = mod.init(jax.random.key(0), x)
     cal = C.collect_activations(mod.apply, p, "kernel", x)
     path = "params/blocks/fc/kernel"
@@ -127,14 +132,14 @@ def test_collect_activations_follows_scan_per_layer():
         assert float(jnp.linalg.norm(xl @ (kern[layer] - dw[layer]))) <= float(
             jnp.linalg.norm(xl @ (kern[layer] - ds[layer]))) * (1 + 1e-4)
 
-    w = jax.random.normal(jax.random.key(3), (3, 4, 4))
+    w = _randn(3, (3, 4, 4))
 
     def rev(q, v):  # lax.scan reverse=True: slice 2 runs first
         def body(c, wl):
             return jnp.tanh(c @ wl), c.sum()
         return jax.lax.scan(body, v, q["w"], reverse=True)
 
-    v = jax.random.normal(jax.random.key(4), (2, 4))
+    v = _randn(4, (2, 4))
     got = C.collect_activations(rev, {"w": w}, "w", v)["w"]
     h2, man = v, {}
     for layer in (2, 1, 0):
@@ -152,8 +157,8 @@ def test_collect_activations_follows_scan_per_layer():
 def test_pela_rank_closed_form_and_param_count():
     assert C.pela_rank(768, 768, 2.0) == 192 and C.pela_rank(768, 3072, 2.0) == 307
     assert C.pela_rank(4, 4, 100.0) == 1
-    p = {"a": {"kernel": jnp.ones((64, 48)) + jax.random.normal(jax.random.key(0), (64, 48))},
-         "b": {"kernel": jax.random.normal(jax.random.key(1), (48, 96))}}
+    p = {"a": {"kernel": jnp.ones((64, 48)) + _randn(0, (64, 48))},
+         "b": {"kernel": _randn(1, (48, 96))}}
     for c in (1.5, 2.0, 3.0):
         rep = C.compress(p, ratio=c).report
         assert rep.bytes_after / rep.bytes_before == pytest.approx(1 / c, rel=0.06)

@@ -10,6 +10,11 @@ import lrjax.compress as C
 from lrjax.compress import pela, welore
 
 
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
+
 def _power_law(key, m, n, a):
     k1, k2 = jax.random.split(jax.random.key(key))
     u, _ = jnp.linalg.qr(jax.random.normal(k1, (m, m)))
@@ -61,7 +66,7 @@ def test_welore_lrc_vs_frozen_and_mask_with_optax_masked():
 
 
 def test_welore_lrc_only_finetune_recovers():
-    x = jax.random.normal(jax.random.key(7), (64, 24)) * jnp.linspace(3.0, 0.05, 24)  # anisotropic inputs
+    x = _randn(7, (64, 24)) * jnp.linspace(3.0, 0.05, 24)  # anisotropic inputs
     p = {"mid": {"kernel": PARAMS["mid"]["kernel"]}, "steep": {"kernel": PARAMS["steep"]["kernel"]}}
     y = x @ p["mid"]["kernel"]
     c = welore.compress(p, 0.6, by="rank")
@@ -85,10 +90,10 @@ def test_welore_lrc_only_finetune_recovers():
 
 # ---------------------------------------------------------------------------------- PELA
 def test_pela_param_count_about_one_over_c_and_skips():
-    big = {"fc1": {"kernel": jax.random.normal(jax.random.key(0), (64, 96))},
-           "fc2": {"kernel": jax.random.normal(jax.random.key(1), (96, 64))},
-           "tiny": {"kernel": jax.random.normal(jax.random.key(2), (64, 8))},
-           "head": {"kernel": jax.random.normal(jax.random.key(3), (64, 32))},
+    big = {"fc1": {"kernel": _randn(0, (64, 96))},
+           "fc2": {"kernel": _randn(1, (96, 64))},
+           "tiny": {"kernel": _randn(2, (64, 8))},
+           "head": {"kernel": _randn(3, (64, 32))},
            "ln_norm": {"kernel": jnp.ones((32, 32))}}
     for c in (1.5, 2.0, 3.0):
         comp = pela.compress(big, c)
@@ -106,7 +111,7 @@ def test_pela_losses():
     assert float(pela.logit_loss(jnp.ones(5) * 2, jnp.zeros(5))) == pytest.approx(4.0)
     loss, parts = pela.distill_loss(jnp.asarray(0.5), fs, ft)
     assert float(loss) == pytest.approx(1.5) and set(parts) == {"ce", "feature"}
-    teacher = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (20, 16))}}
+    teacher = {"fc": {"kernel": _randn(0, (20, 16))}}
     comp = pela.compress(teacher, 2.0)
     wp = pela.weight_perturbation(comp, comp.factors, teacher, eps=1e-3)
     f = comp.factors["fc/kernel"]

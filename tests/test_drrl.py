@@ -12,6 +12,10 @@ from lrjax.nn.attention.drrl import (attention, drrl_reward, lowrank_attention, 
                                      reinforce_loss, segment_features, truncate)
 
 
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
 def _np_attn(q, k, v, causal):
     s = q @ k.T / np.sqrt(q.shape[1])
     if causal:
@@ -97,13 +101,13 @@ def test_reinforce_matches_exact_gradient_by_enumeration():
 def test_causal_attention_matches_kvcache():
     """drrl.attention(causal=True) and kvcache.causal_attention share the masked softmax: same output."""
     from lrjax.nn.attention.kvcache import causal_attention
-    q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 5, 4))
+    q, k, v = _randn(3, (3, 2, 5, 4))
     ref = causal_attention(*(x.transpose(1, 0, 2)[None] for x in (q, k, v)))[0].transpose(1, 0, 2)
     np.testing.assert_allclose(attention(q, k, v, causal=True), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_drrl_transforms_features_and_bad_input():
-    q = jax.random.normal(jax.random.key(0), (2, 6, 4))
+    q = _randn(0, (2, 6, 4))
     f = jax.jit(lambda q, r: lowrank_attention(q, q, q, r)[0])
     o2 = f(q, jnp.array([2, 2]))
     np.testing.assert_allclose(o2, lowrank_attention(q, q, q, 2)[0], rtol=1e-5, atol=1e-6)
@@ -176,7 +180,7 @@ def test_reinforce_options_and_log_features():
 def test_out_of_range_actions_ranks_and_bounds_are_refused():
     """Concrete out-of-range ids and negative / non-integer ranks raise instead of giving an all-zero
     one-hot, the wrong action's log-probability, NaN or a reward above alpha."""
-    x = jax.random.normal(jax.random.key(0), (2, 6, 4))
+    x = _randn(0, (2, 6, 4))
     with pytest.raises(ValueError, match="prev_action"):
         drrl.segment_features(x, jnp.array([5, 0]), 3)
     with pytest.raises(TypeError, match="prev_action"):

@@ -15,6 +15,11 @@ from lrjax.interpreter import NotMergeable
 from lrjax.reparam.flylora import FlyLoRA, average_adapters, sparse_projection
 
 
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
+
 def _gelu(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
@@ -61,7 +66,7 @@ def _randomize(ad, key, scale=0.3):
 @pytest.fixture(scope="module")
 def mlp():
     model = MLP()
-    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    x = _randn(0, (2, 5, 8))
     params = model.init(jax.random.key(1), x)
     return model, x, params
 
@@ -116,7 +121,7 @@ def test_nnx_and_plain_einsum(mlp):
     rp = FlyLoRA(rank=4, top_k=1, alpha=4.0, u=0.5)
     lin = nnx.Linear(8, 6, rngs=nnx.Rngs(0))
     gdef, state = nnx.split(lin)
-    x = jax.random.normal(jax.random.key(3), (7, 8))
+    x = _randn(3, (7, 8))
     base, ad = rp.init(jax.random.key(4), state)
     ad = _randomize(ad, jax.random.key(5))
     (k,) = ad
@@ -127,11 +132,11 @@ def test_nnx_and_plain_einsum(mlp):
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(np.asarray(st[k]["d"]), _ref_state(ad[k]["d"], c, rp.u), atol=1e-7)
     # plain function, kernel with two input axes (heads x head_dim -> out) contracted by an einsum
-    p = {"w": jax.random.normal(jax.random.key(6), (2, 4, 5))}
+    p = {"w": _randn(6, (2, 4, 5))}
     rp2 = FlyLoRA(rank=4, top_k=2, targets="w", axes=lrjax.axes.Axes((), (0, 1), (2,)))
     b2, a2 = rp2.init(jax.random.key(7), p)
     a2 = _randomize(a2, jax.random.key(8))
-    xx = jax.random.normal(jax.random.key(9), (3, 2, 4))
+    xx = _randn(9, (3, 2, 4))
     y2, _ = lrjax.factored(lambda p, x: jnp.einsum("thd,hdo->to", x, p["w"]), rp2)(b2, a2, xx)
     xm = np.asarray(xx, np.float64).reshape(3, 8)
     ref2 = xm @ np.asarray(p["w"], np.float64).reshape(8, 5) + _ref_branch(xm, a2["w"], rp2)[0]
@@ -144,7 +149,7 @@ def ScanMLP():
 
 def test_scan_stack_has_per_layer_state():
     model = ScanMLP()
-    x = jax.random.normal(jax.random.key(0), (6, 8))
+    x = _randn(0, (6, 8))
     params = model.init(jax.random.key(1), x)
     rp = FlyLoRA(rank=4, top_k=2, alpha=4.0, u=0.1)
     base, ad = rp.init(jax.random.key(2), params)
@@ -169,9 +174,9 @@ def test_scan_stack_has_per_layer_state():
 def test_balancing_rule_spreads_the_load():
     """Repeated forwards with the rule: the bias pushes the per-rank counts toward their mean."""
     rp = FlyLoRA(rank=8, top_k=2, u=0.05, select="signed", targets="w")
-    p = {"w": jax.random.normal(jax.random.key(0), (16, 8))}
+    p = {"w": _randn(0, (16, 8))}
     base, ad = rp.init(jax.random.key(1), p)
-    x = jax.random.normal(jax.random.key(2), (64, 16)) + 1.0  # a shifted input: a skewed initial routing
+    x = _randn(2, (64, 16)) + 1.0  # a shifted input: a skewed initial routing
     fn = jax.jit(lrjax.factored(lambda p, x: x @ p["w"], rp))
 
     def spread(ad):
@@ -221,8 +226,8 @@ def test_grad_jit_vmap_and_frozen_keys(mlp):
 
 
 def test_detach_input_blocks_the_branch_gradient_into_x():
-    p = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
-    x = jax.random.normal(jax.random.key(1), (4, 8))
+    p = {"w": _randn(0, (8, 8))}
+    x = _randn(1, (4, 8))
     for detach in (False, True):
         rp = FlyLoRA(rank=4, top_k=2, detach_input=detach, targets="w")
         base, ad = rp.init(jax.random.key(2), p)
@@ -235,11 +240,11 @@ def test_detach_input_blocks_the_branch_gradient_into_x():
 
 def test_bfloat16():
     rp = FlyLoRA(rank=4, top_k=2, alpha=8.0, targets="w")
-    p = {"w": (jax.random.normal(jax.random.key(0), (8, 8)) / 3).astype(jnp.bfloat16)}
+    p = {"w": (_randn(0, (8, 8)) / 3).astype(jnp.bfloat16)}
     base, ad = rp.init(jax.random.key(1), p)
     assert ad["w"]["a"].dtype == jnp.bfloat16 and ad["w"]["d"].dtype == jnp.float32
     ad = _randomize(ad, jax.random.key(2))
-    x = jax.random.normal(jax.random.key(3), (6, 8)).astype(jnp.bfloat16)
+    x = _randn(3, (6, 8)).astype(jnp.bfloat16)
     y, st = lrjax.factored(lambda p, x: x @ p["w"], rp)(base, ad, x)
     assert y.dtype == jnp.bfloat16 and st["w"]["d"].dtype == jnp.float32
     xr = np.asarray(x.astype(jnp.float32), np.float64)

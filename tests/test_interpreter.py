@@ -17,6 +17,11 @@ import lrjax
 from lrjax.interpreter import Branch, FactoredStats, KernelValue, LowRank, NotMergeable, WithAux, interpret
 from lrjax.reparam.base import Reparam
 
+
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
 U = 0.25  # the toy bias rule's step
 
 
@@ -83,7 +88,7 @@ def _mlp_ref(p, f, x, s):
 @pytest.fixture(scope="module")
 def setup():
     model = MLP()
-    x = jax.random.normal(jax.random.key(0), (6, 8))
+    x = _randn(0, (6, 8))
     params = model.init(jax.random.key(1), x)
     rp = GatedLoRA(rank=4, alpha=8.0)
     base, ad = rp.init(jax.random.key(2), params)
@@ -137,7 +142,7 @@ def test_weight_space_operations_refuse(setup):
 
 
 def test_unfollowable_use_raises_naming_the_primitive():
-    w = {"emb": jax.random.normal(jax.random.key(0), (7, 7))}
+    w = {"emb": _randn(0, (7, 7))}
     rp = GatedLoRA(rank=2, targets="emb")
     base, ad = rp.init(jax.random.key(1), w)
     ids = jnp.array([0, 3, 5])
@@ -150,7 +155,7 @@ def test_nnx_and_plain_function_agree(setup):
     rp = GatedLoRA(rank=3)
     lin = nnx.Linear(8, 5, rngs=nnx.Rngs(0))
     gdef, state = nnx.split(lin)
-    x = jax.random.normal(jax.random.key(3), (2, 4, 8))
+    x = _randn(3, (2, 4, 8))
     base, ad = rp.init(jax.random.key(4), state)
     (k,) = ad
     y_nnx, st = lrjax.factored(lambda s, x: nnx.merge(gdef, s)(x), rp)(base, ad, x)
@@ -163,10 +168,10 @@ def test_nnx_and_plain_function_agree(setup):
     np.testing.assert_allclose(np.asarray(st[k]["d"]),
                                np.asarray(f["d"]) + U * np.sign(cref.mean() - cref), atol=1e-6)
     # a plain function with an einsum over two input axes (heads x head_dim -> out)
-    p = {"w": jax.random.normal(jax.random.key(5), (2, 3, 4))}
+    p = {"w": _randn(5, (2, 3, 4))}
     rp2 = GatedLoRA(rank=2, targets="w", axes=lrjax.axes.Axes((), (0, 1), (2,)))
     b2, a2 = rp2.init(jax.random.key(6), p)
-    xx = jax.random.normal(jax.random.key(7), (5, 2, 3))
+    xx = _randn(7, (5, 2, 3))
     y2, _ = lrjax.factored(lambda p, x: jnp.einsum("thd,hdo->to", x, p["w"]), rp2)(b2, a2, xx)
     f2 = {n: np.asarray(v, np.float64) for n, v in a2["w"].items()}
     xm = np.asarray(xx, np.float64).reshape(5, 6)
@@ -181,7 +186,7 @@ def ScanMLP():
 
 def test_scanned_stack_gets_per_layer_state():
     model = ScanMLP()
-    x = jax.random.normal(jax.random.key(0), (4, 8))
+    x = _randn(0, (4, 8))
     params = model.init(jax.random.key(1), x)
     rp = GatedLoRA(rank=2)
     base, ad = rp.init(jax.random.key(2), params)
@@ -206,10 +211,10 @@ def test_scanned_stack_gets_per_layer_state():
 
 
 def test_kernel_used_twice_sums_aux():
-    p = {"w": jax.random.normal(jax.random.key(0), (4, 4))}
+    p = {"w": _randn(0, (4, 4))}
     rp = GatedLoRA(rank=2, targets="w")
     base, ad = rp.init(jax.random.key(1), p)
-    x = jax.random.normal(jax.random.key(2), (3, 4))
+    x = _randn(2, (3, 4))
     y, aux = interpret(lambda p, x: x @ p["w"] + (2 * x) @ p["w"], base,
                        {"w": rp.kernel_value("w", base["w"], ad["w"])}, (x,), return_aux=True)
     f = {n: np.asarray(v, np.float64) for n, v in ad["w"].items()}
@@ -221,9 +226,9 @@ def test_kernel_used_twice_sums_aux():
 
 def test_bfloat16_rounds_once(setup):
     rp = GatedLoRA(rank=4)
-    p = {"kernel": (jax.random.normal(jax.random.key(0), (8, 8)) / 3).astype(jnp.bfloat16)}
+    p = {"kernel": (_randn(0, (8, 8)) / 3).astype(jnp.bfloat16)}
     base, ad = rp.init(jax.random.key(1), p)
-    x = jax.random.normal(jax.random.key(2), (5, 8)).astype(jnp.bfloat16)
+    x = _randn(2, (5, 8)).astype(jnp.bfloat16)
     y, _ = lrjax.factored(lambda p, x: x @ p["kernel"], rp)(base, ad, x)
     assert y.dtype == jnp.bfloat16
     f = ad["kernel"]
@@ -290,8 +295,8 @@ def test_custom_kernel_value_extension_point():
         def materialize(self, why=""):
             return 2 * self.w
 
-    w = jax.random.normal(jax.random.key(0), (3, 4))
-    x = jax.random.normal(jax.random.key(1), (2, 3))
+    w = _randn(0, (3, 4))
+    x = _randn(1, (2, 3))
     fn = lambda p, x: jnp.tanh(x @ p["w"]) + p["w"].sum()  # noqa: E731 -- one followed use, one fallback
     stats = FactoredStats()
     y = interpret(fn, {"w": w}, {"w": Doubled(w, "w")}, (x,), stats=stats)
@@ -317,7 +322,7 @@ def test_remat_bodies_are_followed():
             return nn.remat(MLP)(name="inner")(x)
 
     model = RematMLP()
-    x = jax.random.normal(jax.random.key(0), (6, 8))
+    x = _randn(0, (6, 8))
     params = model.init(jax.random.key(1), x)
     rp = GatedLoRA(rank=4, alpha=8.0)
     base, ad = rp.init(jax.random.key(2), params)

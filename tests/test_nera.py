@@ -13,6 +13,11 @@ from lrjax.interpreter import NotMergeable
 from lrjax.reparam.nera import NeRA, nera_features
 
 
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
+
 def _ref_branch(x, f):
     t, s, c, r, alpha = (np.asarray(f[k], np.float64) for k in ("t", "s", "C", "R", "alpha"))
     h = np.maximum(0.0, 1.0 - np.abs(x[..., :, None] * s[:, None] - t))
@@ -53,7 +58,7 @@ class MLP(nn.Module):
 @pytest.fixture(scope="module")
 def mlp():
     model = MLP()
-    x = 1.5 * jax.random.normal(jax.random.key(0), (2, 3, 5))
+    x = 1.5 * _randn(0, (2, 3, 5))
     params = model.init(jax.random.key(1), x)
     rp = NeRA(rank=3, num_knots=4)
     base, ad = rp.init(jax.random.key(2), params)
@@ -80,18 +85,18 @@ def test_nnx_and_plain_function():
     base, ad = rp.init(jax.random.key(1), state)
     ad = _randomize(ad, jax.random.key(2))
     (k,) = ad
-    x = jax.random.normal(jax.random.key(3), (7, 4))
+    x = _randn(3, (7, 4))
     y = lrjax.factored(lambda s, x: nnx.merge(gdef, s)(x), rp)(base, ad, x)
     xr = np.asarray(x, np.float64)
     ref = xr @ np.asarray(state["kernel"].value, np.float64) + np.asarray(state["bias"].value, np.float64) \
         + _ref_branch(xr, ad[k])
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-4, atol=2e-5)
     # plain function: a kernel with two input axes contracted by an einsum
-    p = {"w": jax.random.normal(jax.random.key(4), (2, 3, 4))}
+    p = {"w": _randn(4, (2, 3, 4))}
     rp2 = NeRA(rank=2, num_knots=3, targets="w", axes=lrjax.axes.Axes((), (0, 1), (2,)))
     b2, a2 = rp2.init(jax.random.key(5), p)
     a2 = _randomize(a2, jax.random.key(6))
-    xx = jax.random.normal(jax.random.key(7), (5, 2, 3))
+    xx = _randn(7, (5, 2, 3))
     y2 = lrjax.factored(lambda p, x: jnp.einsum("thd,hdo->to", x, p["w"]), rp2)(b2, a2, xx)
     xm = np.asarray(xx, np.float64).reshape(5, 6)
     np.testing.assert_allclose(np.asarray(y2, np.float64),
@@ -101,7 +106,7 @@ def test_nnx_and_plain_function():
 
 def test_init_values_and_param_count():
     rp = NeRA(rank=4)  # defaults: K = 8, alpha0 = 1e-3, knots in [-3, 3]
-    p = {"kernel": jax.random.normal(jax.random.key(0), (64, 32))}
+    p = {"kernel": _randn(0, (64, 32))}
     _, ad = rp.init(jax.random.key(1), p)
     f = ad["kernel"]
     np.testing.assert_allclose(f["t"], np.broadcast_to(np.linspace(-3, 3, 8), (64, 8)), rtol=1e-6)
@@ -161,11 +166,11 @@ def test_no_tokens_by_m_by_k_by_r_intermediate():
 
 def test_bfloat16_and_vmap(mlp):
     rp = NeRA(rank=2, num_knots=4, targets="w")
-    p = {"w": (jax.random.normal(jax.random.key(0), (6, 4)) / 2).astype(jnp.bfloat16)}
+    p = {"w": (_randn(0, (6, 4)) / 2).astype(jnp.bfloat16)}
     base, ad = rp.init(jax.random.key(1), p)
     assert all(v.dtype == jnp.bfloat16 for v in ad["w"].values())
     ad = _randomize(ad, jax.random.key(2))
-    x = jax.random.normal(jax.random.key(3), (5, 6)).astype(jnp.bfloat16)
+    x = _randn(3, (5, 6)).astype(jnp.bfloat16)
     g = lrjax.factored(lambda p, x: x @ p["w"], rp)
     y = g(base, ad, x)
     assert y.dtype == jnp.bfloat16

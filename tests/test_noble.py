@@ -18,6 +18,11 @@ from lrjax.models import char_transformer as ct
 from lrjax.nn.noble import (BRANCHES, NOBLELinear, cosnet, init_noble, noble_branch, noble_linear, noble_num_params)
 from lrjax.reparam.noble import NOBLE
 
+
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
 try:
     from scipy.special import erf as _erf
 except ImportError:  # pragma: no cover
@@ -53,9 +58,9 @@ def _randomize(f, key):
 def test_noble_linear_matches_float64(kind):
     m, n, r = 10, 7, 3
     f = _randomize(init_noble(jax.random.key(0), m, n, r, kind), jax.random.key(1))
-    x = jax.random.normal(jax.random.key(2), (2, 5, m))
-    w = jax.random.normal(jax.random.key(3), (m, n)) / 3
-    b = jax.random.normal(jax.random.key(4), (n,))
+    x = _randn(2, (2, 5, m))
+    w = _randn(3, (m, n)) / 3
+    b = _randn(4, (n,))
     y = jax.jit(lambda x, w, b, f: noble_linear(x, w, f, b, kind))(x, w, b, f)
     ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64) + _ref_branch(x, f, kind)
     assert y.dtype == jnp.float32 and y.shape == (2, 5, n)
@@ -99,10 +104,10 @@ def test_param_overhead():
 @pytest.mark.parametrize("kind", BRANCHES)
 def test_layer_at_init_equals_linear_bitwise(kind):
     lin = NOBLELinear(16, 12, rank=4, branch=kind, rngs=nnx.Rngs(0))
-    lin.bias[...] = jax.random.normal(jax.random.key(5), (12,))
+    lin.bias[...] = _randn(5, (12,))
     ref = nnx.Linear(16, 12, rngs=nnx.Rngs(1))
     ref.kernel[...], ref.bias[...] = lin.kernel[...], lin.bias[...]
-    x = jax.random.normal(jax.random.key(3), (3, 5, 16))
+    x = _randn(3, (3, 5, 16))
     assert np.array_equal(lin(x), ref(x))
     gl, sl = nnx.split(lin)
     gr, sr = nnx.split(ref)
@@ -169,7 +174,7 @@ def ScanMLP():
 
 def test_scan_stack_matches_float64():
     model = ScanMLP()
-    x = jax.random.normal(jax.random.key(0), (4, 6))
+    x = _randn(0, (4, 6))
     params = model.init(jax.random.key(1), x)
     rp = NOBLE(2)
     base, ad = rp.init(jax.random.key(2), params)
@@ -189,8 +194,8 @@ def test_scan_stack_matches_float64():
 def test_grad_matches_finite_differences_and_vmap():
     m, n, r = 5, 4, 2
     f = _randomize(init_noble(jax.random.key(0), m, n, r), jax.random.key(1))
-    x = jax.random.normal(jax.random.key(2), (3, m))
-    w = jax.random.normal(jax.random.key(3), (m, n))
+    x = _randn(2, (3, m))
+    w = _randn(3, (m, n))
 
     def ref_loss(ff):
         return np.sum((np.asarray(x, np.float64) @ np.asarray(w, np.float64) + _ref_branch(x, ff, "cosnet")) ** 2)
@@ -215,7 +220,7 @@ def test_bfloat16():
     f = _randomize(lin.factors(), jax.random.key(1))
     for k, v in f.items():
         getattr(lin, k)[...] = v
-    x = jax.random.normal(jax.random.key(2), (3, 16), jnp.bfloat16)
+    x = _randn(2, (3, 16), jnp.bfloat16)
     y = jax.jit(lambda x: lin(x))(x)
     assert y.dtype == jnp.bfloat16
     ref = np.asarray(x, np.float64) @ np.asarray(lin.kernel[...], np.float64) + _ref_branch(x, f, "cosnet")
@@ -224,10 +229,10 @@ def test_bfloat16():
     assert lin16(jnp.ones((2, 16))).dtype == jnp.bfloat16 and lin16.kernel[...].dtype == jnp.float32
     # bfloat16 factors on a float32 base: float32 output; the branch is computed in float32
     rp = NOBLE(2, dtype=jnp.bfloat16, targets="w")
-    p = {"w": jax.random.normal(jax.random.key(3), (16, 8))}
+    p = {"w": _randn(3, (16, 8))}
     base, ad = rp.init(jax.random.key(4), p)
     assert ad["w"]["w_down"].dtype == jnp.bfloat16
-    x32 = jax.random.normal(jax.random.key(5), (3, 16))
+    x32 = _randn(5, (3, 16))
     y32 = lrjax.factored(lambda p, x: x @ p["w"], rp)(base, ad, x32)
     assert y32.dtype == jnp.float32 and np.array_equal(y32, x32 @ p["w"])
 

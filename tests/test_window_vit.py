@@ -14,6 +14,10 @@ from lrjax.models.window_vit import (ADAPTER_TARGETS, ENHANCED_TRAINABLE, Enhanc
                                      enhanced_lora_linear, window_attention)
 
 
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
 def _np_masked_attention(q, k, v, wh, ww):
     """float64 dense attention over all H*W tokens with a block mask: token (i, j) sees (i', j') iff
     i // wh == i' // wh and j // ww == j' // ww."""
@@ -74,10 +78,10 @@ def test_enhanced_lora_layer_equals_its_equation(use_bias):
     layer = EnhancedLoRALinear(6, 5, rank=2, use_bias=use_bias, rngs=nnx.Rngs(0))
     assert layer.scale == 2.0  # alpha defaults to 2 r (the paper's 32 / 16)
     # B = 0 at init (official), so give every factor a non-trivial value
-    layer.lora_b[...] = jax.random.normal(jax.random.key(1), (2, 5))
+    layer.lora_b[...] = _randn(1, (2, 5))
     if use_bias:
-        layer.bias[...] = jax.random.normal(jax.random.key(2), (5,))
-    x = jax.random.normal(jax.random.key(3), (3, 4, 6))
+        layer.bias[...] = _randn(2, (5,))
+    x = _randn(3, (3, 4, 6))
     got = layer(x)
     ref = _np_enhanced(x, layer.kernel[...], layer.bias[...] if use_bias else None, layer.lora_a[...],
                        layer.lora_b[...], layer.gate[...], layer.residual[...], 2.0)
@@ -112,7 +116,7 @@ def test_enhanced_pure_function_reduces_to_lora_and_grads():
 
 def test_residual_zeros_starts_at_base_and_gated_false_is_lora():
     layer = EnhancedLoRALinear(4, 4, rank=1, residual_init="zeros", rngs=nnx.Rngs(1))
-    x = jax.random.normal(jax.random.key(5), (2, 4))
+    x = _randn(5, (2, 4))
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(x @ layer.kernel[...]), atol=1e-6)
     plain = EnhancedLoRALinear(4, 4, rank=1, gated=False, rngs=nnx.Rngs(1))
     assert plain.gate is None and plain.residual is None
@@ -132,7 +136,7 @@ def test_vit_lora_factored_equals_materialized_and_targets():
     model = _vit(n_classes=4)
     graphdef, state = nnx.split(model)
     apply = lambda st, x: nnx.merge(graphdef, st)(x)  # noqa: E731
-    x = jax.random.normal(jax.random.key(6), (3, 6, 6, 5))
+    x = _randn(6, (3, 6, 6, 5))
     assert jax.eval_shape(apply, state, x).shape == (3, 4)
     rp = lrjax.LoRA(rank=2, targets=ADAPTER_TARGETS)
     base, ad = rp.init(jax.random.key(7), state)
@@ -147,7 +151,7 @@ def test_vit_lora_factored_equals_materialized_and_targets():
 
 def test_vit_pooling_and_window_locality():
     model = _jitted(_vit(windows=(2,), pool="center"))  # one block of 2x2 windows: the centre token (3, 3) sees (2..3, 2..3)
-    x = jax.random.normal(jax.random.key(8), (1, 6, 6, 5))
+    x = _randn(8, (1, 6, 6, 5))
     y = model(x)
     assert y.shape == (1, 8)
     far = x.at[0, 0, 0].add(5.0)  # outside the centre token's window: no effect
@@ -165,7 +169,7 @@ def test_enhanced_vit_loads_plain_state_and_counts():
     g2, es = nnx.split(enh)
     pflat, eflat = lrjax.tree.flatten(ps), lrjax.tree.flatten(es)
     es = lrjax.tree.replace(es, {p: v for p, v in pflat.items() if p in eflat})
-    x = jax.random.normal(jax.random.key(9), (2, 6, 6, 5))
+    x = _randn(9, (2, 6, 6, 5))
     # B = 0 and R = 0: the enhanced model starts at the plain model's function
     enh_out = jax.jit(lambda st, x: nnx.merge(g2, st)(x))(es, x)
     np.testing.assert_allclose(np.asarray(enh_out), np.asarray(_jitted(plain)(x)), atol=1e-5)
