@@ -79,10 +79,14 @@ def test_welore_lrc_only_finetune_recovers():
     l0 = float(loss(f))
     opt = optax.adam(1e-2)
     st = opt.init(f)
+
+    @jax.jit  # one compiled step (eagerly: every op of the grad and the update dispatched 30 times)
+    def step(f, st):
+        u, st = opt.update(jax.grad(loss)(f), st)
+        return optax.apply_updates(f, u), st
+
     for _ in range(30):
-        gr = jax.grad(loss)(f)
-        u, st = opt.update(gr, st)
-        f = optax.apply_updates(f, u)
+        f, st = step(f, st)
     assert float(loss(f)) < 0.7 * l0  # SVD init is not output-optimal
     c2 = welore.combine(c, f)
     np.testing.assert_allclose(x @ c2.materialize()["mid"]["kernel"], g(c.base, f, x), atol=1e-4)
