@@ -10,6 +10,10 @@ from lrjax.nn.attention.lama import (LAMA, StructuredSelfAttention, attention_po
                                      masked_mean, structured_self_attention)
 
 
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
 def _np_lama(h, c, p, q, mask):
     """Independent float64 transcription: dense per-head bilinear forms, tanh, L2 over heads, masked softmax."""
     T, m = h.shape[0], p.shape[1]
@@ -71,7 +75,7 @@ def test_lama_module_jit_grad_vmap_dtypes():
     assert n_lama == 2 * d * m and n_ssa == 4 * (d + m)
     assert sum(x.size for x in jax.tree.leaves(nnx.state(LAMA(d, m, context="learned", rngs=nnx.Rngs(0)),
                                                            nnx.Param))) == 2 * d * m + d
-    h = jax.random.normal(jax.random.key(0), (2, T, d))
+    h = _randn(0, (2, T, d))
     mask = jnp.array([[True] * T, [False, True, True, True, False]])
     M, A = lama(h, mask)
     assert M.shape == (2, m, d) and A.shape == (2, m, T)

@@ -12,6 +12,11 @@ import lrjax
 from lrjax import reparam as R
 from lrjax.interop import export_peft
 
+
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
@@ -40,8 +45,8 @@ class Net(torch.nn.Module):
 
 
 def _grads(p):
-    x = jax.random.normal(jax.random.key(5), (16, 8))
-    y = jax.random.normal(jax.random.key(6), (16, 5))
+    x = _randn(5, (16, 8))
+    y = _randn(6, (16, 5))
     return R.estimate_grads(lambda q, b: jnp.mean((_apply(q, b[0]) - b[1]) ** 2), p, [(x, y)], "kernel")
 
 
@@ -73,7 +78,7 @@ def test_zoo_exports_load_in_peft_with_lrjax_outputs(name, tmp_path):
     if name == "CoDyRA":  # a pruned rank: per-leaf ranks differ, export pads with zeros
         ad = {k: {**v, "g": v["g"].at[..., 0].set(0.0)} for k, v in ad.items()}
         ad = rp.prune({**ad, "fc2/kernel": {**ad["fc2/kernel"], "g": ad["fc2/kernel"]["g"].at[..., 1].set(0.0)}})
-    x = np.array(jax.random.normal(jax.random.key(2), (4, 8)))
+    x = np.array(_randn(2, (4, 8)))
     want = np.asarray(_apply(rp.materialize(base, ad), x))
     extra = {"init_adapters": ad0} if rp.rewrites_base else {}
     cfg = export_peft(tmp_path / "ad", rp, ad, params=p, **extra)

@@ -25,6 +25,11 @@ from lrjax.nn import sltrain as S
 from lrjax.reparam.sltrain import PureLowRank, SLTrain, is_placeholder
 
 
+def _randn(seed, shape, dtype=jnp.float32):
+    """Standard normal test data drawn by NumPy (eager jax.random compiles one program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
+
 def _np_weight(a, b, values, idx, s):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     w = s * a @ b
@@ -160,7 +165,7 @@ def _mlp_setup(rp_cls=SLTrain, dtype=jnp.float32, **kw):
     rp = rp_cls(rank=2, targets="kernel", **kw)
     base, ad = rp.init(jax.random.key(1), params)
     ad = {p: {**f, "b": (f["b"] + 0.5).astype(f["b"].dtype)} for p, f in ad.items()}  # make s a b matter
-    x = jax.random.normal(jax.random.key(3), (5, 6)).astype(dtype)
+    x = _randn(3, (5, 6)).astype(dtype)
     return rp, params, base, ad, x
 
 
@@ -331,7 +336,7 @@ def test_linen_params_and_scan_stack():
 
 def test_vmap_and_bfloat16():
     layer = S.SLTrainLinear(8, 6, rank=2, delta=0.2, rngs=nnx.Rngs(0))
-    xs = jax.random.normal(jax.random.key(0), (4, 3, 8))
+    xs = _randn(0, (4, 3, 8))
     ys = jax.vmap(layer)(xs)
     np.testing.assert_allclose(ys, layer(xs), rtol=1e-6, atol=1e-6)
     lb = S.SLTrainLinear(8, 6, rank=2, delta=0.2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
