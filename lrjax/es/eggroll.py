@@ -218,14 +218,15 @@ class Eggroll:
         member ids, see "Sharding" above); a device runs its chunks with a sequential
         ``lax.map``. An even divisor of ``N`` (with ``antithetic``). Default
         ``default_member_chunk(N, antithetic, sharded=mesh is not None)``: the largest divisor of
-        ``N`` (even with ``antithetic``) that is at most ``min(256, N // 8)`` with a ``mesh``, so there are at least 8 chunks (8 devices all busy)
-        and at most 256 members per ``vmap``; without a mesh the largest such divisor at most
+        ``N`` (even with ``antithetic``) that is at most ``min(256, N // 8)`` with a ``mesh``, so
+        there are at least 8 chunks (8 devices all busy) and at most 256 members per ``vmap``;
+        without a mesh the largest such divisor at most
         ``256`` (one ``vmap`` for ``N <= 256``: sequential chunks only cost time on one device).
         With a mesh it depends on ``N`` only, never on the device count, which keeps the update
         bit-identical across mesh layouts; any value you fix does too, with or without a mesh
         (pass ``member_chunk=default_member_chunk(N, antithetic)`` to reproduce a mesh run's bits
-        without one). Larger chunks raise throughput (fewer sequential steps) at the cost of memory and
-        of idle devices when there are fewer chunks than devices.
+        without one). Larger chunks raise throughput (fewer sequential steps) at the cost of
+        memory and of idle devices when there are fewer chunks than devices.
       update_chunk: noise indices summed together per step of the update (default 128).
       store_noise: keep each noise index's flat draw from the member forwards and reuse it in the
         update instead of drawing it a second time (on CPUs the Gaussian generator is most of a
