@@ -83,9 +83,10 @@ PVD_STATE = PVD_OBJ.init(KEY)
 PT_CFG = PV.PointConfig(batch_points=8, occupancy_res=4, occupancy_samples=1, pool_size=16, min_pool=4)
 PT_OBJ = PV.PointDistill(GRID, CP, OPT, teacher_params=GRID_P, config=PT_CFG)
 PT_STATE = PT_OBJ.init(KEY)
-TK_SCENE = TK.synthetic_tracks(KEY, 4, 6, n_bases=1)
+# built by two compiled programs instead of eagerly (op by op, ~8 s of small compiles at collection)
+TK_SCENE = jax.jit(TK.synthetic_tracks, static_argnums=(1, 2), static_argnames=("n_bases",))(KEY, 4, 6, n_bases=1)
 TK_TRACKS = TK_SCENE.tracks
-TK_OUT = TK.TracksTo4D(1, width=8, depth=1, heads=2, n_freqs=1, rngs=nnx.Rngs(0))(TK_TRACKS)
+TK_OUT = nnx.jit(lambda t: TK.TracksTo4D(1, width=8, depth=1, heads=2, n_freqs=1, rngs=nnx.Rngs(0))(t))(TK_TRACKS)
 
 
 class A:
