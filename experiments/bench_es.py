@@ -17,8 +17,9 @@ target). Defaults: ``w=256, N=256``, ``w=1024, N=64`` and the wider ``w=2048, N=
   of the forward with 8 inputs per member) and no random numbers;
 * ``eggroll_r{1,4,16}``: one generation, ``lrjax.es.Eggroll.estimate`` with the defaults (all
   members' perturbed forwards, fitness shaping and the update; ``store_noise='auto'`` keeps the
-  forwards' draws for the update; without a mesh the default ``member_chunk`` is one ``vmap`` of up
-  to 256 members) inside ``jax.jit`` (as a jitted training step runs it: the argument checks run
+  forwards' draws for the update) with ``member_chunk=default_member_chunk(N, sharded=False)`` (one
+  ``vmap`` of up to 256 members: these members do little work each, so one chunk is fastest) inside
+  ``jax.jit`` (as a jitted training step runs it: the argument checks run
   once, at trace time); ``_rad``: Rademacher noise; ``_table``: ``noise='table'`` (Gaussian windows
   of a pre-drawn table at hashed offsets, the paper's int8 code's scheme); ``eggroll_r4_regen``:
   ``store_noise=False`` (the update draws the noise again, as with a mesh); ``eggroll_r4_eager``:
@@ -70,6 +71,7 @@ from tqdm.auto import tqdm
 
 from lrjax.benchmark import device_info, time_round_robin
 from lrjax.es import Eggroll
+from lrjax.es.eggroll import default_member_chunk
 
 
 def parse_args(argv=None):
@@ -177,7 +179,7 @@ def cost_workload(args, w, pop):
             if tag in ("_regen", "_eager") and r != r_one:
                 continue                       # these trade-offs are shown at rank 4 only
             es = Eggroll(pop, rank=r, sigma=0.01, shaping="centered_rank", maximize=False, noise=noise,
-                         store_noise=store)
+                         store_noise=store, member_chunk=default_member_chunk(pop, sharded=False))
             st = es.init(jax.random.key(1))
             name = f"eggroll_r{r}{tag}"
             mem[name] = memory(es.lower(st, params, mse_fitness, x, y).compile())
@@ -370,7 +372,8 @@ def digits_task(args, noise="normal"):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits(p, x)), y[:, None], 1))
 
     acc = jax.jit(lambda p: jnp.mean(jnp.argmax(logits(p, xte), -1) == yte))
-    es = Eggroll(args.task_population, rank=4, sigma=0.05, shaping="centered_rank", maximize=False, noise=noise)
+    es = Eggroll(args.task_population, rank=4, sigma=0.05, shaping="centered_rank", maximize=False, noise=noise,
+                 member_chunk=default_member_chunk(args.task_population, sharded=False))  # small members: one vmap
     st = es.init(jax.random.key(args.seed + 1))
     opt = optax.adam(0.03)
     os_ = opt.init(params)

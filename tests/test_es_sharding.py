@@ -209,8 +209,8 @@ def test_int8_noise_and_updates_bit_identical(layouts, other):
 
 
 def test_default_member_chunk_depends_on_population_only():
-    """With a mesh (any device count) the default chunk is a function of N only; without one it is
-    as large as the 256-member cap allows."""
+    """The default chunk is a function of N only (with or without a mesh); sharded=False gives the
+    largest chunk the 256-member cap allows."""
     import jax
     from jax.sharding import Mesh
     from lrjax.es import Eggroll
@@ -221,7 +221,8 @@ def test_default_member_chunk_depends_on_population_only():
     assert [default_member_chunk(n, False, sharded=False) for n in (7, 300, 257)] == [7, 150, 1]  # 257 is prime
     mesh = Mesh(np.array(jax.devices()[:1]), ("pop",))
     assert Eggroll(POP, mesh=mesh).member_chunk == default_member_chunk(POP) == 8
-    assert Eggroll(POP).member_chunk == default_member_chunk(POP, sharded=False) == POP
+    assert Eggroll(POP).member_chunk == default_member_chunk(POP) == 8
+    assert default_member_chunk(POP, sharded=False) == POP
 
 
 if __name__ == "__main__":

@@ -32,9 +32,8 @@ evosax's ``Open_ES``), so HyperscaleES' learning rate ``alpha`` corresponds to
 Sharding: with ``mesh=``, the population is split over one mesh axis inside ``jax.shard_map``;
 only the ``N`` fitness scalars are all-gathered, and every device computes the same update by
 regenerating all noise in a fixed chunked order. The update is bit-identical for any device or
-process count (any mesh, default settings included), by this rule: the population is cut into *global*
-chunks of ``member_chunk`` consecutive member ids (with a mesh, the default depends on ``N`` only;
-without one it is larger, see ``member_chunk``), each
+process count, default settings included, by this rule: the population is cut into *global*
+chunks of ``member_chunk`` consecutive member ids (a number that depends on ``N`` only), each
 chunk is evaluated by the same ``vmap`` program whichever device runs it, devices take whole
 chunks in order (padded with discarded dummy chunks when the chunk count is not a multiple of the
 device count), and the update sums the noise in chunks of ``update_chunk`` indices in global
@@ -104,8 +103,9 @@ def default_member_chunk(population_size: int, antithetic: bool = True, *, shard
     """Default evaluation chunk: the largest divisor of ``N`` (even with ``antithetic``) that is at
     most ``min(256, N // 8)`` (at least one pair) with ``sharded=True`` (the rule of every ``mesh``:
     at least 8 chunks, so 8 devices are all busy; a function of ``N`` only, so every mesh layout
-    agrees bit for bit), and at most ``256`` with ``sharded=False`` (the rule without a mesh: one
-    device gains nothing from more sequential chunks). Being a divisor, it is small when ``N`` (or
+    agrees bit for bit; ``Eggroll``'s default with or without a mesh), and at most ``256`` with
+    ``sharded=False`` (as few sequential chunks as possible: faster on one device when each
+    member's work is small, slower when it is large; see ``Eggroll``'s ``member_chunk``). Being a divisor, it is small when ``N`` (or
     ``N / 2``) has no divisor near the cap -- ``N = 514`` gives chunks of 2 members, 257 of
     them: choose such an ``N``, or pass ``member_chunk``. Errors: ``ValueError`` for an odd ``N``
     with ``antithetic``."""
@@ -217,16 +217,16 @@ class Eggroll:
       member_chunk: members evaluated together by one ``vmap`` (a global chunk of consecutive
         member ids, see "Sharding" above); a device runs its chunks with a sequential
         ``lax.map``. An even divisor of ``N`` (with ``antithetic``). Default
-        ``default_member_chunk(N, antithetic, sharded=mesh is not None)``: the largest divisor of
-        ``N`` (even with ``antithetic``) that is at most ``min(256, N // 8)`` with a ``mesh``, so
-        there are at least 8 chunks (8 devices all busy) and at most 256 members per ``vmap``;
-        without a mesh the largest such divisor at most
-        ``256`` (one ``vmap`` for ``N <= 256``: sequential chunks only cost time on one device).
-        With a mesh it depends on ``N`` only, never on the device count, which keeps the update
-        bit-identical across mesh layouts; any value you fix does too, with or without a mesh
-        (pass ``member_chunk=default_member_chunk(N, antithetic)`` to reproduce a mesh run's bits
-        without one). Larger chunks raise throughput (fewer sequential steps) at the cost of
-        memory and of idle devices when there are fewer chunks than devices.
+        ``default_member_chunk(N, antithetic)``: the largest divisor of ``N`` (even with
+        ``antithetic``) that is at most ``min(256, N // 8)``, so there are at least 8 chunks (8
+        devices all busy) and at most 256 members per ``vmap``. It depends on ``N`` only, never on
+        the device count or the mesh, which keeps the update bit-identical across layouts; any
+        value you fix does too. The best chunk on one device depends on the work per member:
+        small per-member work (a few input rows) runs faster in one large chunk,
+        ``default_member_chunk(N, antithetic, sharded=False)`` (``experiments/bench_es.py``'s MLP
+        at width 256, N 256: 2.1x instead of ~3x of its limit), large per-member work in small
+        chunks (the quickstart's 2-layer transformer on 4 x 128 tokens per member, N 32: 259 ms
+        per generation at chunk 4, 441 ms at 32, measured on 2 CPU cores).
       update_chunk: noise indices summed together per step of the update (default 128).
       store_noise: keep each noise index's flat draw from the member forwards and reuse it in the
         update instead of drawing it a second time (on CPUs the Gaussian generator is most of a
@@ -325,7 +325,7 @@ class Eggroll:
                              "meaningless. Use population_size >= 2 (2 with antithetic=True is one "
                              "mirrored pair), or shaping='none' for the raw one-sample estimator")
         if member_chunk is None:
-            member_chunk = default_member_chunk(population_size, antithetic, sharded=mesh is not None)
+            member_chunk = default_member_chunk(population_size, antithetic)
         elif population_size % member_chunk or (antithetic and member_chunk % 2):
             raise ValueError(f"member_chunk must be a positive divisor of population_size "
                              f"({population_size}){', and even (antithetic pairs)' if antithetic else ''}, "

@@ -417,8 +417,7 @@ class IntEggroll:
       noise_reuse: noise changes every ``noise_reuse`` generations (default 1).
       mesh, axis_name, member_chunk, update_chunk: as :class:`lrjax.es.Eggroll` (population split
         over one mesh axis with ``jax.shard_map``; a chunk of ``member_chunk`` consecutive members per
-        ``vmap``, default :func:`~lrjax.es.eggroll.default_member_chunk` with ``sharded=mesh is not
-        None``; ``update_chunk`` noise
+        ``vmap``, default :func:`~lrjax.es.eggroll.default_member_chunk`; ``update_chunk`` noise
         indices summed per step of the update).
 
     ``fitness_fn(params_i, noise_i, *args) -> scalar`` is called per member with ``params_i`` the
@@ -472,7 +471,7 @@ class IntEggroll:
         elif axis_name is not None:
             raise ValueError("axis_name is given but mesh is None; pass mesh= as well")
         if member_chunk is None:
-            member_chunk = default_member_chunk(population_size, True, sharded=mesh is not None)
+            member_chunk = default_member_chunk(population_size, True)
         elif population_size % member_chunk or member_chunk % 2:
             raise ValueError(f"member_chunk must be an even positive divisor of population_size "
                              f"({population_size}), got {member_chunk!r}")
